@@ -1,0 +1,5 @@
+"""Attention kernels: Pallas implementations beside the pure-JAX references they must match."""
+
+from kernels.dispatch import ATTENTION_IMPLS, attention, decode_attention
+
+__all__ = ["ATTENTION_IMPLS", "attention", "decode_attention"]

@@ -1,0 +1,72 @@
+"""Pure-JAX attention: the specification every kernel in this package is tested against.
+
+These are also what runs on CPU in production (XLA fuses them well there). Shapes use the
+letters from WORKSPACE.md: B batch/slots, T query length, S key length, N query heads,
+K kv heads, G = N // K query heads per kv head, H head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = -1e30  # finite, so a fully masked row gives zeros instead of NaN
+
+
+def attention_reference(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, T, K, H]
+    v: jax.Array,  # [B, T, K, H]
+    *,
+    segment_ids: jax.Array | None = None,  # [B, T] int32; tokens attend within a segment
+    scale: float | None = None,
+) -> jax.Array:  # [B, T, N, H]
+    """Causal grouped-query attention over a full sequence (training forward and prefill).
+
+    With `segment_ids`, a token attends only to earlier tokens of the same segment, so
+    packed documents never see each other.
+    """
+    batch, seq, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    qg = q.reshape(batch, seq, n_kv, n_heads // n_kv, head_dim)  # [B, T, K, G, H]
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * scale  # [B, K, G, T, S]
+    mask = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None]  # [1, T, S]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [B, T, S]
+    logits = jnp.where(mask[:, None, None], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum(
+        "bkgts,bskh->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )  # [B, T, K, G, H]
+    return out.reshape(batch, seq, n_heads, head_dim).astype(q.dtype)
+
+
+def decode_attention_reference(
+    q: jax.Array,  # [B, N, H]  one query token per slot
+    k_cache: jax.Array,  # [B, K, S, H]
+    v_cache: jax.Array,  # [B, K, S, H]
+    lengths: jax.Array,  # [B] int32: valid cache entries per slot (the new token included)
+    *,
+    scale: float | None = None,
+) -> jax.Array:  # [B, N, H]
+    """One decode step of grouped-query attention against a slot KV cache.
+
+    Slot b attends to cache positions [0, lengths[b]). A slot with length 0 (free) yields
+    zeros.
+    """
+    batch, n_heads, head_dim = q.shape
+    n_kv, max_len = k_cache.shape[1], k_cache.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    qg = q.reshape(batch, n_kv, n_heads // n_kv, head_dim)  # [B, K, G, H]
+    logits = jnp.einsum("bkgh,bksh->bkgs", qg, k_cache, preferred_element_type=jnp.float32)
+    logits = logits * scale  # [B, K, G, S]
+    valid = jnp.arange(max_len)[None, :] < lengths[:, None]  # [B, S]
+    logits = jnp.where(valid[:, None, None, :], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum(
+        "bkgs,bksh->bkgh", probs.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32
+    )  # [B, K, G, H]
+    out = jnp.where((lengths > 0)[:, None, None, None], out, 0.0)
+    return out.reshape(batch, n_heads, head_dim).astype(q.dtype)

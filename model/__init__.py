@@ -1,0 +1,1 @@
+"""The one transformer definition and everything that describes or stores it."""

@@ -1,0 +1,270 @@
+"""The tandem transformer: one Flax NNX definition used for training, prefill and decode.
+
+Llama family: token embedding, RMSNorm, RoPE (optionally Llama-3 scaled), grouped-query
+attention, SwiGLU MLP, tied or untied output projection. The layers are *stacked*: every
+per-layer weight has a leading [L] axis and the forward pass is a `lax.scan` over it, so
+compile time does not grow with depth and checkpoints, bundles and HF import share one
+layout. A layer is split into `_attention_inputs` (norm, q/k/v, RoPE) and `_layer_output`
+(o-projection, MLP); the three modes only differ in how attention is done in between:
+
+  __call__  full causal (segment-masked) attention          -> logits          (training)
+  prefill   full causal attention, K/V returned            -> logits, KVCache
+  decode    K/V written into the slot cache, then decode attention over it
+                                                            -> logits, KVCache
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import kernels
+from model.config import ModelConfig
+from model.sharding import (
+    BATCH,
+    EMBED,
+    HEAD_DIM,
+    HEADS,
+    KV_HEADS,
+    LAYERS,
+    LENGTH,
+    MLP,
+    VOCAB,
+    constrain,
+)
+
+_ACTIVATION = (BATCH, LENGTH, EMBED)
+
+
+class KVCache(NamedTuple):
+    """Per-slot attention cache. Kept [.., K, S, H] so a kv head's history is contiguous
+    for the decode kernel."""
+
+    k: jax.Array  # [L, B, K, S, H]
+    v: jax.Array  # [L, B, K, S, H]
+
+
+def init_cache(cfg: ModelConfig, slots: int, max_len: int, dtype=None) -> KVCache:
+    shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.head_dim)  # [L, B, K, S, H]
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:  # [H/2]
+    """Inverse frequencies, with Llama-3 scaling exactly as transformers computes it."""
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim)
+    )
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def _rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    angles = positions[..., None].astype(jnp.float32) * rope_frequencies(cfg)  # [B, T, H/2]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half convention (transformers' Llama), so HF weights import unpermuted."""
+    # x: [B, T, N, H]; cos, sin: [B, T, H/2]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+
+
+def _param(
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    axes: tuple[str, ...],
+    cfg: ModelConfig,
+    *,
+    std: float | None = None,
+) -> nnx.Param:
+    init = jax.nn.initializers.normal(cfg.init_std if std is None else std)
+    value = init(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _ones(shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig) -> nnx.Param:
+    value = jnp.ones(shape, jnp.dtype(cfg.param_dtype))
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class Layers(nnx.Module):
+    """All decoder layers' weights, stacked along a leading [L] axis."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        L, D, N, K, H, F = (
+            cfg.n_layers,
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            cfg.d_ff,
+        )
+        out_std = cfg.init_std / math.sqrt(2 * L)  # residual-branch outputs, GPT-2 style
+        self.attn_norm = _ones((L, D), (LAYERS, EMBED), cfg)
+        self.wq = _param(rngs, (L, D, N, H), (LAYERS, EMBED, HEADS, HEAD_DIM), cfg)
+        self.wk = _param(rngs, (L, D, K, H), (LAYERS, EMBED, KV_HEADS, HEAD_DIM), cfg)
+        self.wv = _param(rngs, (L, D, K, H), (LAYERS, EMBED, KV_HEADS, HEAD_DIM), cfg)
+        self.wo = _param(rngs, (L, N, H, D), (LAYERS, HEADS, HEAD_DIM, EMBED), cfg, std=out_std)
+        self.mlp_norm = _ones((L, D), (LAYERS, EMBED), cfg)
+        self.w_gate = _param(rngs, (L, D, F), (LAYERS, EMBED, MLP), cfg)
+        self.w_up = _param(rngs, (L, D, F), (LAYERS, EMBED, MLP), cfg)
+        self.w_down = _param(rngs, (L, F, D), (LAYERS, MLP, EMBED), cfg, std=out_std)
+
+    def stacked(self) -> dict[str, jax.Array]:
+        """The raw stacked arrays, the `xs` of the layer scan."""
+        return {name: getattr(self, name).value for name in LAYER_PARAMS}
+
+
+LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), (VOCAB, EMBED), cfg)
+        self.layers = Layers(cfg, rngs=rngs)
+        self.final_norm = _ones((cfg.d_model,), (EMBED,), cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB), cfg)
+
+    # -- the three modes ---------------------------------------------------------------
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T] int32
+        positions: jax.Array,  # [B, T] int32
+        segment_ids: jax.Array | None = None,  # [B, T] int32
+    ) -> jax.Array:  # [B, T, V] float32
+        """Training forward: causal attention, masked to `segment_ids` when packing."""
+        cfg = self.cfg
+        cos, sin = _rope_tables(cfg, positions)
+
+        def layer(x, p):
+            q, k, v = _attention_inputs(cfg, x, p, cos, sin)
+            out = kernels.attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention_impl)
+            return _layer_output(cfg, x, out, p), None
+
+        x, _ = jax.lax.scan(_remat(cfg, layer), self._embed(tokens), self.layers.stacked())
+        return self._logits(x)
+
+    def prefill(
+        self,
+        tokens: jax.Array,  # [B, T] int32, right-padded prompts
+    ) -> tuple[jax.Array, KVCache]:  # [B, T, V] float32, KVCache [L, B, K, T, H]
+        """Prompt forward from position 0 returning every position's K/V. Causality means
+        right-padding never changes the real positions' logits or K/V."""
+        cfg = self.cfg
+        batch, seq = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        cos, sin = _rope_tables(cfg, positions)
+
+        def layer(x, p):
+            q, k, v = _attention_inputs(cfg, x, p, cos, sin)
+            out = kernels.attention(q, k, v, impl=cfg.attention_impl)
+            # [B, T, K, H] -> [B, K, T, H]: the cache layout
+            return _layer_output(cfg, x, out, p), (k.swapaxes(1, 2), v.swapaxes(1, 2))
+
+        x, (k, v) = jax.lax.scan(layer, self._embed(tokens), self.layers.stacked())
+        return self._logits(x), KVCache(k, v)
+
+    def decode(
+        self,
+        tokens: jax.Array,  # [B] int32, one per slot
+        cache: KVCache,  # [L, B, K, S, H]
+        lengths: jax.Array,  # [B] int32: tokens already cached per slot
+    ) -> tuple[jax.Array, KVCache]:  # [B, V] float32
+        """One step for every slot: the token at position lengths[b] is written into the
+        cache at that index and attends to [0, lengths[b]]. The cache rides in the scan
+        carry and is updated in place (donate it under jit)."""
+        cfg = self.cfg
+        batch = tokens.shape[0]
+        slots = jnp.arange(batch)
+        cos, sin = _rope_tables(cfg, lengths[:, None])  # [B, 1, H/2]
+
+        def layer(carry, xs):
+            x, cache_k, cache_v = carry
+            p, index = xs
+            q, k, v = _attention_inputs(cfg, x, p, cos, sin)  # k, v: [B, 1, K, H]
+            cache_k = cache_k.at[index, slots, :, lengths].set(k[:, 0].astype(cache_k.dtype))
+            cache_v = cache_v.at[index, slots, :, lengths].set(v[:, 0].astype(cache_v.dtype))
+            out = kernels.decode_attention(
+                q[:, 0], cache_k[index], cache_v[index], lengths + 1, impl=cfg.attention_impl
+            )  # [B, N, H]
+            return (_layer_output(cfg, x, out[:, None], p), cache_k, cache_v), None
+
+        xs = (self.layers.stacked(), jnp.arange(cfg.n_layers))
+        (x, k, v), _ = jax.lax.scan(layer, (self._embed(tokens[:, None]), *cache), xs)
+        return self._logits(x)[:, 0], KVCache(k, v)
+
+    # -- shared pieces -----------------------------------------------------------------
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        x = jnp.take(self.embed.value, tokens, axis=0).astype(self.cfg.dtype)
+        return constrain(x, _ACTIVATION)
+
+    def _logits(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
+        cfg = self.cfg
+        x = _rms_norm(x, self.final_norm.value, cfg.norm_eps)
+        if cfg.tie_embeddings:
+            head = self.embed.value.astype(cfg.dtype)
+            logits = jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
+        else:
+            head = self.lm_head.value.astype(cfg.dtype)
+            logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        return constrain(logits, (BATCH, LENGTH, VOCAB))
+
+
+def _attention_inputs(cfg: ModelConfig, x, p, cos, sin):
+    """Pre-norm, q/k/v projections and RoPE for one layer. x: [B, T, D]."""
+    dt = cfg.dtype
+    h = _rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    q = jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(dt))  # [B, T, N, H]
+    k = jnp.einsum("btd,dkh->btkh", h, p["wk"].astype(dt))  # [B, T, K, H]
+    v = jnp.einsum("btd,dkh->btkh", h, p["wv"].astype(dt))  # [B, T, K, H]
+    return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+
+
+def _layer_output(cfg: ModelConfig, x, attn, p):
+    """o-projection + residual, then the SwiGLU MLP + residual. attn: [B, T, N, H]."""
+    dt = cfg.dtype
+    x = x + jnp.einsum("btnh,nhd->btd", attn.astype(dt), p["wo"].astype(dt))  # [B, T, D]
+    h = _rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))  # [B, T, F]
+    up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))  # [B, T, F]
+    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+    return constrain(x, _ACTIVATION)
+
+
+def _remat(cfg: ModelConfig, fn):
+    if cfg.remat == "none":
+        return fn
+    policy = (
+        None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    )
+    return jax.checkpoint(fn, policy=policy, prevent_cse=False)

@@ -1,0 +1,164 @@
+"""The three uses of the one model agree with each other, and sharding changes nothing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model.config import ModelConfig, load_config
+from model.sharding import param_shardings
+from model.transformer import Transformer, init_cache
+
+SMALL = [
+    "vocab_size=300",
+    "d_model=64",
+    "n_layers=2",
+    "n_heads=4",
+    "n_kv_heads=2",
+    "head_dim=16",
+    "d_ff=128",
+]
+
+
+def make(overrides=(), seed=0):
+    cfg = load_config(ModelConfig, "tiny", [*SMALL, *overrides])
+    return cfg, Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def positions_for(tokens):
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+def run_prefill_then_decode(model, cfg, tokens, prompt_lens, max_len):
+    """Prefill each slot's prompt (right-padded to a common length), then decode the rest
+    of `tokens` one step at a time; returns the logits at every decoded position."""
+    batch, total = tokens.shape
+    graphdef, params = nnx.split(model, nnx.Param)
+    prefill = jax.jit(lambda p, t: nnx.merge(graphdef, p).prefill(t))
+    decode = jax.jit(lambda p, *args: nnx.merge(graphdef, p).decode(*args))
+    pad_to = max(prompt_lens)
+    padded = jnp.where(
+        jnp.arange(pad_to)[None] < jnp.array(prompt_lens)[:, None], tokens[:, :pad_to], 0
+    )
+    prefill_logits, kv = prefill(params, padded)
+    cache = init_cache(cfg, batch, max_len)
+    cache = cache._replace(
+        k=cache.k.at[:, :, :, :pad_to].set(kv.k), v=cache.v.at[:, :, :, :pad_to].set(kv.v)
+    )
+    lengths = jnp.array(prompt_lens, jnp.int32)
+    decoded = {}
+    for _ in range(total - min(prompt_lens)):
+        active = lengths < total
+        step_tokens = tokens[jnp.arange(batch), jnp.minimum(lengths, total - 1)]
+        logits, cache = decode(params, step_tokens, cache, lengths)
+        for b in range(batch):
+            if active[b]:
+                decoded[(b, int(lengths[b]))] = logits[b]
+        lengths = lengths + active
+    return prefill_logits, decoded
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_and_decode_reproduce_the_full_forward(dtype):
+    cfg, model = make([f"dtype={dtype}"])
+    tokens = jax.random.randint(jax.random.key(1), (3, 14), 0, cfg.vocab_size)
+    full = jax.jit(lambda t: model(t, positions_for(t)))(tokens)
+    prompt_lens = [5, 9, 3]  # ragged: slots sit at different positions in the cache
+    prefill_logits, decoded = run_prefill_then_decode(model, cfg, tokens, prompt_lens, 16)
+    tol = 1e-5 if dtype == "float32" else 0.1
+    for b, plen in enumerate(prompt_lens):
+        np.testing.assert_allclose(prefill_logits[b, :plen], full[b, :plen], atol=tol, rtol=0)
+    assert len(decoded) == sum(14 - p for p in prompt_lens)
+    for (b, pos), logits in decoded.items():
+        np.testing.assert_allclose(logits, full[b, pos], atol=tol, rtol=0)
+
+
+def test_segment_ids_keep_packed_documents_apart():
+    cfg, model = make()
+    doc_a = jax.random.randint(jax.random.key(2), (1, 6), 0, cfg.vocab_size)
+    doc_b = jax.random.randint(jax.random.key(3), (1, 10), 0, cfg.vocab_size)
+    packed = jnp.concatenate([doc_a, doc_b], axis=1)
+    segments = jnp.array([[1] * 6 + [2] * 10])
+    positions = jnp.concatenate([jnp.arange(6), jnp.arange(10)])[None]
+    together = model(packed, positions, segments)
+    np.testing.assert_allclose(together[:, :6], model(doc_a, positions_for(doc_a)), atol=1e-5)
+    np.testing.assert_allclose(together[:, 6:], model(doc_b, positions_for(doc_b)), atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_remat_changes_neither_loss_nor_gradients(tied):
+    tokens = jax.random.randint(jax.random.key(4), (2, 8), 0, 300)
+
+    def loss_and_grads(remat):
+        _cfg, model = make([f"remat={remat}", f"tie_embeddings={str(tied).lower()}"])
+
+        def loss(model):
+            logits = model(tokens, positions_for(tokens))
+            return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+        return nnx.value_and_grad(loss)(model)
+
+    base_loss, base_grads = loss_and_grads("none")
+    for policy in ("full", "dots"):
+        remat_loss, remat_grads = loss_and_grads(policy)
+        np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat_grads, base_grads
+        )
+
+
+def test_sharded_forward_equals_single_device():
+    assert jax.device_count() == 8, "tests/conftest.py simulates 8 CPU devices"
+    cfg, model = make()
+    tokens = jax.random.randint(jax.random.key(5), (4, 8), 0, cfg.vocab_size)
+    expected = model(tokens, positions_for(tokens))
+    graphdef, params = nnx.split(model, nnx.Param)
+    mesh = jax.make_mesh(
+        (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+    )
+    shardings = param_shardings(params, mesh)
+    sharded = jax.device_put(params, shardings)
+    wq = sharded["layers"]["wq"].value
+    assert wq.sharding.spec == jax.P(None, "fsdp", "tensor", None)
+
+    @jax.jit
+    def forward(params, tokens):
+        return nnx.merge(graphdef, params)(tokens, positions_for(tokens))
+
+    with jax.set_mesh(mesh):
+        got = forward(sharded, tokens)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from model.transformer import rope_frequencies
+
+    params = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500000.0,
+    }
+    hf = LlamaConfig(hidden_size=128, num_attention_heads=2, rope_parameters=params)
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, torch.device("cpu"))
+    cfg = load_config(
+        ModelConfig,
+        "tiny",
+        [
+            "d_model=128",
+            "n_heads=2",
+            "n_kv_heads=2",
+            "head_dim=64",
+            "rope_theta=500000",
+            "rope_scaling.factor=8",
+            "rope_scaling.original_max_position_embeddings=64",
+        ],
+    )
+    np.testing.assert_allclose(rope_frequencies(cfg), expected.numpy(), rtol=1e-6)
