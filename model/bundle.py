@@ -60,10 +60,13 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(model, nnx.Param)
 
 
-def expected_params(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Flat tensor name (`layers.wq`) -> shape, the bundle's contract with the model."""
+def expected_params(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat tensor name (`layers.wq`) -> shape and dtype: the bundle's contract with the model."""
     _, abstract = abstract_model(cfg)
-    return {_name(path): tuple(var.value.shape) for path, var in nnx.to_flat_state(abstract)}
+    return {
+        _name(path): jax.ShapeDtypeStruct(var.value.shape, var.value.dtype)
+        for path, var in nnx.to_flat_state(abstract)
+    }
 
 
 def _name(path: tuple) -> str:
@@ -135,7 +138,6 @@ def _write_tensors(
     directory: Path, cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], shard_bytes: int
 ) -> None:
     expected = expected_params(cfg)
-    dtype = jnp.dtype(cfg.param_dtype)
     shards: list[dict[str, np.ndarray]] = [{}]
     weight_map: dict[str, int] = {}
     pending = 0
@@ -156,11 +158,18 @@ def _write_tensors(
             )
         if name in weight_map:
             raise BundleError(f"tensor {name!r} given twice")
-        array = np.ascontiguousarray(jax.device_get(value), dtype=dtype)
-        if array.shape != expected[name]:
+        want = expected[name]
+        array = np.ascontiguousarray(jax.device_get(value))
+        if array.shape != want.shape:
             raise BundleError(
-                f"tensor {name!r} has shape {array.shape}, the config needs {expected[name]}"
+                f"tensor {name!r} has shape {array.shape}, the config needs {want.shape}"
             )
+        if want.dtype == np.int8 and array.dtype != np.int8:
+            raise BundleError(
+                f"tensor {name!r} is {array.dtype}, the int8 config needs int8 "
+                "(quantize it with model.quant.quantize_tensors)"
+            )
+        array = array.astype(want.dtype, copy=False)
         if pending and pending + array.nbytes > shard_bytes:
             flush()
         shards[-1][name] = array

@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from kernels import ATTENTION_IMPLS
+from model.quant import QUANTIZATIONS
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -80,6 +81,8 @@ class ModelConfig:
     remat: Literal["none", "full", "dots"] = "none"
     attention_impl: Literal["auto", "reference", "pallas", "pallas_interpret"] = "auto"
     init_std: float = 0.02
+    # Serving-only weight format: "int8" stores matrices as int8 + per-channel scales.
+    quantization: Literal["none", "int8"] = "none"
 
     def __post_init__(self) -> None:
         for name in (
@@ -107,6 +110,12 @@ class ModelConfig:
         _require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
         _require(self.param_dtype in DTYPES, "param_dtype", self.param_dtype, f"one of {DTYPES}")
         _require(self.remat in REMAT_POLICIES, "remat", self.remat, f"one of {REMAT_POLICIES}")
+        _require(
+            self.quantization in QUANTIZATIONS,
+            "quantization",
+            self.quantization,
+            f"one of {QUANTIZATIONS}",
+        )
         _require(
             self.attention_impl in ATTENTION_IMPLS,
             "attention_impl",

@@ -157,7 +157,8 @@ def hf_to_tandem_tensors(hf_dir: Path, cfg: ModelConfig) -> Iterator[tuple[str, 
     """Yields tandem (name, stacked array) pairs, reading HF tensors one at a time."""
     source = _HFTensors(hf_dir)
     dtype = jnp.dtype(cfg.param_dtype)
-    for name, shape in expected_params(cfg).items():
+    for name, spec in expected_params(cfg).items():
+        shape = spec.shape
         if name in _LAYER_MAP:
             template, is_matrix = _LAYER_MAP[name]
             stacked = None

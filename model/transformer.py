@@ -24,6 +24,7 @@ from flax import nnx
 
 import kernels
 from model.config import ModelConfig
+from model.quant import CONTRACTED_AXES, SCALE_SUFFIX, scaled_matmul
 from model.sharding import (
     BATCH,
     EMBED,
@@ -103,9 +104,21 @@ def _param(
     *,
     std: float | None = None,
 ) -> nnx.Param:
+    if cfg.quantization == "int8":  # filled from a bundle, never trained
+        return nnx.Param(jnp.zeros(shape, jnp.int8), out_sharding=axes, eager_sharding=False)
     init = jax.nn.initializers.normal(cfg.init_std if std is None else std)
     value = init(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _scale(name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> nnx.Param:
+    """The per-output-channel scale of quantized matrix `name` (contracted axes dropped)."""
+    keep = [i for i in range(len(shape)) if i not in CONTRACTED_AXES[name]]
+    return nnx.Param(
+        jnp.ones([shape[i] for i in keep], jnp.float32),
+        out_sharding=tuple(axes[i] for i in keep),
+        eager_sharding=False,
+    )
 
 
 def _ones(shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig) -> nnx.Param:
@@ -135,13 +148,20 @@ class Layers(nnx.Module):
         self.w_gate = _param(rngs, (L, D, F), (LAYERS, EMBED, MLP), cfg)
         self.w_up = _param(rngs, (L, D, F), (LAYERS, EMBED, MLP), cfg)
         self.w_down = _param(rngs, (L, F, D), (LAYERS, MLP, EMBED), cfg, std=out_std)
+        if cfg.quantization == "int8":
+            for name in MATRICES:
+                weight = getattr(self, name)
+                scale = _scale(
+                    f"layers.{name}", weight.value.shape, weight.get_metadata()["out_sharding"]
+                )
+                setattr(self, name + SCALE_SUFFIX, scale)
 
     def stacked(self) -> dict[str, jax.Array]:
-        """The raw stacked arrays, the `xs` of the layer scan."""
-        return {name: getattr(self, name).value for name in LAYER_PARAMS}
+        """The raw stacked arrays (scales included when quantized): the layer scan's `xs`."""
+        return {name: var.value for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
 
-LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 class Transformer(nnx.Module):
@@ -152,6 +172,12 @@ class Transformer(nnx.Module):
         self.final_norm = _ones((cfg.d_model,), (EMBED,), cfg)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB), cfg)
+        if cfg.quantization == "int8":
+            self.embed_scale = _scale("embed", (cfg.vocab_size, cfg.d_model), (VOCAB, EMBED))
+            if not cfg.tie_embeddings:
+                self.lm_head_scale = _scale(
+                    "lm_head", (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB)
+                )
 
     # -- the three modes ---------------------------------------------------------------
 
@@ -226,39 +252,48 @@ class Transformer(nnx.Module):
 
     def _embed(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
         x = jnp.take(self.embed.value, tokens, axis=0).astype(self.cfg.dtype)
+        if self.cfg.quantization == "int8":
+            x = x * jnp.take(self.embed_scale.value, tokens, axis=0)[..., None].astype(x.dtype)
         return constrain(x, _ACTIVATION)
 
     def _logits(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
         cfg = self.cfg
         x = _rms_norm(x, self.final_norm.value, cfg.norm_eps)
+        quantized = cfg.quantization == "int8"
         if cfg.tie_embeddings:
             head = self.embed.value.astype(cfg.dtype)
             logits = jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
+            scale = self.embed_scale.value if quantized else None
         else:
             head = self.lm_head.value.astype(cfg.dtype)
             logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+            scale = self.lm_head_scale.value if quantized else None
+        if scale is not None:
+            logits = logits * scale
         return constrain(logits, (BATCH, LENGTH, VOCAB))
 
 
 def _attention_inputs(cfg: ModelConfig, x, p, cos, sin):
     """Pre-norm, q/k/v projections and RoPE for one layer. x: [B, T, D]."""
-    dt = cfg.dtype
     h = _rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(dt))  # [B, T, N, H]
-    k = jnp.einsum("btd,dkh->btkh", h, p["wk"].astype(dt))  # [B, T, K, H]
-    v = jnp.einsum("btd,dkh->btkh", h, p["wv"].astype(dt))  # [B, T, K, H]
+    q = _matmul(cfg, "btd,dnh->btnh", h, p, "wq")  # [B, T, N, H]
+    k = _matmul(cfg, "btd,dkh->btkh", h, p, "wk")  # [B, T, K, H]
+    v = _matmul(cfg, "btd,dkh->btkh", h, p, "wv")  # [B, T, K, H]
     return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
 
 
 def _layer_output(cfg: ModelConfig, x, attn, p):
     """o-projection + residual, then the SwiGLU MLP + residual. attn: [B, T, N, H]."""
-    dt = cfg.dtype
-    x = x + jnp.einsum("btnh,nhd->btd", attn.astype(dt), p["wo"].astype(dt))  # [B, T, D]
+    x = x + _matmul(cfg, "btnh,nhd->btd", attn.astype(cfg.dtype), p, "wo")  # [B, T, D]
     h = _rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))  # [B, T, F]
-    up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))  # [B, T, F]
-    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+    gate = _matmul(cfg, "btd,df->btf", h, p, "w_gate")  # [B, T, F]
+    up = _matmul(cfg, "btd,df->btf", h, p, "w_up")  # [B, T, F]
+    x = x + _matmul(cfg, "btf,fd->btd", jax.nn.silu(gate) * up, p, "w_down")  # [B, T, D]
     return constrain(x, _ACTIVATION)
+
+
+def _matmul(cfg: ModelConfig, equation: str, x, p, name: str):
+    return scaled_matmul(equation, x, p[name], p.get(name + SCALE_SUFFIX), cfg.dtype)
 
 
 def _remat(cfg: ModelConfig, fn):
