@@ -127,7 +127,7 @@ def write_bundle(
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -138,58 +138,81 @@ def _write_tensors(
     directory: Path, cfg: ModelConfig, tensors: Iterable[tuple[str, Any]], shard_bytes: int
 ) -> None:
     expected = expected_params(cfg)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    weight_map: dict[str, int] = {}
-    pending = 0
-    written: list[Path] = []
+    seen: set[str] = set()
 
-    def flush() -> None:
-        nonlocal pending
-        path = directory / f"params-{len(written) + 1:05d}.safetensors"
-        save_file(shards[-1], str(path))
-        written.append(path)
-        shards[-1] = {}
-        pending = 0
+    def checked() -> Iterator[tuple[str, np.ndarray]]:
+        for name, value in tensors:
+            if name not in expected:
+                raise BundleError(
+                    f"tensor {name!r} is not a param of this model; "
+                    f"expected names: {sorted(expected)}"
+                )
+            if name in seen:
+                raise BundleError(f"tensor {name!r} given twice")
+            seen.add(name)
+            want = expected[name]
+            array = np.asarray(jax.device_get(value))
+            if array.shape != want.shape:
+                raise BundleError(
+                    f"tensor {name!r} has shape {array.shape}, the config needs {want.shape}"
+                )
+            if want.dtype == np.int8 and array.dtype != np.int8:
+                raise BundleError(
+                    f"tensor {name!r} is {array.dtype}, the int8 config needs "
+                    "int8 (quantize it with model.quant.quantize_tensors)"
+                )
+            yield name, array.astype(want.dtype, copy=False)
+        missing = sorted(set(expected) - seen)
+        if missing:
+            raise BundleError(f"missing tensors: {missing}")
 
-    for name, value in tensors:
-        if name not in expected:
-            raise BundleError(
-                f"tensor {name!r} is not a param of this model; expected names: {sorted(expected)}"
-            )
-        if name in weight_map:
-            raise BundleError(f"tensor {name!r} given twice")
-        want = expected[name]
-        array = np.ascontiguousarray(jax.device_get(value))
-        if array.shape != want.shape:
-            raise BundleError(
-                f"tensor {name!r} has shape {array.shape}, the config needs {want.shape}"
-            )
-        if want.dtype == np.int8 and array.dtype != np.int8:
-            raise BundleError(
-                f"tensor {name!r} is {array.dtype}, the int8 config needs int8 "
-                "(quantize it with model.quant.quantize_tensors)"
-            )
-        array = array.astype(want.dtype, copy=False)
-        if pending and pending + array.nbytes > shard_bytes:
-            flush()
-        shards[-1][name] = array
-        weight_map[name] = len(written)
-        pending += array.nbytes
-    missing = sorted(set(expected) - set(weight_map))
-    if missing:
-        raise BundleError(f"missing tensors: {missing}")
-    flush()
-    total = len(written)
-    final = []
-    for i, path in enumerate(written):
-        target = path.with_name(f"params-{i + 1:05d}-of-{total:05d}.safetensors")
-        path.rename(target)
-        final.append(target.name)
-    index = {"weight_map": {name: final[i] for name, i in sorted(weight_map.items())}}
+    weight_map = write_safetensors_shards(
+        directory, checked(), prefix="params", shard_bytes=shard_bytes
+    )
+    index = {"weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def write_safetensors_shards(
+    directory: Path,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    prefix: str,
+    shard_bytes: int,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Streams tensors into `{prefix}-0000i-of-0000n.safetensors` files of about
+    `shard_bytes` each, holding one shard in memory; returns tensor name -> file name."""
+    shard: dict[str, np.ndarray] = {}
+    pending = 0
+    files: list[Path] = []
+    owner: dict[str, int] = {}
+
+    def flush() -> None:
+        path = directory / f".{prefix}-{len(files) + 1:05d}.partial"
+        # safetensors writes an array's raw buffer: a transposed view would be stored
+        # untransposed, so every tensor is made C-contiguous first.
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in shard.items()}, str(path), metadata=metadata
+        )
+        files.append(path)
+
+    for name, array in tensors:
+        if shard and pending + array.nbytes > shard_bytes:
+            flush()
+            shard, pending = {}, 0
+        shard[name] = array
+        owner[name] = len(files)
+        pending += array.nbytes
+    flush()
+    names = []
+    for i, path in enumerate(files):
+        names.append(f"{prefix}-{i + 1:05d}-of-{len(files):05d}.safetensors")
+        path.rename(directory / names[-1])
+    return {name: names[i] for name, i in owner.items()}
+
+
+def replace_dir(new: Path, target: Path) -> None:
     """Moves `new` to `target` with renames only, so `target` is always whole or absent."""
     if target.exists():
         trash = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from model.bundle import BundleError, expected_params, write_bundle
+from model.bundle import (
+    BundleError,
+    expected_params,
+    replace_dir,
+    write_bundle,
+    write_safetensors_shards,
+)
 from model.config import ModelConfig, RopeScaling
 from model.tokenizer import Tokenizer
 
@@ -199,6 +207,110 @@ def hf_layer_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
         "layers.w_up": (F, D),
         "layers.w_down": (D, F),
     }[name]
+
+
+def config_to_hf(cfg: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The transformers LlamaConfig dict for `cfg`. RoPE is written in the 4.x form
+    (rope_theta + rope_scaling), which transformers 5 and vLLM also read."""
+    if cfg.quantization != "none":
+        raise HFImportError(
+            "an int8 model cannot be written in HF format; export the float "
+            "weights (drop --quantize)"
+        )
+    scaling = cfg.rope_scaling
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None
+        if scaling is None
+        else {
+            "rope_type": "llama3",
+            "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        },
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": cfg.param_dtype,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
+
+
+def tandem_to_hf_tensors(
+    tensors: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The inverse of `hf_to_tandem_tensors`: per-layer [out, in] HF tensors."""
+    for name, array in tensors:
+        array = np.asarray(array)
+        if name in _LAYER_MAP:
+            template, is_matrix = _LAYER_MAP[name]
+            for i in range(cfg.n_layers):
+                yield template.format(i=i), _to_hf(array[i], is_matrix, name, cfg)
+        elif name in _GLOBAL_MAP:
+            hf_name, is_matrix = _GLOBAL_MAP[name]
+            yield hf_name, _to_hf(array, is_matrix, name, cfg)
+        else:
+            raise HFImportError(f"tensor {name!r} has no HF Llama equivalent")
+
+
+def _to_hf(array: np.ndarray, is_matrix: bool, name: str, cfg: ModelConfig) -> np.ndarray:
+    if not is_matrix:
+        return array
+    out, inp = hf_layer_shape(name, cfg)
+    return array.reshape(inp, out).T
+
+
+def write_hf_dir(
+    out: str | Path,
+    cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    overwrite: bool = False,
+    shard_bytes: int = 2 << 30,
+) -> Path:
+    """Writes a HF Llama directory (config.json, sharded model safetensors + index,
+    tokenizer) atomically, so transformers or vLLM load a tandem-trained model."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise HFImportError(f"{out}: already exists and is not empty (pass overwrite)")
+    config = config_to_hf(cfg, tokenizer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        tokenizer.save(tmp)
+        weight_map = write_safetensors_shards(
+            tmp,
+            tandem_to_hf_tensors(tensors, cfg),
+            prefix="model",
+            shard_bytes=shard_bytes,
+            metadata={"format": "pt"},  # transformers checks this key
+        )
+        index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def import_hf(

@@ -160,3 +160,34 @@ def test_cli_imports_to_bfloat16(hf_dir, tmp_path):
     bundle = Bundle.load(tmp_path / "b")
     assert bundle.config.param_dtype == "bfloat16" and bundle.manifest["dtype"] == "bfloat16"
     assert dict(bundle.tensors())["embed"].dtype.name == "bfloat16"
+
+
+@pytest.mark.parametrize("case", ["gqa2-untied", "gqa4-tied", "mqa-llama3-rope"])
+def test_hf_to_tandem_to_hf_is_lossless_and_loads_in_transformers(tmp_path, case):
+    from safetensors.numpy import load_file
+
+    from model.hf import write_hf_dir
+
+    save_random_llama(tmp_path / "hf", **CASES[case])
+    bundle = Bundle.load(import_hf(tmp_path / "hf", tmp_path / "bundle"))
+    out = write_hf_dir(
+        tmp_path / "back", bundle.config, bundle.tokenizer, bundle.tensors(), shard_bytes=20_000
+    )  # several shards + index
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    exported = {}
+    for file in set(index.values()):
+        exported.update(load_file(out / file))
+    if CASES[case].get("tied"):
+        original.pop("lm_head.weight", None)
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    tokens = np.random.default_rng(1).integers(0, 300, (1, 20))
+    with torch.no_grad():
+        expected = reloaded(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(bundle.logits(tokens), expected, atol=1e-4, rtol=0)
+    again = Tokenizer.from_dir(out)
+    assert (again.bos_id, again.eos_id) == (bundle.tokenizer.bos_id, bundle.tokenizer.eos_id)
