@@ -1,26 +1,70 @@
 """Picks an attention implementation per backend; the model calls only these two functions.
 
 `impl` values (also `ModelConfig.attention_impl`):
-  auto              compiled Pallas on GPU/TPU when the shape is supported, else reference
+  auto              compiled Pallas on GPU when the shape is supported, else the reference
+                    (always the reference on CPU and TPU)
   reference         the pure-JAX reference (XLA)
-  pallas            compiled Pallas kernel (GPU/TPU only)
-  pallas_interpret  Pallas kernel in interpret mode (CPU; for tests)
+  pallas            compiled Pallas kernel (GPU; ValueError on CPU and TPU)
+  pallas_interpret  the Pallas kernel in interpret mode (CPU; for tests)
 
-Only the reference is wired in so far; the Pallas kernels land with the kernels issue.
+A shape the kernel cannot take (head_dim not a power of two >= 16, a length no tile size
+divides, ...) falls back to the reference with one logged warning per (kernel, reason):
+a slower answer, never a wrong one. `pallas_interpret` applies the same shape rules as
+compiled `pallas`, so CPU tests exercise exactly what a GPU would compile.
+
+The decision is taken in Python on static shapes, i.e. once per trace under `jax.jit`.
 """
 
 from __future__ import annotations
 
+import logging
+
 import jax
 
+from kernels._common import pick_block
+from kernels.decode_attention import DEFAULT_BLOCK_K as _DECODE_BLOCK_K
+from kernels.decode_attention import ragged_decode_attention
+from kernels.decode_attention import unsupported_reason as _decode_unsupported
+from kernels.prefill_attention import DEFAULT_BLOCK_K as _PREFILL_BLOCK_K
+from kernels.prefill_attention import DEFAULT_BLOCK_Q as _PREFILL_BLOCK_Q
+from kernels.prefill_attention import flash_attention
+from kernels.prefill_attention import unsupported_reason as _prefill_unsupported
 from kernels.reference import attention_reference, decode_attention_reference
 
+logger = logging.getLogger(__name__)
+
 ATTENTION_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+
+_warned: set[tuple[str, str]] = set()
 
 
 def _check_impl(impl: str) -> None:
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={impl!r}: allowed values are {ATTENTION_IMPLS}")
+
+
+def _kernel_mode(impl: str) -> str | None:
+    """'compiled', 'interpret', or None (use the reference) for this impl on this backend."""
+    backend = jax.default_backend()
+    if impl == "reference":
+        return None
+    if impl == "pallas_interpret":
+        return "interpret"
+    if impl == "pallas":
+        if backend != "gpu":
+            raise ValueError(
+                f"attention_impl='pallas' compiles the Triton kernels, which need a GPU; the "
+                f"backend is {backend!r}. Use attention_impl='pallas_interpret' (slow, for "
+                f"tests) or 'reference' (or 'auto', which picks per backend)."
+            )
+        return "compiled"
+    return "compiled" if backend == "gpu" else None  # auto
+
+
+def _warn_fallback(kernel: str, reason: str) -> None:
+    if (kernel, reason) not in _warned:
+        _warned.add((kernel, reason))
+        logger.warning("%s: falling back to the XLA reference: %s", kernel, reason)
 
 
 def attention(
@@ -33,17 +77,77 @@ def attention(
 ) -> jax.Array:  # [B, T, N, H]
     """Causal (segment-masked) grouped-query attention over a whole sequence."""
     _check_impl(impl)
-    return attention_reference(q, k, v, segment_ids=segment_ids)
+    mode = _kernel_mode(impl)
+    if mode is None:
+        return attention_reference(q, k, v, segment_ids=segment_ids)
+    seq = q.shape[1] if q.ndim == 4 else 0
+    block_q = pick_block(seq, _PREFILL_BLOCK_Q)
+    block_k = pick_block(seq, _PREFILL_BLOCK_K)
+    if block_q is None or block_k is None:
+        reason = f"seq_len T={seq} is not a multiple of 16"
+    else:
+        reason = _prefill_unsupported(
+            q.shape, k.shape, (q.dtype, k.dtype, v.dtype), block_q, block_k
+        )
+    if reason is not None:
+        _warn_fallback("flash_attention", reason)
+        return attention_reference(q, k, v, segment_ids=segment_ids)
+    return flash_attention(
+        q,
+        k,
+        v,
+        segment_ids=segment_ids,
+        block_q=block_q,
+        block_k=block_k,
+        interpret=mode == "interpret",
+    )
 
 
 def decode_attention(
     q: jax.Array,  # [B, N, H]
-    k_cache: jax.Array,  # [B, K, S, H]
-    v_cache: jax.Array,  # [B, K, S, H]
+    k_cache: jax.Array,  # [B, K, S, H], or [L, B, K, S, H] with `layer`
+    v_cache: jax.Array,  # [B, K, S, H], or [L, B, K, S, H] with `layer`
     lengths: jax.Array,  # [B] int32
     *,
     impl: str = "auto",
+    layer: jax.Array | int | None = None,  # [] int32
 ) -> jax.Array:  # [B, N, H]
-    """One query token per slot against that slot's first `lengths[b]` cache entries."""
+    """One query token per slot against that slot's first `lengths[b]` cache entries.
+
+    `layer` (optional, an addition to the original contract): pass the whole-model cache
+    and the layer index instead of `cache[layer]`, so the kernel reads the layer in place
+    rather than after XLA has copied it out.
+    """
     _check_impl(impl)
-    return decode_attention_reference(q, k_cache, v_cache, lengths)
+    if layer is not None and k_cache.ndim != 5:
+        raise ValueError(f"layer= needs the [L, B, K, S, H] cache; k_cache has {k_cache.shape}")
+
+    def reference() -> jax.Array:
+        if layer is None:
+            return decode_attention_reference(q, k_cache, v_cache, lengths)
+        return decode_attention_reference(q, k_cache[layer], v_cache[layer], lengths)
+
+    mode = _kernel_mode(impl)
+    if mode is None:
+        return reference()
+    slot_shape = k_cache.shape[-4:]  # [B, K, S, H]
+    max_len = slot_shape[2] if len(slot_shape) == 4 else 0
+    block_k = pick_block(max_len, _DECODE_BLOCK_K)
+    if block_k is None:
+        reason = f"max_len S={max_len} is not a multiple of 16"
+    else:
+        reason = _decode_unsupported(
+            q.shape, slot_shape, (q.dtype, k_cache.dtype, v_cache.dtype), block_k
+        )
+    if reason is not None:
+        _warn_fallback("ragged_decode_attention", reason)
+        return reference()
+    return ragged_decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        lengths,
+        layer=layer,
+        block_k=block_k,
+        interpret=mode == "interpret",
+    )

@@ -239,8 +239,10 @@ class Transformer(nnx.Module):
             q, k, v = _attention_inputs(cfg, x, p, cos, sin)  # k, v: [B, 1, K, H]
             cache_k = cache_k.at[index, slots, :, lengths].set(k[:, 0].astype(cache_k.dtype))
             cache_v = cache_v.at[index, slots, :, lengths].set(v[:, 0].astype(cache_v.dtype))
+            # The whole cache + layer index: the kernel reads the layer in place instead of
+            # after XLA copies `cache_k[index]` out of the scan carry.
             out = kernels.decode_attention(
-                q[:, 0], cache_k[index], cache_v[index], lengths + 1, impl=cfg.attention_impl
+                q[:, 0], cache_k, cache_v, lengths + 1, impl=cfg.attention_impl, layer=index
             )  # [B, N, H]
             return (_layer_output(cfg, x, out[:, None], p), cache_k, cache_v), None
 

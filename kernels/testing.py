@@ -1,0 +1,93 @@
+"""Inputs and tolerances shared by the kernel tests and benchmarks/kernel_bench.py.
+
+Inputs come from numpy's generator (no per-shape jax.random compile) so a sweep of many
+shapes spends its time in the kernels, not in building inputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# (atol, rtol) against the reference in the same dtype. bf16 has an 8-bit mantissa
+# (eps 2^-8 ~ 0.004); the kernel and the reference round probabilities to bf16 at
+# different points (unnormalized vs normalized), so outputs of magnitude ~1 may differ by a
+# few bf16 ulps. On GPU, float32 dots run as TF32 (10-bit mantissa) in both.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "float32": (2e-5, 2e-5),
+    "bfloat16": (2e-2, 2e-2),
+    "float16": (4e-3, 4e-3),
+}
+GPU_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float32": (1e-2, 1e-2),  # TF32 dots in both kernel and reference
+    "bfloat16": (2e-2, 2e-2),
+    "float16": (4e-3, 4e-3),
+}
+
+
+def tolerance(dtype: jnp.dtype, *, gpu: bool = False) -> tuple[float, float]:
+    return (GPU_TOLERANCES if gpu else TOLERANCES)[jnp.dtype(dtype).name]
+
+
+def decode_inputs(
+    seed: int,
+    batch: int,
+    n_heads: int,
+    n_kv: int,
+    max_len: int,
+    head_dim: int,
+    dtype: jnp.dtype,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, N, H], k_cache [B, K, S, H], v_cache [B, K, S, H], standard normal."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, n_heads, head_dim), np.float32)
+    k = rng.standard_normal((batch, n_kv, max_len, head_dim), np.float32)
+    v = rng.standard_normal((batch, n_kv, max_len, head_dim), np.float32)
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))  # type: ignore[return-value]
+
+
+def prefill_inputs(
+    seed: int,
+    batch: int,
+    seq: int,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    dtype: jnp.dtype,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, T, N, H], k [B, T, K, H], v [B, T, K, H], standard normal."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, seq, n_heads, head_dim), np.float32)
+    k = rng.standard_normal((batch, seq, n_kv, head_dim), np.float32)
+    v = rng.standard_normal((batch, seq, n_kv, head_dim), np.float32)
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))  # type: ignore[return-value]
+
+
+def length_patterns(seed: int, batch: int, max_len: int) -> dict[str, jax.Array]:
+    """Named [B] int32 length vectors: empty, one entry, full, and random ragged."""
+    rng = np.random.default_rng(seed)
+    ragged = rng.integers(0, max_len + 1, size=batch)
+    ragged[0] = max(1, ragged[0])  # at least one non-empty slot
+    if batch > 2:  # a slot on each edge
+        ragged[1], ragged[2] = 0, max_len
+    return {
+        "zeros": jnp.zeros((batch,), jnp.int32),
+        "ones": jnp.ones((batch,), jnp.int32),
+        "full": jnp.full((batch,), max_len, jnp.int32),
+        "ragged": jnp.asarray(ragged, jnp.int32),
+    }
+
+
+def packed_segment_ids(seed: int, batch: int, seq: int, max_segments: int = 4) -> jax.Array:
+    """[B, T] int32: each row a few contiguous documents of random lengths (ids 0, 1, ...)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(batch):
+        n_cuts = rng.integers(0, max_segments)
+        cuts = np.sort(rng.choice(np.arange(1, seq), size=n_cuts, replace=False))
+        row = np.zeros(seq, np.int32)
+        for c in cuts:
+            row[c:] += 1
+        rows.append(row)
+    return jnp.asarray(np.stack(rows), jnp.int32)

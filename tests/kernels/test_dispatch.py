@@ -1,0 +1,213 @@
+"""The dispatcher: impl selection per backend, fallbacks with one warning, and the model's
+prefill/decode paths giving the same answer through the kernels as through the reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels import dispatch
+from kernels.reference import attention_reference, decode_attention_reference
+from kernels.testing import decode_inputs, packed_segment_ids, prefill_inputs
+
+ON_CPU = jax.default_backend() == "cpu"
+_decode_reference = jax.jit(decode_attention_reference)  # one compile, not one per op
+_reference = jax.jit(attention_reference)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test sees the warn-once memory empty."""
+    monkeypatch.setattr(dispatch, "_warned", set())
+
+
+def _uses_pallas(fn, *args) -> bool:
+    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def _fallback_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "falling back to the XLA reference" in r.getMessage()]
+
+
+def test_impls_are_the_contract() -> None:
+    assert kernels.ATTENTION_IMPLS == ("auto", "reference", "pallas", "pallas_interpret")
+
+
+def test_unknown_impl_raises() -> None:
+    q, k, v = decode_inputs(0, 1, 2, 1, 16, 16, jnp.float32)
+    with pytest.raises(ValueError, match="attention_impl='triton'"):
+        kernels.decode_attention(q, k, v, jnp.array([3], jnp.int32), impl="triton")
+    q, k, v = prefill_inputs(0, 1, 16, 2, 1, 16, jnp.float32)
+    with pytest.raises(ValueError, match="allowed values"):
+        kernels.attention(q, k, v, impl="flash")
+
+
+@pytest.mark.skipif(not ON_CPU, reason="compiled pallas is allowed off CPU")
+def test_compiled_pallas_on_cpu_raises_with_the_fix() -> None:
+    q, k, v = decode_inputs(0, 1, 2, 1, 16, 16, jnp.float32)
+    with pytest.raises(ValueError, match="pallas_interpret"):
+        kernels.decode_attention(q, k, v, jnp.array([3], jnp.int32), impl="pallas")
+    q, k, v = prefill_inputs(0, 1, 16, 2, 1, 16, jnp.float32)
+    with pytest.raises(ValueError, match="'reference'"):
+        kernels.attention(q, k, v, impl="pallas")
+
+
+@pytest.mark.skipif(not ON_CPU, reason="auto picks the kernel off CPU")
+def test_auto_on_cpu_is_the_reference(caplog: pytest.LogCaptureFixture) -> None:
+    q, k, v = decode_inputs(1, 2, 4, 2, 32, 16, jnp.float32)
+    lengths = jnp.array([3, 32], jnp.int32)
+    args = (q, k, v, lengths)
+    assert not _uses_pallas(lambda *a: kernels.decode_attention(*a, impl="auto"), *args)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(kernels.decode_attention)(*args)), np.asarray(_decode_reference(*args))
+    )
+    q, k, v = prefill_inputs(1, 1, 32, 4, 2, 16, jnp.float32)
+    assert not _uses_pallas(lambda *a: kernels.attention(*a, impl="auto"), q, k, v)
+    assert not _fallback_records(caplog), "choosing the reference on CPU is not a fallback"
+
+
+def test_interpret_runs_the_decode_kernel() -> None:
+    q, k, v = decode_inputs(2, 3, 8, 2, 64, 32, jnp.float32)
+    lengths = jnp.array([0, 17, 64], jnp.int32)
+
+    def run(q, k, v, lengths):
+        return kernels.decode_attention(q, k, v, lengths, impl="pallas_interpret")
+
+    assert _uses_pallas(run, q, k, v, lengths)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(run)(q, k, v, lengths)),
+        np.asarray(_decode_reference(q, k, v, lengths)),
+        atol=2e-5,
+        rtol=2e-5,
+    )
+
+
+def test_interpret_runs_the_prefill_kernel() -> None:
+    q, k, v = prefill_inputs(2, 2, 48, 4, 2, 32, jnp.float32)  # T=48: 16-wide tiles
+    seg = packed_segment_ids(2, 2, 48)
+
+    def run(q, k, v, seg):
+        return kernels.attention(q, k, v, segment_ids=seg, impl="pallas_interpret")
+
+    assert _uses_pallas(run, q, k, v, seg)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(run)(q, k, v, seg)),
+        np.asarray(_reference(q, k, v, segment_ids=seg)),
+        atol=2e-5,
+        rtol=2e-5,
+    )
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas_interpret"])
+def test_decode_with_layer_index(impl: str) -> None:
+    rng = np.random.default_rng(8)
+    shape = (2, 3, 2, 32, 16)  # [L, B, K, S, H]
+    k = jnp.asarray(rng.standard_normal(shape, np.float32))
+    v = jnp.asarray(rng.standard_normal(shape, np.float32))
+    q = jnp.asarray(rng.standard_normal((3, 4, 16), np.float32))
+    lengths = jnp.array([0, 5, 32], jnp.int32)
+    run = jax.jit(
+        lambda q, k, v, n, layer: kernels.decode_attention(q, k, v, n, impl=impl, layer=layer)
+    )
+    assert _uses_pallas(run, q, k, v, lengths, jnp.int32(1)) == (impl == "pallas_interpret")
+    out = run(q, k, v, lengths, jnp.int32(1))
+    ref = _decode_reference(q, k[1], v[1], lengths)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match=r"\[L, B, K, S, H\]"):
+        kernels.decode_attention(q, k[1], v[1], lengths, impl=impl, layer=1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "reason"),
+    [
+        ({"head_dim": 24}, "head_dim=24"),
+        ({"max_len": 40}, "max_len S=40"),
+    ],
+    ids=["head_dim-24", "S-40"],
+)
+def test_decode_fallback_warns_once_and_is_exact(
+    shape: dict, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    dims = {"max_len": 32, "head_dim": 16} | shape
+    q, k, v = decode_inputs(3, 2, 4, 2, dims["max_len"], dims["head_dim"], jnp.float32)
+    lengths = jnp.array([1, 20], jnp.int32)
+    ref = _decode_reference(q, k, v, lengths)
+
+    def run(q, k, v, lengths):
+        return kernels.decode_attention(q, k, v, lengths, impl="pallas_interpret")
+
+    with caplog.at_level(logging.WARNING, logger="kernels.dispatch"):
+        assert not _uses_pallas(run, q, k, v, lengths)  # trace 1
+        out = jax.jit(run)(q, k, v, lengths)  # trace 2: still one warning
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    records = _fallback_records(caplog)
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert reason in records[0].getMessage()
+
+
+def test_prefill_fallback_warns_once_per_reason(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="kernels.dispatch"):
+        for seq in (8, 8, 24):  # two calls with one reason, then a second reason
+            q, k, v = prefill_inputs(4, 1, seq, 2, 1, 16, jnp.float32)
+            out = jax.jit(lambda q, k, v: kernels.attention(q, k, v, impl="pallas_interpret"))(
+                q, k, v
+            )  # a fresh jit: traced (and dispatched) every time
+            np.testing.assert_array_equal(np.asarray(out), np.asarray(_reference(q, k, v)))
+    messages = [r.getMessage() for r in _fallback_records(caplog)]
+    assert len(messages) == 2, messages
+    assert "T=8" in messages[0] and "T=24" in messages[1]
+
+
+# --- the model's paths through the dispatcher ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    """One tiny model twice: same params, attention_impl reference vs pallas_interpret."""
+    nnx = pytest.importorskip("flax.nnx")
+    from model.config import ModelConfig
+    from model.transformer import Transformer
+
+    cfg = ModelConfig(
+        vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+        d_ff=128, max_seq_len=64, attention_impl="reference",
+    )  # fmt: skip
+    ref = Transformer(cfg, rngs=nnx.Rngs(0))
+    ker = nnx.clone(ref)  # same params; only the attention impl differs
+    ker.cfg = dataclasses.replace(cfg, attention_impl="pallas_interpret")
+    return cfg, ref, ker
+
+
+def test_model_decode_kernel_path_matches_reference(tiny_models) -> None:
+    from model.transformer import KVCache
+
+    cfg, ref, ker = tiny_models
+    slots, max_len = 3, 32
+    rng = np.random.default_rng(5)
+    shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.head_dim)  # [L, B, K, S, H]
+    cache = KVCache(
+        jnp.asarray(rng.standard_normal(shape, np.float32)),
+        jnp.asarray(rng.standard_normal(shape, np.float32)),
+    )
+    tokens = jnp.asarray([5, 17, 63], jnp.int32)
+    lengths = jnp.asarray([0, 9, max_len - 1], jnp.int32)  # empty slot, ragged, last index
+    assert _uses_pallas(lambda t, c, n: ker.decode(t, c, n)[0], tokens, cache, lengths)
+    logits_ref, cache_ref = ref.decode(tokens, cache, lengths)
+    logits_ker, cache_ker = ker.decode(tokens, cache, lengths)
+    np.testing.assert_allclose(np.asarray(logits_ker), np.asarray(logits_ref), atol=1e-4, rtol=1e-4)
+    for a, b in zip(cache_ker, cache_ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_model_prefill_kernel_path_matches_reference(tiny_models) -> None:
+    _, ref, ker = tiny_models
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, 64, (2, 32)), jnp.int32)
+    logits_ref, _ = ref.prefill(tokens)
+    logits_ker, _ = ker.prefill(tokens)
+    np.testing.assert_allclose(np.asarray(logits_ker), np.asarray(logits_ref), atol=1e-4, rtol=1e-4)

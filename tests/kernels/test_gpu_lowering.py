@@ -1,0 +1,76 @@
+"""The kernels lower to Triton for CUDA - checked on CPU, no GPU needed.
+
+`jax.export(..., platforms=["cuda"])` runs the Pallas -> Triton lowering (every primitive
+needs a Triton rule, every loaded tile a power-of-two size) and embeds the Triton IR in a
+`__gpu$xla.gpu.triton` custom call. What it cannot check is Triton's own compile to PTX and
+the numbers; those are the `gpu`-marked tests' job on a GPU box.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+from kernels.decode_attention import ragged_decode_attention
+from kernels.prefill_attention import flash_attention
+
+from .test_decode_attention import CASES as DECODE_CASES
+from .test_decode_attention import GPU_CASES as DECODE_GPU_CASES
+from .test_prefill_attention import CASES as PREFILL_CASES
+from .test_prefill_attention import GPU_CASES as PREFILL_GPU_CASES
+
+_TRITON = "__gpu$xla.gpu.triton"
+Spec = jax.ShapeDtypeStruct
+
+
+def _triton_calls(fn, *specs: Spec) -> int:
+    exported = export.export(
+        jax.jit(fn),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(_TRITON)],
+    )(*specs)
+    return exported.mlir_module().count(f"@{_TRITON}")
+
+
+@pytest.mark.parametrize("case", list(dict.fromkeys(DECODE_GPU_CASES)), ids=lambda c: c.id)
+def test_decode_lowers_to_triton(case) -> None:
+    dtype = jnp.dtype(case.dtype)
+    cache = Spec((case.batch, case.n_kv, case.max_len, case.head_dim), dtype)
+    fn = functools.partial(
+        ragged_decode_attention, block_k=case.block_k, num_splits=case.num_splits
+    )
+    q = Spec((case.batch, case.n_heads, case.head_dim), dtype)
+    assert _triton_calls(fn, q, cache, cache, Spec((case.batch,), jnp.int32)) == 1
+
+
+def test_layer_indexed_decode_lowers_to_triton() -> None:
+    cache = Spec((16, 8, 8, 4096, 128), jnp.bfloat16)  # [L, B, K, S, H]
+    q = Spec((8, 32, 128), jnp.bfloat16)
+
+    def fn(q, k, v, lengths, layer):
+        return ragged_decode_attention(q, k, v, lengths, layer=layer)
+
+    assert _triton_calls(fn, q, cache, cache, Spec((8,), jnp.int32), Spec((), jnp.int32)) == 1
+
+
+@pytest.mark.parametrize("case", list(dict.fromkeys(PREFILL_GPU_CASES)), ids=lambda c: c.id)
+def test_prefill_lowers_to_triton(case) -> None:
+    dtype = jnp.dtype(case.dtype)
+    q = Spec((case.batch, case.seq, case.n_heads, case.head_dim), dtype)
+    kv = Spec((case.batch, case.seq, case.n_kv, case.head_dim), dtype)
+    seg = Spec((case.batch, case.seq), jnp.int32) if case.segments else None
+
+    def fn(q, k, v, seg):
+        return flash_attention(q, k, v, segment_ids=seg, block_q=case.block_q, block_k=case.block_k)
+
+    assert _triton_calls(fn, q, kv, kv, seg) == 1
+
+
+def test_cases_cover_the_interpret_sweep() -> None:
+    """Every shape the CPU tests check numerically is also checked to lower for CUDA."""
+    assert set(DECODE_CASES) <= set(DECODE_GPU_CASES)
+    assert set(PREFILL_CASES) <= set(PREFILL_GPU_CASES)
