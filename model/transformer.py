@@ -253,7 +253,10 @@ class Transformer(nnx.Module):
     # -- shared pieces -----------------------------------------------------------------
 
     def _embed(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        x = jnp.take(self.embed.value, tokens, axis=0).astype(self.cfg.dtype)
+        # A gather from a vocab-sharded table makes XLA rematerialize it implicitly (with a
+        # warning); gathering the vocab axis explicitly does the same work, visibly.
+        table = constrain(self.embed.value, (None, EMBED))
+        x = jnp.take(table, tokens, axis=0).astype(self.cfg.dtype)
         if self.cfg.quantization == "int8":
             x = x * jnp.take(self.embed_scale.value, tokens, axis=0)[..., None].astype(x.dtype)
         return constrain(x, _ACTIVATION)

@@ -1,0 +1,83 @@
+"""The train step: sharding does not change the numbers, gradient accumulation equals one
+big batch. (Loss goes down: tests/train/test_resume.py::test_loss_goes_down_on_tiny.)"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from model.config import load_config
+from model.tokenizer import Tokenizer
+from tests.train.train_helpers import SMALL
+from train import data as tdata
+from train.config import MeshConfig, TrainConfig
+from train.loop import BATCH_KEYS, Trainer, process_rows, to_global
+from train.mesh import batch_sharding, make_mesh
+
+
+def _cfg(tmp_path, *overrides) -> TrainConfig:
+    return load_config(TrainConfig, "tiny", [*SMALL, f"run_dir={tmp_path}", *overrides])
+
+
+def _batches(cfg: TrainConfig, n: int):
+    src, _ = tdata.load_sources("embedded", "", 20, "text")
+    it = tdata.PackedBatches(
+        src,
+        Tokenizer.byte(),
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        rows=range(cfg.batch_size),
+        seed=0,
+    )
+    return [next(it) for _ in range(n)]
+
+
+def _train(cfg: TrainConfig, mesh, host_batches):
+    tr = Trainer(cfg, mesh)
+    state = tr.init_state(cfg.seed)
+    sh = batch_sharding(mesh)
+    rows = process_rows(sh, cfg.batch_size)
+    losses = []
+    for b in host_batches:
+        dev = {k: to_global(b[k], rows, sh, b[k].shape) for k in BATCH_KEYS}
+        state, m = tr.step(state, dev)
+        losses.append(float(m["loss"]))
+    return losses, jax.device_get(state["params"]), state
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    cfg = _cfg(tmp_path_factory.mktemp("single"), "mesh.fsdp=1")
+    mesh = make_mesh(cfg, devices=jax.devices()[:1])
+    batches = _batches(cfg, 3)
+    return cfg, batches, _train(cfg, mesh, batches)
+
+
+@pytest.mark.slow
+def test_sharded_step_matches_single_device(single_device_run):
+    cfg, batches, (losses1, params1, _) = single_device_run
+    cfg8 = dataclasses.replace(cfg, mesh=MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh8 = make_mesh(cfg8)
+    losses8, params8, state8 = _train(cfg8, mesh8, batches)
+    # the params really are spread over the mesh
+    wq = state8["params"]["layers"]["wq"]
+    assert len(wq.sharding.device_set) == 8 and not wq.sharding.is_fully_replicated
+    assert wq.addressable_shards[0].data.shape == (2, 32, 2, 16)  # [L, D/fsdp, N/tensor, H]
+    np.testing.assert_allclose(losses8, losses1, rtol=2e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), params8, params1
+    )
+
+
+def test_grad_accumulation_matches_one_batch(single_device_run):
+    cfg, batches, (losses1, params1, _) = single_device_run
+    cfg2 = dataclasses.replace(cfg, grad_accum=4)
+    mesh = make_mesh(cfg2, devices=jax.devices()[:1])
+    losses2, params2, _ = _train(cfg2, mesh, batches)
+    np.testing.assert_allclose(losses2, losses1, rtol=2e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), params2, params1
+    )
