@@ -1,6 +1,7 @@
 """`tandem` console script: one entry point, each subcommand owned by its package.
 
-Subcommands are imported lazily so `tandem generate` does not pay for importing the
+Logging goes to stderr at INFO (TANDEM_LOG_LEVEL=WARNING quiets it). Subcommands are
+imported lazily so `tandem generate` does not pay for importing the
 trainer, and train/serve stay independent of each other.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 # subcommand -> ("module", "function"), each function is main(argv) -> exit code
@@ -37,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"tandem: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("TANDEM_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # jax logs its backend probing at INFO; Orbax (through absl) logs every file it touches
+    # and warns about optional metadata it does not find.
+    logging.getLogger("jax").setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)
     module, function, _ = COMMANDS[name]
     try:
         return int(getattr(importlib.import_module(module), function)(rest) or 0)

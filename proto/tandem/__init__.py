@@ -1,0 +1,1 @@
+"""tandem proto package (namespace for versioned APIs)."""

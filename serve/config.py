@@ -1,0 +1,82 @@
+"""ServeConfig: every knob of one serving replica, validated once, passed whole.
+
+Loadable like every tandem config (model.config.load_config: YAML/JSON file or dict plus
+`key=value` overrides); `tandem serve` maps its flags onto it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+MODES = ("continuous", "static")
+
+
+def _require(ok: bool, field: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}={value!r} is invalid: allowed {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """Limits and scheduling of one replica. 0 in a size field means "derive it"."""
+
+    max_slots: int = 8  # concurrent sequences = KV-cache slots
+    max_len: int = 0  # positions per slot (prompt + output); 0 = model max_seq_len
+    max_prompt_len: int = 0  # 0 = max_len - 1
+    min_prefill_bucket: int = 16  # prefill lengths are padded to powers of two from here
+    max_queue: int = 64  # waiting requests beyond this get RESOURCE_EXHAUSTED
+    max_logprobs: int = 5  # most alternatives a request may ask for (compiled in)
+    default_max_tokens: int = 256  # when a request leaves max_tokens at 0
+    tensor_parallel: int = 0  # devices per replica on the `tensor` axis; 0 = all that fit
+    cache_dtype: Literal["", "float32", "bfloat16"] = ""  # "" = the model's compute dtype
+    mode: Literal["continuous", "static"] = "continuous"  # static: benchmark baseline only
+    static_batch_wait_s: float = 0.05  # static mode: wait this long to fill a batch
+    max_prefills_per_step: int = 0  # continuous: prefills between two decode steps; 0 = any
+
+    def __post_init__(self) -> None:
+        _require(self.max_slots >= 1, "max_slots", self.max_slots, ">= 1")
+        _require(self.max_len >= 0, "max_len", self.max_len, ">= 0 (0 = model max_seq_len)")
+        _require(self.max_prompt_len >= 0, "max_prompt_len", self.max_prompt_len, ">= 0")
+        _require(
+            self.max_len == 0 or self.max_prompt_len < self.max_len,
+            "max_prompt_len",
+            self.max_prompt_len,
+            f"< max_len ({self.max_len})",
+        )
+        _require(
+            self.min_prefill_bucket >= 1, "min_prefill_bucket", self.min_prefill_bucket, ">= 1"
+        )
+        _require(self.max_queue >= 0, "max_queue", self.max_queue, ">= 0")
+        _require(0 <= self.max_logprobs <= 64, "max_logprobs", self.max_logprobs, "0..64")
+        _require(
+            self.default_max_tokens >= 1, "default_max_tokens", self.default_max_tokens, ">= 1"
+        )
+        _require(self.tensor_parallel >= 0, "tensor_parallel", self.tensor_parallel, ">= 0")
+        _require(
+            self.cache_dtype in ("", "float32", "bfloat16"),
+            "cache_dtype",
+            self.cache_dtype,
+            "'', 'float32', 'bfloat16'",
+        )
+        _require(self.mode in MODES, "mode", self.mode, str(MODES))
+        _require(
+            self.static_batch_wait_s >= 0, "static_batch_wait_s", self.static_batch_wait_s, ">= 0"
+        )
+        _require(
+            self.max_prefills_per_step >= 0,
+            "max_prefills_per_step",
+            self.max_prefills_per_step,
+            ">= 0",
+        )
+
+    def resolve(self, model_max_len: int) -> ServeConfig:
+        """Fills the derived sizes from the model's context length."""
+        max_len = self.max_len or model_max_len
+        _require(
+            max_len <= model_max_len, "max_len", max_len, f"<= model max_seq_len {model_max_len}"
+        )
+        _require(max_len >= 2, "max_len", max_len, ">= 2")
+        prompt = self.max_prompt_len or max_len - 1
+        _require(prompt < max_len, "max_prompt_len", prompt, f"< max_len ({max_len})")
+        return dataclasses.replace(self, max_len=max_len, max_prompt_len=prompt)

@@ -1,0 +1,179 @@
+"""Per-request sampling parameters and the on-device sampler every slot shares.
+
+`SamplingParams` is validated on the host (errors name the offending field, which the gRPC
+layer turns into INVALID_ARGUMENT). The device side sees only per-slot vectors
+(temperature, top_k, top_p, seed) so one compiled `sample` serves every mix of requests.
+
+Determinism: the random key for a token is derived from (request seed, the token's absolute
+position) and nothing else, so a seeded request gives the same tokens whatever else is in
+the batch and whichever slot it lands in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks tokens and when it stops.
+
+    temperature 0 means greedy; top_k 0 and top_p 1 disable those filters; seed None means
+    the orchestrator draws one (the output is then not reproducible).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int = 0
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            "max_tokens",
+            self.max_tokens,
+            "an integer >= 1",
+        )
+        _check(
+            _is_real(self.temperature) and self.temperature >= 0.0,
+            "temperature",
+            self.temperature,
+            "a finite number >= 0 (0 = greedy)",
+        )
+        _check(
+            isinstance(self.top_k, int) and self.top_k >= 0,
+            "top_k",
+            self.top_k,
+            "an integer >= 0 (0 = disabled)",
+        )
+        _check(
+            _is_real(self.top_p) and 0.0 < self.top_p <= 1.0,
+            "top_p",
+            self.top_p,
+            "a number in (0, 1]",
+        )
+        _check(
+            self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64),
+            "seed",
+            self.seed,
+            "None or a 64-bit integer",
+        )
+        _check(
+            isinstance(self.logprobs, int) and self.logprobs >= 0,
+            "logprobs",
+            self.logprobs,
+            "an integer >= 0",
+        )
+        for s in self.stop:
+            _check(isinstance(s, str) and len(s) > 0, "stop", s, "non-empty strings")
+        for t in self.stop_token_ids:
+            _check(isinstance(t, int) and t >= 0, "stop_token_ids", t, "integers >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def check_limits(self, *, vocab_size: int, max_logprobs: int) -> None:
+        """Checks the fields whose bounds depend on the served model."""
+        _check(self.top_k <= vocab_size, "top_k", self.top_k, f"<= vocab_size ({vocab_size})")
+        _check(
+            self.logprobs <= max_logprobs,
+            "logprobs",
+            self.logprobs,
+            f"<= {max_logprobs} (the server's max_logprobs)",
+        )
+        for t in self.stop_token_ids:
+            _check(t < vocab_size, "stop_token_ids", t, f"ids < vocab_size ({vocab_size})")
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check(ok: bool, field: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}={value!r} is invalid: must be {allowed}")
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """A 64-bit seed (signed or unsigned) as two uint32 words (hi, lo) for the device."""
+    u = seed & 0xFFFFFFFFFFFFFFFF
+    return (u >> 32) & 0xFFFFFFFF, u & 0xFFFFFFFF
+
+
+def token_key(seed_words: jax.Array, position: jax.Array) -> jax.Array:
+    """PRNG key of the token at `position` of a request whose seed is `seed_words` (hi, lo).
+
+    seed_words: [2] uint32; position: [] int32. A pure function of its inputs: this is what
+    makes seeded sampling independent of batch composition and slot index.
+    """
+    key = jax.random.key(0)
+    key = jax.random.fold_in(key, seed_words[0])
+    key = jax.random.fold_in(key, seed_words[1])
+    return jax.random.fold_in(key, position)
+
+
+def sample(
+    logits: jax.Array,  # [B, V] float32
+    temperature: jax.Array,  # [B] float32, 0 = greedy
+    top_k: jax.Array,  # [B] int32, 0 = disabled
+    top_p: jax.Array,  # [B] float32, 1 = disabled
+    seed_words: jax.Array,  # [B, 2] uint32
+    positions: jax.Array,  # [B] int32, absolute position of the token being sampled
+) -> jax.Array:  # [B] int32
+    """Samples one token per slot with that slot's own parameters (jit-friendly, fixed shapes).
+
+    Filters apply in vLLM's order: temperature, then top-k, then top-p over what top-k kept.
+    """
+    logits = logits.astype(jnp.float32)
+    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+
+    def sampled() -> jax.Array:  # [B] int32
+        vocab = logits.shape[-1]
+        safe_t = jnp.where(temperature > 0, temperature, 1.0)
+        scaled = logits / safe_t[:, None]  # [B, V]
+        order = jnp.argsort(-scaled, axis=-1)  # [B, V] token ids, most likely first
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)  # [B, V]
+        ranks = jnp.arange(vocab)[None, :]  # [1, V]
+        k = jnp.where(top_k > 0, top_k, vocab)  # [B]
+        keep = ranks < k[:, None]  # [B, V]
+        probs = jax.nn.softmax(jnp.where(keep, sorted_logits, _NEG_INF), axis=-1)  # [B, V]
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, V] mass of better tokens
+        keep = keep & (mass_before < top_p[:, None])  # the top token always survives
+        masked = jnp.where(keep, sorted_logits, _NEG_INF)  # [B, V]
+        keys = jax.vmap(token_key)(seed_words, positions)  # [B] keys
+        choice = jax.vmap(jax.random.categorical)(keys, masked)  # [B] rank picked
+        tokens = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(temperature > 0, tokens, greedy_tokens)
+
+    # An all-greedy batch (the common serving case) skips the full-vocabulary sort.
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy_tokens)
+
+
+def logprobs_of(
+    logits: jax.Array,  # [B, V] float32
+    tokens: jax.Array,  # [B] int32
+    top_n: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities under the model's raw distribution (before temperature/filters).
+
+    Returns (chosen [B] f32, top ids [B, top_n] int32, top logprobs [B, top_n] f32).
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, V]
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]  # [B]
+    if top_n == 0:
+        empty_i = jnp.zeros((logits.shape[0], 0), jnp.int32)
+        return chosen, empty_i, jnp.zeros((logits.shape[0], 0), jnp.float32)
+    top_lp, top_ids = jax.lax.top_k(logp, top_n)  # [B, top_n]
+    return chosen, top_ids.astype(jnp.int32), top_lp

@@ -1,0 +1,506 @@
+"""The gRPC API layer (grpc.aio): translates tandem.v1 messages to orchestrator calls.
+
+It owns no scheduling: it validates and converts requests, streams `Output`s back, maps
+errors to status codes, and runs the standard health service (NOT_SERVING until the engine
+has compiled everything, then SERVING under "" and "tandem.v1.Generation") and server
+reflection (so grpcurl works without the .proto).
+
+Status codes: INVALID_ARGUMENT (bad field; the message names it, including unknown fields
+and undecodable requests), RESOURCE_EXHAUSTED (queue full), DEADLINE_EXCEEDED, CANCELLED,
+UNAVAILABLE (warming up or shutting down), UNAUTHENTICATED (bearer token, when enabled).
+A client that hangs up has its request cancelled and its slot freed within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import message as pb_message
+from google.protobuf import unknown_fields
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from proto.tandem.v1 import generate_pb2 as pb
+from serve.config import ServeConfig
+from serve.engine_api import Engine
+from serve.metrics import ServeMetrics
+from serve.orchestrator import Orchestrator, Output, RequestError
+from serve.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+SERVICE = "tandem.v1.Generation"
+_HEALTH_NAMES = ("", SERVICE)
+
+
+class _BadRequest(Exception):
+    """Raised while converting a request; becomes INVALID_ARGUMENT."""
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse (e.g. invalid UTF-8 in `prompt`)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _safe_deserializer(cls: type[pb_message.Message]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except pb_message.DecodeError as e:
+            return _Undecodable(str(e))
+
+    return parse
+
+
+def _serialize(msg: pb_message.Message) -> bytes:
+    return msg.SerializeToString()
+
+
+def _check_message(msg: Any) -> None:
+    if isinstance(msg, _Undecodable):
+        raise _BadRequest(f"request could not be decoded: {msg.error}")
+    unknown = [f.field_number for f in unknown_fields.UnknownFieldSet(msg)]
+    if unknown:
+        raise _BadRequest(
+            f"unknown field numbers {sorted(set(unknown))} in {type(msg).DESCRIPTOR.full_name}: "
+            "the client speaks a different tandem.v1 revision"
+        )
+
+
+def _to_response(out: Output, request_id: str) -> pb.GenerateResponse:
+    resp = pb.GenerateResponse(
+        text=out.text,
+        token_ids=out.token_ids,
+        finish_reason=out.finish_reason,
+        matched_stop=out.matched_stop,
+        request_id=request_id,
+    )
+    for st in out.logprobs:
+        resp.logprobs.append(
+            pb.TokenLogprob(
+                token_id=st.token,
+                logprob=st.logprob,
+                top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in st.top],
+            )
+        )
+    if out.final:
+        resp.usage.prompt_tokens = out.prompt_tokens
+        resp.usage.completion_tokens = out.completion_tokens
+    return resp
+
+
+def _merge(outs: Sequence[Output]) -> Output:
+    """Coalesces consecutive outputs (a slow reader gets fewer, larger messages)."""
+    if len(outs) == 1:
+        return outs[0]
+    merged = Output()
+    for o in outs:
+        merged.text += o.text
+        merged.token_ids += o.token_ids
+        merged.logprobs += o.logprobs
+    last = outs[-1]
+    merged.finish_reason, merged.matched_stop = last.finish_reason, last.matched_stop
+    merged.prompt_tokens, merged.completion_tokens = last.prompt_tokens, last.completion_tokens
+    return merged
+
+
+class GenerationService:
+    """Handlers of tandem.v1.Generation over one orchestrator."""
+
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        engine: Engine,
+        metrics: ServeMetrics | None,
+        ready: threading.Event,
+    ) -> None:
+        self.orch = orchestrator
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.metrics = metrics
+        self.ready = ready
+        self._pending: list[tuple[asyncio.Queue, Output]] = []
+        self._pending_lock = threading.Lock()
+        self._drain_scheduled = False
+
+    # ---- loop-thread -> event-loop handoff -----------------------------------------------
+
+    def _handoff(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, out: Output) -> None:
+        """Called on the orchestrator thread. Outputs of one decode step for many streams
+        cross to the event loop with ONE wake-up (not one per stream): they are parked in
+        a list that a single scheduled callback drains."""
+        with self._pending_lock:
+            self._pending.append((queue, out))
+            if self._drain_scheduled:
+                return
+            self._drain_scheduled = True
+        loop.call_soon_threadsafe(self._drain_pending)
+
+    def _drain_pending(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+            self._drain_scheduled = False
+        for queue, out in pending:
+            queue.put_nowait(out)
+
+    # ---- conversion -----------------------------------------------------------------
+
+    async def _parse(self, req: Any) -> tuple[list[int], SamplingParams]:
+        _check_message(req)
+        if req.prompt and req.prompt_token_ids:
+            raise _BadRequest("prompt is invalid: set prompt or prompt_token_ids, not both")
+        if req.prompt_token_ids:
+            prompt_ids = list(req.prompt_token_ids)
+        elif req.prompt:
+            if len(req.prompt) > 64 * self.engine.max_prompt_len + 1024:
+                raise _BadRequest(
+                    f"prompt is invalid: {len(req.prompt)} characters cannot fit in "
+                    f"max_prompt_len {self.engine.max_prompt_len} tokens"
+                )
+            loop = asyncio.get_running_loop()
+            prompt_ids = await loop.run_in_executor(None, self.tokenizer.encode, req.prompt)
+        else:
+            raise _BadRequest("prompt is invalid: it is empty (set prompt or prompt_token_ids)")
+        if req.max_tokens < 0:
+            raise _BadRequest(f"max_tokens={req.max_tokens} is invalid: must be >= 0")
+        if req.logprobs < 0:
+            raise _BadRequest(f"logprobs={req.logprobs} is invalid: must be >= 0")
+        if not math.isfinite(req.temperature):
+            raise _BadRequest(f"temperature={req.temperature} is invalid: must be finite")
+        fields: dict[str, Any] = {
+            "max_tokens": req.max_tokens,
+            "temperature": float(req.temperature),
+            "top_k": req.top_k,
+            "top_p": float(req.top_p) if req.HasField("top_p") else 1.0,
+            "seed": req.seed if req.HasField("seed") else None,
+            "stop": tuple(req.stop),
+            "stop_token_ids": tuple(req.stop_token_ids),
+            "logprobs": req.logprobs,
+            "ignore_eos": req.ignore_eos,
+        }
+        try:
+            params = self.orch.default_params(len(prompt_ids), **fields)
+            self.orch.validate(prompt_ids, params)
+        except ValueError as e:
+            raise _BadRequest(str(e)) from e
+        return prompt_ids, params
+
+    async def _reject(self, context: grpc.aio.ServicerContext, code: str, msg: str) -> None:
+        if self.metrics:
+            self.metrics.count_request(code)
+        await context.abort(grpc.StatusCode[code], msg)
+
+    async def _start(self, req: Any, context: grpc.aio.ServicerContext):
+        if not self.ready.is_set():
+            await self._reject(context, "UNAVAILABLE", "model is warming up; retry shortly")
+        try:
+            prompt_ids, params = await self._parse(req)
+        except _BadRequest as e:
+            await self._reject(context, "INVALID_ARGUMENT", str(e))
+        queue: asyncio.Queue[Output] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def sink(out: Output) -> None:
+            self._handoff(loop, queue, out)
+
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        try:
+            handle = self.orch.submit(prompt_ids, params, sink, deadline=deadline)
+        except ValueError as e:
+            await self._reject(context, "INVALID_ARGUMENT", str(e))
+        except RequestError as e:
+            await self._reject(context, e.code, e.message)
+        return handle, queue
+
+    # ---- RPCs -----------------------------------------------------------------------
+
+    async def generate(self, req: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        handle, queue = await self._start(req, context)
+        finished = False
+        try:
+            while not finished:
+                outs = [await queue.get()]
+                while not outs[-1].final and not queue.empty():
+                    outs.append(queue.get_nowait())
+                err = outs[-1].error
+                if err is not None:
+                    outs.pop()  # what was decoded before the error is still delivered
+                if outs:
+                    out = _merge(outs)
+                    finished = out.final
+                    yield _to_response(out, req.request_id)
+                if err is not None:
+                    finished = True
+                    await context.abort(grpc.StatusCode[err.code], err.message)
+        finally:
+            if not finished:
+                handle.cancel()
+
+    async def generate_unary(self, req: Any, context: grpc.aio.ServicerContext) -> Any:
+        handle, queue = await self._start(req, context)
+        outs: list[Output] = []
+        try:
+            while not outs or not outs[-1].final:
+                outs.append(await queue.get())
+        finally:
+            if not outs or not outs[-1].final:
+                handle.cancel()
+        if outs[-1].error is not None:
+            await context.abort(grpc.StatusCode[outs[-1].error.code], outs[-1].error.message)
+        return _to_response(_merge(outs), req.request_id)
+
+    async def tokenize(self, req: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            _check_message(req)
+        except _BadRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        ids = self.tokenizer.encode(req.text, add_bos=req.add_bos)
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def model_info(self, req: Any, context: grpc.aio.ServicerContext) -> Any:
+        info = self.engine.info()
+        tok = self.tokenizer
+        return pb.ModelInfoResponse(
+            config_json=json.dumps(info.get("config", {}), sort_keys=True),
+            vocab_size=tok.vocab_size,
+            max_slots=self.engine.max_slots,
+            max_len=self.engine.max_len,
+            max_prompt_len=self.engine.max_prompt_len,
+            max_logprobs=self.engine.max_logprobs,
+            eos_id=tok.eos_id,
+            bos_id=tok.bos_id,
+            manifest_json=json.dumps(info["manifest"], sort_keys=True)
+            if info.get("manifest")
+            else "",
+            tensor_parallel=int(info.get("tensor_parallel", 1)),
+            backend=str(info.get("backend", "")),
+            prefill_buckets=list(self.engine.prefill_buckets()),
+        )
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        methods = {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.generate, _safe_deserializer(pb.GenerateRequest), _serialize
+            ),
+            "GenerateUnary": grpc.unary_unary_rpc_method_handler(
+                self.generate_unary, _safe_deserializer(pb.GenerateRequest), _serialize
+            ),
+            "Tokenize": grpc.unary_unary_rpc_method_handler(
+                self.tokenize, _safe_deserializer(pb.TokenizeRequest), _serialize
+            ),
+            "ModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.model_info, _safe_deserializer(pb.ModelInfoRequest), _serialize
+            ),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects calls without `authorization: Bearer <token>` (health checks are exempt, so
+    load balancers can probe without the secret)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}"
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if details.method.startswith("/grpc.health.v1.Health/") or handler is None:
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        if metadata.get("authorization") == self._expected:
+            return handler
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        if handler.response_streaming:
+
+            async def deny_stream(request, context):
+                await deny(request, context)
+                yield  # pragma: no cover  (makes this an async generator)
+
+            return grpc.unary_stream_rpc_method_handler(
+                deny_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            deny, handler.request_deserializer, handler.response_serializer
+        )
+
+
+class TandemServer:
+    """One replica: engine + orchestrator + gRPC server + health + metrics."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        cfg: ServeConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 50051,
+        metrics_port: int | None = None,
+        token: str | None = None,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+        detokenizer_factory: Callable[[Any], Any] | None = None,
+    ) -> None:
+        cfg = cfg or ServeConfig()
+        self.engine = engine
+        self.cfg = cfg
+        self.host, self.port = host, port
+        self.metrics_port = metrics_port
+        self.metrics = ServeMetrics()
+        self.orch = Orchestrator(
+            engine,
+            max_queue=cfg.max_queue,
+            default_max_tokens=cfg.default_max_tokens,
+            mode=cfg.mode,
+            static_batch_wait_s=cfg.static_batch_wait_s,
+            max_prefills_per_step=cfg.max_prefills_per_step,
+            metrics=self.metrics,
+            detokenizer_factory=detokenizer_factory,
+        )
+        self.ready = threading.Event()
+        self.service = GenerationService(self.orch, engine, self.metrics, self.ready)
+        self.health = health_aio.HealthServicer()
+        self._token = token
+        self._tls = (tls_cert, tls_key) if tls_cert is not None else None
+        self._server: grpc.aio.Server | None = None
+        self.bound_port: int | None = None
+        self.bound_metrics_port: int | None = None
+        self._warmup_task: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        """Binds and starts answering (NOT_SERVING); warm-up runs in the background."""
+        interceptors = [BearerTokenInterceptor(self._token)] if self._token else []
+        server = grpc.aio.server(interceptors=interceptors)
+        server.add_generic_rpc_handlers((self.service.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )  # fmt: skip
+        address = f"{self.host}:{self.port}"
+        if self._tls:
+            creds = grpc.ssl_server_credentials([(self._tls[1], self._tls[0])])
+            self.bound_port = server.add_secure_port(address, creds)
+        else:
+            self.bound_port = server.add_insecure_port(address)
+        if not self.bound_port:
+            raise OSError(f"could not bind {address}")
+        for name in _HEALTH_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        if self.metrics_port is not None:
+            self.bound_metrics_port = self.metrics.serve_http(self.metrics_port, self.host)
+        self._warmup_task = asyncio.create_task(self._warmup())
+        log.info("gRPC on %s:%d (warming up)", self.host, self.bound_port)
+        return self.bound_port
+
+    async def _warmup(self) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        await loop.run_in_executor(None, self.engine.warmup)
+        self.orch.start()
+        self.ready.set()
+        for name in _HEALTH_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("warm-up done in %.1f s: SERVING", time.perf_counter() - t0)
+
+    async def wait_ready(self) -> None:
+        assert self._warmup_task is not None, "start() first"
+        await self._warmup_task
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Graceful: NOT_SERVING, no new requests, in-flight streams finish (up to grace)."""
+        if self._server is None:
+            return
+        for name in _HEALTH_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._warmup_task is not None and not self._warmup_task.done():
+            with contextlib.suppress(BaseException):
+                await self._warmup_task
+        loop = asyncio.get_running_loop()
+        drained = loop.run_in_executor(None, lambda: self.orch.stop(drain=True, timeout=grace))
+        await self._server.stop(grace)
+        await drained
+        self.metrics.close()
+        self._server = None
+        log.info("server stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve_until_signal(server: TandemServer, grace: float = 30.0) -> None:
+    """Runs until SIGTERM/SIGINT, then drains (what `tandem serve` does)."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await server.start()
+    waiter = asyncio.create_task(stop_requested.wait())
+    warmup = server._warmup_task
+    assert warmup is not None
+    await asyncio.wait({waiter, warmup}, return_when=asyncio.FIRST_COMPLETED)
+    if warmup.done() and warmup.exception() is not None:
+        waiter.cancel()
+        await server.stop(0)
+        raise RuntimeError("engine warm-up failed") from warmup.exception()
+    await waiter
+    log.info("signal received: draining (grace %.0f s)", grace)
+    await server.stop(grace)
+
+
+class BackgroundServer:
+    """A TandemServer on its own event-loop thread (tests, benchmarks, notebooks)."""
+
+    def __init__(self, server: TandemServer) -> None:
+        self.server = server
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self, *, wait_ready: bool = True, timeout: float = 600.0) -> BackgroundServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout)
+        if wait_ready:
+            asyncio.run_coroutine_threadsafe(self.server.wait_ready(), self._loop).result(timeout)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server.bound_port is not None
+        return self.server.bound_port
+
+    @property
+    def target(self) -> str:
+        return f"{self.server.host}:{self.port}"
+
+    def stop(self, grace: float = 5.0) -> None:
+        if not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(grace + 60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start() if not self._thread.is_alive() else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,256 @@
+"""Orchestrator behaviour on the fake engine, stepped by hand so every claim is exact."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from serve.fake_engine import FakeEngine
+from serve.orchestrator import Orchestrator, Output, RequestError
+from serve.sampling import SamplingParams
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.outputs: list[Output] = []
+        self.done = threading.Event()
+
+    def __call__(self, out: Output) -> None:
+        self.outputs.append(out)
+        if out.final:
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(o.text for o in self.outputs)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for o in self.outputs for t in o.token_ids]
+
+    @property
+    def last(self) -> Output:
+        return self.outputs[-1]
+
+
+def _orch(tokenizer, **kw) -> tuple[Orchestrator, FakeEngine]:
+    engine_kw = {k: kw.pop(k) for k in ("max_slots", "max_len", "max_prompt_len") if k in kw}
+    engine = FakeEngine(tokenizer, **engine_kw)
+    return Orchestrator(engine, **kw), engine
+
+
+def _submit(orch, tokenizer, text: str, **params) -> tuple[Collector, object]:
+    sink = Collector()
+    params.setdefault("max_tokens", 64)
+    handle = orch.submit(tokenizer.encode(text), SamplingParams(**params), sink)
+    return sink, handle
+
+
+def _drain(orch, limit: int = 1000) -> None:
+    for _ in range(limit):
+        if not orch.step():
+            return
+    raise AssertionError("orchestrator did not go idle")
+
+
+def test_echo_generation_and_usage(tokenizer) -> None:
+    orch, _ = _orch(tokenizer)
+    sink, _ = _submit(orch, tokenizer, "héllo")
+    _drain(orch)
+    assert sink.text == "héllo"
+    assert sink.last.finish_reason == "stop" and sink.last.matched_stop == str(tokenizer.eos_id)
+    assert sink.tokens[-1] == tokenizer.eos_id
+    assert sink.last.prompt_tokens == len(tokenizer.encode("héllo"))
+    assert sink.last.completion_tokens == len(sink.tokens)
+    assert orch.active_slots == 0
+
+
+def test_max_tokens_finishes_with_length(tokenizer) -> None:
+    orch, _ = _orch(tokenizer)
+    sink, _ = _submit(orch, tokenizer, "abcdef", max_tokens=3)
+    _drain(orch)
+    assert (sink.text, sink.last.finish_reason, sink.last.completion_tokens) == ("abc", "length", 3)
+
+
+def test_max_tokens_one_finishes_at_prefill(tokenizer) -> None:
+    orch, engine = _orch(tokenizer)
+    sink, _ = _submit(orch, tokenizer, "abc", max_tokens=1)
+    _drain(orch)
+    assert sink.tokens == [ord("a")] and engine.generate_calls == 0 and orch.active_slots == 0
+
+
+def test_stop_string_across_tokens_not_emitted(tokenizer) -> None:
+    orch, _ = _orch(tokenizer)
+    sink, _ = _submit(orch, tokenizer, "one two STOP three", stop=("STOP",))
+    _drain(orch)
+    assert sink.text == "one two "
+    assert all("S" not in o.text for o in sink.outputs)
+    assert sink.last.matched_stop == "STOP"
+
+
+def test_stop_token_ids_and_ignore_eos(tokenizer) -> None:
+    orch, _ = _orch(tokenizer)
+    a, _ = _submit(orch, tokenizer, "abcd", stop_token_ids=(ord("c"),))
+    b, _ = _submit(orch, tokenizer, "ab", ignore_eos=True, max_tokens=5)
+    _drain(orch)
+    assert a.text == "ab" and a.tokens[-1] == ord("c") and a.last.matched_stop == str(ord("c"))
+    assert b.last.finish_reason == "length" and tokenizer.eos_id in b.tokens
+
+
+def test_utf8_split_characters_stream_whole(tokenizer) -> None:
+    orch, _ = _orch(tokenizer)
+    sink, _ = _submit(orch, tokenizer, "日本語 🎉 ok")
+    _drain(orch)
+    assert sink.text == "日本語 🎉 ok"
+    assert all("\ufffd" not in o.text for o in sink.outputs)
+    assert sum(1 for o in sink.outputs if o.text == "") >= 6  # bytes held until complete
+
+
+def test_continuous_batching_admits_between_steps(tokenizer) -> None:
+    orch, engine = _orch(tokenizer, max_slots=2)
+    long, _ = _submit(orch, tokenizer, "a" * 40)
+    short, _ = _submit(orch, tokenizer, "b" * 3)
+    queued, _ = _submit(orch, tokenizer, "c" * 4)
+    orch.step()
+    assert orch.active_slots == 2 and orch.queue_depth == 1  # both slots busy, one waits
+    for _ in range(3):
+        orch.step()
+    assert short.last.finish_reason == "stop"
+    assert queued.outputs and not long.last.final  # admitted into the freed slot mid-run
+    late, _ = _submit(orch, tokenizer, "d")  # arrives while `long` still decodes
+    for _ in range(4):
+        orch.step()
+    assert queued.text == "cccc"
+    assert late.text == "d" and not long.last.final
+    _drain(orch)
+    assert long.text == "a" * 40
+    assert max(engine.active_history) == 2
+
+
+def test_finished_slot_refilled_while_others_run(tokenizer) -> None:
+    orch, engine = _orch(tokenizer, max_slots=2)
+    long, _ = _submit(orch, tokenizer, "L" * 30)
+    shorts = [_submit(orch, tokenizer, "s" * 3)[0] for _ in range(5)]
+    _drain(orch)
+    assert long.text == "L" * 30 and all(s.text == "sss" for s in shorts)
+    # all five short requests ran while the long one occupied the other slot
+    assert engine.generate_calls <= 31
+    assert engine.active_history[:15] == [2] * 15  # 5 x 3 decode steps, never idle
+
+
+def test_cancel_running_frees_slot_within_one_step(tokenizer) -> None:
+    orch, _ = _orch(tokenizer, max_slots=1)
+    sink, handle = _submit(orch, tokenizer, "x" * 50)
+    waiting, _ = _submit(orch, tokenizer, "ok")
+    for _ in range(3):
+        orch.step()
+    assert orch.active_slots == 1 and orch.queue_depth == 1
+    handle.cancel()
+    orch.step()  # the very next step retires it and admits the waiting request
+    assert sink.last.error is not None and sink.last.error.code == "CANCELLED"
+    assert orch.queue_depth == 0 and orch.active_slots == 1
+    _drain(orch)
+    assert waiting.text == "ok" and orch.active_slots == 0
+    assert not orch._state.active.any()
+
+
+def test_cancel_queued_request(tokenizer) -> None:
+    orch, engine = _orch(tokenizer, max_slots=1)
+    _submit(orch, tokenizer, "x" * 10)
+    sink, handle = _submit(orch, tokenizer, "never")
+    handle.cancel()
+    orch.step()
+    assert sink.last.error.code == "CANCELLED" and orch.queue_depth == 0
+    assert engine.prefill_calls == 1
+
+
+def test_deadline_running_and_queued(tokenizer) -> None:
+    now = [100.0]
+    orch, _ = _orch(tokenizer, max_slots=1, clock=lambda: now[0])
+    run = Collector()
+    orch.submit(tokenizer.encode("y" * 30), SamplingParams(max_tokens=40), run, deadline=101.0)
+    queued = Collector()
+    orch.submit(tokenizer.encode("q"), SamplingParams(max_tokens=4), queued, deadline=100.5)
+    orch.step()
+    now[0] = 100.6
+    orch.step()
+    assert queued.last.error.code == "DEADLINE_EXCEEDED"
+    assert run.last.error is None
+    now[0] = 101.0
+    orch.step()
+    assert run.last.error.code == "DEADLINE_EXCEEDED" and orch.active_slots == 0
+
+
+def test_queue_overflow_is_resource_exhausted(tokenizer) -> None:
+    orch, _ = _orch(tokenizer, max_slots=1, max_queue=2)
+    for _ in range(2):
+        _submit(orch, tokenizer, "a")
+    with pytest.raises(RequestError) as err:
+        _submit(orch, tokenizer, "a")
+    assert err.value.code == "RESOURCE_EXHAUSTED"
+
+
+def test_prompt_limits_rejected_not_truncated(tokenizer) -> None:
+    orch, _ = _orch(tokenizer, max_prompt_len=8, max_len=16)
+    with pytest.raises(ValueError, match="prompt"):
+        _submit(orch, tokenizer, "x" * 8)  # 9 tokens with BOS
+    with pytest.raises(ValueError, match="max_tokens"):
+        _submit(orch, tokenizer, "x", max_tokens=15)  # 2 + 15 > 16
+    with pytest.raises(ValueError, match="prompt"):
+        orch.submit([], SamplingParams(), Collector())
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        orch.submit([tokenizer.vocab_size], SamplingParams(), Collector())
+
+
+def test_static_mode_waits_for_full_batch(tokenizer) -> None:
+    now = [0.0]
+    orch, engine = _orch(
+        tokenizer, max_slots=2, mode="static", static_batch_wait_s=1.0, clock=lambda: now[0]
+    )
+    _submit(orch, tokenizer, "a" * 10)
+    assert not orch.step() and engine.prefill_calls == 0  # batch not full, not timed out
+    b, _ = _submit(orch, tokenizer, "b")
+    c, _ = _submit(orch, tokenizer, "c")
+    orch.step()
+    assert engine.prefill_calls == 2
+    for _ in range(5):
+        orch.step()
+    assert b.last.final and not c.outputs  # c waits although a slot is free
+    _drain(orch)
+    assert not c.outputs  # a lone request waits for the batch timeout
+    now[0] = 5.0
+    _drain(orch)
+    assert c.text == "c"
+
+
+def test_threaded_loop_and_drain(tokenizer) -> None:
+    engine = FakeEngine(tokenizer, max_slots=2, step_delay=0.001)
+    orch = Orchestrator(engine)
+    orch.start()
+    sinks = [Collector() for _ in range(6)]
+    for i, s in enumerate(sinks):
+        orch.submit(tokenizer.encode(f"req{i}"), SamplingParams(max_tokens=32), s)
+    orch.stop(drain=True, timeout=10)
+    assert [s.text for s in sinks] == [f"req{i}" for i in range(6)]
+    with pytest.raises(RequestError) as err:
+        orch.submit(tokenizer.encode("late"), SamplingParams(), Collector())
+    assert err.value.code == "UNAVAILABLE"
+
+
+def test_engine_failure_fails_running_requests(tokenizer) -> None:
+    engine = FakeEngine(tokenizer, max_slots=2)
+    orch = Orchestrator(engine)
+    sink, _ = _submit(orch, tokenizer, "abc")
+    orch.step()
+
+    def boom(state):
+        raise RuntimeError("device lost")
+
+    engine.generate = boom
+    orch.start()
+    assert sink.done.wait(5)
+    assert sink.last.error.code == "INTERNAL" and orch.active_slots == 0
+    orch.stop(drain=False)
+    time.sleep(0)

