@@ -21,15 +21,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from model.bundle import Bundle
 from serve.client import TandemClient
 
-MODEL = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-         "model.n_kv_heads=2", "model.head_dim=16", "model.d_ff=128"]
+MODEL = [
+    "model.vocab_size=512",
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.head_dim=16",
+    "model.d_ff=128",
+]
 PROMPTS = ["def main(", "import os\n", "class Parser:\n    def __init__(self"]
 NEW_TOKENS = 12
 
 
 def tandem(*args, timeout=600):
-    result = subprocess.run([sys.executable, "-m", "tandem_cli", *args], capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem_cli", *args], capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -46,8 +54,9 @@ def wait_serving(port: int, server: subprocess.Popen, limit: float = 300) -> Non
     while time.monotonic() < deadline:
         assert server.poll() is None, server.stderr.read()[-3000:]
         try:
-            status = stub.Check(health_pb2.HealthCheckRequest(service="tandem.v1.Generation"),
-                                timeout=2).status
+            status = stub.Check(
+                health_pb2.HealthCheckRequest(service="tandem.v1.Generation"), timeout=2
+            ).status
             if status == health_pb2.HealthCheckResponse.SERVING:
                 return
         except grpc.RpcError:
@@ -70,26 +79,60 @@ def greedy(bundle: Bundle, prompt: str, steps: int) -> list[int]:
 @pytest.mark.slow
 def test_train_export_serve_streams_the_models_greedy_tokens(tmp_path):
     run_dir, bundle_dir = tmp_path / "run", tmp_path / "bundle"
-    tandem("train", "tiny", f"run_dir={run_dir}", "steps=8", "checkpoint_every=4",
-           "seq_len=64", "batch_size=8", "eval_every=0", "progress=false",
-           "tensorboard=false", "compile_cache_dir=''", *MODEL)
-    tandem("export", "--checkpoint", str(run_dir), "--out", str(bundle_dir), "--dtype",
-           "float32", "--eval-batches", "1")
+    tandem(
+        "train",
+        "tiny",
+        f"run_dir={run_dir}",
+        "steps=8",
+        "checkpoint_every=4",
+        "seq_len=64",
+        "batch_size=8",
+        "eval_every=0",
+        "progress=false",
+        "tensorboard=false",
+        "compile_cache_dir=''",
+        *MODEL,
+    )
+    tandem(
+        "export",
+        "--checkpoint",
+        str(run_dir),
+        "--out",
+        str(bundle_dir),
+        "--dtype",
+        "float32",
+        "--eval-batches",
+        "1",
+    )
     bundle = Bundle.load(bundle_dir)
     assert bundle.manifest["source"]["step"] == 8
 
     port = free_port()
     env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user would run it
     server = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--bundle", str(bundle_dir), "--port", str(port),
-         "--max-slots", "4"], stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "serve",
+            "--bundle",
+            str(bundle_dir),
+            "--port",
+            str(port),
+            "--max-slots",
+            "4",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         wait_serving(port, server)
         client = TandemClient(f"127.0.0.1:{port}", timeout=120)
 
         def stream(prompt):
-            chunks = list(client.generate(prompt, max_tokens=NEW_TOKENS, temperature=0.0,
-                                          ignore_eos=True))
+            chunks = list(
+                client.generate(prompt, max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+            )
             tokens = [t for c in chunks for t in c.token_ids]
             return tokens, "".join(c.text for c in chunks), chunks[-1].finish_reason
 
