@@ -179,10 +179,14 @@ def restore_params(ckpt: Checkpoint, model_cfg: ModelConfig) -> Iterator[tuple[s
 
 
 def _serving_config(model_cfg: ModelConfig, dtype: str, quantize: str) -> ModelConfig:
+    """`dtype` is how the weights are stored. Compute stays as wide as training computed
+    (a float32-trained model keeps float32 activations over bf16 weights, which is also
+    what CPUs run fastest), and float32 weights always compute in float32."""
     impl = "auto" if model_cfg.attention_impl == "pallas_interpret" else model_cfg.attention_impl
+    compute = "float32" if "float32" in (dtype, model_cfg.dtype) else "bfloat16"
     return dataclasses.replace(
         model_cfg,
-        dtype=dtype,
+        dtype=compute,
         param_dtype=dtype,
         quantization=quantize,
         remat="none",
