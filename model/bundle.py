@@ -64,7 +64,7 @@ def expected_params(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat tensor name (`layers.wq`) -> shape and dtype: the bundle's contract with the model."""
     _, abstract = abstract_model(cfg)
     return {
-        _name(path): jax.ShapeDtypeStruct(var.value.shape, var.value.dtype)
+        _name(path): jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype)
         for path, var in nnx.to_flat_state(abstract)
     }
 
@@ -76,7 +76,7 @@ def _name(path: tuple) -> str:
 def flat_params(params: nnx.State) -> Iterator[tuple[str, jax.Array]]:
     """(name, array) for every param of a model state, in a stable order."""
     for path, var in nnx.to_flat_state(params):
-        yield _name(path), var.value
+        yield _name(path), var.get_value()
 
 
 def _sha256(path: Path) -> str:
@@ -292,7 +292,7 @@ class Bundle:
                 raise BundleError(f"{self.path}: unexpected tensor {name!r}")
             path = expected[name]
             sharding = flat_shardings.get(path)
-            values[path] = jax.device_put(array, None if sharding is None else sharding.value)
+            values[path] = jax.device_put(array, None if sharding is None else sharding.get_value())
         missing = sorted(set(expected) - {_name(p) for p in values})
         if missing:
             raise BundleError(f"{self.path}: missing tensors {missing}")

@@ -91,8 +91,8 @@ def param_partition_specs(params: nnx.State, mesh: Mesh | None = None) -> nnx.St
     """A tree like `params` holding each param's PartitionSpec (from its logical names)."""
 
     def spec(variable: nnx.Variable) -> nnx.Variable:
-        axes = variable.get_metadata().get("out_sharding") or (None,) * variable.value.ndim
-        return variable.replace(logical_to_spec(axes, variable.value.shape, mesh))
+        axes = variable.get_metadata().get("out_sharding") or (None,) * variable.get_value().ndim
+        return variable.replace(logical_to_spec(axes, variable.get_value().shape, mesh))
 
     return jax.tree.map(spec, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

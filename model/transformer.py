@@ -152,13 +152,17 @@ class Layers(nnx.Module):
             for name in MATRICES:
                 weight = getattr(self, name)
                 scale = _scale(
-                    f"layers.{name}", weight.value.shape, weight.get_metadata()["out_sharding"]
+                    f"layers.{name}",
+                    weight.get_value().shape,
+                    weight.get_metadata()["out_sharding"],
                 )
                 setattr(self, name + SCALE_SUFFIX, scale)
 
     def stacked(self) -> dict[str, jax.Array]:
         """The raw stacked arrays (scales included when quantized): the layer scan's `xs`."""
-        return {name: var.value for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+        return {
+            name: var.get_value() for name, var in vars(self).items() if isinstance(var, nnx.Param)
+        }
 
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -255,24 +259,26 @@ class Transformer(nnx.Module):
     def _embed(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
         # A gather from a vocab-sharded table makes XLA rematerialize it implicitly (with a
         # warning); gathering the vocab axis explicitly does the same work, visibly.
-        table = constrain(self.embed.value, (None, EMBED))
+        table = constrain(self.embed.get_value(), (None, EMBED))
         x = jnp.take(table, tokens, axis=0).astype(self.cfg.dtype)
         if self.cfg.quantization == "int8":
-            x = x * jnp.take(self.embed_scale.value, tokens, axis=0)[..., None].astype(x.dtype)
+            x = x * jnp.take(self.embed_scale.get_value(), tokens, axis=0)[..., None].astype(
+                x.dtype
+            )
         return constrain(x, _ACTIVATION)
 
     def _logits(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
         cfg = self.cfg
-        x = _rms_norm(x, self.final_norm.value, cfg.norm_eps)
+        x = _rms_norm(x, self.final_norm.get_value(), cfg.norm_eps)
         quantized = cfg.quantization == "int8"
         if cfg.tie_embeddings:
-            head = self.embed.value.astype(cfg.dtype)
+            head = self.embed.get_value().astype(cfg.dtype)
             logits = jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
-            scale = self.embed_scale.value if quantized else None
+            scale = self.embed_scale.get_value() if quantized else None
         else:
-            head = self.lm_head.value.astype(cfg.dtype)
+            head = self.lm_head.get_value().astype(cfg.dtype)
             logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
-            scale = self.lm_head_scale.value if quantized else None
+            scale = self.lm_head_scale.get_value() if quantized else None
         if scale is not None:
             logits = logits * scale
         return constrain(logits, (BATCH, LENGTH, VOCAB))

@@ -197,7 +197,7 @@ def _serving_config(model_cfg: ModelConfig, dtype: str, quantize: str) -> ModelC
 def _model_from(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> nnx.Module:
     graphdef, abstract = abstract_model(cfg)
     flat = [
-        (path, var.replace(jnp.asarray(tensors[".".join(map(str, path))], var.value.dtype)))
+        (path, var.replace(jnp.asarray(tensors[".".join(map(str, path))], var.get_value().dtype)))
         for path, var in nnx.to_flat_state(abstract)
     ]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -63,7 +63,7 @@ def test_params_are_placed_on_a_mesh_by_the_logical_rules(model, tmp_path):
         (1, 1, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
     )
     params = bundle.params(mesh)
-    assert params["layers"]["w_up"].value.sharding.spec == jax.P(None, None, "tensor")
+    assert params["layers"]["w_up"].get_value().sharding.spec == jax.P(None, None, "tensor")
 
 
 def test_tampered_file_fails_sha256_check(model, tmp_path):

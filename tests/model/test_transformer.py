@@ -119,7 +119,7 @@ def test_sharded_forward_equals_single_device():
     )
     shardings = param_shardings(params, mesh)
     sharded = jax.device_put(params, shardings)
-    wq = sharded["layers"]["wq"].value
+    wq = sharded["layers"]["wq"].get_value()
     assert wq.sharding.spec == jax.P(None, "fsdp", "tensor", None)
 
     @jax.jit
