@@ -17,6 +17,7 @@ looks valid; loading checks every file's sha256 against the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -102,16 +103,12 @@ def write_bundle(
     """Writes a bundle atomically. `tensors` yields (name, array) once each; every name the
     model expects must appear with the right shape (cast to `cfg.param_dtype`)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise BundleError(f"{out_dir}: already exists and is not empty (pass overwrite)")
     if tokenizer.vocab_size > cfg.vocab_size:
         raise BundleError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's "
             f"vocab_size is {cfg.vocab_size}"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         tokenizer.save(tmp)
         _write_tensors(tmp, cfg, tensors, shard_bytes)
@@ -127,11 +124,24 @@ def write_bundle(
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out_dir)
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yields an empty temporary sibling of `target` to fill; when the block completes it
+    replaces `target` by renames only. On any error it is deleted and `target` is left
+    exactly as it was, so a crash never leaves a half-written directory that looks valid."""
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise BundleError(f"{target}: already exists and is not empty (pass overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _write_tensors(

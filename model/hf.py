@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +22,8 @@ from safetensors import safe_open
 
 from model.bundle import (
     BundleError,
+    atomic_directory,
     expected_params,
-    replace_dir,
     write_bundle,
     write_safetensors_shards,
 )
@@ -287,12 +285,8 @@ def write_hf_dir(
     """Writes a HF Llama directory (config.json, sharded model safetensors + index,
     tokenizer) atomically, so transformers or vLLM load a tandem-trained model."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise HFImportError(f"{out}: already exists and is not empty (pass overwrite)")
     config = config_to_hf(cfg, tokenizer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -306,10 +300,6 @@ def write_hf_dir(
         )
         index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

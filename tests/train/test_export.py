@@ -13,30 +13,20 @@ from flax import nnx
 
 from model.bundle import Bundle
 from model.config import load_config
+from tests.train.train_helpers import SMALL
 from train.config import TrainConfig
 from train.export import ExportConfig, ExportError, export, restore_params
 from train.export import locate as locate_checkpoint
 from train.loop import run
 
+# The train tests' small model, trained 6 steps with a checkpoint every 3.
 TRAIN = [
-    "model.vocab_size=260",
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.head_dim=16",
-    "model.d_ff=128",
-    "seq_len=32",
-    "batch_size=8",
+    *SMALL,
     "steps=6",
     "checkpoint_every=3",
     "eval_every=0",
     "eval_batches=1",
-    "tokenizer=byte",
-    "progress=false",
-    "tensorboard=false",
     "async_checkpoint=false",
-    "compile_cache_dir=''",
 ]
 
 
