@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 
 from kernels._common import pick_block
 from kernels.decode_attention import DEFAULT_BLOCK_K as _DECODE_BLOCK_K
@@ -123,9 +124,7 @@ def decode_attention(
         raise ValueError(f"layer= needs the [L, B, K, S, H] cache; k_cache has {k_cache.shape}")
 
     def reference() -> jax.Array:
-        if layer is None:
-            return decode_attention_reference(q, k_cache, v_cache, lengths)
-        return decode_attention_reference(q, k_cache[layer], v_cache[layer], lengths)
+        return _length_bucketed_reference(q, k_cache, v_cache, lengths, layer)
 
     mode = _kernel_mode(impl)
     if mode is None:
@@ -151,3 +150,43 @@ def decode_attention(
         block_k=block_k,
         interpret=mode == "interpret",
     )
+
+
+# The reference reads every cache position up to S, while slots are usually far shorter.
+# It therefore runs over the shortest power-of-two prefix of the cache (>= this) that holds
+# every slot's length, chosen on device with `lax.switch`: work follows the longest live
+# slot rather than the cache capacity, and no shape depends on the data.
+MIN_REFERENCE_DECODE_LEN = 128
+
+
+def reference_length_buckets(max_len: int) -> tuple[int, ...]:
+    """Prefix lengths the reference decode attention may read: powers of two, then S."""
+    sizes = []
+    size = MIN_REFERENCE_DECODE_LEN
+    while size < max_len:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_len)
+
+
+def _length_bucketed_reference(q, k_cache, v_cache, lengths, layer) -> jax.Array:
+    max_len = k_cache.shape[-2]
+    sizes = reference_length_buckets(max_len)
+
+    def prefix(size: int):
+        def attend(q, k_cache, v_cache, lengths, layer):
+            if layer is not None:  # [L, B, K, S, H] -> [B, K, S, H], read in place
+                k_cache = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)
+                v_cache = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
+            return decode_attention_reference(
+                q, k_cache[:, :, :size], v_cache[:, :, :size], lengths
+            )
+
+        return attend
+
+    if len(sizes) == 1:
+        return prefix(max_len)(q, k_cache, v_cache, lengths, layer)
+    need = jnp.max(lengths)  # every slot's valid entries must fit in the prefix
+    index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need)  # first size >= need
+    index = jnp.minimum(index, len(sizes) - 1)
+    return jax.lax.switch(index, [prefix(s) for s in sizes], q, k_cache, v_cache, lengths, layer)

@@ -124,6 +124,35 @@ def test_decode_with_layer_index(impl: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "lengths",
+    [[0, 0, 0], [1, 0, 3], [128, 5, 1], [129, 2, 7], [300, 0, 1], [512, 512, 0]],
+    ids=lambda n: f"max={max(n)}",
+)
+@pytest.mark.parametrize("with_layer", [False, True], ids=["slot-cache", "layer-index"])
+def test_reference_reads_only_the_needed_prefix_and_equals_the_spec(
+    lengths: list[int], with_layer: bool
+) -> None:
+    # S=512 gives prefix buckets (128, 256, 512); NaN beyond the longest slot proves the
+    # chosen prefix never reaches past it (the spec masks, it would still see NaN*0).
+    assert dispatch.reference_length_buckets(512) == (128, 256, 512)
+    q, k, v = decode_inputs(3, 3, 4, 2, 512, 16, jnp.float32)
+    n = jnp.asarray(lengths, jnp.int32)
+    bucket = next(size for size in (128, 256, 512) if size >= max(lengths))
+    poisoned_k, poisoned_v = k.at[:, :, bucket:].set(jnp.nan), v.at[:, :, bucket:].set(jnp.nan)
+    if with_layer:  # [L, B, K, S, H] with the poisoned cache at layer 1
+        poisoned_k = jnp.stack([k, poisoned_k])
+        poisoned_v = jnp.stack([v, poisoned_v])
+    run = jax.jit(
+        lambda q, k, v, n: kernels.decode_attention(
+            q, k, v, n, impl="reference", layer=1 if with_layer else None
+        )
+    )
+    out = np.asarray(run(q, poisoned_k, poisoned_v, n))
+    expected = np.asarray(_decode_reference(q, k, v, n))
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
     ("shape", "reason"),
     [
         ({"head_dim": 24}, "head_dim=24"),
