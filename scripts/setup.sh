@@ -3,7 +3,7 @@
 # Idempotent: re-running on a set-up checkout only checks what is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3.11}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
