@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(getattr(importlib.import_module(module), function)(rest) or 0)
     except (ValueError, FileNotFoundError) as err:
         # Bad input: one clear line on stderr and a non-zero exit, no traceback.
-        print(f"tandem {name}: error: {err}", file=sys.stderr)
+        print(f"tandem {name}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
 
 

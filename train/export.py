@@ -428,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out, report = export(cfg)
     except ValueError as err:  # ExportError, BundleError, config errors: one clear line
-        print(f"tandem export: error: {err}", file=sys.stderr)
+        # One line, whatever the underlying library put in its message.
+        print(f"tandem export: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     print(json.dumps({"out": str(out), **report}))
     return 0
