@@ -106,10 +106,9 @@ def auto_num_splits(batch: int, n_kv: int, max_len: int, block_k: int) -> int:
 
 def _decode_kernel(
     lengths_ref,  # []        valid cache entries of this slot
-    layer_ref,  # [] or None  layer to read when the cache carries all layers
     q_ref,  # [Gp, H]         the query heads of one kv head, zero-padded to Gp rows
-    k_ref,  # [Sp, H]         this split of the slot's K cache (Sp = S // P); [L, Sp, H] with layer
-    v_ref,  # [Sp, H]         or [L, Sp, H]
+    k_ref,  # [Sp, H]         this split of the slot's K cache (Sp = S // P)
+    v_ref,  # [Sp, H]
     acc_ref,  # [Gp, H] f32   unnormalized output of this split
     m_ref,  # [Gp] f32        running max of the logits
     l_ref,  # [Gp] f32        sum of exp(logit - m)
@@ -126,18 +125,13 @@ def _decode_kernel(
     n_tiles = jnp.minimum(
         jnp.maximum(pl.cdiv(length - split_start, block_k), 0), split_len // block_k
     )
-    if layer_ref is None:
-        load = lambda ref, tile: ref[tile, :]  # noqa: E731
-    else:
-        layer = layer_ref[()]
-        load = lambda ref, tile: ref[layer, tile, :]  # noqa: E731
     q = q_ref[...]  # [Gp, H]
     offsets = jnp.arange(block_k)
 
     def body(t, carry):
         acc, m_prev, l_prev = carry
         tile = pl.ds(t * block_k, block_k)
-        k = load(k_ref, tile)  # [Bk, H]
+        k = k_ref[tile, :]  # [Bk, H]
         s = dot_nt(q, k) * scale  # [Gp, Bk] f32
         valid = (split_start + t * block_k + offsets) < length  # [Bk]
         s = jnp.where(valid[None, :], s, MASK_VALUE)
@@ -145,7 +139,7 @@ def _decode_kernel(
         correction = jnp.exp(m_prev - m_next)  # [Gp]
         p = jnp.exp(s - m_next[:, None])  # [Gp, Bk]
         l_next = correction * l_prev + p.sum(axis=-1)
-        v = load(v_ref, tile)  # [Bk, H]
+        v = v_ref[tile, :]  # [Bk, H]
         acc = correction[:, None] * acc + dot_nn(p.astype(v.dtype), v)  # [Gp, H]
         return acc, m_next, l_next
 
@@ -166,11 +160,10 @@ def _decode_kernel(
 )
 def ragged_decode_attention(
     q: jax.Array,  # [B, N, H]
-    k_cache: jax.Array,  # [B, K, S, H], or [L, B, K, S, H] with `layer`
-    v_cache: jax.Array,  # [B, K, S, H], or [L, B, K, S, H] with `layer`
+    k_cache: jax.Array,  # [B, K, S, H]
+    v_cache: jax.Array,  # [B, K, S, H]
     lengths: jax.Array,  # [B] int32
     *,
-    layer: jax.Array | int | None = None,  # [] int32
     scale: float | None = None,
     block_k: int = DEFAULT_BLOCK_K,
     num_splits: int | None = None,
@@ -181,9 +174,6 @@ def ragged_decode_attention(
     """Decode attention of `decode_attention_reference`, computed by the Pallas kernel.
 
     Args:
-      layer: with a whole-model cache [L, B, K, S, H], the (traced) layer to attend over.
-        The kernel reads that layer in place; slicing `cache[layer]` outside would make
-        XLA copy the layer's [B, K, S, H] slab before the kernel reads it (3x the traffic).
       block_k: keys per tile (power of two >= 16 dividing S).
       num_splits: parallel splits of S per (slot, kv head); None picks `auto_num_splits`.
         Must divide S // block_k.
@@ -192,22 +182,17 @@ def ragged_decode_attention(
     """
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} differ")
-    want_rank = 4 if layer is None else 5
-    if k_cache.ndim != want_rank:
-        raise ValueError(
-            f"k_cache has shape {k_cache.shape}: expected rank {want_rank} "
-            f"({'[B, K, S, H]' if layer is None else '[L, B, K, S, H] with layer='})"
-        )
-    slot_shape = k_cache.shape[-4:]  # [B, K, S, H]
+    if k_cache.ndim != 4:
+        raise ValueError(f"k_cache has shape {k_cache.shape}: expected [B, K, S, H]")
     reason = unsupported_reason(
-        q.shape, slot_shape, (q.dtype, k_cache.dtype, v_cache.dtype), block_k
+        q.shape, k_cache.shape, (q.dtype, k_cache.dtype, v_cache.dtype), block_k
     )
     if reason:
         raise ValueError(f"ragged_decode_attention: {reason}")
     if lengths.shape != (q.shape[0],):
         raise ValueError(f"lengths has shape {lengths.shape}, expected [B]=({q.shape[0]},)")
     batch, n_heads, head_dim = q.shape
-    n_kv, max_len = slot_shape[1], slot_shape[2]
+    n_kv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv
     n_tiles = max_len // block_k
     if num_splits is None:
@@ -222,18 +207,7 @@ def ragged_decode_attention(
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))  # [B, K, Gp, H]
     lengths = lengths.astype(jnp.int32)
 
-    if layer is None:
-        layer_arg, layer_spec = None, None
-        cache_spec = pl.BlockSpec((None, None, split_len, head_dim), lambda b, h, p: (b, h, p, 0))
-    else:
-        # All layers stay in the block; the kernel indexes the layer with a scalar, which
-        # the Triton lowering turns into a pointer offset (no copy, no scalar prefetch).
-        n_layers = k_cache.shape[0]
-        layer_arg = jnp.asarray(layer, jnp.int32).reshape(())
-        layer_spec = pl.BlockSpec((), lambda b, h, p: ())
-        cache_spec = pl.BlockSpec(
-            (n_layers, None, None, split_len, head_dim), lambda b, h, p: (0, b, h, p, 0)
-        )
+    cache_spec = pl.BlockSpec((None, None, split_len, head_dim), lambda b, h, p: (b, h, p, 0))
 
     kernel = functools.partial(_decode_kernel, scale=scale, block_k=block_k)
     acc, m, denom = pl.pallas_call(
@@ -241,7 +215,6 @@ def ragged_decode_attention(
         grid=(batch, n_kv, num_splits),
         in_specs=[
             pl.BlockSpec((None,), lambda b, h, p: (b,)),
-            layer_spec,
             pl.BlockSpec((None, None, padded_group, head_dim), lambda b, h, p: (b, h, 0, 0)),
             cache_spec,
             cache_spec,
@@ -261,7 +234,7 @@ def ragged_decode_attention(
         compiler_params=compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="ragged_decode_attention",
-    )(lengths, layer_arg, qg, k_cache, v_cache)
+    )(lengths, qg, k_cache, v_cache)
     # acc [B, K, P, Gp, H]; m, l [B, K, P, Gp]
 
     out = _combine_splits(acc, m, denom)  # [B, K, Gp, H] f32

@@ -106,37 +106,28 @@ def attention(
 
 def decode_attention(
     q: jax.Array,  # [B, N, H]
-    k_cache: jax.Array,  # [B, K, S, H], or [L, B, K, S, H] with `layer`
-    v_cache: jax.Array,  # [B, K, S, H], or [L, B, K, S, H] with `layer`
+    k_cache: jax.Array,  # [B, K, S, H]
+    v_cache: jax.Array,  # [B, K, S, H]
     lengths: jax.Array,  # [B] int32
     *,
     impl: str = "auto",
-    layer: jax.Array | int | None = None,  # [] int32
 ) -> jax.Array:  # [B, N, H]
-    """One query token per slot against that slot's first `lengths[b]` cache entries.
-
-    `layer` (optional, an addition to the original contract): pass the whole-model cache
-    and the layer index instead of `cache[layer]`, so the kernel reads the layer in place
-    rather than after XLA has copied it out.
-    """
+    """One query token per slot against that slot's first `lengths[b]` cache entries."""
     _check_impl(impl)
-    if layer is not None and k_cache.ndim != 5:
-        raise ValueError(f"layer= needs the [L, B, K, S, H] cache; k_cache has {k_cache.shape}")
 
     def reference() -> jax.Array:
-        return _length_bucketed_reference(q, k_cache, v_cache, lengths, layer)
+        return _length_bucketed_reference(q, k_cache, v_cache, lengths)
 
     mode = _kernel_mode(impl)
     if mode is None:
         return reference()
-    slot_shape = k_cache.shape[-4:]  # [B, K, S, H]
-    max_len = slot_shape[2] if len(slot_shape) == 4 else 0
+    max_len = k_cache.shape[2] if k_cache.ndim == 4 else 0
     block_k = pick_block(max_len, _DECODE_BLOCK_K)
     if block_k is None:
         reason = f"max_len S={max_len} is not a multiple of 16"
     else:
         reason = _decode_unsupported(
-            q.shape, slot_shape, (q.dtype, k_cache.dtype, v_cache.dtype), block_k
+            q.shape, k_cache.shape, (q.dtype, k_cache.dtype, v_cache.dtype), block_k
         )
     if reason is not None:
         _warn_fallback("ragged_decode_attention", reason)
@@ -146,21 +137,26 @@ def decode_attention(
         k_cache,
         v_cache,
         lengths,
-        layer=layer,
         block_k=block_k,
         interpret=mode == "interpret",
     )
 
 
-# The reference reads every cache position up to S, while slots are usually far shorter.
-# It therefore runs over the shortest power-of-two prefix of the cache (>= this) that holds
-# every slot's length, chosen on device with `lax.switch`: work follows the longest live
-# slot rather than the cache capacity, and no shape depends on the data.
+# The reference reads every cache position up to S, while slots are usually far shorter
+# and of very different lengths. Where it runs (CPU, TPU, unsupported GPU shapes) it is
+# therefore applied to cache prefixes chosen on device with `lax.switch` over fixed sizes,
+# so work follows the live lengths rather than the capacity and no shape depends on data:
+#   * CPU: a loop over slots, each reading its own prefix (multiples of 64, then four
+#     sizes per octave). An iteration costs microseconds there, so one long slot no
+#     longer makes every short one read its length (measured: docs/benchmarks.md);
+#   * accelerators, where a loop of small ops is slow: one prefix for the whole batch,
+#     the shortest power of two (>= 128) that holds the longest slot.
 MIN_REFERENCE_DECODE_LEN = 128
+_PER_SLOT_MIN_LEN = 64
 
 
 def reference_length_buckets(max_len: int) -> tuple[int, ...]:
-    """Prefix lengths the reference decode attention may read: powers of two, then S."""
+    """Whole-batch prefix lengths: powers of two from MIN_REFERENCE_DECODE_LEN, then S."""
     sizes = []
     size = MIN_REFERENCE_DECODE_LEN
     while size < max_len:
@@ -169,15 +165,36 @@ def reference_length_buckets(max_len: int) -> tuple[int, ...]:
     return (*sizes, max_len)
 
 
-def _length_bucketed_reference(q, k_cache, v_cache, lengths, layer) -> jax.Array:
-    max_len = k_cache.shape[-2]
-    sizes = reference_length_buckets(max_len)
+def per_slot_length_buckets(max_len: int) -> tuple[int, ...]:
+    """Per-slot prefix lengths: multiples of 64 up to 512, then four per octave, then S
+    (at most 25 % more than a slot needs past 512; 24 branches for S = 8192)."""
+    sizes = []
+    size, step = _PER_SLOT_MIN_LEN, _PER_SLOT_MIN_LEN
+    while size < max_len:
+        sizes.append(size)
+        if size >= 8 * step:
+            step *= 2
+        size += step
+    return (*sizes, max_len)
+
+
+def _bucket_index(sizes: tuple[int, ...], need: jax.Array) -> jax.Array:
+    """Index of the first size >= need (the last one if none is)."""
+    index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need)
+    return jnp.minimum(index, len(sizes) - 1)
+
+
+def _length_bucketed_reference(q, k_cache, v_cache, lengths) -> jax.Array:
+    if jax.default_backend() == "cpu":
+        return _per_slot_reference(q, k_cache, v_cache, lengths)
+    return _batch_prefix_reference(q, k_cache, v_cache, lengths)
+
+
+def _batch_prefix_reference(q, k_cache, v_cache, lengths) -> jax.Array:
+    sizes = reference_length_buckets(k_cache.shape[2])
 
     def prefix(size: int):
-        def attend(q, k_cache, v_cache, lengths, layer):
-            if layer is not None:  # [L, B, K, S, H] -> [B, K, S, H], read in place
-                k_cache = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)
-                v_cache = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
+        def attend(q, k_cache, v_cache, lengths):
             return decode_attention_reference(
                 q, k_cache[:, :, :size], v_cache[:, :, :size], lengths
             )
@@ -185,8 +202,31 @@ def _length_bucketed_reference(q, k_cache, v_cache, lengths, layer) -> jax.Array
         return attend
 
     if len(sizes) == 1:
-        return prefix(max_len)(q, k_cache, v_cache, lengths, layer)
-    need = jnp.max(lengths)  # every slot's valid entries must fit in the prefix
-    index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need)  # first size >= need
-    index = jnp.minimum(index, len(sizes) - 1)
-    return jax.lax.switch(index, [prefix(s) for s in sizes], q, k_cache, v_cache, lengths, layer)
+        return prefix(sizes[0])(q, k_cache, v_cache, lengths)
+    index = _bucket_index(sizes, jnp.max(lengths))  # every slot must fit in the prefix
+    return jax.lax.switch(index, [prefix(s) for s in sizes], q, k_cache, v_cache, lengths)
+
+
+def _per_slot_reference(q, k_cache, v_cache, lengths) -> jax.Array:
+    batch, n_kv, _, head_dim = k_cache.shape
+    sizes = per_slot_length_buckets(k_cache.shape[2])
+
+    def prefix(size: int):
+        def attend(slot):
+            k = jax.lax.dynamic_slice(k_cache, (slot, 0, 0, 0), (1, n_kv, size, head_dim))
+            v = jax.lax.dynamic_slice(v_cache, (slot, 0, 0, 0), (1, n_kv, size, head_dim))
+            query = jax.lax.dynamic_slice_in_dim(q, slot, 1)
+            length = jax.lax.dynamic_slice_in_dim(lengths, slot, 1)
+            return decode_attention_reference(query, k, v, length)  # [1, N, H]
+
+        return attend
+
+    branches = [prefix(s) for s in sizes]
+
+    def one_slot(slot, out):
+        index = _bucket_index(sizes, lengths[slot])
+        return jax.lax.dynamic_update_slice_in_dim(
+            out, jax.lax.switch(index, branches, slot), slot, 0
+        )
+
+    return jax.lax.fori_loop(0, batch, one_slot, jnp.zeros_like(q))

@@ -11,11 +11,20 @@ layout. A layer is split into `_attention_inputs` (norm, q/k/v, RoPE) and `_laye
   prefill   full causal attention, K/V returned            -> logits, KVCache
   decode    K/V written into the slot cache, then decode attention over it
                                                             -> logits, KVCache
+
+Training scans the stacked layers; the two serving modes unroll them instead (what
+MaxText's unscanned inference checkpoints are for). The cache is one array per layer, so a
+layer's K/V write is an in-place update of a donated buffer that attention then reads
+directly, and the serving engine passes each layer's weights as separate arrays
+(`unstack_layers`, the `layers=` argument). Inside a scan, or when slicing layer i out of
+a stacked argument, XLA copies the cache and weight slices on every step; on CPU those
+copies cost more than the rest of a decode step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -42,17 +51,22 @@ _ACTIVATION = (BATCH, LENGTH, EMBED)
 
 
 class KVCache(NamedTuple):
-    """Per-slot attention cache. Kept [.., K, S, H] so a kv head's history is contiguous
-    for the decode kernel."""
+    """Per-slot attention cache: one [B, K, S, H] array per layer (tuples of L), so a
+    decode step updates and reads each layer in place. [.., K, S, H] keeps a kv head's
+    history contiguous for the decode kernel."""
 
-    k: jax.Array  # [L, B, K, S, H]
-    v: jax.Array  # [L, B, K, S, H]
+    k: tuple[jax.Array, ...]  # L x [B, K, S, H]
+    v: tuple[jax.Array, ...]  # L x [B, K, S, H]
 
 
 def init_cache(cfg: ModelConfig, slots: int, max_len: int, dtype=None) -> KVCache:
-    shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.head_dim)  # [L, B, K, S, H]
+    shape = (slots, cfg.n_kv_heads, max_len, cfg.head_dim)  # [B, K, S, H]
     dtype = jnp.dtype(dtype or cfg.dtype)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    layers = range(cfg.n_layers)
+    return KVCache(
+        tuple(jnp.zeros(shape, dtype) for _ in layers),
+        tuple(jnp.zeros(shape, dtype) for _ in layers),
+    )
 
 
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:  # [H/2]
@@ -167,6 +181,8 @@ class Layers(nnx.Module):
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
+LayerWeights = Mapping[str, jax.Array]  # one layer's weights: stacked names, [L] axis dropped
+
 
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -206,53 +222,62 @@ class Transformer(nnx.Module):
     def prefill(
         self,
         tokens: jax.Array,  # [B, T] int32, right-padded prompts
-    ) -> tuple[jax.Array, KVCache]:  # [B, T, V] float32, KVCache [L, B, K, T, H]
+        layers: Sequence[LayerWeights] | None = None,
+    ) -> tuple[jax.Array, KVCache]:  # [B, T, V] float32, KVCache L x [B, K, T, H]
         """Prompt forward from position 0 returning every position's K/V. Causality means
-        right-padding never changes the real positions' logits or K/V."""
+        right-padding never changes the real positions' logits or K/V. `layers`: per-layer
+        weights to use instead of this module's stacked ones (see `unstack_layers`)."""
         cfg = self.cfg
         batch, seq = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         cos, sin = _rope_tables(cfg, positions)
-
-        def layer(x, p):
+        x = self._embed(tokens)
+        ks, vs = [], []
+        for p in self._layer_weights(layers):
             q, k, v = _attention_inputs(cfg, x, p, cos, sin)
             out = kernels.attention(q, k, v, impl=cfg.attention_impl)
-            # [B, T, K, H] -> [B, K, T, H]: the cache layout
-            return _layer_output(cfg, x, out, p), (k.swapaxes(1, 2), v.swapaxes(1, 2))
-
-        x, (k, v) = jax.lax.scan(layer, self._embed(tokens), self.layers.stacked())
-        return self._logits(x), KVCache(k, v)
+            x = _layer_output(cfg, x, out, p)
+            ks.append(k.swapaxes(1, 2))  # [B, T, K, H] -> [B, K, T, H]: the cache layout
+            vs.append(v.swapaxes(1, 2))
+        return self._logits(x), KVCache(tuple(ks), tuple(vs))
 
     def decode(
         self,
         tokens: jax.Array,  # [B] int32, one per slot
-        cache: KVCache,  # [L, B, K, S, H]
+        cache: KVCache,  # L x [B, K, S, H]
         lengths: jax.Array,  # [B] int32: tokens already cached per slot
+        layers: Sequence[LayerWeights] | None = None,
     ) -> tuple[jax.Array, KVCache]:  # [B, V] float32
         """One step for every slot: the token at position lengths[b] is written into the
-        cache at that index and attends to [0, lengths[b]]. The cache rides in the scan
-        carry and is updated in place (donate it under jit)."""
+        cache at that index and attends to [0, lengths[b]]. Donate the cache under jit so
+        the writes happen in place. `layers` as in `prefill`."""
         cfg = self.cfg
-        batch = tokens.shape[0]
-        slots = jnp.arange(batch)
+        slots = jnp.arange(tokens.shape[0])
         cos, sin = _rope_tables(cfg, lengths[:, None])  # [B, 1, H/2]
-
-        def layer(carry, xs):
-            x, cache_k, cache_v = carry
-            p, index = xs
+        x = self._embed(tokens[:, None])
+        new_k, new_v = [], []
+        for p, cache_k, cache_v in zip(self._layer_weights(layers), *cache, strict=True):
             q, k, v = _attention_inputs(cfg, x, p, cos, sin)  # k, v: [B, 1, K, H]
-            cache_k = cache_k.at[index, slots, :, lengths].set(k[:, 0].astype(cache_k.dtype))
-            cache_v = cache_v.at[index, slots, :, lengths].set(v[:, 0].astype(cache_v.dtype))
-            # The whole cache + layer index: the kernel reads the layer in place instead of
-            # after XLA copies `cache_k[index]` out of the scan carry.
+            cache_k = cache_k.at[slots, :, lengths].set(k[:, 0].astype(cache_k.dtype))
+            cache_v = cache_v.at[slots, :, lengths].set(v[:, 0].astype(cache_v.dtype))
             out = kernels.decode_attention(
-                q[:, 0], cache_k, cache_v, lengths + 1, impl=cfg.attention_impl, layer=index
+                q[:, 0], cache_k, cache_v, lengths + 1, impl=cfg.attention_impl
             )  # [B, N, H]
-            return (_layer_output(cfg, x, out[:, None], p), cache_k, cache_v), None
+            x = _layer_output(cfg, x, out[:, None], p)
+            new_k.append(cache_k)
+            new_v.append(cache_v)
+        return self._logits(x)[:, 0], KVCache(tuple(new_k), tuple(new_v))
 
-        xs = (self.layers.stacked(), jnp.arange(cfg.n_layers))
-        (x, k, v), _ = jax.lax.scan(layer, (self._embed(tokens[:, None]), *cache), xs)
-        return self._logits(x)[:, 0], KVCache(k, v)
+    def unstack_layers(self) -> tuple[dict[str, jax.Array], ...]:
+        """Each layer's weights as separate arrays (copies when called outside jit), for
+        the serving modes' `layers=` argument."""
+        return tuple(self._layer_weights(None))
+
+    def _layer_weights(self, layers: Sequence[LayerWeights] | None) -> Sequence[LayerWeights]:
+        if layers is not None:
+            return layers
+        stacked = self.layers.stacked()
+        return [{name: w[i] for name, w in stacked.items()} for i in range(self.cfg.n_layers)]
 
     # -- shared pieces -----------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The JAX engine: model.Transformer behind the Engine contract, with a slot KV cache.
 
-Device state (`DecodeState`) holds the KV cache [L, B, K, S, H], per-slot lengths, the last
+Device state (`DecodeState`) holds the KV cache (L x [B, K, S, H]), per-slot lengths, the last
 sampled token and each slot's sampling parameters; every function below is compiled
 ahead of time at `warmup()` for fixed shapes:
 
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 
 class DecodeState(NamedTuple):
-    cache: KVCache  # [L, B, K, S, H] each
+    cache: KVCache  # L x [B, K, S, H] each
     lengths: jax.Array  # [B] int32: positions cached = position of `tokens`
     tokens: jax.Array  # [B] int32: last sampled token, next decode input
     active: jax.Array  # [B] bool
@@ -146,11 +146,17 @@ class JaxEngine(Engine[DecodeState]):
         self.mesh = mesh
         self.manifest = manifest
         self._buckets = prefill_buckets(self.max_prompt_len, scfg.min_prefill_bucket)
-        self._graphdef = graphdef
-        # Params travel as a flat tuple of arrays: flattening an nnx.State (Variable objects)
-        # on every call cost ~1 ms of host time per decode step.
-        leaves, self._params_treedef = jax.tree.flatten(params)
-        self._params = tuple(leaves)
+        # Serving holds each layer's weights as separate arrays (slicing them out of the
+        # stacked [L, ...] params inside the step made XLA copy them on every call; see
+        # model/transformer.py); the module keeps the rest (embedding, norms, head).
+        model = nnx.merge(graphdef, params)
+        layers = model.unstack_layers()
+        del model.layers  # drop this module's references to the stacked copies
+        self._graphdef, rest = nnx.split(model, nnx.Param)
+        # Weights travel as (flat tuple of arrays, per-layer dicts): flattening an nnx.State
+        # (Variable objects) on every call cost ~1 ms of host time per decode step.
+        leaves, self._rest_treedef = jax.tree.flatten(rest)
+        self._weights = (tuple(leaves), layers)
         self._cache_dtype = jnp.dtype(scfg.cache_dtype or cfg.dtype)
         self._compiled: dict[str, Any] = {}
         self.warmup_seconds: float | None = None
@@ -214,41 +220,49 @@ class JaxEngine(Engine[DecodeState]):
         assert self.mesh is not None
         tp = self.mesh.shape["tensor"]
         kv_axis = "tensor" if self.cfg.n_kv_heads % tp == 0 else None
-        return PartitionSpec(None, None, kv_axis, None, None)
+        return PartitionSpec(None, kv_axis, None, None)  # [B, K, S, H]
+
+    def _cache_shardings(self) -> KVCache | None:
+        if self.mesh is None:
+            return None
+        layers = (self._sharding(self._cache_spec()),) * self.cfg.n_layers
+        return KVCache(layers, layers)
 
     def _state_shardings(self) -> DecodeState | None:
         if self.mesh is None:
             return None
-        cache = self._sharding(self._cache_spec())
         rep = self._sharding(PartitionSpec())
-        return DecodeState(KVCache(cache, cache), rep, rep, rep, rep, rep, rep, rep)
+        return DecodeState(self._cache_shardings(), rep, rep, rep, rep, rep, rep, rep)
 
     # ---- the device functions (traced once per shape at warm-up) ----------------------
 
-    def _model(self, leaves: tuple[jax.Array, ...]) -> Transformer:
-        return nnx.merge(self._graphdef, jax.tree.unflatten(self._params_treedef, leaves))
+    def _model(self, weights) -> tuple[Transformer, tuple[dict[str, jax.Array], ...]]:
+        leaves, layers = weights
+        return nnx.merge(self._graphdef, jax.tree.unflatten(self._rest_treedef, leaves)), layers
 
     @property
-    def params(self) -> nnx.State:
-        """The served params (as placed on the devices)."""
-        return jax.tree.unflatten(self._params_treedef, self._params)
+    def layer_weights(self) -> tuple[dict[str, jax.Array], ...]:
+        """The served per-layer weights (as placed on the devices)."""
+        return self._weights[1]
 
-    def _prefill_fn(self, params, tokens, true_len, slot: _Slot):
-        """tokens [1, T] right-padded; true_len [] int32 -> (KVCache [L,1,K,T,H], row [1, C])."""
-        logits, kv = self._model(params).prefill(tokens)  # [1, T, V]
+    def _prefill_fn(self, weights, tokens, true_len, slot: _Slot):
+        """tokens [1, T] right-padded; true_len [] int32 -> (KVCache L x [1,K,T,H], row [1, C])."""
+        model, layers = self._model(weights)
+        logits, kv = model.prefill(tokens, layers)  # [1, T, V]
         last = jax.lax.dynamic_index_in_dim(logits[0], true_len - 1, axis=0, keepdims=True)
         positions = true_len[None]  # [1] position of the token being sampled
         token = sample(last, slot.temperature, slot.top_k, slot.top_p, slot.seeds, positions)
         chosen, top_ids, top_lps = logprobs_of(last, token, self.max_logprobs)
         done = positions >= self.max_len
-        kv = KVCache(kv.k.astype(self._cache_dtype), kv.v.astype(self._cache_dtype))
+        kv = jax.tree.map(lambda x: x.astype(self._cache_dtype), kv)
         return kv, _pack(token, positions, done, chosen, top_ids, top_lps)
 
     def _insert_fn(self, state: DecodeState, kv: KVCache, slot, length, token, vec: _Slot):
-        start = (0, slot, 0, 0, 0)
-        cache = KVCache(
-            jax.lax.dynamic_update_slice(state.cache.k, kv.k, start),
-            jax.lax.dynamic_update_slice(state.cache.v, kv.v, start),
+        start = (slot, 0, 0, 0)  # [B, K, S, H]: the prefix lands at positions [0, T)
+        cache = jax.tree.map(
+            lambda layer, prefix: jax.lax.dynamic_update_slice(layer, prefix, start),
+            state.cache,
+            kv,
         )
         return DecodeState(
             cache=cache,
@@ -261,8 +275,9 @@ class JaxEngine(Engine[DecodeState]):
             seeds=state.seeds.at[slot].set(vec.seeds[0]),
         )
 
-    def _generate_fn(self, params, state: DecodeState):
-        logits, cache = self._model(params).decode(state.tokens, state.cache, state.lengths)
+    def _generate_fn(self, weights, state: DecodeState):
+        model, layers = self._model(weights)
+        logits, cache = model.decode(state.tokens, state.cache, state.lengths, layers)
         lengths = state.lengths + state.active.astype(jnp.int32)  # [B] new token positions
         tokens = sample(
             logits, state.temperature, state.top_k, state.top_p, state.seeds, lengths
@@ -296,10 +311,7 @@ class JaxEngine(Engine[DecodeState]):
     def _compile(self) -> None:
         mesh_ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _null()
         state_sh = self._state_shardings()
-        kv_sh = None
-        if self.mesh is not None:
-            kv = self._sharding(self._cache_spec())
-            kv_sh = KVCache(kv, kv)
+        kv_sh = self._cache_shardings()
         rep = self._sharding(PartitionSpec()) if self.mesh is not None else None
 
         def jit(fn, **kw):
@@ -317,17 +329,17 @@ class JaxEngine(Engine[DecodeState]):
                 tokens = np.zeros((1, t), np.int32)
                 pre = jit(self._prefill_fn, out_shardings=(kv_sh, rep))
                 self._compiled[f"prefill_{t}"] = pre.lower(
-                    self._params, tokens, np.int32(1), vec
+                    self._weights, tokens, np.int32(1), vec
                 ).compile()
-                kv_shape = jax.eval_shape(self._prefill_fn, self._params, tokens, np.int32(1), vec)[
-                    0
-                ]
+                kv_shape = jax.eval_shape(
+                    self._prefill_fn, self._weights, tokens, np.int32(1), vec
+                )[0]
                 ins = jit(self._insert_fn, out_shardings=state_sh, donate_argnums=(0,))
                 self._compiled[f"insert_{t}"] = ins.lower(
                     state, kv_shape_with(kv_shape, kv_sh), scalar_i, scalar_i, scalar_i, vec
                 ).compile()
             gen = jit(self._generate_fn, out_shardings=(state_sh, rep), donate_argnums=(1,))
-            self._compiled["generate"] = gen.lower(self._params, state).compile()
+            self._compiled["generate"] = gen.lower(self._weights, state).compile()
             free = jit(self._free_fn, out_shardings=state_sh, donate_argnums=(0,))
             self._compiled["free"] = free.lower(state, scalar_i).compile()
 
@@ -381,7 +393,7 @@ class JaxEngine(Engine[DecodeState]):
         padded = np.full((1, bucket), self.tokenizer.eos_id, np.int32)  # [1, T]
         padded[0, :n] = tokens
         vec = _slot_vectors(sampling, seed)
-        kv, row = self._compiled[f"prefill_{bucket}"](self._params, padded, np.int32(n), vec)
+        kv, row = self._compiled[f"prefill_{bucket}"](self._weights, padded, np.int32(n), vec)
         first = StepOutput(np.asarray(row), self.max_logprobs)  # the one host transfer
         return Prefix(first=first, prompt_len=n, kv=(bucket, kv), extra=vec)
 
@@ -393,8 +405,8 @@ class JaxEngine(Engine[DecodeState]):
         )
 
     def generate(self, state: DecodeState) -> tuple[DecodeState, StepOutput]:
-        state, rows = self._compiled["generate"](self._params, state)
-        return state, StepOutput(np.asarray(rows), self.max_logprobs)  # one transfer per step
+        state, rows = self._compiled["generate"](self._weights, state)
+        return state, StepOutput(rows, self.max_logprobs)  # read later: one transfer per step
 
     def free(self, state: DecodeState, slot: int) -> DecodeState:
         return self._compiled["free"](state, np.int32(slot))
@@ -413,11 +425,8 @@ def kv_shape_with(shape: KVCache, sharding: KVCache | None) -> KVCache:
     """ShapeDtypeStructs of a prefix's KV carrying the sharding it will arrive with."""
     if sharding is None:
         return shape
-    return KVCache(
-        *(
-            jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
-            for s, sh in zip(shape, sharding, strict=True)
-        )
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape, sharding
     )
 
 

@@ -9,8 +9,9 @@ An engine owns device memory: model params and a KV cache of `max_slots` slots o
     state  = engine.free(state, slot)                       # slot may be reused
 
 Every method has fixed shapes on the device (prompts padded to power-of-two buckets), so
-after `warmup()` no call compiles. `generate` returns ONE packed host array per step
-(`StepOutput`), so the decode loop does a single device->host transfer per step.
+after `warmup()` no call compiles. `generate` returns ONE packed array per step
+(`StepOutput`), so the decode loop does a single device->host transfer per step, and it
+may return before the step has run: reading the output is what waits.
 
 Packed row layout (int32, one row per slot; float columns are float32 bit patterns):
     [token, length, done, logprob, top_ids[0:n], top_logprobs[0:n]]   n = max_logprobs
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -62,12 +64,24 @@ class SlotToken:
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
-@dataclasses.dataclass(frozen=True)
 class StepOutput:
-    """Host copy of one packed step: `data` is int32 [B, row_width(max_logprobs)]."""
+    """One packed step, int32 [B, row_width(max_logprobs)] (see the module docstring).
 
-    data: np.ndarray
-    max_logprobs: int
+    Built from a device array it starts the device->host copy at once but only waits for
+    it when `data` is first read, so the orchestrator can dispatch the next step before
+    reading this one (host work then overlaps device work).
+    """
+
+    def __init__(self, rows: Any, max_logprobs: int) -> None:
+        self._rows = rows
+        self.max_logprobs = max_logprobs
+        start_copy = getattr(rows, "copy_to_host_async", None)
+        if start_copy is not None:
+            start_copy()
+
+    @functools.cached_property
+    def data(self) -> np.ndarray:
+        return np.asarray(self._rows)
 
     def slot(self, b: int, top_n: int = 0) -> SlotToken:
         row = self.data[b]
@@ -130,7 +144,8 @@ class Engine(abc.ABC, Generic[State]):
 
     @abc.abstractmethod
     def generate(self, state: State) -> tuple[State, StepOutput]:
-        """One decode step for every occupied slot; returns the packed per-slot tokens."""
+        """One decode step for every occupied slot; returns the packed per-slot tokens
+        (possibly still being computed: `StepOutput.data` waits for them)."""
 
     @abc.abstractmethod
     def free(self, state: State, slot: int) -> State:

@@ -5,8 +5,12 @@ The loop, once per decode step:
      a running one's slot is freed before the next decode step, so a client that hangs up
      costs at most one more step (JetStream only frees at EOS/max length);
   2. admit: pop waiting requests into free slots (prefill, emit token 1, insert);
-  3. one `engine.generate` for all slots, one host transfer, then per slot: detokenize,
-     check stop tokens / stop strings / max_tokens / full cache, emit, free finished slots.
+  3. dispatch one `engine.generate` for all slots and, while the device runs it, handle
+     the PREVIOUS step's tokens (one host transfer): per slot detokenize, check stop
+     tokens / stop strings / max_tokens / full cache, emit, free finished slots.
+Handling step N-1 while step N runs hides the host work behind the device (JetStream's
+detokenize thread and vLLM's async scheduling do the same). The price: a request that
+finishes at step N-1 also occupies its slot in step N, whose token for it is discarded.
 
 Callers talk to it from any thread: `submit` (bounded queue -> RESOURCE_EXHAUSTED, bad input
 -> INVALID_ARGUMENT with the field named) and `RequestHandle.cancel`. Results go to the
@@ -155,6 +159,8 @@ class Orchestrator:
         self._ids = itertools.count(1)
         self._rng = random.Random()
         self._state: Any = None  # engine state, made on the loop's first step (after warm-up)
+        # The dispatched step not yet handled: its output and who held each slot then.
+        self._in_flight: tuple[StepOutput, dict[int, _Request]] | None = None
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -275,7 +281,7 @@ class Orchestrator:
         self._abort_all("UNAVAILABLE", "server shut down")
 
     def _has_work(self) -> bool:
-        if self._running:
+        if self._running or self._in_flight is not None:
             return True
         if not self._queue:
             return False
@@ -309,21 +315,28 @@ class Orchestrator:
                 self._abort_running("INTERNAL", "engine step failed")
 
     def step(self) -> bool:
-        """One iteration: retire, admit, decode. Returns whether anything ran."""
+        """One iteration: retire, admit, dispatch a decode step, handle the previous one.
+        Returns whether anything ran."""
         if self._state is None:
             self._state = self.engine.init_state()
         now = self._clock()
         self._retire(now)
         admitted = self._admit()
-        if not self._running:
-            self._set_gauges()
-            return admitted
-        self._state, out = self.engine.generate(self._state)
-        self.steps += 1
-        for slot, req in list(self._running.items()):
-            self._on_token(req, out, slot)
+        previous, self._in_flight = self._in_flight, None
+        if self._running:
+            holders = dict(self._running)
+            self._state, out = self.engine.generate(self._state)
+            self._in_flight = (out, holders)
+            self.steps += 1
+        if previous is not None:
+            self._handle_step(*previous)
         self._set_gauges()
-        return True
+        return admitted or previous is not None or self._in_flight is not None
+
+    def _handle_step(self, out: StepOutput, holders: dict[int, _Request]) -> None:
+        for slot, req in holders.items():
+            if req.slot == slot:  # else it finished or was retired since the dispatch
+                self._on_token(req, out, slot)
 
     def _retire(self, now: float) -> None:
         with self._cv:
@@ -445,6 +458,7 @@ class Orchestrator:
         for req in list(self._running.values()):
             self._fail(req, code, message, free=False)  # the state is rebuilt below
         self._state = None  # a fresh one on the next step
+        self._in_flight = None
 
     def _abort_all(self, code: str, message: str) -> None:
         with self._cv:

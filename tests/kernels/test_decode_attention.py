@@ -129,40 +129,6 @@ def test_stale_entries_inside_last_tile_are_masked() -> None:
     np.testing.assert_allclose(np.asarray(out_stale), np.asarray(out_clean), atol=1e-6)
 
 
-def _check_layer_indexed(*, interpret: bool) -> None:
-    """A whole-model cache [L, B, K, S, H] + traced layer == the per-layer [B, K, S, H] call."""
-    n_layers, batch, n_heads, n_kv, max_len, head_dim = 3, 3, 8, 2, 64, 64
-    rng = np.random.default_rng(7)
-    shape = (n_layers, batch, n_kv, max_len, head_dim)  # [L, B, K, S, H]
-    k = jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)
-    v = jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)
-    q = jnp.asarray(rng.standard_normal((batch, n_heads, head_dim), np.float32), jnp.bfloat16)
-    lengths = jnp.array([0, 23, max_len], jnp.int32)
-    step = jax.jit(
-        lambda q, k, v, lengths, layer: ragged_decode_attention(
-            q, k, v, lengths, layer=layer, block_k=16, num_splits=2, interpret=interpret
-        )
-    )
-    atol, rtol = tolerance(jnp.bfloat16, gpu=not interpret)
-    for layer in range(n_layers):
-        out = step(q, k, v, lengths, jnp.int32(layer))
-        ref = _reference(q, k[layer], v[layer], lengths)
-        np.testing.assert_allclose(
-            np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=atol, rtol=rtol,
-            err_msg=f"{layer=}",
-        )  # fmt: skip
-
-
-def test_layer_indexed_cache_matches_per_layer() -> None:
-    _check_layer_indexed(interpret=True)
-
-
-def test_layer_needs_rank5_cache() -> None:
-    q, k, v = decode_inputs(0, 2, 4, 2, 32, 16, jnp.float32)
-    with pytest.raises(ValueError, match="rank 5"):
-        ragged_decode_attention(q, k, v, jnp.array([1, 2], jnp.int32), layer=0, block_k=16)
-
-
 def test_works_inside_jit_with_traced_lengths() -> None:
     q, k, v = decode_inputs(3, 3, 8, 2, 64, 64, jnp.bfloat16)
 
@@ -229,6 +195,3 @@ class TestCompiledOnGPU:
     @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
     def test_kernel_matches_reference(self, case: Case) -> None:
         _run(case, interpret=False)
-
-    def test_layer_indexed_cache_matches_per_layer(self) -> None:
-        _check_layer_indexed(interpret=False)

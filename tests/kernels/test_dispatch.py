@@ -4,6 +4,7 @@ prefill/decode paths giving the same answer through the kernels as through the r
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 
 import jax
@@ -104,23 +105,37 @@ def test_interpret_runs_the_prefill_kernel() -> None:
     )
 
 
-@pytest.mark.parametrize("impl", ["reference", "pallas_interpret"])
-def test_decode_with_layer_index(impl: str) -> None:
-    rng = np.random.default_rng(8)
-    shape = (2, 3, 2, 32, 16)  # [L, B, K, S, H]
-    k = jnp.asarray(rng.standard_normal(shape, np.float32))
-    v = jnp.asarray(rng.standard_normal(shape, np.float32))
-    q = jnp.asarray(rng.standard_normal((3, 4, 16), np.float32))
-    lengths = jnp.array([0, 5, 32], jnp.int32)
-    run = jax.jit(
-        lambda q, k, v, n, layer: kernels.decode_attention(q, k, v, n, impl=impl, layer=layer)
-    )
-    assert _uses_pallas(run, q, k, v, lengths, jnp.int32(1)) == (impl == "pallas_interpret")
-    out = run(q, k, v, lengths, jnp.int32(1))
-    ref = _decode_reference(q, k[1], v[1], lengths)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
-    with pytest.raises(ValueError, match=r"\[L, B, K, S, H\]"):
-        kernels.decode_attention(q, k[1], v[1], lengths, impl=impl, layer=1)
+@pytest.mark.parametrize(
+    "lengths",
+    [[0, 0, 0], [1, 0, 3], [64, 5, 1], [65, 2, 7], [300, 0, 1], [512, 512, 0], [500, 70, 129]],
+    ids=lambda n: f"{n}",
+)
+def test_cpu_reference_reads_only_each_slots_prefix_and_equals_the_spec(
+    lengths: list[int],
+) -> None:
+    # On CPU every slot reads its own prefix (per_slot_length_buckets); NaN past a slot's
+    # prefix proves it is never read (the spec masks, but would still see NaN * 0).
+    sizes = dispatch.per_slot_length_buckets(512)
+    assert sizes == (64, 128, 192, 256, 320, 384, 448, 512)
+    q, k, v = decode_inputs(3, 3, 4, 2, 512, 16, jnp.float32)
+    n = jnp.asarray(lengths, jnp.int32)
+    poisoned_k, poisoned_v = k, v
+    for slot, length in enumerate(lengths):
+        prefix = next(size for size in sizes if size >= length)
+        poisoned_k = poisoned_k.at[slot, :, prefix:].set(jnp.nan)
+        poisoned_v = poisoned_v.at[slot, :, prefix:].set(jnp.nan)
+    run = jax.jit(lambda q, k, v, n: kernels.decode_attention(q, k, v, n, impl="reference"))
+    out = np.asarray(run(q, poisoned_k, poisoned_v, n))
+    expected = np.asarray(_decode_reference(q, k, v, n))
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_per_slot_buckets_grow_four_per_octave_past_512() -> None:
+    sizes = dispatch.per_slot_length_buckets(8192)
+    assert sizes[:9] == (64, 128, 192, 256, 320, 384, 448, 512, 640)
+    assert sizes[-1] == 8192 and list(sizes) == sorted(set(sizes))
+    assert all(b / a <= 1.25 for a, b in itertools.pairwise(sizes[7:]))
+    assert dispatch.per_slot_length_buckets(100) == (64, 100)
 
 
 @pytest.mark.parametrize(
@@ -128,26 +143,16 @@ def test_decode_with_layer_index(impl: str) -> None:
     [[0, 0, 0], [1, 0, 3], [128, 5, 1], [129, 2, 7], [300, 0, 1], [512, 512, 0]],
     ids=lambda n: f"max={max(n)}",
 )
-@pytest.mark.parametrize("with_layer", [False, True], ids=["slot-cache", "layer-index"])
-def test_reference_reads_only_the_needed_prefix_and_equals_the_spec(
-    lengths: list[int], with_layer: bool
+def test_accelerator_reference_reads_only_the_batch_prefix_and_equals_the_spec(
+    lengths: list[int],
 ) -> None:
-    # S=512 gives prefix buckets (128, 256, 512); NaN beyond the longest slot proves the
-    # chosen prefix never reaches past it (the spec masks, it would still see NaN*0).
+    # Off CPU one prefix serves the whole batch: the power of two holding the longest slot.
     assert dispatch.reference_length_buckets(512) == (128, 256, 512)
     q, k, v = decode_inputs(3, 3, 4, 2, 512, 16, jnp.float32)
     n = jnp.asarray(lengths, jnp.int32)
     bucket = next(size for size in (128, 256, 512) if size >= max(lengths))
     poisoned_k, poisoned_v = k.at[:, :, bucket:].set(jnp.nan), v.at[:, :, bucket:].set(jnp.nan)
-    if with_layer:  # [L, B, K, S, H] with the poisoned cache at layer 1
-        poisoned_k = jnp.stack([k, poisoned_k])
-        poisoned_v = jnp.stack([v, poisoned_v])
-    run = jax.jit(
-        lambda q, k, v, n: kernels.decode_attention(
-            q, k, v, n, impl="reference", layer=1 if with_layer else None
-        )
-    )
-    out = np.asarray(run(q, poisoned_k, poisoned_v, n))
+    out = np.asarray(jax.jit(dispatch._batch_prefix_reference)(q, poisoned_k, poisoned_v, n))
     expected = np.asarray(_decode_reference(q, k, v, n))
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
 
@@ -219,10 +224,12 @@ def test_model_decode_kernel_path_matches_reference(tiny_models) -> None:
     cfg, ref, ker = tiny_models
     slots, max_len = 3, 32
     rng = np.random.default_rng(5)
-    shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.head_dim)  # [L, B, K, S, H]
+    shape = (slots, cfg.n_kv_heads, max_len, cfg.head_dim)  # [B, K, S, H] per layer
     cache = KVCache(
-        jnp.asarray(rng.standard_normal(shape, np.float32)),
-        jnp.asarray(rng.standard_normal(shape, np.float32)),
+        *(
+            tuple(jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(cfg.n_layers))
+            for _ in "kv"
+        )
     )
     tokens = jnp.asarray([5, 17, 63], jnp.int32)
     lengths = jnp.asarray([0, 9, max_len - 1], jnp.int32)  # empty slot, ragged, last index
@@ -230,7 +237,7 @@ def test_model_decode_kernel_path_matches_reference(tiny_models) -> None:
     logits_ref, cache_ref = ref.decode(tokens, cache, lengths)
     logits_ker, cache_ker = ker.decode(tokens, cache, lengths)
     np.testing.assert_allclose(np.asarray(logits_ker), np.asarray(logits_ref), atol=1e-4, rtol=1e-4)
-    for a, b in zip(cache_ker, cache_ref, strict=True):
+    for a, b in zip(jax.tree.leaves(cache_ker), jax.tree.leaves(cache_ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 

@@ -47,16 +47,6 @@ def test_decode_lowers_to_triton(case) -> None:
     assert _triton_calls(fn, q, cache, cache, Spec((case.batch,), jnp.int32)) == 1
 
 
-def test_layer_indexed_decode_lowers_to_triton() -> None:
-    cache = Spec((16, 8, 8, 4096, 128), jnp.bfloat16)  # [L, B, K, S, H]
-    q = Spec((8, 32, 128), jnp.bfloat16)
-
-    def fn(q, k, v, lengths, layer):
-        return ragged_decode_attention(q, k, v, lengths, layer=layer)
-
-    assert _triton_calls(fn, q, cache, cache, Spec((8,), jnp.int32), Spec((), jnp.int32)) == 1
-
-
 @pytest.mark.parametrize("case", list(dict.fromkeys(PREFILL_GPU_CASES)), ids=lambda c: c.id)
 def test_prefill_lowers_to_triton(case) -> None:
     dtype = jnp.dtype(case.dtype)

@@ -43,9 +43,7 @@ def run_prefill_then_decode(model, cfg, tokens, prompt_lens, max_len):
     )
     prefill_logits, kv = prefill(params, padded)
     cache = init_cache(cfg, batch, max_len)
-    cache = cache._replace(
-        k=cache.k.at[:, :, :, :pad_to].set(kv.k), v=cache.v.at[:, :, :, :pad_to].set(kv.v)
-    )
+    cache = jax.tree.map(lambda layer, prefix: layer.at[:, :, :pad_to].set(prefix), cache, kv)
     lengths = jnp.array(prompt_lens, jnp.int32)
     decoded = {}
     for _ in range(total - min(prompt_lens)):

@@ -199,7 +199,7 @@ def test_tensor_parallel_matches_single_device(model, engine, tokenizer) -> None
         max_slots=4, max_prompt_len=32, min_prefill_bucket=8, tensor_parallel=0))  # fmt: skip
     tp_engine.warmup()
     assert tp_engine.tensor_parallel == 2
-    wq = tp_engine.params["layers"]["wq"][...]
+    wq = tp_engine.layer_weights[0]["wq"]
     assert len(wq.sharding.device_set) == 2  # really sharded
     requests = [
         (tokenizer.encode(p), SamplingParams(max_tokens=8, ignore_eos=True, temperature=t, seed=3))

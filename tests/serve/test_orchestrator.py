@@ -117,10 +117,11 @@ def test_continuous_batching_admits_between_steps(tokenizer) -> None:
     assert orch.active_slots == 2 and orch.queue_depth == 1  # both slots busy, one waits
     for _ in range(3):
         orch.step()
-    assert short.last.finish_reason == "stop"
+    assert short.last.finish_reason == "stop" and not queued.outputs
+    orch.step()  # the slot freed while handling the last step is refilled on the next one
     assert queued.outputs and not long.last.final  # admitted into the freed slot mid-run
     late, _ = _submit(orch, tokenizer, "d")  # arrives while `long` still decodes
-    for _ in range(4):
+    for _ in range(5):
         orch.step()
     assert queued.text == "cccc"
     assert late.text == "d" and not long.last.final
