@@ -222,11 +222,11 @@ def _per_slot_reference(q, k_cache, v_cache, lengths) -> jax.Array:
         return attend
 
     branches = [prefix(s) for s in sizes]
+    indices = _bucket_index(sizes, lengths)  # [B], once: not a search per loop iteration
 
     def one_slot(slot, out):
-        index = _bucket_index(sizes, lengths[slot])
         return jax.lax.dynamic_update_slice_in_dim(
-            out, jax.lax.switch(index, branches, slot), slot, 0
+            out, jax.lax.switch(indices[slot], branches, slot), slot, 0
         )
 
     return jax.lax.fori_loop(0, batch, one_slot, jnp.zeros_like(q))
