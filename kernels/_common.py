@@ -70,3 +70,8 @@ def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
 def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
     """a @ b with fp32 accumulation: [M, C] x [C, N] -> [M, N]."""
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a.T @ b with fp32 accumulation: [C, M] x [C, N] -> [M, N] (a tl.dot with trans_a)."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)

@@ -60,6 +60,21 @@ def test_prefill_lowers_to_triton(case) -> None:
     assert _triton_calls(fn, q, kv, kv, seg) == 1
 
 
+@pytest.mark.parametrize("case", list(dict.fromkeys(PREFILL_GPU_CASES)), ids=lambda c: c.id)
+def test_prefill_backward_lowers_to_triton(case) -> None:
+    """jax.grad runs three kernels: the forward (saving the log-sum-exp), dK/dV and dQ."""
+    dtype = jnp.dtype(case.dtype)
+    q = Spec((case.batch, case.seq, case.n_heads, case.head_dim), dtype)
+    kv = Spec((case.batch, case.seq, case.n_kv, case.head_dim), dtype)
+    seg = Spec((case.batch, case.seq), jnp.int32) if case.segments else None
+
+    def loss(q, k, v, seg):
+        out = flash_attention(q, k, v, segment_ids=seg, block_q=case.block_q, block_k=case.block_k)
+        return out.astype(jnp.float32).sum()
+
+    assert _triton_calls(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, seg) == 3
+
+
 def test_cases_cover_the_interpret_sweep() -> None:
     """Every shape the CPU tests check numerically is also checked to lower for CUDA."""
     assert set(DECODE_CASES) <= set(DECODE_GPU_CASES)
