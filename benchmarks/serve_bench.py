@@ -276,13 +276,16 @@ def save_random_hf_llama(cfg: Any, directory: Path, seed: int) -> Path:
 
 
 def hf_generate_baseline(
-    hf_dir: Path, requests: list[BenchRequest], batch_size: int, pad_id: int
+    hf_dir: Path, requests: list[BenchRequest], batch_size: int, pad_id: int, dtype: str
 ) -> tuple[list[RequestResult], float]:
-    """Batched `generate` (greedy, static batches, left padding) over the workload."""
+    """Batched `generate` (greedy, static batches, left padding) over the workload, on the
+    GPU when torch sees one (as tandem's engine runs on it), else on the CPU."""
     import torch
     import transformers
 
-    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
     results: list[RequestResult] = []
 
     def run_batch(batch: list[BenchRequest]) -> None:
@@ -294,17 +297,18 @@ def hf_generate_baseline(
             mask[i, width - len(r.prompt_ids) :] = 1
         new = max(r.output_len for r in batch)
         with torch.inference_mode():
-            model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                do_sample=False, pad_token_id=pad_id,
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                min_new_tokens=new, do_sample=False, pad_token_id=pad_id,
             )  # fmt: skip
+        out.cpu()  # waits for the device
 
     # torch's intra-op threads can thrash on a small, busy CPU (2 threads here ran ~30x
     # slower than 1): time a short batch at each thread count and keep the fastest, so the
     # baseline is HF at its best, not at its default.
     probe = [dataclasses.replace(r, output_len=min(r.output_len, 8)) for r in requests[:batch_size]]
     timings = {}
-    for threads in sorted({1, max(1, os.cpu_count() or 1)}):
+    for threads in sorted({1, max(1, os.cpu_count() or 1)}) if device == "cpu" else [1]:
         torch.set_num_threads(threads)
         run_batch(probe)  # warm-up at this setting
         t = time.perf_counter()
@@ -344,7 +348,7 @@ def _build_engine(args: argparse.Namespace, serve_cfg: Any) -> Any:
         if args.hf_dir is None:
             cfg = load_config(ModelConfig, args.model, args.model_set)
             args.hf_dir = save_random_hf_llama(cfg, work / "hf", args.seed)
-        bundle = import_hf(args.hf_dir, work / "bundle", dtype="float32")
+        bundle = import_hf(args.hf_dir, work / "bundle", dtype=args.hf_dtype)
         return JaxEngine.from_bundle(bundle, serve_cfg)
     from flax import nnx
 
@@ -384,6 +388,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-compare", action="store_true", help="also run transformers generate")
     p.add_argument("--hf-dir", type=Path, default=None, help="HF Llama dir (else random)")
     p.add_argument("--hf-batch-size", type=int, default=None, help="default: --max-slots")
+    p.add_argument(
+        "--hf-dtype", default="float32", choices=["float32", "bfloat16"],
+        help="weights of both stacks with --hf-compare (bfloat16 on a GPU)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
     return p
@@ -463,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             results, duration = pool.apply(
                 hf_generate_baseline,
                 (Path(args.hf_dir), requests, args.hf_batch_size or args.max_slots,
-                 engine.tokenizer.pad_id),
+                 engine.tokenizer.pad_id, args.hf_dtype),
             )  # fmt: skip
         summary = summarize(results, duration, {})
         for key in ("ttft_ms", "tpot_ms", "itl_ms"):

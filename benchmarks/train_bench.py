@@ -68,6 +68,7 @@ def bench(preset: str, overrides: list[str], steps: int, warmup: int) -> dict:
     B, T = SHAPES.get(preset, SHAPES["tiny"])[platform_kind]
     base = [f"batch_size={B}", f"seq_len={T}", "run_dir=/tmp/tandem-train-bench"]
     cfg = load_config(TrainConfig, preset, [*base, *overrides])
+    B, T = cfg.batch_size, cfg.seq_len  # overrides may change the preset's shape
     mesh = make_mesh(cfg)
     trainer = Trainer(cfg, mesh)
     state = trainer.init_state(cfg.seed)
