@@ -223,10 +223,14 @@ class Transformer(nnx.Module):
         self,
         tokens: jax.Array,  # [B, T] int32, right-padded prompts
         layers: Sequence[LayerWeights] | None = None,
-    ) -> tuple[jax.Array, KVCache]:  # [B, T, V] float32, KVCache L x [B, K, T, H]
+        logits_at: jax.Array | None = None,  # [B] int32: the one position whose logits to return
+    ) -> tuple[jax.Array, KVCache]:  # [B, T, V] (or [B, V]) float32, KVCache L x [B, K, T, H]
         """Prompt forward from position 0 returning every position's K/V. Causality means
         right-padding never changes the real positions' logits or K/V. `layers`: per-layer
-        weights to use instead of this module's stacked ones (see `unstack_layers`)."""
+        weights to use instead of this module's stacked ones (see `unstack_layers`).
+        `logits_at` (a server wants only the last prompt token's logits) applies the LM head
+        to that position alone: [T, D] x [D, V] would otherwise cost as much as a layer or
+        more (a 128k vocabulary)."""
         cfg = self.cfg
         batch, seq = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
@@ -239,6 +243,9 @@ class Transformer(nnx.Module):
             x = _layer_output(cfg, x, out, p)
             ks.append(k.swapaxes(1, 2))  # [B, T, K, H] -> [B, K, T, H]: the cache layout
             vs.append(v.swapaxes(1, 2))
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
+            return self._logits(x)[:, 0], KVCache(tuple(ks), tuple(vs))
         return self._logits(x), KVCache(tuple(ks), tuple(vs))
 
     def decode(

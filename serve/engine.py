@@ -248,8 +248,7 @@ class JaxEngine(Engine[DecodeState]):
     def _prefill_fn(self, weights, tokens, true_len, slot: _Slot):
         """tokens [1, T] right-padded; true_len [] int32 -> (KVCache L x [1,K,T,H], row [1, C])."""
         model, layers = self._model(weights)
-        logits, kv = model.prefill(tokens, layers)  # [1, T, V]
-        last = jax.lax.dynamic_index_in_dim(logits[0], true_len - 1, axis=0, keepdims=True)
+        last, kv = model.prefill(tokens, layers, logits_at=true_len[None] - 1)  # [1, V]
         positions = true_len[None]  # [1] position of the token being sampled
         token = sample(last, slot.temperature, slot.top_k, slot.top_p, slot.seeds, positions)
         chosen, top_ids, top_lps = logprobs_of(last, token, self.max_logprobs)

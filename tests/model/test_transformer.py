@@ -72,6 +72,19 @@ def test_prefill_and_decode_reproduce_the_full_forward(dtype):
         np.testing.assert_allclose(logits, full[b, pos], atol=tol, rtol=0)
 
 
+def test_prefill_logits_at_returns_those_positions_only():
+    """What the server asks for: each prompt's last-token logits, same K/V as without."""
+    cfg, model = make()
+    tokens = jax.random.randint(jax.random.key(4), (3, 12), 0, cfg.vocab_size)
+    last = jnp.array([4, 11, 0], jnp.int32)
+    all_logits, kv = jax.jit(lambda t: model.prefill(t))(tokens)
+    at_last, kv_at = jax.jit(lambda t, i: model.prefill(t, logits_at=i))(tokens, last)
+    assert at_last.shape == (3, cfg.vocab_size)
+    np.testing.assert_allclose(at_last, all_logits[jnp.arange(3), last], atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(kv), jax.tree.leaves(kv_at), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_segment_ids_keep_packed_documents_apart():
     cfg, model = make()
     doc_a = jax.random.randint(jax.random.key(2), (1, 6), 0, cfg.vocab_size)
