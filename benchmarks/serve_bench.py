@@ -14,7 +14,10 @@ Metrics follow vLLM's definitions:
   goodput: requests per second that met EVERY SLO given (--slo-ttft-ms ...).
 
 One run compares scheduling modes on the SAME warmed engine (default: continuous vs
-static batching), printing one JSON line per mode and comparison lines. With --hf-compare
+static batching), printing one JSON line per mode and comparison lines. Mode `offline`
+drives the continuous-batching orchestrator in-process with every request queued at t=0
+and no gRPC or client (like `vllm bench throughput`): the ceiling of engine + scheduler
+that the served modes are measured against. With --hf-compare
 it also runs Hugging Face `transformers` `generate` (static batches of --hf-batch-size,
 left-padded, greedy, each batch decoding to its longest requested output) on the SAME
 weights: a random LlamaForCausalLM built locally and imported with model/hf.py (or
@@ -196,6 +199,47 @@ def _load_process(
     )
 
 
+def offline_run(engine: Any, requests: list[BenchRequest]) -> tuple[list[RequestResult], float]:
+    """Every request queued at t=0 on an in-process continuous-batching orchestrator, stepped
+    on this thread until all finish; token times are taken when the orchestrator emits them."""
+    from serve.orchestrator import Orchestrator
+    from serve.sampling import SamplingParams
+
+    orch = Orchestrator(engine, max_queue=len(requests), mode="continuous")
+    results: list[RequestResult] = []
+    unfinished = [len(requests)]
+    t0 = time.perf_counter()
+
+    def sink_for(res: RequestResult, want: int):
+        last = [t0]
+
+        def sink(out: Any) -> None:
+            now = time.perf_counter()
+            if out.token_ids:
+                if res.output_tokens == 0:
+                    res.ttft = now - t0
+                else:
+                    res.itl.append(now - last[0])
+                res.output_tokens += len(out.token_ids)
+                last[0] = now
+            if out.final:
+                res.e2e = last[0] - t0
+                res.ok = out.error is None and res.output_tokens == want
+                res.error = out.error.code if out.error is not None else ""
+                unfinished[0] -= 1
+
+        return sink
+
+    for req in requests:
+        res = RequestResult(ok=False, start=t0, prompt_tokens=len(req.prompt_ids))
+        results.append(res)
+        params = SamplingParams(max_tokens=req.output_len, ignore_eos=True)
+        orch.submit(list(req.prompt_ids), params, sink_for(res, req.output_len))
+    while unfinished[0]:
+        orch.step()
+    return results, time.perf_counter() - t0
+
+
 def _pct(values: list[float]) -> dict[str, float]:
     arr = np.asarray([v for v in values if not math.isnan(v)], np.float64) * 1000.0
     if arr.size == 0:
@@ -367,7 +411,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default=None, help="bundle to serve (else a random --model)")
     p.add_argument("--model", default="tiny", help="ModelConfig preset/file when no bundle")
     p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--modes", default="continuous,static", help="comma list: continuous,static")
+    p.add_argument(
+        "--modes", default="continuous,static", help="comma list: continuous,static,offline"
+    )
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--request-rate", type=float, default=math.inf, help="req/s (inf = burst)")
     p.add_argument("--max-concurrency", type=int, default=None)
@@ -398,12 +444,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := sorted(set(modes) - {"continuous", "static", "offline"}):
+        parser.error(f"--modes: unknown {unknown}; allowed continuous, static, offline")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from serve.config import ServeConfig
     from serve.server import BackgroundServer, TandemServer
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     base = ServeConfig(
         max_slots=args.max_slots,
         max_len=args.max_len,
@@ -439,6 +488,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     lines = []
     for mode in modes:
+        if mode == "offline":
+            results, duration = offline_run(engine, requests)
+            lines.append(
+                {
+                    "bench": "serve",
+                    "mode": mode,
+                    "backend": "tandem-in-process",
+                    "num_requests": len(requests),
+                    "max_slots": engine.max_slots,
+                    **summarize(results, duration, slo),
+                }
+            )
+            continue
         cfg = dataclasses.replace(engine.serve_cfg, mode=mode, max_queue=base.max_queue)
         # The load generator runs in its own process (as `vllm bench serve` does), so the
         # client's Python never competes with the server for the GIL.
@@ -506,6 +568,15 @@ def main(argv: list[str] | None = None) -> int:
                 "comparison": "tandem_continuous_vs_hf_generate",
                 "output_throughput_ratio": c["output_throughput"] / h["output_throughput"],
                 "e2e_p50_ratio": c["e2e_ms"]["p50"] / h["e2e_ms"]["p50"],
+            }
+        )
+    if "offline" in by_mode and "hf_generate" in by_mode:
+        o, h = by_mode["offline"], by_mode["hf_generate"]
+        lines.append(
+            {
+                "bench": "serve",
+                "comparison": "tandem_offline_vs_hf_generate",
+                "output_throughput_ratio": o["output_throughput"] / h["output_throughput"],
             }
         )
     for line in lines:

@@ -49,3 +49,30 @@ def test_continuous_vs_static_run(tmp_path: Path, capsys) -> None:
     # same workload in both modes: the same useful tokens
     assert modes["continuous"]["total_output_tokens"] == modes["static"]["total_output_tokens"]
     assert any(x.get("comparison") == "continuous_vs_static" for x in lines)
+
+
+def test_offline_mode_runs_in_process(tmp_path: Path) -> None:
+    """`offline` (no gRPC) serves the same workload to completion, with token timings."""
+    bench = _load_bench()
+    out = tmp_path / "bench.jsonl"
+    rc = bench.main(
+        [
+            "--model-set", "d_model=64", "--model-set", "n_layers=2", "--model-set", "d_ff=128",
+            "--model-set", "head_dim=16", "--model-set", "vocab_size=320",
+            "--model-set", "max_seq_len=64", "--modes", "offline,continuous",
+            "--max-slots", "4", "--max-prompt-len", "16", "--num-requests", "10",
+            "--input-len", "4:16", "--output-len", "2:40", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    modes = {x["mode"]: x for x in map(json.loads, out.read_text().splitlines()) if "mode" in x}
+    offline = modes["offline"]
+    assert offline["backend"] == "tandem-in-process"
+    assert offline["completed"] == 10 and offline["failed"] == 0
+    assert offline["total_output_tokens"] == modes["continuous"]["total_output_tokens"]
+    assert offline["ttft_ms"]["p50"] > 0 and offline["tpot_ms"]["p50"] > 0
+
+
+def test_unknown_mode_is_rejected() -> None:
+    with pytest.raises(SystemExit):
+        _load_bench().main(["--modes", "continuous,turbo"])
