@@ -549,36 +549,25 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     by_mode = {line["mode"]: line for line in lines}
-    if "continuous" in by_mode and "static" in by_mode:
-        c, s = by_mode["continuous"], by_mode["static"]
-        lines.append(
-            {
-                "bench": "serve",
-                "comparison": "continuous_vs_static",
-                "output_throughput_ratio": c["output_throughput"] / s["output_throughput"],
-                "request_throughput_ratio": c["request_throughput"] / s["request_throughput"],
-                "ttft_p50_ratio": c["ttft_ms"]["p50"] / s["ttft_ms"]["p50"],
-            }
-        )
-    if "continuous" in by_mode and "hf_generate" in by_mode:
-        c, h = by_mode["continuous"], by_mode["hf_generate"]
-        lines.append(
-            {
-                "bench": "serve",
-                "comparison": "tandem_continuous_vs_hf_generate",
-                "output_throughput_ratio": c["output_throughput"] / h["output_throughput"],
-                "e2e_p50_ratio": c["e2e_ms"]["p50"] / h["e2e_ms"]["p50"],
-            }
-        )
-    if "offline" in by_mode and "hf_generate" in by_mode:
-        o, h = by_mode["offline"], by_mode["hf_generate"]
-        lines.append(
-            {
-                "bench": "serve",
-                "comparison": "tandem_offline_vs_hf_generate",
-                "output_throughput_ratio": o["output_throughput"] / h["output_throughput"],
-            }
-        )
+    # (name, numerator mode, denominator mode, ratios beyond output throughput)
+    comparisons = (
+        ("continuous_vs_static", "continuous", "static",
+         {"request_throughput_ratio": "request_throughput", "ttft_p50_ratio": "ttft_ms"}),
+        ("tandem_continuous_vs_hf_generate", "continuous", "hf_generate",
+         {"e2e_p50_ratio": "e2e_ms"}),
+        ("tandem_offline_vs_hf_generate", "offline", "hf_generate", {}),
+    )  # fmt: skip
+    for name, num, den, extra in comparisons:
+        if num in by_mode and den in by_mode:
+            a, b = by_mode[num], by_mode[den]
+            line = {"bench": "serve", "comparison": name}
+            line["output_throughput_ratio"] = a["output_throughput"] / b["output_throughput"]
+            for key, metric in extra.items():
+                if isinstance(a[metric], dict):  # latency percentiles: compare the p50s
+                    line[key] = a[metric]["p50"] / b[metric]["p50"]
+                else:
+                    line[key] = a[metric] / b[metric]
+            lines.append(line)
     for line in lines:
         text = json.dumps(line, default=float)
         sys.stdout.write(text + "\n")
