@@ -428,6 +428,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=0, help="0 = model max_seq_len")
     p.add_argument("--max-prompt-len", type=int, default=0)
     p.add_argument("--static-batch-wait-s", type=float, default=0.05)
+    p.add_argument(
+        "--stream-interval", type=int, default=1, help="tokens per streamed message (server)"
+    )
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
     p.add_argument("--slo-e2e-ms", type=float, default=None)
@@ -459,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         max_prompt_len=args.max_prompt_len,
         max_queue=max(64, args.num_requests),
         static_batch_wait_s=args.static_batch_wait_s,
+        stream_interval=args.stream_interval,
     )
     engine = _build_engine(args, base)
     t0 = time.perf_counter()

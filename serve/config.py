@@ -33,6 +33,8 @@ class ServeConfig:
     mode: Literal["continuous", "static"] = "continuous"  # static: benchmark baseline only
     static_batch_wait_s: float = 0.05  # static mode: wait this long to fill a batch
     max_prefills_per_step: int = 0  # continuous: prefills between two decode steps; 0 = any
+    stream_interval: int = 1  # tokens per streamed message (vLLM/SGLang's stream interval);
+    # the first token and the final message are never held back
 
     def __post_init__(self) -> None:
         _require(self.max_slots >= 1, "max_slots", self.max_slots, ">= 1")
@@ -69,6 +71,8 @@ class ServeConfig:
             self.max_prefills_per_step,
             ">= 0",
         )
+
+        _require(self.stream_interval >= 1, "stream_interval", self.stream_interval, ">= 1")
 
     def resolve(self, model_max_len: int) -> ServeConfig:
         """Fills the derived sizes from the model's context length."""

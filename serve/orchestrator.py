@@ -68,6 +68,22 @@ class Output:
         return bool(self.finish_reason) or self.error is not None
 
 
+def merge_outputs(outs: Sequence[Output]) -> Output:
+    """Consecutive outputs of one request as one message (text and tokens concatenated, the
+    last one's finish reason and usage)."""
+    if len(outs) == 1:
+        return outs[0]
+    merged = Output()
+    for o in outs:
+        merged.text += o.text
+        merged.token_ids += o.token_ids
+        merged.logprobs += o.logprobs
+    last = outs[-1]
+    merged.finish_reason, merged.matched_stop = last.finish_reason, last.matched_stop
+    merged.prompt_tokens, merged.completion_tokens = last.prompt_tokens, last.completion_tokens
+    return merged
+
+
 Sink = Callable[[Output], None]
 DetokFactory = Callable[[Any], Any]
 
@@ -93,6 +109,7 @@ class _Request:
         "slot",
         "stop_ids",
         "stream",
+        "unsent",
     )
 
     def __init__(self, rid, prompt_ids, params, seed, sink, deadline, stream, stop_ids, now):
@@ -109,6 +126,7 @@ class _Request:
         self.generated = 0
         self.slot: int | None = None
         self.cancelled = False
+        self.unsent: list[Output] = []  # tokens held back by stream_interval
 
 
 class RequestHandle:
@@ -136,6 +154,7 @@ class Orchestrator:
         mode: str = "continuous",
         static_batch_wait_s: float = 0.05,
         max_prefills_per_step: int = 0,
+        stream_interval: int = 1,
         metrics: ServeMetrics | None = None,
         detokenizer_factory: DetokFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -149,6 +168,9 @@ class Orchestrator:
         self.mode = mode
         self.static_batch_wait_s = static_batch_wait_s
         self.max_prefills_per_step = max_prefills_per_step
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval={stream_interval!r} is invalid: must be >= 1")
+        self.stream_interval = stream_interval
         self.metrics = metrics
         self._detok = detokenizer_factory or _default_detokenizer
         self._clock = clock
@@ -422,6 +444,11 @@ class Orchestrator:
                     tokens=req.generated,
                 )
                 self.metrics.count_request("OK")
+        if not first and not emit.finish_reason and self.stream_interval > 1:
+            req.unsent.append(emit)  # the first token and the last message go at once
+            if len(req.unsent) < self.stream_interval:
+                return True
+            emit = Output()
         self._deliver(req, emit)
         return not emit.finish_reason
 
@@ -448,6 +475,17 @@ class Orchestrator:
         )
 
     def _deliver(self, req: _Request, out: Output) -> None:
+        """Sends `out` with any tokens stream_interval held back in front (before an error,
+        as a message of their own: what was generated before a failure is still delivered)."""
+        if req.unsent:
+            held, req.unsent = merge_outputs(req.unsent), []
+            if out.error is None:
+                out = merge_outputs([held, out])
+            else:
+                self._send(req, held)
+        self._send(req, out)
+
+    def _send(self, req: _Request, out: Output) -> None:
         try:
             req.sink(out)
         except Exception:

@@ -21,7 +21,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -35,7 +35,7 @@ from proto.tandem.v1 import generate_pb2 as pb
 from serve.config import ServeConfig
 from serve.engine_api import Engine
 from serve.metrics import ServeMetrics
-from serve.orchestrator import Orchestrator, Output, RequestError
+from serve.orchestrator import Orchestrator, Output, RequestError, merge_outputs
 from serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -100,21 +100,6 @@ def _to_response(out: Output, request_id: str) -> pb.GenerateResponse:
         resp.usage.prompt_tokens = out.prompt_tokens
         resp.usage.completion_tokens = out.completion_tokens
     return resp
-
-
-def _merge(outs: Sequence[Output]) -> Output:
-    """Coalesces consecutive outputs (a slow reader gets fewer, larger messages)."""
-    if len(outs) == 1:
-        return outs[0]
-    merged = Output()
-    for o in outs:
-        merged.text += o.text
-        merged.token_ids += o.token_ids
-        merged.logprobs += o.logprobs
-    last = outs[-1]
-    merged.finish_reason, merged.matched_stop = last.finish_reason, last.matched_stop
-    merged.prompt_tokens, merged.completion_tokens = last.prompt_tokens, last.completion_tokens
-    return merged
 
 
 class GenerationService:
@@ -240,7 +225,7 @@ class GenerationService:
                 if err is not None:
                     outs.pop()  # what was decoded before the error is still delivered
                 if outs:
-                    out = _merge(outs)
+                    out = merge_outputs(outs)
                     finished = out.final
                     yield _to_response(out, req.request_id)
                 if err is not None:
@@ -261,7 +246,7 @@ class GenerationService:
                 handle.cancel()
         if outs[-1].error is not None:
             await context.abort(grpc.StatusCode[outs[-1].error.code], outs[-1].error.message)
-        return _to_response(_merge(outs), req.request_id)
+        return _to_response(merge_outputs(outs), req.request_id)
 
     async def tokenize(self, req: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -370,6 +355,7 @@ class TandemServer:
             mode=cfg.mode,
             static_batch_wait_s=cfg.static_batch_wait_s,
             max_prefills_per_step=cfg.max_prefills_per_step,
+            stream_interval=cfg.stream_interval,
             metrics=self.metrics,
             detokenizer_factory=detokenizer_factory,
         )

@@ -157,6 +157,39 @@ def test_cancel_running_frees_slot_within_one_step(tokenizer) -> None:
     assert not orch._state.active.any()
 
 
+def test_stream_interval_groups_tokens_first_and_last_at_once(tokenizer) -> None:
+    text = "stream me in chunks, please"
+    plain, _ = _orch(tokenizer)
+    want, _ = _submit(plain, tokenizer, text)
+    _drain(plain)
+    orch, _ = _orch(tokenizer, stream_interval=4)
+    sink, _ = _submit(orch, tokenizer, text)
+    _drain(orch)
+    assert sink.tokens == want.tokens and sink.text == want.text
+    sizes = [len(o.token_ids) for o in sink.outputs]
+    assert sizes[0] == 1  # the first token is never held back (TTFT)
+    assert all(n == 4 for n in sizes[1:-1]) and 1 <= sizes[-1] <= 4
+    assert sink.last.finish_reason == "stop" and sink.last.completion_tokens == len(want.tokens)
+
+
+def test_stream_interval_delivers_held_tokens_before_an_error(tokenizer) -> None:
+    orch, _ = _orch(tokenizer, max_slots=1, stream_interval=8)
+    sink, handle = _submit(orch, tokenizer, "x" * 50)
+    for _ in range(5):  # first token sent, four more held back
+        orch.step()
+    assert sum(len(o.token_ids) for o in sink.outputs) == 1
+    handle.cancel()
+    orch.step()
+    assert sink.last.error is not None and sink.last.error.code == "CANCELLED"
+    assert not sink.last.token_ids  # the error is a message of its own ...
+    assert len(sink.tokens) == sink.last.completion_tokens >= 4  # ... after every token made
+
+
+def test_stream_interval_must_be_positive(tokenizer) -> None:
+    with pytest.raises(ValueError, match="stream_interval"):
+        _orch(tokenizer, stream_interval=0)
+
+
 def test_cancel_queued_request(tokenizer) -> None:
     orch, engine = _orch(tokenizer, max_slots=1)
     _submit(orch, tokenizer, "x" * 10)
