@@ -71,7 +71,6 @@ class ServeConfig:
             self.max_prefills_per_step,
             ">= 0",
         )
-
         _require(self.stream_interval >= 1, "stream_interval", self.stream_interval, ">= 1")
 
     def resolve(self, model_max_len: int) -> ServeConfig:
