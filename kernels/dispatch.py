@@ -62,6 +62,14 @@ def _kernel_mode(impl: str) -> str | None:
     return "compiled" if backend == "gpu" else None  # auto
 
 
+def runs_pallas(impl: str) -> bool:
+    """Whether `impl` runs a Pallas kernel on this backend (compiled or interpreted). Such a
+    call is opaque to XLA's SPMD partitioner, so callers on a device mesh must map it over
+    their shards themselves (model/sharding.py: `per_shard`)."""
+    _check_impl(impl)
+    return _kernel_mode(impl) is not None
+
+
 def _warn_fallback(kernel: str, reason: str) -> None:
     if (kernel, reason) not in _warned:
         _warned.add((kernel, reason))

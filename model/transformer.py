@@ -23,6 +23,7 @@ copies cost more than the rest of a decode step.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -45,6 +46,7 @@ from model.sharding import (
     MLP,
     VOCAB,
     constrain,
+    per_shard,
 )
 
 _ACTIVATION = (BATCH, LENGTH, EMBED)
@@ -213,7 +215,7 @@ class Transformer(nnx.Module):
 
         def layer(x, p):
             q, k, v = _attention_inputs(cfg, x, p, cos, sin)
-            out = kernels.attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention_impl)
+            out = _attention(cfg, q, k, v, segment_ids)
             return _layer_output(cfg, x, out, p), None
 
         x, _ = jax.lax.scan(_remat(cfg, layer), self._embed(tokens), self.layers.stacked())
@@ -239,7 +241,7 @@ class Transformer(nnx.Module):
         ks, vs = [], []
         for p in self._layer_weights(layers):
             q, k, v = _attention_inputs(cfg, x, p, cos, sin)
-            out = kernels.attention(q, k, v, impl=cfg.attention_impl)
+            out = _attention(cfg, q, k, v, None)
             x = _layer_output(cfg, x, out, p)
             ks.append(k.swapaxes(1, 2))  # [B, T, K, H] -> [B, K, T, H]: the cache layout
             vs.append(v.swapaxes(1, 2))
@@ -267,9 +269,7 @@ class Transformer(nnx.Module):
             q, k, v = _attention_inputs(cfg, x, p, cos, sin)  # k, v: [B, 1, K, H]
             cache_k = cache_k.at[slots, :, lengths].set(k[:, 0].astype(cache_k.dtype))
             cache_v = cache_v.at[slots, :, lengths].set(v[:, 0].astype(cache_v.dtype))
-            out = kernels.decode_attention(
-                q[:, 0], cache_k, cache_v, lengths + 1, impl=cfg.attention_impl
-            )  # [B, N, H]
+            out = _decode_attention(cfg, q[:, 0], cache_k, cache_v, lengths + 1)  # [B, N, H]
             x = _layer_output(cfg, x, out[:, None], p)
             new_k.append(cache_k)
             new_v.append(cache_v)
@@ -314,6 +314,42 @@ class Transformer(nnx.Module):
         if scale is not None:
             logits = logits * scale
         return constrain(logits, (BATCH, LENGTH, VOCAB))
+
+
+_QKV_AXES = (
+    (BATCH, LENGTH, HEADS, HEAD_DIM),  # q [B, T, N, H]
+    (BATCH, LENGTH, KV_HEADS, HEAD_DIM),  # k [B, T, K, H]
+    (BATCH, LENGTH, KV_HEADS, HEAD_DIM),  # v
+)
+_DECODE_AXES = (
+    (BATCH, HEADS, HEAD_DIM),  # q [B, N, H]
+    (BATCH, KV_HEADS, LENGTH, HEAD_DIM),  # k cache [B, K, S, H]
+    (BATCH, KV_HEADS, LENGTH, HEAD_DIM),  # v cache
+    (BATCH,),  # lengths [B]
+)
+
+
+def _attention(cfg: ModelConfig, q, k, v, segment_ids):
+    """Causal attention; a Pallas kernel runs per mesh shard (see `per_shard`)."""
+    impl = cfg.attention_impl
+    if not kernels.runs_pallas(impl):  # XLA partitions the reference itself
+        return kernels.attention(q, k, v, segment_ids=segment_ids, impl=impl)
+    if segment_ids is None:
+        fn = functools.partial(kernels.attention, impl=impl)
+        return per_shard(fn, (q, k, v), _QKV_AXES, heads=(2, 2))
+
+    def attend(q, k, v, segment_ids):
+        return kernels.attention(q, k, v, segment_ids=segment_ids, impl=impl)
+
+    return per_shard(attend, (q, k, v, segment_ids), (*_QKV_AXES, (BATCH, LENGTH)), heads=(2, 2))
+
+
+def _decode_attention(cfg: ModelConfig, q, cache_k, cache_v, lengths):
+    impl = cfg.attention_impl
+    fn = functools.partial(kernels.decode_attention, impl=impl)
+    if not kernels.runs_pallas(impl):
+        return fn(q, cache_k, cache_v, lengths)
+    return per_shard(fn, (q, cache_k, cache_v, lengths), _DECODE_AXES, heads=(1, 1))
 
 
 def _attention_inputs(cfg: ModelConfig, x, p, cos, sin):
