@@ -245,10 +245,11 @@ class Transformer(nnx.Module):
             x = _layer_output(cfg, x, out, p)
             ks.append(k.swapaxes(1, 2))  # [B, T, K, H] -> [B, K, T, H]: the cache layout
             vs.append(v.swapaxes(1, 2))
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
-            return self._logits(x)[:, 0], KVCache(tuple(ks), tuple(vs))
-        return self._logits(x), KVCache(tuple(ks), tuple(vs))
+        cache = KVCache(tuple(ks), tuple(vs))
+        if logits_at is None:
+            return self._logits(x), cache
+        x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
+        return self._logits(x)[:, 0], cache
 
     def decode(
         self,
@@ -332,15 +333,14 @@ _DECODE_AXES = (
 def _attention(cfg: ModelConfig, q, k, v, segment_ids):
     """Causal attention; a Pallas kernel runs per mesh shard (see `per_shard`)."""
     impl = cfg.attention_impl
+
+    def attend(q, k, v, segment_ids=None):
+        return kernels.attention(q, k, v, segment_ids=segment_ids, impl=impl)
+
     if not kernels.runs_pallas(impl):  # XLA partitions the reference itself
-        return kernels.attention(q, k, v, segment_ids=segment_ids, impl=impl)
+        return attend(q, k, v, segment_ids)
     if segment_ids is None:
-        fn = functools.partial(kernels.attention, impl=impl)
-        return per_shard(fn, (q, k, v), _QKV_AXES, heads=(2, 2))
-
-    def attend(q, k, v, segment_ids):
-        return kernels.attention(q, k, v, segment_ids=segment_ids, impl=impl)
-
+        return per_shard(attend, (q, k, v), _QKV_AXES, heads=(2, 2))
     return per_shard(attend, (q, k, v, segment_ids), (*_QKV_AXES, (BATCH, LENGTH)), heads=(2, 2))
 
 

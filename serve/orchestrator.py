@@ -448,7 +448,7 @@ class Orchestrator:
             req.unsent.append(emit)  # the first token and the last message go at once
             if len(req.unsent) < self.stream_interval:
                 return True
-            emit = Output()
+            emit, req.unsent = merge_outputs(req.unsent), []
         self._deliver(req, emit)
         return not emit.finish_reason
 
