@@ -105,12 +105,22 @@ def param_shardings(params: nnx.State, mesh: Mesh) -> nnx.State:
     )
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint on an activation at a block boundary; a no-op with no mesh set."""
+def constrain(
+    x: jax.Array, logical_axes: Sequence[str | None], *, last_dims_first: bool = False
+) -> jax.Array:
+    """Sharding constraint on an activation at a block boundary; a no-op with no mesh set.
+
+    A mesh axis goes to the first dimension that asks for it; with `last_dims_first` the
+    dimensions ask from the last one back (e.g. an embedding lookup, whose last dimension
+    keeps the table's sharding and whose batch gets only the mesh axes left over)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    spec = logical_to_spec(logical_axes, x.shape, mesh)
+    if last_dims_first:
+        spec = logical_to_spec(logical_axes[::-1], x.shape[::-1], mesh)
+        spec = PartitionSpec(*reversed(spec))
+    else:
+        spec = logical_to_spec(logical_axes, x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
 
 

@@ -298,6 +298,12 @@ class Transformer(nnx.Module):
             x = x * jnp.take(self.embed_scale.get_value(), tokens, axis=0)[..., None].astype(
                 x.dtype
             )
+        # The lookup's D keeps the table's `fsdp` sharding, so its rows can only be split over
+        # the other batch axes. Saying so first makes the move to the activation layout an
+        # explicit reshard; going there from the gather directly, XLA's partitioner
+        # replicates the whole [B, T, D] on every device ("Involuntary full
+        # rematerialization") when the batch and the embedding share `fsdp`.
+        x = constrain(x, _ACTIVATION, last_dims_first=True)
         return constrain(x, _ACTIVATION)
 
     def _logits(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32

@@ -201,6 +201,28 @@ def test_pallas_attention_on_a_mesh_gathers_nothing():
     assert "all-gather" not in text
 
 
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (2, 4, 1)], ids=["dp2-fsdp2-tp2", "dp2-fsdp4"])
+def test_sharded_train_step_replicates_no_activation(mesh_shape, capfd):
+    """With the batch split over `fsdp` too, the embedding lookup (whose D carries the
+    table's `fsdp` sharding) must reach the activation layout by a reshard, not by XLA
+    replicating the whole [B, T, D] on every device, which it reports on stderr."""
+    cfg, model = make()
+    tokens = jax.random.randint(jax.random.key(6), (8, 16), 0, cfg.vocab_size)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params, tokens):
+        logits = nnx.merge(graphdef, params)(tokens, positions_for(tokens))
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    mesh = _mesh(mesh_shape)
+    sharded = jax.device_put(params, param_shardings(params, mesh))
+    rows = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp"))))
+    capfd.readouterr()
+    with jax.set_mesh(mesh):
+        jax.jit(jax.grad(loss)).lower(sharded, rows).compile()
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
 def test_llama3_rope_scaling_matches_transformers():
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig
