@@ -5,7 +5,7 @@ For each preset, alternating for --rounds rounds (so both see the same host load
   * MaxText: `python -m maxtext.trainers.pre_train.train base.yml ...` in its own interpreter
     (`--maxtext-python`; MaxText needs Python >= 3.12: `pip install 'maxtext[tpu]==0.2.5'`),
     with the preset's shape mapped onto MaxText's flags, synthetic data, no checkpoints,
-each as a subprocess, one at a time. Throughput is tokens per step / the median step time
+each as a subprocess on the CPU (JAX_PLATFORMS=cpu for both), one at a time. Throughput is tokens per step / the median step time
 (MaxText: the median of its logged step times after --skip-steps). Prints a JSON line per
 (system, preset, round) and one comparison line per preset: tandem / MaxText, from the
 medians over rounds.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -36,6 +37,7 @@ from model.config import ModelConfig  # noqa: E402
 REMAT = {"none": "none", "dots": "minimal", "full": "full"}
 STEP_LINE = re.compile(r"completed step: (\d+), seconds: ([0-9.]+)")
 PARAMS_LINE = re.compile(r"number parameters: ([0-9.]+) billion")
+CPU_ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def maxtext_flags(cfg: ModelConfig, batch: int, seq: int) -> list[str]:
@@ -60,12 +62,16 @@ def maxtext_flags(cfg: ModelConfig, batch: int, seq: int) -> list[str]:
     ]
 
 
-def run_maxtext(python: str, cfg: ModelConfig, batch: int, seq: int, steps: int, skip: int,
-                workdir: Path) -> dict:  # fmt: skip
-    base_yml = subprocess.run(
+def run_maxtext(
+    python: str, cfg: ModelConfig, batch: int, seq: int, steps: int, skip: int, workdir: Path
+) -> dict:
+    package = subprocess.run(
         [python, "-c", "import maxtext, os; print(os.path.dirname(maxtext.__file__))"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip() + "/configs/base.yml"  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    base_yml = f"{package}/configs/base.yml"
     cmd = [
         python, "-m", "maxtext.trainers.pre_train.train", base_yml,
         "run_name=compare", f"base_output_directory={workdir}", "dataset_type=synthetic",
@@ -73,7 +79,7 @@ def run_maxtext(python: str, cfg: ModelConfig, batch: int, seq: int, steps: int,
         "enable_tensorboard=false", "attention=dot_product", f"steps={steps}",
         "log_period=1000000", *maxtext_flags(cfg, batch, seq),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=CPU_ENV)
     times = [float(s) for n, s in STEP_LINE.findall(proc.stdout + proc.stderr) if int(n) >= skip]
     if proc.returncode != 0 or not times:
         tail = (proc.stdout + proc.stderr)[-2000:]
@@ -92,7 +98,7 @@ def run_tandem(preset: str, steps: int) -> dict:
     out = subprocess.run(
         [sys.executable, str(REPO / "benchmarks/train_bench.py"), "--presets", preset,
          "--steps", str(steps), "--warmup", "2"],
-        capture_output=True, text=True, check=True, cwd=REPO,
+        capture_output=True, text=True, check=True, cwd=REPO, env=CPU_ENV,
     ).stdout  # fmt: skip
     line = json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
     return {
@@ -127,16 +133,17 @@ def main(argv: list[str] | None = None) -> int:
                 if system == "tandem":
                     res = run_tandem(preset, args.steps)
                 else:
-                    res = run_maxtext(args.maxtext_python, cfg, batch, seq,
-                                      args.skip_steps + args.steps, args.skip_steps, args.workdir)  # fmt: skip
+                    steps = args.skip_steps + args.steps
+                    res = run_maxtext(
+                        args.maxtext_python, cfg, batch, seq, steps, args.skip_steps, args.workdir
+                    )
                 results[system].append(res["tokens_per_s"])
-                print(json.dumps({"bench": "train_compare", "system": system, "preset": preset,
-                                  "round": rnd, "batch_size": batch, "seq_len": seq, **res}),
-                      flush=True)  # fmt: skip
+                line = {"system": system, "preset": preset, "round": rnd, "batch_size": batch}
+                print(json.dumps({"bench": "train_compare", **line, "seq_len": seq, **res}))
         t, m = statistics.median(results["tandem"]), statistics.median(results["maxtext"])
+        ratio = {"tandem_tokens_per_s": t, "maxtext_tokens_per_s": m, "tokens_per_s_ratio": t / m}
         print(json.dumps({"bench": "train_compare", "comparison": "tandem_vs_maxtext",
-                          "preset": preset, "tandem_tokens_per_s": t, "maxtext_tokens_per_s": m,
-                          "tokens_per_s_ratio": t / m}), flush=True)  # fmt: skip
+                          "preset": preset, **ratio}))  # fmt: skip
     return 0
 
 
