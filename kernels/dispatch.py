@@ -154,9 +154,11 @@ def decode_attention(
 # and of very different lengths. Where it runs (CPU, TPU, unsupported GPU shapes) it is
 # therefore applied to cache prefixes chosen on device with `lax.switch` over fixed sizes,
 # so work follows the live lengths rather than the capacity and no shape depends on data:
-#   * CPU: a loop over slots, each reading its own prefix (multiples of 64, then four
-#     sizes per octave). An iteration costs microseconds there, so one long slot no
-#     longer makes every short one read its length (measured: docs/benchmarks.md);
+#   * CPU: a loop over groups of up to 4 slots, each group reading the prefix of its
+#     longest slot (multiples of 64, then four sizes per octave). An iteration costs
+#     ~15 us there whatever it reads, so one slot per iteration paid that 4x; a whole-batch
+#     prefix makes every short slot read the longest one's length (measured:
+#     docs/benchmarks.md);
 #   * accelerators, where a loop of small ops is slow: one prefix for the whole batch,
 #     the shortest power of two (>= 128) that holds the longest slot.
 MIN_REFERENCE_DECODE_LEN = 128
@@ -186,6 +188,12 @@ def per_slot_length_buckets(max_len: int) -> tuple[int, ...]:
     return (*sizes, max_len)
 
 
+def slot_group_size(batch: int) -> int:
+    """Slots per iteration of the CPU decode loop: 4, or the largest of 2, 1 that divides
+    the batch."""
+    return next(g for g in (4, 2, 1) if batch % g == 0)
+
+
 def _bucket_index(sizes: tuple[int, ...], need: jax.Array) -> jax.Array:
     """Index of the first size >= need (the last one if none is)."""
     index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need)
@@ -194,7 +202,7 @@ def _bucket_index(sizes: tuple[int, ...], need: jax.Array) -> jax.Array:
 
 def _length_bucketed_reference(q, k_cache, v_cache, lengths) -> jax.Array:
     if jax.default_backend() == "cpu":
-        return _per_slot_reference(q, k_cache, v_cache, lengths)
+        return _slot_group_reference(q, k_cache, v_cache, lengths)
     return _batch_prefix_reference(q, k_cache, v_cache, lengths)
 
 
@@ -215,26 +223,29 @@ def _batch_prefix_reference(q, k_cache, v_cache, lengths) -> jax.Array:
     return jax.lax.switch(index, [prefix(s) for s in sizes], q, k_cache, v_cache, lengths)
 
 
-def _per_slot_reference(q, k_cache, v_cache, lengths) -> jax.Array:
+def _slot_group_reference(q, k_cache, v_cache, lengths) -> jax.Array:
     batch, n_kv, _, head_dim = k_cache.shape
+    group = slot_group_size(batch)
     sizes = per_slot_length_buckets(k_cache.shape[2])
 
     def prefix(size: int):
-        def attend(slot):
-            k = jax.lax.dynamic_slice(k_cache, (slot, 0, 0, 0), (1, n_kv, size, head_dim))
-            v = jax.lax.dynamic_slice(v_cache, (slot, 0, 0, 0), (1, n_kv, size, head_dim))
-            query = jax.lax.dynamic_slice_in_dim(q, slot, 1)
-            length = jax.lax.dynamic_slice_in_dim(lengths, slot, 1)
-            return decode_attention_reference(query, k, v, length)  # [1, N, H]
+        def attend(first):
+            k = jax.lax.dynamic_slice(k_cache, (first, 0, 0, 0), (group, n_kv, size, head_dim))
+            v = jax.lax.dynamic_slice(v_cache, (first, 0, 0, 0), (group, n_kv, size, head_dim))
+            query = jax.lax.dynamic_slice_in_dim(q, first, group)
+            length = jax.lax.dynamic_slice_in_dim(lengths, first, group)
+            return decode_attention_reference(query, k, v, length)  # [group, N, H]
 
         return attend
 
     branches = [prefix(s) for s in sizes]
-    indices = _bucket_index(sizes, lengths)  # [B], once: not a search per loop iteration
+    longest = jnp.max(lengths.reshape(batch // group, group), axis=1)  # [B / group]
+    indices = _bucket_index(sizes, longest)  # once: not a search per loop iteration
 
-    def one_slot(slot, out):
+    def one_group(i, out):
+        first = i * group
         return jax.lax.dynamic_update_slice_in_dim(
-            out, jax.lax.switch(indices[slot], branches, slot), slot, 0
+            out, jax.lax.switch(indices[i], branches, first), first, 0
         )
 
-    return jax.lax.fori_loop(0, batch, one_slot, jnp.zeros_like(q))
+    return jax.lax.fori_loop(0, batch // group, one_group, jnp.zeros_like(q))

@@ -107,23 +107,32 @@ def test_interpret_runs_the_prefill_kernel() -> None:
 
 @pytest.mark.parametrize(
     "lengths",
-    [[0, 0, 0], [1, 0, 3], [64, 5, 1], [65, 2, 7], [300, 0, 1], [512, 512, 0], [500, 70, 129]],
+    [
+        [0, 0, 0], [1, 0, 3], [64, 5, 1], [65, 2, 7], [300, 0, 1], [512, 512, 0],
+        [500, 70, 129],  # 3 slots: one per iteration
+        [1, 200, 70, 0, 512, 3],  # 6 slots: groups of 2
+        [5, 3, 64, 1, 130, 0, 0, 2],  # 8 slots: groups of 4
+    ],
     ids=lambda n: f"{n}",
-)
-def test_cpu_reference_reads_only_each_slots_prefix_and_equals_the_spec(
+)  # fmt: skip
+def test_cpu_reference_reads_only_each_groups_prefix_and_equals_the_spec(
     lengths: list[int],
 ) -> None:
-    # On CPU every slot reads its own prefix (per_slot_length_buckets); NaN past a slot's
-    # prefix proves it is never read (the spec masks, but would still see NaN * 0).
+    # On CPU each group of slots reads the prefix (per_slot_length_buckets) of its longest
+    # slot; NaN past it proves the rest is never read (the spec masks, but would still see
+    # NaN * 0).
     sizes = dispatch.per_slot_length_buckets(512)
     assert sizes == (64, 128, 192, 256, 320, 384, 448, 512)
-    q, k, v = decode_inputs(3, 3, 4, 2, 512, 16, jnp.float32)
+    group = dispatch.slot_group_size(len(lengths))
+    assert group == {3: 1, 6: 2, 8: 4}[len(lengths)]
+    q, k, v = decode_inputs(3, len(lengths), 4, 2, 512, 16, jnp.float32)
     n = jnp.asarray(lengths, jnp.int32)
     poisoned_k, poisoned_v = k, v
-    for slot, length in enumerate(lengths):
-        prefix = next(size for size in sizes if size >= length)
-        poisoned_k = poisoned_k.at[slot, :, prefix:].set(jnp.nan)
-        poisoned_v = poisoned_v.at[slot, :, prefix:].set(jnp.nan)
+    for first in range(0, len(lengths), group):
+        longest = max(lengths[first : first + group])
+        prefix = next(size for size in sizes if size >= longest)
+        poisoned_k = poisoned_k.at[first : first + group, :, prefix:].set(jnp.nan)
+        poisoned_v = poisoned_v.at[first : first + group, :, prefix:].set(jnp.nan)
     run = jax.jit(lambda q, k, v, n: kernels.decode_attention(q, k, v, n, impl="reference"))
     out = np.asarray(run(q, poisoned_k, poisoned_v, n))
     expected = np.asarray(_decode_reference(q, k, v, n))
