@@ -62,16 +62,26 @@ def maxtext_flags(cfg: ModelConfig, batch: int, seq: int) -> list[str]:
     ]
 
 
-def run_maxtext(
-    python: str, cfg: ModelConfig, batch: int, seq: int, steps: int, skip: int, workdir: Path
-) -> dict:
-    package = subprocess.run(
+def maxtext_base_config(python: str) -> str | None:
+    """Path of MaxText's base.yml as installed for `python`; None if it cannot import it."""
+    found = subprocess.run(
         [python, "-c", "import maxtext, os; print(os.path.dirname(maxtext.__file__))"],
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout.strip()
-    base_yml = f"{package}/configs/base.yml"
+    )
+    return f"{found.stdout.strip()}/configs/base.yml" if found.returncode == 0 else None
+
+
+def run_maxtext(
+    python: str,
+    base_yml: str,
+    cfg: ModelConfig,
+    batch: int,
+    seq: int,
+    steps: int,
+    skip: int,
+    workdir: Path,
+) -> dict:
     cmd = [
         python, "-m", "maxtext.trainers.pre_train.train", base_yml,
         "run_name=compare", f"base_output_directory={workdir}", "dataset_type=synthetic",
@@ -118,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-steps", type=int, default=3, help="MaxText steps left untimed")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/tandem-maxtext-compare"))
     args = ap.parse_args(argv)
-    check = subprocess.run([args.maxtext_python, "-c", "import maxtext"], capture_output=True)
-    if check.returncode != 0:
+    base_yml = maxtext_base_config(args.maxtext_python)
+    if base_yml is None:
         print(f"MaxText is not importable by {args.maxtext_python}: install it with Python >= "
               "3.12 (pip install 'maxtext[tpu]==0.2.5')", file=sys.stderr)  # fmt: skip
         return 1
@@ -135,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     steps = args.skip_steps + args.steps
                     res = run_maxtext(
-                        args.maxtext_python, cfg, batch, seq, steps, args.skip_steps, args.workdir
-                    )
+                        args.maxtext_python, base_yml, cfg, batch, seq, steps, args.skip_steps,
+                        args.workdir,
+                    )  # fmt: skip
                 results[system].append(res["tokens_per_s"])
                 line = {"system": system, "preset": preset, "round": rnd, "batch_size": batch}
                 print(json.dumps({"bench": "train_compare", **line, "seq_len": seq, **res}))
