@@ -47,12 +47,18 @@ def test_decode_lowers_to_triton(case) -> None:
     assert _triton_calls(fn, q, cache, cache, Spec((case.batch,), jnp.int32)) == 1
 
 
-@pytest.mark.parametrize("case", list(dict.fromkeys(PREFILL_GPU_CASES)), ids=lambda c: c.id)
-def test_prefill_lowers_to_triton(case) -> None:
+def _prefill_specs(case):
+    """(q, k/v, segment ids or None) shapes of a prefill GPU case."""
     dtype = jnp.dtype(case.dtype)
     q = Spec((case.batch, case.seq, case.n_heads, case.head_dim), dtype)
     kv = Spec((case.batch, case.seq, case.n_kv, case.head_dim), dtype)
     seg = Spec((case.batch, case.seq), jnp.int32) if case.segments else None
+    return q, kv, seg
+
+
+@pytest.mark.parametrize("case", list(dict.fromkeys(PREFILL_GPU_CASES)), ids=lambda c: c.id)
+def test_prefill_lowers_to_triton(case) -> None:
+    q, kv, seg = _prefill_specs(case)
 
     def fn(q, k, v, seg):
         return flash_attention(q, k, v, segment_ids=seg, block_q=case.block_q, block_k=case.block_k)
@@ -63,10 +69,7 @@ def test_prefill_lowers_to_triton(case) -> None:
 @pytest.mark.parametrize("case", list(dict.fromkeys(PREFILL_GPU_CASES)), ids=lambda c: c.id)
 def test_prefill_backward_lowers_to_triton(case) -> None:
     """jax.grad runs three kernels: the forward (saving the log-sum-exp), dK/dV and dQ."""
-    dtype = jnp.dtype(case.dtype)
-    q = Spec((case.batch, case.seq, case.n_heads, case.head_dim), dtype)
-    kv = Spec((case.batch, case.seq, case.n_kv, case.head_dim), dtype)
-    seg = Spec((case.batch, case.seq), jnp.int32) if case.segments else None
+    q, kv, seg = _prefill_specs(case)
 
     def loss(q, k, v, seg):
         out = flash_attention(q, k, v, segment_ids=seg, block_q=case.block_q, block_k=case.block_k)
