@@ -118,17 +118,17 @@ def decode_attention(
     v_cache: jax.Array,  # [B, K, S, H]
     lengths: jax.Array,  # [B] int32
     *,
+    slots: jax.Array | None = None,  # [B] int32 cache row per query; None = row b
     impl: str = "auto",
 ) -> jax.Array:  # [B, N, H]
-    """One query token per slot against that slot's first `lengths[b]` cache entries."""
+    """One query token per slot against the first `lengths[b]` entries of its cache row
+    (`slots[b]`, as in `decode_attention_reference`)."""
     _check_impl(impl)
-
-    def reference() -> jax.Array:
-        return _length_bucketed_reference(q, k_cache, v_cache, lengths)
-
     mode = _kernel_mode(impl)
     if mode is None:
-        return reference()
+        return _length_bucketed_reference(q, k_cache, v_cache, lengths, slots)
+    if slots is not None:  # the kernel reads row b for query b
+        k_cache, v_cache = k_cache[slots], v_cache[slots]
     max_len = k_cache.shape[2] if k_cache.ndim == 4 else 0
     block_k = pick_block(max_len, _DECODE_BLOCK_K)
     if block_k is None:
@@ -139,7 +139,7 @@ def decode_attention(
         )
     if reason is not None:
         _warn_fallback("ragged_decode_attention", reason)
-        return reference()
+        return _length_bucketed_reference(q, k_cache, v_cache, lengths, None)
     return ragged_decode_attention(
         q,
         k_cache,
@@ -200,9 +200,11 @@ def _bucket_index(sizes: tuple[int, ...], need: jax.Array) -> jax.Array:
     return jnp.minimum(index, len(sizes) - 1)
 
 
-def _length_bucketed_reference(q, k_cache, v_cache, lengths) -> jax.Array:
+def _length_bucketed_reference(q, k_cache, v_cache, lengths, slots) -> jax.Array:
     if jax.default_backend() == "cpu":
-        return _slot_group_reference(q, k_cache, v_cache, lengths)
+        return _slot_group_reference(q, k_cache, v_cache, lengths, slots)
+    if slots is not None:
+        k_cache, v_cache = k_cache[slots], v_cache[slots]
     return _batch_prefix_reference(q, k_cache, v_cache, lengths)
 
 
@@ -223,17 +225,28 @@ def _batch_prefix_reference(q, k_cache, v_cache, lengths) -> jax.Array:
     return jax.lax.switch(index, [prefix(s) for s in sizes], q, k_cache, v_cache, lengths)
 
 
-def _slot_group_reference(q, k_cache, v_cache, lengths) -> jax.Array:
-    batch, n_kv, _, head_dim = k_cache.shape
+def _slot_group_reference(q, k_cache, v_cache, lengths, slots) -> jax.Array:
+    batch = q.shape[0]
+    _, n_kv, _, head_dim = k_cache.shape
     group = slot_group_size(batch)
     sizes = per_slot_length_buckets(k_cache.shape[2])
+    rows = jnp.arange(batch, dtype=jnp.int32) if slots is None else slots
 
     def prefix(size: int):
+        def read(cache, first):  # [group, K, size, H]: each query's own cache row
+            return jnp.concatenate(
+                [
+                    jax.lax.dynamic_slice(
+                        cache, (rows[first + j], 0, 0, 0), (1, n_kv, size, head_dim)
+                    )
+                    for j in range(group)
+                ]
+            )
+
         def attend(first):
-            k = jax.lax.dynamic_slice(k_cache, (first, 0, 0, 0), (group, n_kv, size, head_dim))
-            v = jax.lax.dynamic_slice(v_cache, (first, 0, 0, 0), (group, n_kv, size, head_dim))
             query = jax.lax.dynamic_slice_in_dim(q, first, group)
             length = jax.lax.dynamic_slice_in_dim(lengths, first, group)
+            k, v = read(k_cache, first), read(v_cache, first)
             return decode_attention_reference(query, k, v, length)  # [group, N, H]
 
         return attend

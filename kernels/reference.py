@@ -49,13 +49,17 @@ def decode_attention_reference(
     v_cache: jax.Array,  # [B, K, S, H]
     lengths: jax.Array,  # [B] int32: valid cache entries per slot (the new token included)
     *,
+    slots: jax.Array | None = None,  # [B] int32: cache row of each query; None = row b
     scale: float | None = None,
 ) -> jax.Array:  # [B, N, H]
     """One decode step of grouped-query attention against a slot KV cache.
 
-    Slot b attends to cache positions [0, lengths[b]). A slot with length 0 (free) yields
-    zeros.
+    Query b attends to positions [0, lengths[b]) of cache row `slots[b]` (row b without
+    `slots`; with it the cache may hold more rows than there are queries, so a step can
+    run only the slots in use). A length of 0 (a free slot) yields zeros.
     """
+    if slots is not None:
+        k_cache, v_cache = k_cache[slots], v_cache[slots]
     batch, n_heads, head_dim = q.shape
     n_kv, max_len = k_cache.shape[1], k_cache.shape[2]
     scale = head_dim**-0.5 if scale is None else scale

@@ -257,20 +257,23 @@ class Transformer(nnx.Module):
         cache: KVCache,  # L x [B, K, S, H]
         lengths: jax.Array,  # [B] int32: tokens already cached per slot
         layers: Sequence[LayerWeights] | None = None,
+        slots: jax.Array | None = None,  # [B] int32 distinct cache rows; None = row b
     ) -> tuple[jax.Array, KVCache]:  # [B, V] float32
         """One step for every slot: the token at position lengths[b] is written into the
         cache at that index and attends to [0, lengths[b]]. Donate the cache under jit so
-        the writes happen in place. `layers` as in `prefill`."""
+        the writes happen in place. `layers` as in `prefill`. With `slots`, token b belongs
+        to cache row slots[b] and the cache may have more rows than there are tokens (a
+        step over only the slots in use)."""
         cfg = self.cfg
-        slots = jnp.arange(tokens.shape[0])
+        rows = jnp.arange(tokens.shape[0]) if slots is None else slots
         cos, sin = _rope_tables(cfg, lengths[:, None])  # [B, 1, H/2]
         x = self._embed(tokens[:, None])
         new_k, new_v = [], []
         for p, cache_k, cache_v in zip(self._layer_weights(layers), *cache, strict=True):
             q, k, v = _attention_inputs(cfg, x, p, cos, sin)  # k, v: [B, 1, K, H]
-            cache_k = cache_k.at[slots, :, lengths].set(k[:, 0].astype(cache_k.dtype))
-            cache_v = cache_v.at[slots, :, lengths].set(v[:, 0].astype(cache_v.dtype))
-            out = _decode_attention(cfg, q[:, 0], cache_k, cache_v, lengths + 1)  # [B, N, H]
+            cache_k = cache_k.at[rows, :, lengths].set(k[:, 0].astype(cache_k.dtype))
+            cache_v = cache_v.at[rows, :, lengths].set(v[:, 0].astype(cache_v.dtype))
+            out = _decode_attention(cfg, q[:, 0], cache_k, cache_v, lengths + 1, slots)
             x = _layer_output(cfg, x, out[:, None], p)
             new_k.append(cache_k)
             new_v.append(cache_v)
@@ -350,11 +353,13 @@ def _attention(cfg: ModelConfig, q, k, v, segment_ids):
     return per_shard(attend, (q, k, v, segment_ids), (*_QKV_AXES, (BATCH, LENGTH)), heads=(2, 2))
 
 
-def _decode_attention(cfg: ModelConfig, q, cache_k, cache_v, lengths):
+def _decode_attention(cfg: ModelConfig, q, cache_k, cache_v, lengths, slots):  # -> [B, N, H]
     impl = cfg.attention_impl
     fn = functools.partial(kernels.decode_attention, impl=impl)
     if not kernels.runs_pallas(impl):
-        return fn(q, cache_k, cache_v, lengths)
+        return fn(q, cache_k, cache_v, lengths, slots=slots)
+    if slots is not None:  # per_shard maps the kernel over row b = query b
+        cache_k, cache_v = cache_k[slots], cache_v[slots]
     return per_shard(fn, (q, cache_k, cache_v, lengths), _DECODE_AXES, heads=(1, 1))
 
 

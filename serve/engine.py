@@ -6,8 +6,18 @@ ahead of time at `warmup()` for fixed shapes:
 
   prefill[T]  one prompt padded to bucket T (powers of two) -> its K/V + first token row
   insert[T]   writes a bucket-T prefix into a slot (slot index is data, not a shape)
-  generate    one decode step for all B slots -> state + packed [B, C] int32 row per slot
+  generate[n] one decode step for the slots in use -> state + packed [B, C] int32 row per slot
   free        marks a slot empty
+
+Where decode attention is the CPU reference, a step's cost grows with the rows it runs
+(every matmul row and every slot's cache prefix is real work), so `generate` is compiled
+for n = 4, 8, 16, ... up to B rows and each step runs the smallest n that holds the slots
+in use: a 64-slot server with 3 requests in flight steps at the cost of 4 slots, and the
+last long requests of a burst do not pay for the empty slots around them. The n rows are
+the slots in use ordered by length, so the attention loop's groups of slots
+(kernels/dispatch.py) hold similar lengths and read little past them. Elsewhere (Pallas
+on GPU: empty slots cost the kernel nothing, and matmuls of 4 or 64 rows cost the same
+weight reads) there is one `generate` over all B slots in slot order.
 
 They are `jax.stages.Compiled` executables, so a request *cannot* trigger a compile: a
 shape that was not compiled at warm-up is an error, not a silent recompile.
@@ -33,6 +43,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import kernels
 from model.config import ModelConfig
 from model.sharding import MESH_AXES, param_shardings
 from model.transformer import KVCache, Transformer, init_cache
@@ -146,6 +157,13 @@ class JaxEngine(Engine[DecodeState]):
         self.mesh = mesh
         self.manifest = manifest
         self._buckets = prefill_buckets(self.max_prompt_len, scfg.min_prefill_bucket)
+        self._select_slots = not kernels.runs_pallas(cfg.attention_impl) and (
+            jax.default_backend() == "cpu"
+        )
+        self._decode_rows = (
+            decode_row_counts(self.max_slots) if self._select_slots else (self.max_slots,)
+        )
+        self._slots_in_use: set[int] = set()  # from insert/free: sizes the next step
         # Serving holds each layer's weights as separate arrays (slicing them out of the
         # stacked [L, ...] params inside the step made XLA copy them on every call; see
         # model/transformer.py); the module keeps the rest (embedding, norms, head).
@@ -274,17 +292,43 @@ class JaxEngine(Engine[DecodeState]):
             seeds=state.seeds.at[slot].set(vec.seeds[0]),
         )
 
-    def _generate_fn(self, weights, state: DecodeState):
+    def _generate_fn(self, weights, state: DecodeState, rows: int):
+        """One decode step over `rows` slots: all B in slot order, or (`_select_slots`)
+        the slots in use, shortest first, then free ones to fill `rows`."""
         model, layers = self._model(weights)
-        logits, cache = model.decode(state.tokens, state.cache, state.lengths, layers)
-        lengths = state.lengths + state.active.astype(jnp.int32)  # [B] new token positions
+        if self._select_slots:
+            in_use_first = jnp.where(state.active, state.lengths, jnp.iinfo(jnp.int32).max)
+            order = jnp.argsort(in_use_first)[:rows].astype(jnp.int32)  # [n] cache rows
+
+            def take(x):
+                return x[order]
+
+            def put(full, part):
+                return full.at[order].set(part)
+        else:
+            order = None
+
+            def take(x):
+                return x
+
+            def put(full, part):
+                return part
+
+        lengths = take(state.lengths)  # [n] positions of the tokens being decoded
+        logits, cache = model.decode(take(state.tokens), state.cache, lengths, layers, order)
+        lengths = lengths + take(state.active).astype(jnp.int32)  # [n] new token positions
         tokens = sample(
-            logits, state.temperature, state.top_k, state.top_p, state.seeds, lengths
-        )  # [B]
+            logits, take(state.temperature), take(state.top_k), take(state.top_p),
+            take(state.seeds), lengths,
+        )  # fmt: skip
         chosen, top_ids, top_lps = logprobs_of(logits, tokens, self.max_logprobs)
         done = lengths >= self.max_len
-        new = state._replace(cache=cache, lengths=lengths, tokens=tokens)
-        return new, _pack(tokens, lengths, done, chosen, top_ids, top_lps)
+        packed = _pack(tokens, lengths, done, chosen, top_ids, top_lps)  # [n, C]
+        out = put(jnp.zeros((self.max_slots, packed.shape[1]), packed.dtype), packed)
+        new = state._replace(
+            cache=cache, lengths=put(state.lengths, lengths), tokens=put(state.tokens, tokens)
+        )
+        return new, out
 
     def _free_fn(self, state: DecodeState, slot):
         return state._replace(
@@ -337,8 +381,14 @@ class JaxEngine(Engine[DecodeState]):
                 self._compiled[f"insert_{t}"] = ins.lower(
                     state, kv_shape_with(kv_shape, kv_sh), scalar_i, scalar_i, scalar_i, vec
                 ).compile()
-            gen = jit(self._generate_fn, out_shardings=(state_sh, rep), donate_argnums=(1,))
-            self._compiled["generate"] = gen.lower(self._weights, state).compile()
+            gen = jit(
+                self._generate_fn,
+                out_shardings=(state_sh, rep),
+                donate_argnums=(1,),
+                static_argnums=(2,),
+            )
+            for rows in self._decode_rows:
+                self._compiled[f"generate_{rows}"] = gen.lower(self._weights, state, rows).compile()
             free = jit(self._free_fn, out_shardings=state_sh, donate_argnums=(0,))
             self._compiled["free"] = free.lower(state, scalar_i).compile()
 
@@ -355,6 +405,8 @@ class JaxEngine(Engine[DecodeState]):
             state = self.insert(prefix, state, 0)
             state, _ = self.generate(state)
             state = self.free(state, 0)
+        for rows in self._decode_rows:
+            state, _ = self._compiled[f"generate_{rows}"](self._weights, state)
         jax.block_until_ready(state)
         self.warmup_seconds = time.perf_counter() - t0
         log.info(
@@ -381,6 +433,7 @@ class JaxEngine(Engine[DecodeState]):
 
     def init_state(self) -> DecodeState:
         self._need_warm()
+        self._slots_in_use.clear()
         return self._compiled["init_state"]()
 
     def prefill(self, tokens: Sequence[int], sampling: SamplingParams, seed: int) -> Prefix:
@@ -399,15 +452,19 @@ class JaxEngine(Engine[DecodeState]):
     def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
         bucket, kv = prefix.kv
         first = prefix.first.slot(0)
+        self._slots_in_use.add(slot)
         return self._compiled[f"insert_{bucket}"](
             state, kv, np.int32(slot), np.int32(first.length), np.int32(first.token), prefix.extra
         )
 
     def generate(self, state: DecodeState) -> tuple[DecodeState, StepOutput]:
-        state, rows = self._compiled["generate"](self._weights, state)
-        return state, StepOutput(rows, self.max_logprobs)  # read later: one transfer per step
+        in_use = len(self._slots_in_use)
+        rows = next(n for n in self._decode_rows if n >= in_use)
+        state, out = self._compiled[f"generate_{rows}"](self._weights, state)
+        return state, StepOutput(out, self.max_logprobs)  # read later: one transfer per step
 
     def free(self, state: DecodeState, slot: int) -> DecodeState:
+        self._slots_in_use.discard(slot)
         return self._compiled["free"](state, np.int32(slot))
 
     def info(self) -> dict[str, Any]:
@@ -418,6 +475,17 @@ class JaxEngine(Engine[DecodeState]):
             "tensor_parallel": self.tensor_parallel,
             "serve_config": dataclasses.asdict(self.serve_cfg),
         }
+
+
+def decode_row_counts(max_slots: int) -> tuple[int, ...]:
+    """Rows the decode step is compiled for: powers of two from 4 below max_slots, then
+    max_slots (4, 8, 16, 32, 64 for 64 slots)."""
+    counts = []
+    rows = 4
+    while rows < max_slots:
+        counts.append(rows)
+        rows *= 2
+    return (*counts, max_slots)
 
 
 def kv_shape_with(shape: KVCache, sharding: KVCache | None) -> KVCache:

@@ -18,7 +18,10 @@ caller's `sink` callable, called on the loop thread, one `Output` per generated 
 last has `finish_reason` set, or `error` for a request that ended abnormally.
 
 `mode="static"` is the benchmark baseline only: it waits for a full batch (or a timeout),
-runs it until every member finishes, and admits nothing meanwhile.
+runs it until every member finishes, and admits nothing meanwhile. Like any static
+batcher (`transformers` `generate`, FasterTransformer in the Orca paper) the batch keeps
+its finished members' rows until the end: their slots are freed with the last one, so
+the engine keeps stepping the whole batch.
 """
 
 from __future__ import annotations
@@ -178,6 +181,7 @@ class Orchestrator:
         self._queue: collections.deque[_Request] = collections.deque()
         self._running: dict[int, _Request] = {}  # slot -> request
         self._free_slots = list(range(engine.max_slots - 1, -1, -1))
+        self._finished_slots: list[int] = []  # still held by a static batch
         self._ids = itertools.count(1)
         self._rng = random.Random()
         self._state: Any = None  # engine state, made on the loop's first step (after warm-up)
@@ -457,9 +461,16 @@ class Orchestrator:
             return
         slot, req.slot = req.slot, None
         del self._running[slot]
-        if inserted:
+        if not inserted:
+            self._free_slots.append(slot)
+            return
+        self._finished_slots.append(slot)
+        if self.mode == "static" and self._running:
+            return  # static batching: a batch keeps all its rows until its last member ends
+        for slot in self._finished_slots:
             self._state = self.engine.free(self._state, slot)
-        self._free_slots.append(slot)
+            self._free_slots.append(slot)
+        self._finished_slots.clear()
 
     def _fail(self, req: _Request, code: str, message: str, *, free: bool = True) -> None:
         self._release(req, inserted=free)

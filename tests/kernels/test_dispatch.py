@@ -139,6 +139,30 @@ def test_cpu_reference_reads_only_each_groups_prefix_and_equals_the_spec(
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("impl", ["reference", "pallas_interpret"])
+@pytest.mark.parametrize(
+    ("rows", "slots", "lengths"),
+    [
+        (8, [6, 1, 3], [70, 0, 5]),  # groups of 1
+        (12, [11, 0, 7, 2, 9, 4, 5, 10], [3, 130, 64, 1, 0, 200, 65, 512]),  # groups of 4
+    ],
+    ids=["3-of-8", "8-of-12"],
+)
+def test_decode_with_slots_reads_only_the_named_rows(
+    impl: str, rows: int, slots: list[int], lengths: list[int]
+) -> None:
+    # Query b reads cache row slots[b]; every other row is NaN, so reading one would show.
+    q, _, _ = decode_inputs(5, len(slots), 4, 2, 512, 16, jnp.float32)
+    _, k, v = decode_inputs(6, rows, 4, 2, 512, 16, jnp.float32)
+    unused = np.setdiff1d(np.arange(rows), slots)
+    poisoned_k, poisoned_v = k.at[unused].set(jnp.nan), v.at[unused].set(jnp.nan)
+    index, n = jnp.asarray(slots, jnp.int32), jnp.asarray(lengths, jnp.int32)
+    run = jax.jit(lambda q, k, v, n, s: kernels.decode_attention(q, k, v, n, slots=s, impl=impl))
+    out = np.asarray(run(q, poisoned_k, poisoned_v, n, index))
+    expected = np.asarray(_decode_reference(q, k[index], v[index], n))
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+
+
 def test_per_slot_buckets_grow_four_per_octave_past_512() -> None:
     sizes = dispatch.per_slot_length_buckets(8192)
     assert sizes[:9] == (64, 128, 192, 256, 320, 384, 448, 512, 640)

@@ -72,6 +72,27 @@ def test_prefill_and_decode_reproduce_the_full_forward(dtype):
         np.testing.assert_allclose(logits, full[b, pos], atol=tol, rtol=0)
 
 
+def test_decode_over_some_slots_equals_their_rows_of_a_full_step():
+    """What serving runs when few slots are in use: tokens for cache rows [3, 0] only."""
+    cfg, model = make()
+    graphdef, params = nnx.split(model, nnx.Param)
+    decode = jax.jit(lambda p, *args: nnx.merge(graphdef, p).decode(*args))
+    cache = jax.tree.map(
+        lambda layer: jax.random.normal(jax.random.key(layer.size), layer.shape),
+        init_cache(cfg, 4, 16),
+    )
+    tokens = jnp.array([7, 8, 9, 10], jnp.int32)
+    lengths = jnp.array([5, 2, 9, 7], jnp.int32)
+    full_logits, full_cache = decode(params, tokens, cache, lengths)
+    slots = jnp.array([3, 0], jnp.int32)
+    logits, cache_after = decode(params, tokens[slots], cache, lengths[slots], None, slots)
+    np.testing.assert_allclose(logits, full_logits[slots], atol=1e-5, rtol=0)
+    leaves = [jax.tree.leaves(c) for c in (cache, full_cache, cache_after)]
+    for before, full, after in zip(*leaves, strict=True):
+        np.testing.assert_array_equal(after[slots], full[slots])
+        np.testing.assert_array_equal(after[1:3], before[1:3])  # rows not stepped: untouched
+
+
 def test_prefill_logits_at_returns_those_positions_only():
     """What the server asks for: each prompt's last-token logits, same K/V as without."""
     cfg, model = make()

@@ -4,6 +4,7 @@ and serving a bundle through `python -m serve`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ from flax import nnx
 from model.config import ModelConfig
 from model.transformer import Transformer
 from serve.config import ServeConfig
-from serve.engine import JaxEngine, pick_tensor_parallel
+from serve.engine import JaxEngine, decode_row_counts, pick_tensor_parallel
 from serve.orchestrator import Orchestrator
 from serve.sampling import SamplingParams
 
@@ -50,6 +51,14 @@ def model() -> Transformer:
 @pytest.fixture(scope="module")
 def engine(model, tokenizer) -> JaxEngine:
     eng = JaxEngine.from_model(model, tokenizer, SCFG)
+    eng.warmup()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def engine_8(model, tokenizer) -> JaxEngine:
+    """8 slots: decode steps compiled for 4 and 8 rows (serve.engine.decode_row_counts)."""
+    eng = JaxEngine.from_model(model, tokenizer, dataclasses.replace(SCFG, max_slots=8))
     eng.warmup()
     return eng
 
@@ -118,6 +127,35 @@ def test_greedy_matches_model_forward_with_batching(engine, tokenizer, reference
     assert len({tuple(t) for t in got}) == len(got)  # outputs differ: the test can fail
 
 
+def test_steps_run_only_the_slots_in_use(engine_8, tokenizer, reference_greedy, monkeypatch):
+    # 6 requests fill slots 0-5 (8-row steps); once the four short ones end, slots 4 and 5
+    # remain and the 4-row step runs them (rows picked on device: slots in use, shortest
+    # first, then free ones). Tokens must still be the model's own greedy decode.
+    assert decode_row_counts(64) == (4, 8, 16, 32, 64)
+    assert (decode_row_counts(8), decode_row_counts(6), decode_row_counts(3)) == (
+        (4, 8), (4, 6), (3,)
+    )  # fmt: skip
+    runs = {4: 0, 8: 0}
+    for rows in runs:
+        step = engine_8.compiled_functions()[f"generate_{rows}"]
+
+        def counted(*args, rows=rows, step=step):
+            runs[rows] += 1
+            return step(*args)
+
+        monkeypatch.setitem(engine_8._compiled, f"generate_{rows}", counted)
+    lengths = [3, 3, 3, 3, 12, 12]
+    requests = [
+        (tokenizer.encode(p), SamplingParams(max_tokens=n, ignore_eos=True))
+        for p, n in zip([*PROMPTS, "sixth prompt"], lengths, strict=True)
+    ]
+    got, _ = _generate(engine_8, tokenizer, requests)
+    for (ids, params), tokens in zip(requests, got, strict=True):
+        want, _ = reference_greedy(ids, params.max_tokens)
+        assert tokens == want
+    assert runs[8] >= 2 and runs[4] >= 8, runs
+
+
 def test_logprobs_match_model(engine, tokenizer, reference_greedy) -> None:
     ids = tokenizer.encode("logprobs")
     _, outs = _generate(
@@ -133,7 +171,9 @@ def test_logprobs_match_model(engine, tokenizer, reference_greedy) -> None:
         assert st.top[0][0] == st.token  # greedy picks the top token
 
 
-def test_no_compile_after_warmup(engine, tokenizer, caplog) -> None:
+@pytest.mark.parametrize("engine_name", ["engine", "engine_8"])
+def test_no_compile_after_warmup(engine_name, tokenizer, request) -> None:
+    engine = request.getfixturevalue(engine_name)  # engine_8 also changes its step's rows
     records: list[str] = []
 
     class Grab(logging.Handler):
@@ -155,7 +195,7 @@ def test_no_compile_after_warmup(engine, tokenizer, caplog) -> None:
                 for n, t, k, p, lp in [(1, 0.0, 0, 1.0, 0), (9, 0.7, 5, 0.9, 2),
                                        (20, 1.3, 0, 0.5, 5), (31, 1.0, 1, 1.0, 1)]
             ]  # fmt: skip
-            _generate(engine, tokenizer, requests)
+            _generate(engine, tokenizer, requests, slot_filler=engine.max_slots - len(requests))
     finally:
         logging.getLogger("jax").removeHandler(handler)
     assert records == []

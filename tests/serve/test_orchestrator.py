@@ -252,6 +252,7 @@ def test_static_mode_waits_for_full_batch(tokenizer) -> None:
     for _ in range(5):
         orch.step()
     assert b.last.final and not c.outputs  # c waits although a slot is free
+    assert engine.active_history[-1] == 2  # and b's row stays in the batch until a ends
     _drain(orch)
     assert not c.outputs  # a lone request waits for the batch timeout
     now[0] = 5.0
