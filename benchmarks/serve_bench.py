@@ -377,6 +377,13 @@ def hf_generate_baseline(
     return results, time.perf_counter() - t0
 
 
+def _let_exit(pool: Any) -> None:
+    """Lets the pool's worker exit on its own: leaving the `with` block terminates it, and a
+    terminated worker leaves its semaphores for the resource tracker to warn about."""
+    pool.close()
+    pool.join()
+
+
 def _build_engine(args: argparse.Namespace, serve_cfg: Any) -> Any:
     from serve.engine import JaxEngine
 
@@ -517,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                 _load_process,
                 (bg.target, requests, args.request_rate, args.max_concurrency, args.seed),
             )
+            _let_exit(pool)
         line = {
             "bench": "serve",
             "mode": mode,
@@ -539,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
                 (Path(args.hf_dir), requests, args.hf_batch_size or args.max_slots,
                  engine.tokenizer.pad_id, args.hf_dtype),
             )  # fmt: skip
+            _let_exit(pool)
         summary = summarize(results, duration, {})
         for key in ("ttft_ms", "tpot_ms", "itl_ms"):
             summary.pop(key)

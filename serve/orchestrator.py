@@ -461,10 +461,7 @@ class Orchestrator:
             return
         slot, req.slot = req.slot, None
         del self._running[slot]
-        if not inserted:
-            self._free_slots.append(slot)
-            return
-        self._finished_slots.append(slot)
+        (self._finished_slots if inserted else self._free_slots).append(slot)
         if self.mode == "static" and self._running:
             return  # static batching: a batch keeps all its rows until its last member ends
         for slot in self._finished_slots:
