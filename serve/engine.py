@@ -410,8 +410,9 @@ class JaxEngine(Engine[DecodeState]):
         jax.block_until_ready(state)
         self.warmup_seconds = time.perf_counter() - t0
         log.info(
-            "engine warm: %d prefill buckets %s, %d slots x %d positions, tp=%d, %.1f s",
-            len(self._buckets), self._buckets, self.max_slots, self.max_len,
+            "engine warm: %d prefill buckets %s, decode steps of %s rows, %d slots x %d "
+            "positions, tp=%d, %.1f s",
+            len(self._buckets), self._buckets, self._decode_rows, self.max_slots, self.max_len,
             self.tensor_parallel, self.warmup_seconds,
         )  # fmt: skip
 
