@@ -17,7 +17,8 @@ Packed row layout (int32, one row per slot; float columns are float32 bit patter
     [token, length, done, logprob, top_ids[0:n], top_logprobs[0:n]]   n = max_logprobs
 `length` is the position of `token` (= tokens already in the slot's cache); `done` is 1
 when the slot cannot continue because `token` would not fit in its cache (length >=
-max_len). A free slot's row is meaningless.
+max_len). A free slot's row is meaningless, and so are a row's logprob columns unless its
+request asked for logprobs (an engine may skip computing them).
 """
 
 from __future__ import annotations
