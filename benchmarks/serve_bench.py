@@ -377,6 +377,18 @@ def hf_generate_baseline(
     return results, time.perf_counter() - t0
 
 
+def static_batch_work(requests: list[BenchRequest], batch_size: int) -> tuple[int, int]:
+    """(decode steps, row-steps) of static batches of `batch_size` in arrival order: each
+    batch decodes until its longest output is done, every row on every step."""
+    steps = row_steps = 0
+    for i in range(0, len(requests), batch_size):
+        batch = requests[i : i + batch_size]
+        longest = max(r.output_len for r in batch)
+        steps += longest
+        row_steps += longest * len(batch)
+    return steps, row_steps
+
+
 def _let_exit(pool: Any) -> None:
     """Lets the pool's worker exit on its own: leaving the `with` block terminates it, and a
     terminated worker leaves its semaphores for the resource tracker to warn about."""
@@ -551,13 +563,20 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarize(results, duration, {})
         for key in ("ttft_ms", "tpot_ms", "itl_ms"):
             summary.pop(key)
+        batch_size = args.hf_batch_size or args.max_slots
+        steps, row_steps = static_batch_work(requests, batch_size)
         lines.append(
             {
                 "bench": "serve",
                 "mode": "hf_generate",
                 "backend": "transformers",
                 "num_requests": len(requests),
-                "batch_size": args.hf_batch_size or args.max_slots,
+                "batch_size": batch_size,
+                # Static batches decode to their longest output: the share of row-steps that
+                # produce a requested token, and the run's time per row-step (prompts included).
+                "useful_row_step_fraction": summary["total_output_tokens"] / row_steps,
+                "us_per_row_step": duration / row_steps * 1e6,
+                "decode_steps": steps,
                 **summary,
             }
         )

@@ -24,6 +24,14 @@ def test_metrics_math() -> None:
     assert s["tpot_ms"]["p50"] == pytest.approx(300.0)
 
 
+def test_static_batch_work_runs_each_batch_to_its_longest_output() -> None:
+    bench = _load_bench()
+    reqs = [bench.BenchRequest((1, 2), n) for n in (3, 10, 4, 4, 1)]
+    # batches (3, 10) (4, 4) (1): 10 + 4 + 1 steps; 2*10 + 2*4 + 1*1 row-steps
+    assert bench.static_batch_work(reqs, 2) == (15, 29)
+    assert bench.static_batch_work(reqs, 8) == (10, 50)
+
+
 def test_continuous_vs_static_run(tmp_path: Path, capsys) -> None:
     bench = _load_bench()
     out = tmp_path / "bench.jsonl"
