@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from serve.sampling import SamplingParams, sample, split_seed
+from serve.sampling import SamplingParams, first_argmax, sample, split_seed
 
 
 @pytest.mark.parametrize(
@@ -83,6 +83,18 @@ def test_filters_and_greedy() -> None:
     assert (nucleus == order[0]).all()  # tiny top_p keeps only the best token
     free = _run(logits, [5.0] * n, [0] * n, [1.0] * n, [1] * n, positions)
     assert len(set(free)) > 3
+
+
+def test_first_argmax_is_argmax_with_ties_resolved_to_the_first() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.integers(-3, 4, size=(64, V)).astype(np.float32)  # many ties per row
+    x[5] = -np.inf
+    x[7, [3, 9]] = 100.0
+    got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got[7] == 3
+    with_nan = np.asarray(first_argmax(jnp.asarray(np.full((1, V), np.nan, np.float32))))
+    assert with_nan[0] == V - 1  # a real token id, never V
 
 
 def test_top_p_keeps_the_nucleus() -> None:
