@@ -553,17 +553,17 @@ def main(argv: list[str] | None = None) -> int:
         }
         lines.append(line)
     if args.hf_compare:
+        batch_size = args.hf_batch_size or args.max_slots
         with mp.get_context("spawn").Pool(1) as pool:  # a clean process: torch's own threads
             results, duration = pool.apply(
                 hf_generate_baseline,
-                (Path(args.hf_dir), requests, args.hf_batch_size or args.max_slots,
-                 engine.tokenizer.pad_id, args.hf_dtype),
+                (Path(args.hf_dir), requests, batch_size, engine.tokenizer.pad_id,
+                 args.hf_dtype),
             )  # fmt: skip
             _let_exit(pool)
         summary = summarize(results, duration, {})
         for key in ("ttft_ms", "tpot_ms", "itl_ms"):
             summary.pop(key)
-        batch_size = args.hf_batch_size or args.max_slots
         steps, row_steps = static_batch_work(requests, batch_size)
         lines.append(
             {

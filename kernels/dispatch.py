@@ -125,10 +125,11 @@ def decode_attention(
     (`slots[b]`, as in `decode_attention_reference`)."""
     _check_impl(impl)
     mode = _kernel_mode(impl)
+    in_place = mode is None and jax.default_backend() == "cpu"  # the CPU loop reads the rows
+    if slots is not None and not in_place:  # every other path reads row b for query b
+        k_cache, v_cache, slots = k_cache[slots], v_cache[slots], None
     if mode is None:
         return _length_bucketed_reference(q, k_cache, v_cache, lengths, slots)
-    if slots is not None:  # the kernel reads row b for query b
-        k_cache, v_cache = k_cache[slots], v_cache[slots]
     max_len = k_cache.shape[2] if k_cache.ndim == 4 else 0
     block_k = pick_block(max_len, _DECODE_BLOCK_K)
     if block_k is None:
@@ -139,7 +140,7 @@ def decode_attention(
         )
     if reason is not None:
         _warn_fallback("ragged_decode_attention", reason)
-        return _length_bucketed_reference(q, k_cache, v_cache, lengths, None)
+        return _length_bucketed_reference(q, k_cache, v_cache, lengths, slots)
     return ragged_decode_attention(
         q,
         k_cache,
@@ -203,9 +204,7 @@ def _bucket_index(sizes: tuple[int, ...], need: jax.Array) -> jax.Array:
 def _length_bucketed_reference(q, k_cache, v_cache, lengths, slots) -> jax.Array:
     if jax.default_backend() == "cpu":
         return _slot_group_reference(q, k_cache, v_cache, lengths, slots)
-    if slots is not None:
-        k_cache, v_cache = k_cache[slots], v_cache[slots]
-    return _batch_prefix_reference(q, k_cache, v_cache, lengths)
+    return _batch_prefix_reference(q, k_cache, v_cache, lengths)  # slots gathered already
 
 
 def _batch_prefix_reference(q, k_cache, v_cache, lengths) -> jax.Array:
