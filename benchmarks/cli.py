@@ -6,9 +6,9 @@ import importlib
 import sys
 
 BENCHMARKS = {
-    "serve": "benchmarks.serve_bench",
-    "train": "benchmarks.train_bench",
-    "kernels": "benchmarks.kernel_bench",
+    "serve": "tandem.benchmarks.serve_bench",
+    "train": "tandem.benchmarks.train_bench",
+    "kernels": "tandem.benchmarks.kernel_bench",
 }
 
 

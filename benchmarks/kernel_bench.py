@@ -34,9 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
-from kernels.decode_attention import ragged_decode_attention
-from kernels.reference import decode_attention_reference
-from kernels.testing import decode_inputs
+from tandem.kernels.decode_attention import ragged_decode_attention
+from tandem.kernels.reference import decode_attention_reference
+from tandem.kernels.testing import decode_inputs
 
 # Peak HBM bandwidth, bytes/s, by a substring of jax's device_kind.
 PEAK_HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}

@@ -30,8 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.train_bench import SHAPES  # noqa: E402  (after the path insert)
-from model.config import ModelConfig  # noqa: E402
+from tandem.benchmarks.train_bench import SHAPES  # noqa: E402  (after the path insert)
+from tandem.model.config import ModelConfig  # noqa: E402
 
 # tandem ModelConfig.remat -> MaxText remat_policy ("minimal" saves the matmul outputs).
 REMAT = {"none": "none", "dots": "minimal", "full": "full"}

@@ -1,6 +1,6 @@
 """Plots `serve_bench` JSON lines: output throughput vs latency, one curve per mode.
 
-    python -m benchmarks.plot_serve results.jsonl --out docs/img/serve_cpu.png
+    python -m tandem.benchmarks.plot_serve results.jsonl --out docs/img/serve_cpu.png
 
 Each point is one benchmark run (one request rate, annotated); runs are grouped by `mode`
 and joined in order of increasing request rate.

@@ -159,8 +159,8 @@ async def run_load(
 ) -> tuple[list[RequestResult], float]:
     import grpc
 
-    from proto.tandem.v1 import generate_pb2 as pb
-    from proto.tandem.v1 import generate_pb2_grpc as pb_grpc
+    from tandem.proto.v1 import generate_pb2 as pb
+    from tandem.proto.v1 import generate_pb2_grpc as pb_grpc
 
     rng = np.random.default_rng(seed)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -202,8 +202,8 @@ def _load_process(
 def offline_run(engine: Any, requests: list[BenchRequest]) -> tuple[list[RequestResult], float]:
     """Every request queued at t=0 on an in-process continuous-batching orchestrator, stepped
     on this thread until all finish; token times are taken when the orchestrator emits them."""
-    from serve.orchestrator import Orchestrator
-    from serve.sampling import SamplingParams
+    from tandem.serve.orchestrator import Orchestrator
+    from tandem.serve.sampling import SamplingParams
 
     orch = Orchestrator(engine, max_queue=len(requests), mode="continuous")
     results: list[RequestResult] = []
@@ -294,7 +294,7 @@ def save_random_hf_llama(cfg: Any, directory: Path, seed: int) -> Path:
     import torch
     import transformers
 
-    from model.tokenizer import Tokenizer
+    from tandem.model.tokenizer import Tokenizer
 
     torch.manual_seed(seed)
     tok = Tokenizer.byte()
@@ -397,15 +397,16 @@ def _let_exit(pool: Any) -> None:
 
 
 def _build_engine(args: argparse.Namespace, serve_cfg: Any) -> Any:
-    from serve.engine import JaxEngine
+    from tandem.serve.engine import JaxEngine
 
     if args.bundle:
         return JaxEngine.from_bundle(args.bundle, serve_cfg)
     if args.hf_compare:
         import tempfile
 
-        from model.config import ModelConfig, load_config
-        from model.hf import import_hf
+        from tandem.config import load_config
+        from tandem.model.config import ModelConfig
+        from tandem.model.hf import import_hf
 
         work = Path(tempfile.mkdtemp(prefix="serve_bench_"))
         if args.hf_dir is None:
@@ -415,9 +416,10 @@ def _build_engine(args: argparse.Namespace, serve_cfg: Any) -> Any:
         return JaxEngine.from_bundle(bundle, serve_cfg)
     from flax import nnx
 
-    from model.config import ModelConfig, load_config
-    from model.tokenizer import Tokenizer
-    from model.transformer import Transformer
+    from tandem.config import load_config
+    from tandem.model.config import ModelConfig
+    from tandem.model.tokenizer import Tokenizer
+    from tandem.model.transformer import Transformer
 
     cfg = load_config(ModelConfig, args.model, args.model_set)
     tokenizer = Tokenizer.byte()
@@ -472,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(modes) - {"continuous", "static", "offline"}):
         parser.error(f"--modes: unknown {unknown}; allowed continuous, static, offline")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from serve.config import ServeConfig
-    from serve.server import BackgroundServer, TandemServer
+    from tandem.serve.config import ServeConfig
+    from tandem.serve.server import BackgroundServer, TandemServer
 
     base = ServeConfig(
         max_slots=args.max_slots,
@@ -528,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         # The load generator runs in its own process (as `vllm bench serve` does), so the
         # client's Python never competes with the server for the GIL.
         with (
-            BackgroundServer(TandemServer(engine, cfg, port=0)) as bg,
+            BackgroundServer(TandemServer(engine, dataclasses.replace(cfg, port=0))) as bg,
             mp.get_context("spawn").Pool(1) as pool,
         ):
             pool.apply(_load_process, (bg.target, requests[:1], math.inf, None, args.seed))

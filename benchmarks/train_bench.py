@@ -5,7 +5,7 @@ in the same run.
     python benchmarks/train_bench.py --presets llama3-1b   # on a GPU/TPU (bf16 preset)
 
 Prints one JSON line per preset (and one for the measured matmul peak). The train step is
-exactly the one `python -m train` runs (sharded jit, donated state, AdamW, clipping), fed
+exactly the one `python -m tandem.train` runs (sharded jit, donated state, AdamW, clipping), fed
 synthetic packed batches so the data pipeline is not measured (and Grain is not needed).
 MFU = model FLOPs/token (ModelConfig.flops_per_token) x tokens/s / peak; it is reported
 against both the measured matmul peak and, on GPU/TPU, the spec-sheet table peak.
@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import numpy as np
 
-from model.config import load_config
-from train.config import TrainConfig
-from train.loop import BATCH_KEYS, Trainer, process_rows, to_global
-from train.mesh import batch_sharding, make_mesh
-from train.metrics import measure_matmul_flops, table_peak_flops
+from tandem.config import load_config
+from tandem.train.config import TrainConfig
+from tandem.train.loop import BATCH_KEYS, Trainer
+from tandem.train.mesh import batch_sharding, make_mesh, process_rows, to_global
+from tandem.train.metrics import measure_matmul_flops, table_peak_flops
 
 # Per preset: (batch, seq_len) defaults for CPU and for accelerators.
 SHAPES = {

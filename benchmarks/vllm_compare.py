@@ -1,6 +1,6 @@
 """tandem vs vLLM, same weights, same machine, same workload, one run.
 
-Starts `python -m serve --bundle B` (gRPC) once per --max-slots value and the vLLM OpenAI
+Starts `python -m tandem.serve --bundle B` (gRPC) once per --max-slots value and the vLLM OpenAI
 server (`--vllm-python` interpreter, or an already running one at --vllm-url) on the Hugging
 Face export of the SAME weights, one at a time so they never share the CPU. Both get the
 SAME requests: serve_bench's synthetic dataset (token-id prompts, outputs forced to length
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.serve_bench import (
+from tandem.benchmarks.serve_bench import (
     BenchRequest,
     RequestResult,
     _range,
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     for n_slots in slots:
         port = _free_port()
         target = f"127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "serve", "--bundle", str(args.bundle), "--port", str(port),
+        cmd = [sys.executable, "-m", "tandem.serve", "--bundle", str(args.bundle), "--port", str(port),
                "--max-slots", str(n_slots), "--max-len", str(args.max_len),
                "--max-queue", str(max(64, args.num_requests))]  # fmt: skip
         log_path = logs / f"tandem-{n_slots}.log"

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels._common import (
+from tandem.kernels._common import (
     M_INIT,
     MASK_VALUE,
     MIN_TILE,
@@ -46,7 +46,7 @@ from kernels._common import (
     is_pow2,
     next_pow2,
 )
-from kernels.reference import decode_attention_reference
+from tandem.kernels.reference import decode_attention_reference
 
 __all__ = [
     "DEFAULT_BLOCK_K",

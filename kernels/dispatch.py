@@ -18,30 +18,31 @@ The decision is taken in Python on static shapes, i.e. once per trace under `jax
 from __future__ import annotations
 
 import logging
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 
-from kernels._common import pick_block
-from kernels.decode_attention import DEFAULT_BLOCK_K as _DECODE_BLOCK_K
-from kernels.decode_attention import ragged_decode_attention
-from kernels.decode_attention import unsupported_reason as _decode_unsupported
-from kernels.prefill_attention import DEFAULT_BLOCK_K as _PREFILL_BLOCK_K
-from kernels.prefill_attention import DEFAULT_BLOCK_Q as _PREFILL_BLOCK_Q
-from kernels.prefill_attention import flash_attention
-from kernels.prefill_attention import unsupported_reason as _prefill_unsupported
-from kernels.reference import attention_reference, decode_attention_reference
+from tandem.config import require
+from tandem.kernels._common import pick_block
+from tandem.kernels.decode_attention import DEFAULT_BLOCK_K as _DECODE_BLOCK_K
+from tandem.kernels.decode_attention import ragged_decode_attention
+from tandem.kernels.decode_attention import unsupported_reason as _decode_unsupported
+from tandem.kernels.prefill_attention import DEFAULT_BLOCK_K as _PREFILL_BLOCK_K
+from tandem.kernels.prefill_attention import DEFAULT_BLOCK_Q as _PREFILL_BLOCK_Q
+from tandem.kernels.prefill_attention import flash_attention
+from tandem.kernels.prefill_attention import unsupported_reason as _prefill_unsupported
+from tandem.kernels.reference import attention_reference, decode_attention_reference
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+AttentionImpl = Literal["auto", "reference", "pallas", "pallas_interpret"]
 
 _warned: set[tuple[str, str]] = set()
 
 
 def _check_impl(impl: str) -> None:
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl={impl!r}: allowed values are {ATTENTION_IMPLS}")
+    require(impl in get_args(AttentionImpl), "attention_impl", impl, str(get_args(AttentionImpl)))
 
 
 def _kernel_mode(impl: str) -> str | None:
@@ -156,10 +157,10 @@ def decode_attention(
 # therefore applied to cache prefixes chosen on device with `lax.switch` over fixed sizes,
 # so work follows the live lengths rather than the capacity and no shape depends on data:
 #   * CPU: a loop over groups of up to 4 slots, each group reading the prefix of its
-#     longest slot (multiples of 64, then four sizes per octave). An iteration costs
-#     ~15 us there whatever it reads, so one slot per iteration paid that 4x; a whole-batch
-#     prefix makes every short slot read the longest one's length (measured:
-#     docs/benchmarks.md);
+#     longest slot (multiples of 64, then four sizes per octave). An iteration has a
+#     fixed cost there whatever it reads, so one slot per iteration paid it four times as
+#     often; a whole-batch prefix makes every short slot read the longest one's length
+#     (measured: docs/benchmarks.md, "Measurements behind code choices");
 #   * accelerators, where a loop of small ops is slow: one prefix for the whole batch,
 #     the shortest power of two (>= 128) that holds the longest slot.
 MIN_REFERENCE_DECODE_LEN = 128

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels._common import (
+from tandem.kernels._common import (
     M_INIT,
     MASK_VALUE,
     MIN_TILE,
@@ -51,7 +51,7 @@ from kernels._common import (
     head_dim_reason,
     is_pow2,
 )
-from kernels.reference import attention_reference
+from tandem.kernels.reference import attention_reference
 
 __all__ = [
     "DEFAULT_BLOCK_K",

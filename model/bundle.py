@@ -18,6 +18,7 @@ looks valid; loading checks every file's sha256 against the manifest.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -37,10 +38,10 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from model.config import ModelConfig
-from model.sharding import param_shardings
-from model.tokenizer import Tokenizer
-from model.transformer import Transformer
+from tandem.model.config import ModelConfig
+from tandem.model.sharding import param_shardings
+from tandem.model.tokenizer import Tokenizer
+from tandem.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,34 @@ def flat_params(params: nnx.State) -> Iterator[tuple[str, jax.Array]]:
     """(name, array) for every param of a model state, in a stable order."""
     for path, var in nnx.to_flat_state(params):
         yield _name(path), var.get_value()
+
+
+def model_from_tensors(cfg: ModelConfig, tensors: Mapping[str, Any]) -> Transformer:
+    """`Transformer(cfg)` holding the given flat-named tensors (cast to the param dtypes)."""
+    graphdef, abstract = abstract_model(cfg)
+    flat = [
+        (path, var.replace(jnp.asarray(tensors[_name(path)], var.get_value().dtype)))
+        for path, var in nnx.to_flat_state(abstract)
+    ]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def forward(
+    model: Transformer,
+    tokens: np.ndarray,  # [B, T]
+    positions: np.ndarray | None = None,  # [B, T]; default 0..T-1
+    segment_ids: np.ndarray | None = None,  # [B, T]; default one document per row
+) -> np.ndarray:  # [B, T, V] float32
+    """Full-sequence logits of `model`, for validation and parity checks."""
+    if positions is None:
+        positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return np.asarray(_forward(graphdef, params, tokens, positions, segment_ids), np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, params, tokens, positions, segment_ids):
+    return nnx.merge(graphdef, params)(tokens, positions, segment_ids)
 
 
 def _sha256(path: Path) -> str:
@@ -125,6 +154,18 @@ def write_bundle(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
+
+
+def add_to_manifest(bundle_dir: str | Path, entries: Mapping[str, Any]) -> None:
+    """Adds measured entries (validation, quality) to a written bundle's manifest.
+    manifest.json is not itself hashed, so this leaves the bundle valid; it is written to
+    a temporary file and renamed, never left half-written."""
+    path = Path(bundle_dir) / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest.update(entries)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(path)
 
 
 @contextlib.contextmanager
@@ -314,15 +355,8 @@ class Bundle:
         return nnx.merge(graphdef, self.params(mesh))
 
     @cached_property
-    def _forward(self):
-        graphdef, params = nnx.split(self.model(), nnx.Param)
-
-        @jax.jit
-        def forward(params, tokens):  # [B, T] -> [B, T, V]
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-            return nnx.merge(graphdef, params)(tokens, positions)
-
-        return lambda tokens: forward(params, tokens)
+    def _model(self) -> Transformer:
+        return self.model()
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """Full-sequence logits, float32 [B, T, V], for parity checks against other stacks."""
@@ -333,4 +367,4 @@ class Bundle:
             )
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
-        return np.asarray(self._forward(jnp.asarray(tokens, jnp.int32)), dtype=np.float32)
+        return forward(self._model, tokens.astype(np.int32))

@@ -20,15 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from model.bundle import (
+from tandem.model.bundle import (
     BundleError,
     atomic_directory,
     expected_params,
     write_bundle,
     write_safetensors_shards,
 )
-from model.config import ModelConfig, RopeScaling
-from model.tokenizer import Tokenizer
+from tandem.model.config import ModelConfig, RopeScaling
+from tandem.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,12 @@ one model definition and a bundle any tool can read (plain int8 + float32 tensor
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import jax.numpy as jnp
 import numpy as np
 
-QUANTIZATIONS = ("none", "int8")
+Quantization = Literal["none", "int8"]
 
 # tensor name -> axes of the stored tensor that the matmul contracts over
 CONTRACTED_AXES: dict[str, tuple[int, ...]] = {

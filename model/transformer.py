@@ -17,8 +17,8 @@ MaxText's unscanned inference checkpoints are for). The cache is one array per l
 layer's K/V write is an in-place update of a donated buffer that attention then reads
 directly, and the serving engine passes each layer's weights as separate arrays
 (`unstack_layers`, the `layers=` argument). Inside a scan, or when slicing layer i out of
-a stacked argument, XLA copies the cache and weight slices on every step; on CPU those
-copies cost more than the rest of a decode step.
+a stacked argument, XLA copies the cache and weight slices on every step (on CPU they
+cost more than the rest of a decode step: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
-from model.config import ModelConfig
-from model.quant import CONTRACTED_AXES, SCALE_SUFFIX, scaled_matmul
-from model.sharding import (
+from tandem import kernels
+from tandem.model.config import ModelConfig
+from tandem.model.quant import CONTRACTED_AXES, SCALE_SUFFIX, scaled_matmul
+from tandem.model.sharding import (
     BATCH,
     EMBED,
     HEAD_DIM,

@@ -6,8 +6,9 @@
 #   WHEELS=.whl OUT=gpu-results bash scripts/gpu_checks.sh
 #
 # Runs on the machine's own python3 (jax with CUDA, torch, transformers, flax). WHEELS
-# (from scripts/gpu_wheels.sh) installs what that image lacks into /tmp/site first, so no
-# network is needed. Each stage has a time limit; results land in OUT.
+# (from scripts/gpu_wheels.sh) installs what that image lacks into /tmp/site first, and
+# tandem itself is installed there from this checkout (no network needed). Each stage has a
+# time limit; results land in OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
@@ -15,17 +16,19 @@ mkdir -p "$OUT"
 if [ -n "${WHEELS:-}" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
         "$WHEELS"/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site \
+    . || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 stage() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
 stage "HF checkpoint + bf16 bundle for the serving run (CPU, in the background)"
 ( CUDA_VISIBLE_DEVICES= JAX_PLATFORMS=cpu python3 -c "
 from pathlib import Path
-from benchmarks.serve_bench import save_random_hf_llama
-from model.config import ModelConfig, load_config
-from model.hf import import_hf
+from tandem.benchmarks.serve_bench import save_random_hf_llama
+from tandem.config import load_config
+from tandem.model.config import ModelConfig
+from tandem.model.hf import import_hf
 save_random_hf_llama(load_config(ModelConfig, 'llama3-1b', []), Path('/tmp/hf1b'), 0)
 import_hf(Path('/tmp/hf1b'), Path('/tmp/b1b'), dtype='bfloat16')
 " > "$OUT/hf_prep.log" 2>&1 ) &

@@ -15,8 +15,8 @@ from typing import Any
 
 import grpc
 
-from proto.tandem.v1 import generate_pb2 as pb
-from proto.tandem.v1 import generate_pb2_grpc as pb_grpc
+from tandem.proto.v1 import generate_pb2 as pb
+from tandem.proto.v1 import generate_pb2_grpc as pb_grpc
 
 
 class TandemClient:

@@ -1,7 +1,7 @@
 """ServeConfig: every knob of one serving replica, validated once, passed whole.
 
-Loadable like every tandem config (model.config.load_config: YAML/JSON file or dict plus
-`key=value` overrides); `tandem serve` maps its flags onto it.
+Loadable like every tandem config (`tandem.config.load_config`: YAML/JSON file plus
+`key=value` overrides); `tandem serve`'s flags are other spellings of its keys.
 """
 
 from __future__ import annotations
@@ -9,18 +9,25 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-MODES = ("continuous", "static")
-
-
-def _require(ok: bool, field: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{field}={value!r} is invalid: allowed {allowed}")
+from tandem.config import check_choices, require
 
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
-    """Limits and scheduling of one replica. 0 in a size field means "derive it"."""
+    """What to serve, where, and the limits and scheduling of one replica.
+    0 in a size field means "derive it"."""
 
+    # --- what and where ---
+    bundle: str = ""  # serving bundle directory (tandem export / tandem import-hf)
+    host: str = "127.0.0.1"  # bind address
+    port: int = 50051  # gRPC port; 0 = any free port
+    metrics_port: int | None = None  # Prometheus /metrics; None = off, 0 = any free port
+    tls_cert: str = ""  # PEM certificate chain (with tls_key: TLS on)
+    tls_key: str = ""  # PEM private key
+    token_file: str = ""  # file holding the bearer token clients must send ("" = none)
+    grace_s: float = 30.0  # seconds to drain in-flight streams on SIGTERM
+
+    # --- limits and scheduling ---
     max_slots: int = 8  # concurrent sequences = KV-cache slots
     max_len: int = 0  # positions per slot (prompt + output); 0 = model max_seq_len
     max_prompt_len: int = 0  # 0 = max_len - 1
@@ -37,49 +44,53 @@ class ServeConfig:
     # the first token and the final message are never held back
 
     def __post_init__(self) -> None:
-        _require(self.max_slots >= 1, "max_slots", self.max_slots, ">= 1")
-        _require(self.max_len >= 0, "max_len", self.max_len, ">= 0 (0 = model max_seq_len)")
-        _require(self.max_prompt_len >= 0, "max_prompt_len", self.max_prompt_len, ">= 0")
-        _require(
+        check_choices(self)
+        require(0 <= self.port <= 65535, "port", self.port, "0..65535 (0 = any free port)")
+        require(
+            self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+            "metrics_port",
+            self.metrics_port,
+            "null (off) or 0..65535",
+        )
+        require(
+            bool(self.tls_cert) == bool(self.tls_key),
+            "tls_key" if self.tls_cert else "tls_cert",
+            "",
+            "a PEM file whenever the other of tls_cert / tls_key is given",
+        )
+        require(self.grace_s >= 0, "grace_s", self.grace_s, ">= 0")
+        require(self.max_slots >= 1, "max_slots", self.max_slots, ">= 1")
+        require(self.max_len >= 0, "max_len", self.max_len, ">= 0 (0 = model max_seq_len)")
+        require(self.max_prompt_len >= 0, "max_prompt_len", self.max_prompt_len, ">= 0")
+        require(
             self.max_len == 0 or self.max_prompt_len < self.max_len,
             "max_prompt_len",
             self.max_prompt_len,
             f"< max_len ({self.max_len})",
         )
-        _require(
-            self.min_prefill_bucket >= 1, "min_prefill_bucket", self.min_prefill_bucket, ">= 1"
-        )
-        _require(self.max_queue >= 0, "max_queue", self.max_queue, ">= 0")
-        _require(0 <= self.max_logprobs <= 64, "max_logprobs", self.max_logprobs, "0..64")
-        _require(
-            self.default_max_tokens >= 1, "default_max_tokens", self.default_max_tokens, ">= 1"
-        )
-        _require(self.tensor_parallel >= 0, "tensor_parallel", self.tensor_parallel, ">= 0")
-        _require(
-            self.cache_dtype in ("", "float32", "bfloat16"),
-            "cache_dtype",
-            self.cache_dtype,
-            "'', 'float32', 'bfloat16'",
-        )
-        _require(self.mode in MODES, "mode", self.mode, str(MODES))
-        _require(
+        require(self.min_prefill_bucket >= 1, "min_prefill_bucket", self.min_prefill_bucket, ">= 1")
+        require(self.max_queue >= 0, "max_queue", self.max_queue, ">= 0")
+        require(0 <= self.max_logprobs <= 64, "max_logprobs", self.max_logprobs, "0..64")
+        require(self.default_max_tokens >= 1, "default_max_tokens", self.default_max_tokens, ">= 1")
+        require(self.tensor_parallel >= 0, "tensor_parallel", self.tensor_parallel, ">= 0")
+        require(
             self.static_batch_wait_s >= 0, "static_batch_wait_s", self.static_batch_wait_s, ">= 0"
         )
-        _require(
+        require(
             self.max_prefills_per_step >= 0,
             "max_prefills_per_step",
             self.max_prefills_per_step,
             ">= 0",
         )
-        _require(self.stream_interval >= 1, "stream_interval", self.stream_interval, ">= 1")
+        require(self.stream_interval >= 1, "stream_interval", self.stream_interval, ">= 1")
 
     def resolve(self, model_max_len: int) -> ServeConfig:
         """Fills the derived sizes from the model's context length."""
         max_len = self.max_len or model_max_len
-        _require(
+        require(
             max_len <= model_max_len, "max_len", max_len, f"<= model max_seq_len {model_max_len}"
         )
-        _require(max_len >= 2, "max_len", max_len, ">= 2")
+        require(max_len >= 2, "max_len", max_len, ">= 2")
         prompt = self.max_prompt_len or max_len - 1
-        _require(prompt < max_len, "max_prompt_len", prompt, f"< max_len ({max_len})")
+        require(prompt < max_len, "max_prompt_len", prompt, f"< max_len ({max_len})")
         return dataclasses.replace(self, max_len=max_len, max_prompt_len=prompt)

@@ -43,20 +43,21 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import kernels
-from model.config import ModelConfig
-from model.sharding import MESH_AXES, param_shardings
-from model.transformer import KVCache, Transformer, init_cache
-from serve.config import ServeConfig
-from serve.engine_api import (
+from tandem import kernels
+from tandem.model.config import ModelConfig
+from tandem.model.sharding import MESH_AXES, param_shardings
+from tandem.model.transformer import KVCache, Transformer, init_cache
+from tandem.serve.config import ServeConfig
+from tandem.serve.engine_api import (
     Engine,
     Prefix,
     StepOutput,
     TokenizerLike,
     bucket_for,
+    pack_rows,
     prefill_buckets,
 )
-from serve.sampling import SamplingParams, logprobs_of, sample, split_seed
+from tandem.serve.sampling import SamplingParams, logprobs_of, sample, split_seed
 
 log = logging.getLogger(__name__)
 
@@ -100,27 +101,6 @@ def _no_logprobs(rows: int, top_n: int) -> tuple[jax.Array, jax.Array, jax.Array
         jnp.zeros((rows, top_n), jnp.int32),
         jnp.zeros((rows, top_n), jnp.float32),
     )
-
-
-def _bits(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-
-
-def _pack(
-    tokens: jax.Array,  # [B] int32
-    lengths: jax.Array,  # [B] int32
-    done: jax.Array,  # [B] bool
-    chosen: jax.Array,  # [B] float32
-    top_ids: jax.Array,  # [B, n] int32
-    top_lps: jax.Array,  # [B, n] float32
-) -> jax.Array:  # [B, 4 + 2n] int32
-    cols = [
-        tokens[:, None],
-        lengths[:, None],
-        done.astype(jnp.int32)[:, None],
-        _bits(chosen)[:, None],
-    ]
-    return jnp.concatenate([*cols, top_ids, _bits(top_lps)], axis=1)
 
 
 def pick_tensor_parallel(cfg: ModelConfig, n_devices: int, requested: int = 0) -> int:
@@ -184,7 +164,8 @@ class JaxEngine(Engine[DecodeState]):
         del model.layers  # drop this module's references to the stacked copies
         self._graphdef, rest = nnx.split(model, nnx.Param)
         # Weights travel as (flat tuple of arrays, per-layer dicts): flattening an nnx.State
-        # (Variable objects) on every call cost ~1 ms of host time per decode step.
+        # (Variable objects) on every call is host time on every decode step
+        # (docs/benchmarks.md, "Measurements behind code choices").
         leaves, self._rest_treedef = jax.tree.flatten(rest)
         self._weights = (tuple(leaves), layers)
         self._cache_dtype = jnp.dtype(scfg.cache_dtype or cfg.dtype)
@@ -218,7 +199,7 @@ class JaxEngine(Engine[DecodeState]):
         *,
         devices: Sequence[jax.Device] | None = None,
     ) -> JaxEngine:
-        from model.bundle import Bundle, abstract_model
+        from tandem.model.bundle import Bundle, abstract_model
 
         bundle = Bundle.load(path)  # int8 bundles carry cfg.quantization="int8"; the model
         # then holds int8 weights + scales and dequantizes inside its einsums
@@ -284,7 +265,7 @@ class JaxEngine(Engine[DecodeState]):
         chosen, top_ids, top_lps = logprobs_of(last, token, self.max_logprobs)
         done = positions >= self.max_len
         kv = jax.tree.map(lambda x: x.astype(self._cache_dtype), kv)
-        return kv, _pack(token, positions, done, chosen, top_ids, top_lps)
+        return kv, pack_rows(token, positions, done, chosen, top_ids, top_lps)
 
     def _insert_fn(self, state: DecodeState, kv: KVCache, slot, length, token, vec: _Slot):
         start = (slot, 0, 0, 0)  # [B, K, S, H]: the prefix lands at positions [0, T)
@@ -334,15 +315,16 @@ class JaxEngine(Engine[DecodeState]):
             logits, take(state.temperature), take(state.top_k), take(state.top_p),
             take(state.seeds), lengths,
         )  # fmt: skip
-        # log-softmax and top-n over the vocabulary cost ~5 % of a 64-row step on CPU; most
-        # steps hold no request that asked for logprobs (their row columns are then 0).
+        # log-softmax and top-n over the vocabulary are a measurable part of a CPU step
+        # (docs/benchmarks.md); most steps hold no request that asked for logprobs (their
+        # row columns are then 0).
         chosen, top_ids, top_lps = jax.lax.cond(
             jnp.any(take(state.logprobs) & take(state.active)),
             lambda: logprobs_of(logits, tokens, self.max_logprobs),
             lambda: _no_logprobs(tokens.shape[0], self.max_logprobs),
         )
         done = lengths >= self.max_len
-        packed = _pack(tokens, lengths, done, chosen, top_ids, top_lps)  # [n, C]
+        packed = pack_rows(tokens, lengths, done, chosen, top_ids, top_lps)  # [n, C]
         out = put(jnp.zeros((self.max_slots, packed.shape[1]), packed.dtype), packed)
         new = state._replace(
             cache=cache, lengths=put(state.lengths, lengths), tokens=put(state.tokens, tokens)

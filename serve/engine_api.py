@@ -29,9 +29,11 @@ import functools
 from collections.abc import Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from serve.sampling import SamplingParams
+from tandem.serve.sampling import SamplingParams
 
 TOKEN, LENGTH, DONE, LOGPROB, TOP = 0, 1, 2, 3, 4
 
@@ -40,6 +42,36 @@ State = TypeVar("State")
 
 def row_width(max_logprobs: int) -> int:
     return TOP + 2 * max_logprobs
+
+
+def pack_rows(
+    tokens: Any,  # [B] int32
+    lengths: Any,  # [B] int32
+    done: Any,  # [B] bool
+    logprob: Any,  # [B] float32
+    top_ids: Any,  # [B, n] int32
+    top_logprobs: Any,  # [B, n] float32
+) -> Any:  # [B, row_width(n)] int32
+    """Writes the packed layout (module docstring): inside a jitted step from jax arrays,
+    or on the host from numpy arrays (the fake engine). `StepOutput` reads it."""
+    if isinstance(tokens, np.ndarray):
+        xp = np
+
+        def bits(x: Any) -> Any:
+            return np.asarray(x, np.float32).view(np.int32)
+    else:
+        xp = jnp
+
+        def bits(x: Any) -> Any:
+            return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+
+    cols = [
+        tokens[:, None],
+        lengths[:, None],
+        done.astype(xp.int32)[:, None],
+        bits(logprob)[:, None],
+    ]
+    return xp.concatenate([*cols, top_ids.astype(xp.int32), bits(top_logprobs)], axis=1)
 
 
 class TokenizerLike(Protocol):

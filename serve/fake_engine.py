@@ -16,20 +16,16 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from serve.engine_api import (
-    DONE,
-    LENGTH,
-    LOGPROB,
-    TOKEN,
-    TOP,
+from tandem.serve.engine_api import (
     Engine,
     Prefix,
     StepOutput,
     TokenizerLike,
+    pack_rows,
     prefill_buckets,
     row_width,
 )
-from serve.sampling import SamplingParams
+from tandem.serve.sampling import SamplingParams
 
 Script = Callable[[Sequence[int], int], int]  # (prompt ids, output index) -> token id
 
@@ -86,16 +82,15 @@ class FakeEngine(Engine[FakeState]):
         return prefill_buckets(self.max_prompt_len)
 
     def _row(self, token: int, length: int) -> np.ndarray:
-        row = np.zeros(row_width(self.max_logprobs), np.int32)
-        row[TOKEN] = token
-        row[LENGTH] = length
-        row[DONE] = int(length >= self.max_len)
-        floats = row.view(np.float32)
-        floats[LOGPROB] = -0.5
-        for i in range(self.max_logprobs):
-            row[TOP + i] = (token + i) % self.tokenizer.vocab_size
-            floats[TOP + self.max_logprobs + i] = -0.5 - i
-        return row
+        n = np.arange(self.max_logprobs)
+        return pack_rows(
+            np.asarray([token], np.int32),
+            np.asarray([length], np.int32),
+            np.asarray([length >= self.max_len]),
+            np.asarray([-0.5], np.float32),
+            ((token + n) % self.tokenizer.vocab_size)[None],
+            (-0.5 - n)[None],
+        )[0]
 
     def prefill(self, tokens: Sequence[int], sampling: SamplingParams, seed: int) -> Prefix:
         if not 1 <= len(tokens) <= self.max_prompt_len:

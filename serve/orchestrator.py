@@ -36,10 +36,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from serve.detok import TextStream
-from serve.engine_api import Engine, SlotToken, StepOutput
-from serve.metrics import ServeMetrics
-from serve.sampling import SamplingParams
+from tandem.serve.detok import TextStream
+from tandem.serve.engine_api import Engine, SlotToken, StepOutput
+from tandem.serve.metrics import ServeMetrics
+from tandem.serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ DetokFactory = Callable[[Any], Any]
 
 
 def _default_detokenizer(tokenizer: Any) -> Any:
-    from model.tokenizer import IncrementalDetokenizer
+    from tandem.model.tokenizer import IncrementalDetokenizer
 
     return IncrementalDetokenizer(tokenizer)
 

@@ -126,8 +126,8 @@ def token_key(seed_words: jax.Array, position: jax.Array) -> jax.Array:
 
 def first_argmax(x: jax.Array) -> jax.Array:  # [B, V] -> [B] int32
     """`jnp.argmax(x, axis=-1)` (the first maximum on ties) as a max then a min over
-    indices: XLA's CPU argmax is a (value, index) reduction that took 344 us on [64, 2048],
-    these two plain reductions 84 us. A row with NaN (no element equals its max) gives
+    indices: XLA's CPU argmax is a (value, index) reduction several times slower than these
+    two plain reductions (docs/benchmarks.md). A row with NaN (no element equals its max) gives
     V - 1, a token id that exists, where argmax would point at the NaN."""
     vocab = x.shape[-1]
     best = jnp.max(x, axis=-1, keepdims=True)

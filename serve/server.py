@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,12 +32,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from proto.tandem.v1 import generate_pb2 as pb
-from serve.config import ServeConfig
-from serve.engine_api import Engine
-from serve.metrics import ServeMetrics
-from serve.orchestrator import Orchestrator, Output, RequestError, merge_outputs
-from serve.sampling import SamplingParams
+from tandem.proto.v1 import generate_pb2 as pb
+from tandem.serve.config import ServeConfig
+from tandem.serve.engine_api import Engine
+from tandem.serve.metrics import ServeMetrics
+from tandem.serve.orchestrator import Orchestrator, Output, RequestError, merge_outputs
+from tandem.serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -334,19 +335,13 @@ class TandemServer:
         engine: Engine,
         cfg: ServeConfig | None = None,
         *,
-        host: str = "127.0.0.1",
-        port: int = 50051,
-        metrics_port: int | None = None,
-        token: str | None = None,
-        tls_cert: bytes | None = None,
-        tls_key: bytes | None = None,
         detokenizer_factory: Callable[[Any], Any] | None = None,
     ) -> None:
+        """Reads the token and TLS files of `cfg` now, so a missing one fails at start-up."""
         cfg = cfg or ServeConfig()
         self.engine = engine
         self.cfg = cfg
-        self.host, self.port = host, port
-        self.metrics_port = metrics_port
+        self.host = cfg.host
         self.metrics = ServeMetrics()
         self.orch = Orchestrator(
             engine,
@@ -362,8 +357,12 @@ class TandemServer:
         self.ready = threading.Event()
         self.service = GenerationService(self.orch, engine, self.metrics, self.ready)
         self.health = health_aio.HealthServicer()
-        self._token = token
-        self._tls = (tls_cert, tls_key) if tls_cert is not None else None
+        self._token = Path(cfg.token_file).read_text().strip() if cfg.token_file else None
+        self._tls = (
+            (Path(cfg.tls_cert).read_bytes(), Path(cfg.tls_key).read_bytes())
+            if cfg.tls_cert
+            else None
+        )
         self._server: grpc.aio.Server | None = None
         self.bound_port: int | None = None
         self.bound_metrics_port: int | None = None
@@ -380,7 +379,7 @@ class TandemServer:
              reflection.SERVICE_NAME),
             server,
         )  # fmt: skip
-        address = f"{self.host}:{self.port}"
+        address = f"{self.host}:{self.cfg.port}"
         if self._tls:
             creds = grpc.ssl_server_credentials([(self._tls[1], self._tls[0])])
             self.bound_port = server.add_secure_port(address, creds)
@@ -392,8 +391,8 @@ class TandemServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
-        if self.metrics_port is not None:
-            self.bound_metrics_port = self.metrics.serve_http(self.metrics_port, self.host)
+        if self.cfg.metrics_port is not None:
+            self.bound_metrics_port = self.metrics.serve_http(self.cfg.metrics_port, self.host)
         self._warmup_task = asyncio.create_task(self._warmup())
         log.info("gRPC on %s:%d (warming up)", self.host, self.bound_port)
         return self.bound_port
@@ -434,8 +433,9 @@ class TandemServer:
             await self._server.wait_for_termination()
 
 
-async def serve_until_signal(server: TandemServer, grace: float = 30.0) -> None:
-    """Runs until SIGTERM/SIGINT, then drains (what `tandem serve` does)."""
+async def serve_until_signal(server: TandemServer) -> None:
+    """Runs until SIGTERM/SIGINT, then drains for up to `grace_s` (what `tandem serve` does)."""
+    grace = server.cfg.grace_s
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from model.bundle import Bundle
-from serve.client import TandemClient
+from tandem.model.bundle import Bundle
+from tandem.serve.client import TandemClient
 
 MODEL = [
     "model.vocab_size=512",
@@ -36,7 +36,7 @@ NEW_TOKENS = 12
 
 def tandem(*args, timeout=600):
     result = subprocess.run(
-        [sys.executable, "-m", "tandem_cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "tandem", *args], capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -113,7 +113,7 @@ def test_train_export_serve_streams_the_models_greedy_tokens(tmp_path):
         [
             sys.executable,
             "-m",
-            "serve",
+            "tandem.serve",
             "--bundle",
             str(bundle_dir),
             "--port",

@@ -1,9 +1,9 @@
 """TrainConfig: the one frozen config a training run is built from.
 
 A run is described by a preset name (`tiny`, `small`, `llama3-1b`, `llama3-8b`) or a
-YAML/JSON file, plus `key=value` overrides, all parsed by `model.config.load_config`:
+YAML/JSON file, plus `key=value` overrides, all parsed by `tandem.config.load_config`:
 
-    python -m train tiny run_dir=runs/t steps=200 model.d_model=64 mesh.fsdp=4
+    tandem train tiny run_dir=runs/t steps=200 model.d_model=64 mesh.fsdp=4
 
 Checks that need nothing but the config live in `__post_init__` (they raise ValueError
 naming the field); checks that need the devices (mesh divides the device count, batch
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from model.config import ModelConfig, load_config
+from tandem.config import check_choices, load_config, require
+from tandem.model.config import ModelConfig
 
 # Training defaults per preset: what suits a model of that size. Everything else comes
 # from the dataclass defaults below.
@@ -32,9 +33,6 @@ _PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
 }
 
-TOKENIZER_KINDS = ("bpe", "byte")  # or a path to a tokenizer.json
-DISTRIBUTED_MODES = ("auto", "on", "off")
-
 
 @dataclass(frozen=True)
 class MeshConfig:
@@ -45,13 +43,12 @@ class MeshConfig:
     tensor: int = 1
 
     def __post_init__(self) -> None:
-        sizes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for name, v in sizes.items():
-            if v == 0 or v < -1:
-                raise ValueError(f"{name}={v}: must be a positive axis size or -1 (fill)")
+            require(v >= 1 or v == -1, name, v, "a positive axis size or -1 (fill)")
         fills = [n for n, v in sizes.items() if v == -1]
         if len(fills) > 1:
-            raise ValueError(f"{', '.join(fills)} are all -1: at most one mesh axis may be -1")
+            require(False, fills[0], -1, f"on one axis only ({', '.join(fills)} are all -1)")
 
 
 @dataclass(frozen=True)
@@ -107,9 +104,8 @@ class TrainConfig:
     compile_cache_dir: str | None = "~/.cache/tandem/xla"
 
     # --- multi-host (also via TANDEM_COORDINATOR_ADDRESS / TANDEM_NUM_PROCESSES / TANDEM_PROCESS_ID) ---
-    distributed: str = (
-        "auto"  # auto: initialize when a coordinator is given or a cluster is detected
-    )
+    # auto: initialize when a coordinator is given or a cluster is detected
+    distributed: Literal["auto", "on", "off"] = "auto"
     coordinator_address: str = ""
     num_processes: int = 0  # 0 = from env / auto-detect
     process_id: int = -1  # -1 = from env / auto-detect
@@ -127,31 +123,27 @@ class TrainConfig:
             "eval_holdout": self.eval_holdout,
         }
         for name, v in positive.items():
-            if v < 1:
-                raise ValueError(f"{name}={v}: must be >= 1")
+            require(v >= 1, name, v, ">= 1")
         for name in ("warmup_steps", "lr_decay_steps", "eval_every", "prefetch"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(
-                f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
-            )
-        if self.seq_len > self.model.max_seq_len:
-            raise ValueError(
-                f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
-            )
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate}: must be > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip={self.grad_clip}: must be >= 0 (0 disables)")
-        if self.distributed not in DISTRIBUTED_MODES:
-            raise ValueError(f"distributed={self.distributed!r}: allowed {DISTRIBUTED_MODES}")
-        if not self.run_dir:
-            raise ValueError("run_dir is empty: give the directory for checkpoints and logs")
-        if not self.data:
-            raise ValueError("data is empty: use 'embedded' or a comma-separated list of files")
+            require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        require(
+            self.batch_size % self.grad_accum == 0,
+            "batch_size",
+            self.batch_size,
+            f"a multiple of grad_accum={self.grad_accum}",
+        )
+        require(
+            self.seq_len <= self.model.max_seq_len,
+            "seq_len",
+            self.seq_len,
+            f"<= model.max_seq_len={self.model.max_seq_len}",
+        )
+        require(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        require(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0 disables)")
+        check_choices(self)
+        require(bool(self.run_dir), "run_dir", self.run_dir, "the directory for checkpoints")
+        require(bool(self.data), "data", self.data, "'embedded' or comma-separated files")
 
     @classmethod
     def preset(cls, name: str) -> TrainConfig:

@@ -27,16 +27,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import sysconfig
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grain
 import numpy as np
 
-from model.tokenizer import Tokenizer
+from tandem.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -322,3 +325,45 @@ class PackedBatches:
                 *(out[k][i] for k in ("tokens", "targets", "weights", "segment_ids", "positions"))
             )
         return out
+
+
+class Prefetch:
+    """Runs a batch iterator (`PackedBatches`) on a host thread `depth` batches ahead, so
+    packing overlaps the device step; yields (batch, iterator state after it). depth=0
+    runs inline."""
+
+    def __init__(self, it: Any, depth: int):
+        self.it, self.depth = it, depth
+        if depth > 0:
+            self.q: queue.Queue = queue.Queue(maxsize=depth)
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._work, daemon=True, name="data-prefetch")
+            self.thread.start()
+
+    def _work(self) -> None:
+        while not self.stop.is_set():
+            try:
+                item = (next(self.it), self.it.state())
+            except Exception as e:  # re-raised in the consumer
+                item = e
+            while not self.stop.is_set():
+                try:
+                    self.q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, Exception):
+                return
+
+    def __next__(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        if self.depth == 0:
+            return next(self.it), self.it.state()
+        item = self.q.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        if self.depth > 0:
+            self.stop.set()
+            self.thread.join(timeout=5)

@@ -1,7 +1,9 @@
 """`tandem export`: a training checkpoint -> a serving bundle (or a HF Llama directory).
 
-    tandem export --checkpoint RUN_DIR[/STEP] --out BUNDLE [--dtype bfloat16|float32]
-                  [--quantize int8] [--format tandem|hf]
+    tandem export [CONFIG] [key=value ...] --checkpoint RUN_DIR[/STEP] --out BUNDLE
+                  [--dtype bfloat16|float32] [--quantize int8] [--format tandem|hf]
+
+(every flag is another spelling of an ExportConfig key: `--out B` = `out=B`)
 
 What makes it boring and reliable:
 - only the params are restored (never the optimizer state), one tensor at a time onto
@@ -17,9 +19,7 @@ What makes it boring and reliable:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -36,13 +36,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from model.bundle import Bundle, abstract_model, expected_params, write_bundle
-from model.config import ModelConfig, load_config
-from model.hf import import_hf, write_hf_dir
-from model.quant import quantize_tensors
-from model.tokenizer import Tokenizer
-from train import data as tdata
-from train.config import TrainConfig
+from tandem.config import Flag, check_choices, fingerprint, load_config, parse_command_line, require
+from tandem.model.bundle import (
+    Bundle,
+    add_to_manifest,
+    expected_params,
+    forward,
+    model_from_tensors,
+    write_bundle,
+)
+from tandem.model.config import Dtype, ModelConfig
+from tandem.model.hf import import_hf, write_hf_dir
+from tandem.model.quant import Quantization, quantize_tensors
+from tandem.model.tokenizer import Tokenizer
+from tandem.train import data as tdata
+from tandem.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +72,25 @@ class ExportError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    checkpoint: str  # RUN_DIR, RUN_DIR/STEP or RUN_DIR/checkpoints/STEP
-    out: str
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    quantize: Literal["none", "int8"] = "none"
+    checkpoint: str = ""  # RUN_DIR (newest step), RUN_DIR/STEP or RUN_DIR/checkpoints/STEP
+    out: str = ""  # bundle (or HF) directory to write
+    dtype: Dtype = "bfloat16"  # stored weights
+    quantize: Quantization = "none"
     format: Literal["tandem", "hf"] = "tandem"
     overwrite: bool = False
     eval_batches: int = 4  # held-out batches for the perplexity report (0 = skip)
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        require(bool(self.checkpoint), "checkpoint", self.checkpoint, "a training run_dir")
+        require(bool(self.out), "out", self.out, "the directory to write")
+        require(self.eval_batches >= 0, "eval_batches", self.eval_batches, ">= 0")
+        require(
+            self.format == "tandem" or self.quantize == "none",
+            "quantize",
+            self.quantize,
+            "'none' with format=hf (HF Llama directories hold float weights)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,33 +214,11 @@ def _serving_config(model_cfg: ModelConfig, dtype: str, quantize: str) -> ModelC
     )
 
 
-def _model_from(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> nnx.Module:
-    graphdef, abstract = abstract_model(cfg)
-    flat = [
-        (path, var.replace(jnp.asarray(tensors[".".join(map(str, path))], var.get_value().dtype)))
-        for path, var in nnx.to_flat_state(abstract)
-    ]
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def _forward(
-    model: nnx.Module,
-    tokens: np.ndarray,
-    positions: np.ndarray | None = None,
-    segment_ids: np.ndarray | None = None,
-) -> np.ndarray:  # [B, T] -> [B, T, V]
-    if positions is None:
-        positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
-    graphdef, params = nnx.split(model, nnx.Param)
-    run = jax.jit(lambda params, *args: nnx.merge(graphdef, params)(*args))
-    return np.asarray(run(params, tokens, positions, segment_ids), np.float32)
-
-
 def _perplexity(model: nnx.Module, batches: list[dict[str, np.ndarray]]) -> tuple[float, int]:
     """exp(mean next-token loss) over the held-out batches' weighted targets."""
     total, count = 0.0, 0.0
     for batch in batches:
-        logits = _forward(model, batch["tokens"], batch["positions"], batch["segment_ids"])
+        logits = forward(model, batch["tokens"], batch["positions"], batch["segment_ids"])
         logp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
         nll = -jnp.take_along_axis(logp, jnp.asarray(batch["targets"])[..., None], -1)[..., 0]
         weights = jnp.asarray(batch["weights"])
@@ -233,11 +231,6 @@ def export(cfg: ExportConfig) -> tuple[Path, dict]:
     """Writes the bundle (or HF directory) and returns it with the validation/quality report."""
     ckpt = locate(cfg.checkpoint)
     train_cfg = read_config(ckpt)
-    if cfg.format == "hf" and cfg.quantize != "none":
-        raise ExportError(
-            "--quantize int8 is only available with --format tandem "
-            "(HF Llama directories hold float weights)"
-        )
     source_cfg = train_cfg.model
     serving_cfg = _serving_config(source_cfg, cfg.dtype, cfg.quantize)
     tokenizer = _tokenizer(train_cfg, ckpt.run_dir)
@@ -269,7 +262,7 @@ def export(cfg: ExportConfig) -> tuple[Path, dict]:
         "kind": "checkpoint",
         "run_dir": str(ckpt.run_dir.resolve()),
         "step": ckpt.step,
-        "train_config_sha256": _sha(train_cfg.to_dict()),
+        "train_config_sha256": fingerprint(train_cfg.to_dict()),
     }
     write_bundle(
         out,
@@ -288,7 +281,7 @@ def export(cfg: ExportConfig) -> tuple[Path, dict]:
         report["bundle_bytes"] = sum(  # everything but the manifest this report joins
             p.stat().st_size for p in out.iterdir() if p.name != "manifest.json"
         )
-        _add_to_manifest(out, report)
+        add_to_manifest(out, report)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -304,8 +297,8 @@ def _validate(
         bundle.tokenizer.vocab_size,
         (PROBE_SHAPE[0], min(PROBE_SHAPE[1], source_cfg.max_seq_len)),
     )
-    training_model = _model_from(_serving_config(source_cfg, "float32", "none"), params)
-    reference = _forward(training_model, probe)
+    training_model = model_from_tensors(_serving_config(source_cfg, "float32", "none"), params)
+    reference = forward(training_model, probe)
     got = bundle.logits(probe)
     error = float(np.max(np.abs(got - reference)) / max(1.0, float(np.max(np.abs(reference)))))
     limit = TOLERANCE[(cfg.dtype, cfg.quantize)]
@@ -330,7 +323,7 @@ def _quality(
 ) -> dict:
     """Held-out perplexity of the bundle and of the unquantized weights in the same dtype."""
     batches = _heldout_batches(train_cfg, tokenizer, cfg.eval_batches)
-    unquantized = _model_from(_serving_config(train_cfg.model, cfg.dtype, "none"), params)
+    unquantized = model_from_tensors(_serving_config(train_cfg.model, cfg.dtype, "none"), params)
     ppl_reference, n_tokens = _perplexity(unquantized, batches)
     ppl_bundle, _ = _perplexity(bundle.model(), batches)
     return {
@@ -379,57 +372,27 @@ def _tokenizer(train_cfg: TrainConfig, run_dir: Path) -> Tokenizer:
     )
 
 
-def _add_to_manifest(out: Path, report: dict) -> None:
-    """manifest.json is not itself hashed, so the measured report joins it afterwards
-    (written to a temporary file and renamed: never a half-written manifest)."""
-    path = out / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest.update(report)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def _sha(data: dict) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+FLAGS = (
+    Flag(
+        "--checkpoint", "checkpoint", "RUN_DIR (newest step), RUN_DIR/STEP or .../checkpoints/STEP"
+    ),
+    Flag("--out", "out", "bundle (or HF) directory to write"),
+    Flag("--dtype", "dtype", "stored weights: bfloat16 (default) or float32"),
+    Flag("--quantize", "quantize", "none (default) or int8"),
+    Flag("--format", "format", "tandem (default: a serving bundle) or hf"),
+    Flag("--eval-batches", "eval_batches", "held-out batches for the perplexity report (0 = skip)"),
+    Flag("--overwrite", "overwrite", "replace an existing OUT", switch="true"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tandem export", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="RUN_DIR (newest step), RUN_DIR/STEP or RUN_DIR/checkpoints/STEP",
+    cfg = parse_command_line(
+        ExportConfig,
+        sys.argv[1:] if argv is None else argv,
+        prog="tandem export",
+        description=__doc__,
+        flags=FLAGS,
     )
-    parser.add_argument("--out", required=True, help="bundle (or HF) directory to write")
-    parser.add_argument(
-        "--dtype", choices=("bfloat16", "float32", "bf16", "fp32"), default="bfloat16"
-    )
-    parser.add_argument("--quantize", choices=("none", "int8"), default="none")
-    parser.add_argument("--format", choices=("tandem", "hf"), default="tandem")
-    parser.add_argument(
-        "--eval-batches",
-        type=int,
-        default=4,
-        help="held-out batches for the perplexity report (0 = skip)",
-    )
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(args.dtype, args.dtype)
-    cfg = ExportConfig(
-        checkpoint=args.checkpoint,
-        out=args.out,
-        dtype=dtype,
-        quantize=args.quantize,
-        format=args.format,
-        overwrite=args.overwrite,
-        eval_batches=args.eval_batches,
-    )
-    try:
-        out, report = export(cfg)
-    except ValueError as err:  # ExportError, BundleError, config errors: one clear line
-        # One line, whatever the underlying library put in its message.
-        print(f"tandem export: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
+    out, report = export(cfg)
     print(json.dumps({"out": str(out), **report}))
     return 0

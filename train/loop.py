@@ -5,16 +5,17 @@
 shardings and the state donated. Gradient accumulation is a `lax.scan` over microbatches
 inside that one step; compute dtype and remat come from the model config.
 
-`run(cfg)` is the whole run: start-up checks (all before anything is compiled), data,
-tokenizer, resume-or-init, the step loop with metrics / eval / checkpoints, and a final
-save on SIGTERM (preemption).
+`run(cfg)` is the whole run, in the three parts MaxText's train.py also has:
+`setup_run` (start-up checks, all before anything is compiled; data, tokenizer,
+resume-or-init), `Evaluator` (held-out loss on fixed batches) and `train_loop` (the steps
+with metrics / eval / checkpoints, and a final save on SIGTERM, i.e. preemption).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import queue
 import signal
 import threading
 import time
@@ -30,10 +31,22 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from model import sharding as msharding
-from model.transformer import Transformer
-from train.config import TrainConfig
-from train.mesh import batch_sharding, make_mesh, maybe_initialize_distributed, validate_batch
+from tandem.model import sharding as msharding
+from tandem.model.tokenizer import Tokenizer
+from tandem.model.transformer import Transformer
+from tandem.train import data as tdata
+from tandem.train.checkpoint import Checkpointer, incompatible_fields
+from tandem.train.config import TrainConfig
+from tandem.train.mesh import (
+    batch_sharding,
+    local_rows,
+    make_mesh,
+    maybe_initialize_distributed,
+    process_rows,
+    to_global,
+    validate_batch,
+)
+from tandem.train.metrics import MetricsWriter, Throughput, peak_flops
 
 log = logging.getLogger(__name__)
 
@@ -251,79 +264,8 @@ class Trainer:
 # ------------------------------------------------------------------------- host helpers
 
 
-def process_rows(sharding: NamedSharding, global_rows: int) -> list[int]:
-    """The global batch rows whose data this process must provide."""
-    rows: set[int] = set()
-    for idx in sharding.addressable_devices_indices_map((global_rows, 1)).values():
-        rows.update(range(global_rows)[idx[0]])
-    return sorted(rows)
-
-
-def to_global(
-    local: np.ndarray, rows: list[int], sharding: NamedSharding, global_shape: tuple[int, ...]
-) -> jax.Array:
-    """A global array from this process's rows (`local[i]` is global row `rows[i]`)."""
-    where = {r: i for i, r in enumerate(rows)}
-
-    def cb(idx):
-        return local[[where[r] for r in range(global_shape[0])[idx[0]]]]
-
-    return jax.make_array_from_callback(global_shape, sharding, cb)
-
-
-def local_rows(arr: jax.Array, rows: list[int]) -> np.ndarray:
-    """This process's rows of a row-sharded global array, in `rows` order."""
-    got: dict[int, np.ndarray] = {}
-    for shard in arr.addressable_shards:
-        data = np.asarray(shard.data)
-        for j, r in enumerate(range(arr.shape[0])[shard.index[0]]):
-            got[r] = data[j]
-    return np.stack([got[r] for r in rows])
-
-
 def _scalar(x: jax.Array) -> float:
     return float(np.asarray(x.addressable_data(0)))
-
-
-class _Prefetch:
-    """Runs the data iterator on a host thread `depth` batches ahead; yields (batch, state
-    after it). depth=0 runs inline."""
-
-    def __init__(self, it: Any, depth: int):
-        self.it, self.depth = it, depth
-        if depth > 0:
-            self.q: queue.Queue = queue.Queue(maxsize=depth)
-            self.stop = threading.Event()
-            self.thread = threading.Thread(target=self._work, daemon=True, name="data-prefetch")
-            self.thread.start()
-
-    def _work(self) -> None:
-        while not self.stop.is_set():
-            try:
-                item = (next(self.it), self.it.state())
-            except Exception as e:  # re-raised in the consumer
-                item = e
-            while not self.stop.is_set():
-                try:
-                    self.q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item, Exception):
-                return
-
-    def __next__(self) -> tuple[Batch, np.ndarray]:
-        if self.depth == 0:
-            return next(self.it), self.it.state()
-        item = self.q.get()
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def close(self) -> None:
-        if self.depth > 0:
-            self.stop.set()
-            self.thread.join(timeout=5)
 
 
 class _Preemption:
@@ -362,13 +304,26 @@ def _barrier(name: str) -> Callable[[str], None] | None:
     return lambda tag: multihost_utils.sync_global_devices(f"{name}-{tag}")
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Trains per `cfg`; returns a summary (final step, last loss, whether preempted)."""
-    from train import data as tdata
-    from train.checkpoint import Checkpointer, incompatible_fields
-    from train.metrics import MetricsWriter, Throughput, peak_flops
+@dataclasses.dataclass
+class RunSetup:
+    """What start-up hands the step loop: every check passed, the state restored or
+    initialised, nothing compiled yet."""
 
-    # ---- start-up checks: everything that can fail on a bad config fails here ----
+    cfg: TrainConfig
+    mesh: Mesh
+    trainer: Trainer
+    checkpointer: Checkpointer
+    tokenizer: Tokenizer
+    train_source: tdata.DocumentSource
+    eval_source: tdata.DocumentSource
+    rows: list[int]  # the global batch rows this process feeds
+    start: int  # the step `state` holds
+    state: dict[str, Any]
+    data_state: np.ndarray | None  # the data iterator's position (None = from the start)
+
+
+def setup_run(cfg: TrainConfig) -> RunSetup:
+    """Start-up: everything that can fail on a bad config fails here, before a compile."""
     maybe_initialize_distributed(cfg)
     mesh = make_mesh(cfg)
     validate_batch(cfg, mesh)
@@ -376,13 +331,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         cfg.data, cfg.eval_data, cfg.eval_holdout, cfg.text_key
     )
     run_dir = Path(cfg.run_dir)
-    primary = jax.process_index() == 0
     tok = tdata.build_tokenizer(
         cfg.tokenizer,
         train_src,
         cfg.model.vocab_size,
         run_dir,
-        is_primary=primary,
+        is_primary=jax.process_index() == 0,
         barrier=_barrier("tok"),
     )
     if tok.vocab_size > cfg.model.vocab_size:
@@ -398,24 +352,25 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         train_src,
         eval_src,
     )
-
     if cfg.compile_cache_dir:
         jax.config.update(
             "jax_compilation_cache_dir", str(Path(cfg.compile_cache_dir).expanduser())
         )
     trainer = Trainer(cfg, mesh)
-    B, T = cfg.batch_size, cfg.seq_len
-    row_sharding = batch_sharding(mesh)
-    rows = process_rows(row_sharding, B)
-    abstract = dict(
-        trainer.abstract_state,
-        data_state=jax.ShapeDtypeStruct((B, 2), jnp.int32, sharding=row_sharding),
-    )
-
-    # ---- resume or init ----
+    rows = process_rows(batch_sharding(mesh), cfg.batch_size)
     ckpt = Checkpointer(
         run_dir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint
     )
+    start, state, data_state = _resume_or_init(cfg, trainer, ckpt, rows)
+    return RunSetup(
+        cfg, mesh, trainer, ckpt, tok, train_src, eval_src, rows, start, state, data_state
+    )
+
+
+def _resume_or_init(
+    cfg: TrainConfig, trainer: Trainer, ckpt: Checkpointer, rows: list[int]
+) -> tuple[int, dict[str, Any], np.ndarray | None]:
+    """The newest checkpoint of run_dir (refused if it is another run's), else step 0."""
     latest = ckpt.latest_step()
     if latest is not None:
         saved_cfg = ckpt.saved_config(latest)
@@ -426,63 +381,76 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 + "; ".join(bad)
                 + "); use a new run_dir or the original settings"
             )
+    row_sharding = batch_sharding(trainer.mesh)
+    abstract = dict(
+        trainer.abstract_state,
+        data_state=jax.ShapeDtypeStruct((cfg.batch_size, 2), jnp.int32, sharding=row_sharding),
+    )
     restored = ckpt.restore_latest(abstract)
-    if restored is not None:
-        start, full = restored
-        data_state = local_rows(full.pop("data_state"), rows)
-        state = full
-        log.info("resuming at step %d", start)
-    else:
-        start, state, data_state = 0, trainer.init_state(cfg.seed), None
-    if start >= cfg.steps:
-        log.info(
-            "run_dir %s already holds step %d >= steps=%d: nothing to do",
-            cfg.run_dir,
-            start,
-            cfg.steps,
-        )
-        ckpt.close()
-        return {
-            "step": start,
-            "loss": float("nan"),
-            "preempted": False,
-            "saved_step": start,
-            "resumed_from": start,
-        }
-    t0 = time.perf_counter()
-    trainer.compile()
-    log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
+    if restored is None:
+        return 0, trainer.init_state(cfg.seed), None
+    start, full = restored
+    data_state = local_rows(full.pop("data_state"), rows)
+    log.info("resuming at step %d", start)
+    return start, full, data_state
 
-    batches = tdata.PackedBatches(
-        train_src, tok, seq_len=T, batch_size=B, rows=rows, seed=cfg.seed, state=data_state
-    )
-    eval_it = tdata.PackedBatches(
-        eval_src, tok, seq_len=T, batch_size=B, rows=rows, seed=cfg.seed + 1
-    )
+
+class Evaluator:
+    """Loss and perplexity on a fixed set of held-out batches (the same at every eval)."""
+
+    def __init__(self, setup: RunSetup, put: Callable[[Batch], dict[str, jax.Array]]):
+        cfg = setup.cfg
+        batches = tdata.PackedBatches(
+            setup.eval_source,
+            setup.tokenizer,
+            seq_len=cfg.seq_len,
+            batch_size=cfg.batch_size,
+            rows=setup.rows,
+            seed=cfg.seed + 1,
+        )
+        self.trainer = setup.trainer
+        self.batches = [put(next(batches)) for _ in range(cfg.eval_batches)]
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        sums = [self.trainer.eval_sums(params, b) for b in self.batches]
+        loss = sum(_scalar(s[0]) for s in sums) / max(sum(_scalar(s[1]) for s in sums), 1.0)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
+
+
+def train_loop(setup: RunSetup) -> dict[str, Any]:
+    """Steps from `setup.start` to `cfg.steps`: metrics, evals, checkpoints, and a final
+    checkpoint on preemption. Returns the run summary."""
+    cfg, trainer, ckpt, rows = setup.cfg, setup.trainer, setup.checkpointer, setup.rows
+    B, T = cfg.batch_size, cfg.seq_len
+    row_sharding = batch_sharding(setup.mesh)
 
     def put(b: Batch) -> dict[str, jax.Array]:
         return {k: to_global(b[k], rows, row_sharding, (B, T)) for k in BATCH_KEYS}
 
-    eval_batches = [put(next(eval_it)) for _ in range(cfg.eval_batches)]
-
-    def evaluate(params) -> dict[str, float]:
-        sums = [trainer.eval_sums(params, b) for b in eval_batches]
-        loss = sum(_scalar(s[0]) for s in sums) / max(sum(_scalar(s[1]) for s in sums), 1.0)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
-
+    batches = tdata.PackedBatches(
+        setup.train_source,
+        setup.tokenizer,
+        seq_len=T,
+        batch_size=B,
+        rows=rows,
+        seed=cfg.seed,
+        state=setup.data_state,
+    )
+    evaluate = Evaluator(setup, put)
     peak, peak_src = peak_flops(cfg.model.dtype, cfg.peak_tflops)
     log.info("peak %.3g FLOP/s (%s)", peak, peak_src)
     thr = Throughput(cfg.tokens_per_step, cfg.model.flops_per_token(T), peak)
     writer = MetricsWriter(
-        run_dir,
+        Path(cfg.run_dir),
         total_steps=cfg.steps,
-        start_step=start,
-        primary=primary,
+        start_step=setup.start,
+        primary=jax.process_index() == 0,
         tensorboard=cfg.tensorboard,
         progress=cfg.progress,
     )
-    feed = _Prefetch(batches, cfg.prefetch)
+    feed = tdata.Prefetch(batches, cfg.prefetch)
     preempt = _Preemption()
+    state, start = setup.state, setup.start
     last_loss, step, preempted, saved = float("nan"), start, False, start
     try:
         thr.reset()
@@ -524,3 +492,27 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "saved_step": saved,
         "resumed_from": start,
     }
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Trains per `cfg`; returns a summary (final step, last loss, whether preempted)."""
+    setup = setup_run(cfg)
+    if setup.start >= cfg.steps:
+        log.info(
+            "run_dir %s already holds step %d >= steps=%d: nothing to do",
+            cfg.run_dir,
+            setup.start,
+            cfg.steps,
+        )
+        setup.checkpointer.close()
+        return {
+            "step": setup.start,
+            "loss": float("nan"),
+            "preempted": False,
+            "saved_step": setup.start,
+            "resumed_from": setup.start,
+        }
+    t0 = time.perf_counter()
+    setup.trainer.compile()
+    log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
+    return train_loop(setup)

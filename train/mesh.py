@@ -23,8 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from model.sharding import MESH_AXES
-from train.config import MeshConfig, TrainConfig
+from tandem.model.sharding import MESH_AXES
+from tandem.train.config import MeshConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +133,36 @@ def validate_batch(cfg: TrainConfig, mesh: Mesh) -> None:
         raise ValueError(
             f"batch_size={cfg.batch_size} is not divisible by the {jax.process_count()} processes"
         )
+
+
+# ---- multi-process batches: each process feeds only the global rows its devices hold ----
+
+
+def process_rows(sharding: NamedSharding, global_rows: int) -> list[int]:
+    """The global batch rows whose data this process must provide."""
+    rows: set[int] = set()
+    for idx in sharding.addressable_devices_indices_map((global_rows, 1)).values():
+        rows.update(range(global_rows)[idx[0]])
+    return sorted(rows)
+
+
+def to_global(
+    local: np.ndarray, rows: list[int], sharding: NamedSharding, global_shape: tuple[int, ...]
+) -> jax.Array:
+    """A global array from this process's rows (`local[i]` is global row `rows[i]`)."""
+    where = {r: i for i, r in enumerate(rows)}
+
+    def cb(idx):
+        return local[[where[r] for r in range(global_shape[0])[idx[0]]]]
+
+    return jax.make_array_from_callback(global_shape, sharding, cb)
+
+
+def local_rows(arr: jax.Array, rows: list[int]) -> np.ndarray:
+    """This process's rows of a row-sharded global array, in `rows` order."""
+    got: dict[int, np.ndarray] = {}
+    for shard in arr.addressable_shards:
+        data = np.asarray(shard.data)
+        for j, r in enumerate(range(arr.shape[0])[shard.index[0]]):
+            got[r] = data[j]
+    return np.stack([got[r] for r in rows])

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.decode_attention import (
+from tandem.kernels.decode_attention import (
     auto_num_splits,
     decode_attention_reference,
     ragged_decode_attention,
 )
-from kernels.testing import decode_inputs, length_patterns, tolerance
+from tandem.kernels.testing import decode_inputs, length_patterns, tolerance
 
 _reference = jax.jit(decode_attention_reference)  # one compile per shape, not one per op
 

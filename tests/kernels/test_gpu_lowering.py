@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-from kernels.decode_attention import ragged_decode_attention
-from kernels.prefill_attention import flash_attention
+from tandem.kernels.decode_attention import ragged_decode_attention
+from tandem.kernels.prefill_attention import flash_attention
 
 from .test_decode_attention import CASES as DECODE_CASES
 from .test_decode_attention import GPU_CASES as DECODE_GPU_CASES

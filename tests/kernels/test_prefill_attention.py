@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.prefill_attention import attention_reference, flash_attention
-from kernels.testing import packed_segment_ids, prefill_inputs, tolerance
+from tandem.kernels.prefill_attention import attention_reference, flash_attention
+from tandem.kernels.testing import packed_segment_ids, prefill_inputs, tolerance
 
 _reference = jax.jit(attention_reference)  # one compile per shape, not one per op
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.bundle import Bundle, BundleError, flat_params, write_bundle
-from model.config import ModelConfig, load_config
-from model.tokenizer import Tokenizer
-from model.transformer import Transformer
+from tandem.config import load_config
+from tandem.model.bundle import Bundle, BundleError, flat_params, write_bundle
+from tandem.model.config import ModelConfig
+from tandem.model.tokenizer import Tokenizer
+from tandem.model.transformer import Transformer
 
 CFG = load_config(
     ModelConfig,

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from model.config import ModelConfig, RopeScaling, load_config
+from tandem.config import load_config
+from tandem.model.config import ModelConfig, RopeScaling
 
 
 @pytest.mark.parametrize(
@@ -61,12 +62,12 @@ def test_loads_from_files(tmp_path, suffix):
         ("remat=sometimes", "remat='sometimes' is invalid"),
         ("attention_impl=cuda", "attention_impl='cuda' is invalid"),
         ("d_model=0", "d_model=0 is invalid: allowed a positive integer"),
-        ("d_model=abc", "d_model='abc' is invalid: expected an integer"),
+        ("d_model=abc", "d_model='abc' is invalid: allowed an integer"),
         ("head_dim=15", "head_dim=15 is invalid: allowed an even number"),
         ("vocabsize=10", "unknown config key 'vocabsize' for ModelConfig: allowed keys are"),
         ("rope_scaling.factor=0.5", "rope_scaling.factor=0.5 is invalid: allowed >= 1"),
         ("rope_scaling.bogus=1", "unknown config key 'rope_scaling.bogus'"),
-        ("tie_embeddings=maybe", "tie_embeddings='maybe' is invalid: expected true or false"),
+        ("tie_embeddings=maybe", "tie_embeddings='maybe' is invalid: allowed true or false"),
         ("d_model", "must look like key=value"),
     ],
     ids=lambda v: v if "=" in v or " " not in v else None,

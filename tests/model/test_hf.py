@@ -9,9 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from model.bundle import Bundle  # noqa: E402
-from model.hf import HFImportError, import_hf, main  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
+from tandem.model.bundle import Bundle  # noqa: E402
+from tandem.model.hf import HFImportError, import_hf, main  # noqa: E402
+from tandem.model.tokenizer import Tokenizer  # noqa: E402
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -166,7 +166,7 @@ def test_cli_imports_to_bfloat16(hf_dir, tmp_path):
 def test_hf_to_tandem_to_hf_is_lossless_and_loads_in_transformers(tmp_path, case):
     from safetensors.numpy import load_file
 
-    from model.hf import write_hf_dir
+    from tandem.model.hf import write_hf_dir
 
     save_random_llama(tmp_path / "hf", **CASES[case])
     bundle = Bundle.load(import_hf(tmp_path / "hf", tmp_path / "bundle"))

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from model.tokenizer import IncrementalDetokenizer, Tokenizer, main
+from tandem.model.tokenizer import IncrementalDetokenizer, Tokenizer, main
 
 TEXTS = ["plain ascii", "héllo wörld", "中文字符和 emoji 🎉🚀", "mixed\nlines\ttabs ✓", ""]
 

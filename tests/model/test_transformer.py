@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.config import ModelConfig, load_config
-from model.sharding import param_shardings
-from model.transformer import Transformer, init_cache
+from tandem.config import load_config
+from tandem.model.config import ModelConfig
+from tandem.model.sharding import param_shardings
+from tandem.model.transformer import Transformer, init_cache
 
 SMALL = [
     "vocab_size=300",
@@ -208,7 +209,7 @@ def test_sharded_pallas_attention_equals_single_device(mesh_shape):
 def test_pallas_attention_on_a_mesh_gathers_nothing():
     """A Pallas call left to XLA's partitioner would all-gather its sharded operands onto
     every device; per_shard keeps each device on its own rows and heads."""
-    from model.transformer import _attention
+    from tandem.model.transformer import _attention
 
     cfg, _ = make(["attention_impl=pallas_interpret"])
     mesh = _mesh((2, 2, 2))
@@ -249,7 +250,7 @@ def test_llama3_rope_scaling_matches_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from model.transformer import rope_frequencies
+    from tandem.model.transformer import rope_frequencies
 
     params = {
         "rope_type": "llama3",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,37 +10,28 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PROTO_DIR = Path("proto/tandem/v1")
+PROTO_DIR = REPO / "proto/tandem/v1"
 GENERATED = ("generate_pb2.py", "generate_pb2.pyi", "generate_pb2_grpc.py")
 
 
 def test_generated_stubs_match_proto(tmp_path: Path) -> None:
     pytest.importorskip("grpc_tools")
-    (tmp_path / PROTO_DIR).mkdir(parents=True)
-    shutil.copy(REPO / PROTO_DIR / "generate.proto", tmp_path / PROTO_DIR / "generate.proto")
-    cmd = [
-        sys.executable,
-        "-m",
-        "grpc_tools.protoc",
-        "-I",
-        ".",
-        "--python_out=.",
-        "--pyi_out=.",
-        "--grpc_python_out=.",
-        str(PROTO_DIR / "generate.proto"),
-    ]
-    subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True)
+    env = dict(os.environ, PYTHON=sys.executable)
+    subprocess.run(
+        ["bash", str(REPO / "scripts/gen_proto.sh"), str(tmp_path)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     for name in GENERATED:
-        fresh = (tmp_path / PROTO_DIR / name).read_text()
-        committed = (REPO / PROTO_DIR / name).read_text()
-        assert fresh == committed, (
-            f"{PROTO_DIR / name} is stale: regenerate with `python -m grpc_tools.protoc -I . "
-            f"--python_out=. --pyi_out=. --grpc_python_out=. {PROTO_DIR / 'generate.proto'}`"
-        )
+        fresh = (tmp_path / name).read_text()
+        committed = (PROTO_DIR / name).read_text()
+        assert fresh == committed, f"{PROTO_DIR / name} is stale: run `bash scripts/gen_proto.sh`"
 
 
 def test_generated_modules_import_as_package() -> None:
-    from proto.tandem.v1 import generate_pb2, generate_pb2_grpc
+    from tandem.proto.v1 import generate_pb2, generate_pb2_grpc
 
     assert generate_pb2.DESCRIPTOR.package == "tandem.v1"
     service = generate_pb2.DESCRIPTOR.services_by_name["Generation"]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from model.tokenizer import Tokenizer
-from serve.config import ServeConfig
-from serve.fake_engine import FakeEngine
-from serve.server import BackgroundServer, TandemServer
+from tandem.model.tokenizer import Tokenizer
+from tandem.serve.config import ServeConfig
+from tandem.serve.fake_engine import FakeEngine
+from tandem.serve.server import BackgroundServer, TandemServer
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +19,7 @@ def tokenizer() -> Tokenizer:
 
 
 @pytest.fixture
-def make_fake_server(tokenizer) -> Iterator[Callable[..., BackgroundServer]]:
+def make_fake_server(tokenizer, tmp_path) -> Iterator[Callable[..., BackgroundServer]]:
     """Starts fake-engine servers on free ports; stops them at teardown."""
     started: list[BackgroundServer] = []
 
@@ -30,9 +31,16 @@ def make_fake_server(tokenizer) -> Iterator[Callable[..., BackgroundServer]]:
         **engine_kw,
     ) -> BackgroundServer:
         cfg = cfg or ServeConfig(max_slots=4, max_queue=16)
+        token_file = ""
+        if token is not None:
+            token_file = str(tmp_path / f"token-{len(started)}")
+            (tmp_path / f"token-{len(started)}").write_text(token)
+        cfg = dataclasses.replace(
+            cfg, port=0, metrics_port=0 if metrics else None, token_file=token_file
+        )
         engine_kw.setdefault("max_slots", cfg.max_slots)
         engine = FakeEngine(tokenizer, **engine_kw)
-        server = TandemServer(engine, cfg, port=0, metrics_port=0 if metrics else None, token=token)
+        server = TandemServer(engine, cfg)
         bg = BackgroundServer(server).start()
         started.append(bg)
         return bg

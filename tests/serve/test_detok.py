@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from model.tokenizer import IncrementalDetokenizer
-from serve.detok import TextStream
+from tandem.model.tokenizer import IncrementalDetokenizer
+from tandem.serve.detok import TextStream
 
 
 class _Chunks:

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.config import ModelConfig
-from model.transformer import Transformer
-from serve.config import ServeConfig
-from serve.engine import JaxEngine, decode_row_counts, pick_tensor_parallel
-from serve.orchestrator import Orchestrator
-from serve.sampling import SamplingParams
+from tandem.model.config import ModelConfig
+from tandem.model.transformer import Transformer
+from tandem.serve.config import ServeConfig
+from tandem.serve.engine import JaxEngine, decode_row_counts, pick_tensor_parallel
+from tandem.serve.orchestrator import Orchestrator
+from tandem.serve.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = ModelConfig(
@@ -258,8 +258,8 @@ def test_int8_bundle_serves_its_own_greedy(model, tokenizer, tmp_path) -> None:
     own forward, loaded from the same bundle."""
     import dataclasses
 
-    from model.bundle import Bundle, flat_params, write_bundle
-    from model.quant import quantize_tensors
+    from tandem.model.bundle import Bundle, flat_params, write_bundle
+    from tandem.model.quant import quantize_tensors
 
     tensors = quantize_tensors(flat_params(nnx.state(model, nnx.Param)))
     qcfg = dataclasses.replace(CFG, quantization="int8")
@@ -290,8 +290,8 @@ def test_python_m_serve_bundle_end_to_end(model, tokenizer, tmp_path, reference_
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from model.bundle import flat_params, write_bundle
-    from serve.client import TandemClient
+    from tandem.model.bundle import flat_params, write_bundle
+    from tandem.serve.client import TandemClient
 
     _, params = nnx.split(model, nnx.Param)
     bundle = write_bundle(
@@ -300,7 +300,7 @@ def test_python_m_serve_bundle_end_to_end(model, tokenizer, tmp_path, reference_
     port, mport = _free_port(), _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--bundle", str(bundle), "--port", str(port),
+        [sys.executable, "-m", "tandem.serve", "--bundle", str(bundle), "--port", str(port),
          "--metrics-port", str(mport), "--max-slots", "2", "--set", "min_prefill_bucket=32",
          "--max-len", "48", "--max-prompt-len", "32"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from serve.fake_engine import FakeEngine
-from serve.orchestrator import Orchestrator, Output, RequestError
-from serve.sampling import SamplingParams
+from tandem.serve.fake_engine import FakeEngine
+from tandem.serve.orchestrator import Orchestrator, Output, RequestError
+from tandem.serve.sampling import SamplingParams
 
 
 class Collector:

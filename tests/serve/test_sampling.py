@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from serve.sampling import SamplingParams, first_argmax, sample, split_seed
+from tandem.serve.sampling import SamplingParams, first_argmax, sample, split_seed
 
 
 @pytest.mark.parametrize(

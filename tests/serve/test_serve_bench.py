@@ -10,7 +10,7 @@ import pytest
 
 
 def _load_bench():
-    return importlib.import_module("benchmarks.serve_bench")
+    return importlib.import_module("tandem.benchmarks.serve_bench")
 
 
 def test_metrics_math() -> None:

@@ -16,10 +16,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from proto.tandem.v1 import generate_pb2 as pb
-from serve.client import TandemClient
-from serve.client import main as client_main
-from serve.config import ServeConfig
+from tandem.proto.v1 import generate_pb2 as pb
+from tandem.serve.client import TandemClient
+from tandem.serve.client import main as client_main
+from tandem.serve.config import ServeConfig
 
 GENERATE = "/tandem.v1.Generation/Generate"
 UNARY = "/tandem.v1.Generation/GenerateUnary"
@@ -155,8 +155,8 @@ def test_health_and_metrics(fake_server) -> None:
 
 
 def test_health_not_serving_until_warm(make_fake_server, tokenizer) -> None:
-    from serve.fake_engine import FakeEngine
-    from serve.server import BackgroundServer, TandemServer
+    from tandem.serve.fake_engine import FakeEngine
+    from tandem.serve.server import BackgroundServer, TandemServer
 
     gate = threading.Event()
 
@@ -165,7 +165,7 @@ def test_health_not_serving_until_warm(make_fake_server, tokenizer) -> None:
             gate.wait(10)
             super().warmup()
 
-    server = TandemServer(SlowWarmup(tokenizer), ServeConfig(max_slots=4), port=0)
+    server = TandemServer(SlowWarmup(tokenizer), ServeConfig(max_slots=4, port=0))
     bg = BackgroundServer(server).start(wait_ready=False)
     try:
         with grpc.insecure_channel(bg.target) as channel:
@@ -260,8 +260,8 @@ def test_bearer_token(make_fake_server) -> None:
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a cert")
 def test_tls(tmp_path: Path, tokenizer) -> None:
-    from serve.fake_engine import FakeEngine
-    from serve.server import BackgroundServer, TandemServer
+    from tandem.serve.fake_engine import FakeEngine
+    from tandem.serve.server import BackgroundServer, TandemServer
 
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
@@ -271,7 +271,7 @@ def test_tls(tmp_path: Path, tokenizer) -> None:
         check=True, capture_output=True,
     )  # fmt: skip
     server = TandemServer(
-        FakeEngine(tokenizer), port=0, tls_cert=cert.read_bytes(), tls_key=key.read_bytes()
+        FakeEngine(tokenizer), ServeConfig(port=0, tls_cert=str(cert), tls_key=str(key))
     )
     with (
         BackgroundServer(server) as bg,

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from serve.client import TandemClient
-from serve.config import ServeConfig
+from tandem.serve.client import TandemClient
+from tandem.serve.config import ServeConfig
 
 N_REQUESTS = 1000
 CANCEL_FRACTION = 0.2

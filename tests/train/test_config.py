@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from model.config import load_config
+from tandem.config import load_config
+from tandem.train import loop
+from tandem.train.config import TrainConfig
 from tests.train.train_helpers import SMALL
-from train import loop
-from train.config import TrainConfig
 
 
 @pytest.fixture
@@ -74,15 +74,16 @@ def test_config_errors_name_the_field(tmp_path, overrides, field):
 def test_cli_reports_config_error(tmp_path, capsys, no_compile, monkeypatch):
     import sys
 
-    from train.__main__ import _cli, main
+    from tandem.cli import run
+    from tandem.train.__main__ import main
 
-    with pytest.raises(ValueError, match="mesh.data=3"):  # `tandem train` prints it
+    with pytest.raises(ValueError, match="mesh.data=3"):  # the CLI layer prints it
         main(["tiny", f"run_dir={tmp_path}", *SMALL, "mesh.data=3"])
     monkeypatch.setattr(
         sys, "argv", ["train", "tiny", f"run_dir={tmp_path}", *SMALL, "mesh.data=3"]
     )
-    assert _cli() == 2  # `python -m train`
-    assert "python -m train: error: mesh.data=3" in capsys.readouterr().err
+    assert run("train") == 1  # what `python -m tandem.train` and `tandem train` run
+    assert "tandem train: error: mesh.data=3" in capsys.readouterr().err
 
 
 def test_preset_and_roundtrip():
@@ -104,7 +105,7 @@ def test_bpe_tokenizer_is_trained_into_the_run_dir_at_startup(tmp_path, monkeypa
     monkeypatch.setattr(loop, "Trainer", stop)
     with pytest.raises(Stop):
         loop.run(_cfg(tmp_path, "tokenizer=bpe", "model.vocab_size=512"))
-    from model.tokenizer import Tokenizer
+    from tandem.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tmp_path / "tokenizer")
     assert tok.vocab_size == 512

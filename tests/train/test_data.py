@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from model.tokenizer import Tokenizer
-from train import data as tdata
+from tandem.model.tokenizer import Tokenizer
+from tandem.train import data as tdata
 
 T, B = 32, 4
 

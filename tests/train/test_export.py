@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.bundle import Bundle
-from model.config import load_config
+from tandem.config import load_config
+from tandem.model.bundle import Bundle, model_from_tensors
+from tandem.train.config import TrainConfig
+from tandem.train.export import ExportConfig, ExportError, export, restore_params
+from tandem.train.export import locate as locate_checkpoint
+from tandem.train.loop import run
 from tests.train.train_helpers import SMALL
-from train.config import TrainConfig
-from train.export import ExportConfig, ExportError, export, restore_params
-from train.export import locate as locate_checkpoint
-from train.loop import run
 
 # The train tests' small model, trained 6 steps with a checkpoint every 3.
 TRAIN = [
@@ -42,9 +42,7 @@ def training_model(run_dir):
     """The trained model rebuilt from the checkpoint's float32 params."""
     cfg = load_config(TrainConfig, "tiny", [*TRAIN, f"run_dir={run_dir}"])
     params = dict(restore_params(locate_checkpoint(run_dir), cfg.model))
-    from train.export import _model_from
-
-    return _model_from(cfg.model, params)
+    return model_from_tensors(cfg.model, params)
 
 
 def logits_of(model, tokens):
@@ -121,7 +119,10 @@ def test_hf_export_loads_in_transformers(run_dir, training_model, tmp_path):
 
 
 def test_int8_cannot_be_written_as_hf(run_dir, tmp_path):
-    with pytest.raises(ExportError, match="only available with --format tandem"):
+    # refused by the config itself, before the checkpoint is read
+    with pytest.raises(
+        ValueError, match="quantize='int8' is invalid: allowed 'none' with format=hf"
+    ):
         export(
             ExportConfig(
                 checkpoint=str(run_dir), out=str(tmp_path / "x"), quantize="int8", format="hf"
@@ -184,7 +185,7 @@ def test_cli_failure_is_one_clear_line_and_nonzero(tmp_path):
         [
             sys.executable,
             "-m",
-            "tandem_cli",
+            "tandem",
             "export",
             "--checkpoint",
             str(tmp_path),

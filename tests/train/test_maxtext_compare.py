@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+from typing import get_args
 
-from benchmarks.maxtext_compare import REMAT, main, maxtext_flags
-from model.config import REMAT_POLICIES, ModelConfig
+from tandem.benchmarks.maxtext_compare import REMAT, main, maxtext_flags
+from tandem.model.config import ModelConfig, Remat
 
 
 def test_every_remat_policy_has_a_maxtext_equivalent() -> None:
-    assert set(REMAT) == set(REMAT_POLICIES)
+    assert set(REMAT) == set(get_args(Remat))
 
 
 def test_flags_describe_the_preset_and_batch() -> None:

@@ -189,8 +189,8 @@ def test_two_processes_agree_with_single_process(reference, tmp_path):
 def test_finished_run_is_not_retrained_and_other_configs_are_refused(
     reference, tmp_path, monkeypatch
 ):
+    from tandem.train.loop import Trainer
     from tests.train.train_helpers import run_inprocess
-    from train.loop import Trainer
 
     ref_dir, ref = reference
     run = tmp_path / "run"

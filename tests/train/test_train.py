@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from model.config import load_config
-from model.tokenizer import Tokenizer
+from tandem.config import load_config
+from tandem.model.tokenizer import Tokenizer
+from tandem.train import data as tdata
+from tandem.train.config import MeshConfig, TrainConfig
+from tandem.train.loop import BATCH_KEYS, Trainer
+from tandem.train.mesh import batch_sharding, make_mesh, process_rows, to_global
 from tests.train.train_helpers import SMALL
-from train import data as tdata
-from train.config import MeshConfig, TrainConfig
-from train.loop import BATCH_KEYS, Trainer, process_rows, to_global
-from train.mesh import batch_sharding, make_mesh
 
 
 def _cfg(tmp_path, *overrides) -> TrainConfig:

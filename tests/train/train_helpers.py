@@ -38,9 +38,9 @@ SMALL = [
 
 
 def run_inprocess(run_dir: Path, *overrides: str) -> dict:
-    from model.config import load_config
-    from train.config import TrainConfig
-    from train.loop import run
+    from tandem.config import load_config
+    from tandem.train.config import TrainConfig
+    from tandem.train.loop import run
 
     cfg = load_config(TrainConfig, "tiny", [*SMALL, f"run_dir={run_dir}", *overrides])
     return run(cfg)
@@ -61,7 +61,7 @@ def spawn(
     e.update(env or {})
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     log = open(Path(run_dir).parent / f"{Path(run_dir).name}.{log_name}.txt", "w")  # noqa: SIM115
-    args = [sys.executable, "-m", "train", "tiny", *SMALL, f"run_dir={run_dir}", *overrides]
+    args = [sys.executable, "-m", "tandem.train", "tiny", *SMALL, f"run_dir={run_dir}", *overrides]
     return subprocess.Popen(args, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT)
 
 

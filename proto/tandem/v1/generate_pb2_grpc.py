@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.tandem.v1 import generate_pb2 as proto_dot_tandem_dot_v1_dot_generate__pb2
+from tandem.proto.v1 import generate_pb2 as tandem_dot_proto_dot_v1_dot_generate__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/tandem/v1/generate_pb2_grpc.py depends on'
+        + ' but the generated code in tandem/proto/v1/generate_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,23 +38,23 @@ class GenerationStub:
         """
         self.Generate = channel.unary_stream(
                 '/tandem.v1.Generation/Generate',
-                request_serializer=proto_dot_tandem_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=proto_dot_tandem_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+                request_serializer=tandem_dot_proto_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=tandem_dot_proto_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateUnary = channel.unary_unary(
                 '/tandem.v1.Generation/GenerateUnary',
-                request_serializer=proto_dot_tandem_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=proto_dot_tandem_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+                request_serializer=tandem_dot_proto_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=tandem_dot_proto_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/tandem.v1.Generation/Tokenize',
-                request_serializer=proto_dot_tandem_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=proto_dot_tandem_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
+                request_serializer=tandem_dot_proto_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=tandem_dot_proto_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/tandem.v1.Generation/ModelInfo',
-                request_serializer=proto_dot_tandem_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=proto_dot_tandem_dot_v1_dot_generate__pb2.ModelInfoResponse.FromString,
+                request_serializer=tandem_dot_proto_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=tandem_dot_proto_dot_v1_dot_generate__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -97,23 +97,23 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=proto_dot_tandem_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
-                    response_serializer=proto_dot_tandem_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=tandem_dot_proto_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
+                    response_serializer=tandem_dot_proto_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateUnary': grpc.unary_unary_rpc_method_handler(
                     servicer.GenerateUnary,
-                    request_deserializer=proto_dot_tandem_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
-                    response_serializer=proto_dot_tandem_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=tandem_dot_proto_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
+                    response_serializer=tandem_dot_proto_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=proto_dot_tandem_dot_v1_dot_generate__pb2.TokenizeRequest.FromString,
-                    response_serializer=proto_dot_tandem_dot_v1_dot_generate__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=tandem_dot_proto_dot_v1_dot_generate__pb2.TokenizeRequest.FromString,
+                    response_serializer=tandem_dot_proto_dot_v1_dot_generate__pb2.TokenizeResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
-                    request_deserializer=proto_dot_tandem_dot_v1_dot_generate__pb2.ModelInfoRequest.FromString,
-                    response_serializer=proto_dot_tandem_dot_v1_dot_generate__pb2.ModelInfoResponse.SerializeToString,
+                    request_deserializer=tandem_dot_proto_dot_v1_dot_generate__pb2.ModelInfoRequest.FromString,
+                    response_serializer=tandem_dot_proto_dot_v1_dot_generate__pb2.ModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -143,8 +143,8 @@ class Generation:
             request,
             target,
             '/tandem.v1.Generation/Generate',
-            proto_dot_tandem_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
-            proto_dot_tandem_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+            tandem_dot_proto_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+            tandem_dot_proto_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -170,8 +170,8 @@ class Generation:
             request,
             target,
             '/tandem.v1.Generation/GenerateUnary',
-            proto_dot_tandem_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
-            proto_dot_tandem_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+            tandem_dot_proto_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+            tandem_dot_proto_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -197,8 +197,8 @@ class Generation:
             request,
             target,
             '/tandem.v1.Generation/Tokenize',
-            proto_dot_tandem_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
-            proto_dot_tandem_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
+            tandem_dot_proto_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
+            tandem_dot_proto_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -224,8 +224,8 @@ class Generation:
             request,
             target,
             '/tandem.v1.Generation/ModelInfo',
-            proto_dot_tandem_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
-            proto_dot_tandem_dot_v1_dot_generate__pb2.ModelInfoResponse.FromString,
+            tandem_dot_proto_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
+            tandem_dot_proto_dot_v1_dot_generate__pb2.ModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,1 +1,0 @@
-"""Protocol buffers of the tandem API; generated modules are committed (see tests/proto)."""
