@@ -130,10 +130,28 @@ def parse_command_line(
 
     CONFIG is a preset name or a YAML/JSON file (default `default_source`; also
     `--config CONFIG`); the `key=value` items apply first, then the flags in the order
-    given, a later one winning (`--set key=value` is one more spelling of an item). `-h` prints the usage with
-    every config key and exits (argparse's SystemExit, as any malformed flag does).
+    given, a later one winning (`--set key=value` is one more spelling of an item). `-h`
+    prints the usage with every config key and exits (argparse's SystemExit, as any
+    malformed flag does).
     """
-    keys = ", ".join(f.name for f in dataclasses.fields(cls) if f.init)  # type: ignore[arg-type]
+    source, overrides = split_command_line(
+        cls, argv, prog=prog, description=description, flags=flags, default_source=default_source
+    )
+    return load_config(cls, source, overrides)
+
+
+def split_command_line(
+    cls: type,
+    argv: Sequence[str],
+    *,
+    prog: str,
+    description: str,
+    flags: Sequence[Flag] = (),
+    default_source: str | None = None,
+) -> tuple[str | None, list[str]]:
+    """`parse_command_line` up to (CONFIG, overrides as `key=value`), for a command that
+    needs to know which keys were given."""
+    keys = ", ".join(f.name for f in dataclasses.fields(cls) if f.init)
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -172,7 +190,7 @@ def parse_command_line(
     loose = [item for item in items if "=" not in item]
     if loose:
         raise ValueError(f"{prog}: expected key=value after CONFIG, got {loose[0]!r}")
-    return load_config(cls, source, items + (args.overrides or []))
+    return source, items + (args.overrides or [])
 
 
 # ---------------------------------------------------------------------------------------

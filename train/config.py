@@ -60,6 +60,9 @@ class TrainConfig:
 
     # --- run ---
     run_dir: str = "runs/default"
+    # Pretrained weights to start from when run_dir holds no checkpoint: a HF model dir,
+    # a bundle or another run's checkpoint dir (train/init_from.py); "" = random init.
+    init_from: str = ""
     steps: int = 300  # total optimizer steps
     seed: int = 0
 
@@ -84,7 +87,9 @@ class TrainConfig:
     eval_data: str | None = None  # None/"" = held-out split of `data` (1 in eval_holdout documents)
     eval_holdout: int = 20
     text_key: str = "text"  # field/column holding the text in .jsonl / .parquet
-    tokenizer: str = "bpe"  # "bpe" (trained on the train split, cached in run_dir), "byte", or a tokenizer.json path
+    # "auto": the init_from model's own tokenizer, else "bpe" (trained on the train split,
+    # cached in run_dir); or "byte", or a tokenizer directory / tokenizer.json path
+    tokenizer: str = "auto"
     prefetch: int = 2  # batches prepared ahead on a host thread
 
     # --- eval / logging ---
@@ -144,6 +149,12 @@ class TrainConfig:
         check_choices(self)
         require(bool(self.run_dir), "run_dir", self.run_dir, "the directory for checkpoints")
         require(bool(self.data), "data", self.data, "'embedded' or comma-separated files")
+        require(
+            not self.init_from or self.tokenizer == "auto",
+            "tokenizer",
+            self.tokenizer,
+            "'auto' with init_from (the pretrained model's own tokenizer)",
+        )
 
     @classmethod
     def preset(cls, name: str) -> TrainConfig:

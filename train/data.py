@@ -205,7 +205,8 @@ def build_tokenizer(
     is_primary: bool,
     barrier=None,
 ) -> Tokenizer:
-    """byte / a tokenizer directory (or its tokenizer.json) / BPE trained on the train split.
+    """byte / a tokenizer directory (or its tokenizer.json) / BPE trained on the train split
+    ("bpe", or "auto": a run from pretrained weights passes their tokenizer's directory).
 
     The trained BPE is cached in run_dir/tokenizer/ (written by the primary process, moved
     into place atomically); the other processes wait at `barrier` and load it, so run_dir
@@ -213,13 +214,14 @@ def build_tokenizer(
     """
     if spec == "byte":
         return Tokenizer.byte()
-    if spec != "bpe":
+    if spec not in ("auto", "bpe"):
         p = Path(spec)
         if p.is_file() and p.name == "tokenizer.json":
             p = p.parent
         if not (p / "tokenizer.json").is_file():
             raise ValueError(
-                f"tokenizer={spec!r}: not 'bpe', 'byte' or a directory holding tokenizer.json"
+                f"tokenizer={spec!r}: not 'auto', 'bpe', 'byte' or a directory holding "
+                "tokenizer.json"
             )
         return Tokenizer.from_dir(p)
     cache = run_dir / "tokenizer"

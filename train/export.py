@@ -356,7 +356,7 @@ def _heldout_batches(
 
 def _tokenizer(train_cfg: TrainConfig, run_dir: Path) -> Tokenizer:
     """The tokenizer the run trained with (a trained BPE is cached in the run dir)."""
-    if train_cfg.tokenizer == "bpe":
+    if train_cfg.tokenizer in ("auto", "bpe"):  # trained BPE or init_from's, cached
         cached = run_dir / "tokenizer"
         if not (cached / "tokenizer.json").is_file():
             raise ExportError(

@@ -35,6 +35,7 @@ from tandem.model import sharding as msharding
 from tandem.model.tokenizer import Tokenizer
 from tandem.model.transformer import Transformer
 from tandem.train import data as tdata
+from tandem.train import init_from
 from tandem.train.checkpoint import Checkpointer, incompatible_fields
 from tandem.train.config import TrainConfig
 from tandem.train.mesh import (
@@ -223,6 +224,25 @@ class Trainer:
             init = jax.jit(self._init, in_shardings=rep, out_shardings=self.state_shardings)
             return init(rng)
 
+    def state_from_params(self, params: Any, seed: int) -> dict[str, Any]:
+        """A step-0 state around given (already sharded) params: fresh AdamW moments."""
+        rng = jax.random.key_data(jax.random.key(seed))
+        rep = NamedSharding(self.mesh, PartitionSpec())
+
+        def build(params: Any, rng: jax.Array) -> dict[str, Any]:
+            return {
+                "params": params,
+                "opt_state": self.tx.init(params),
+                "step": jnp.zeros((), jnp.int32),
+                "rng": rng,
+            }
+
+        with jax.set_mesh(self.mesh):
+            init = jax.jit(
+                build, in_shardings=(self.param_shardings, rep), out_shardings=self.state_shardings
+            )
+            return init(params, rng)
+
     def compile(self) -> None:
         """AOT-compiles the train and eval steps (so step timings exclude compilation)."""
         rep = NamedSharding(self.mesh, PartitionSpec())
@@ -331,8 +351,17 @@ def setup_run(cfg: TrainConfig) -> RunSetup:
         cfg.data, cfg.eval_data, cfg.eval_holdout, cfg.text_key
     )
     run_dir = Path(cfg.run_dir)
+    pretrained = init_from.locate(cfg.init_from) if cfg.init_from else None
+    tokenizer_spec = cfg.tokenizer
+    if pretrained is not None:
+        init_from.check_model(cfg.model, pretrained.model)
+        if jax.process_index() == 0:
+            init_from.copy_tokenizer(pretrained, run_dir)
+        if (barrier := _barrier("init-tokenizer")) is not None:
+            barrier("copied")
+        tokenizer_spec = str(run_dir / "tokenizer")
     tok = tdata.build_tokenizer(
-        cfg.tokenizer,
+        tokenizer_spec,
         train_src,
         cfg.model.vocab_size,
         run_dir,
@@ -361,16 +390,21 @@ def setup_run(cfg: TrainConfig) -> RunSetup:
     ckpt = Checkpointer(
         run_dir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint
     )
-    start, state, data_state = _resume_or_init(cfg, trainer, ckpt, rows)
+    start, state, data_state = _resume_or_init(cfg, trainer, ckpt, rows, pretrained)
     return RunSetup(
         cfg, mesh, trainer, ckpt, tok, train_src, eval_src, rows, start, state, data_state
     )
 
 
 def _resume_or_init(
-    cfg: TrainConfig, trainer: Trainer, ckpt: Checkpointer, rows: list[int]
+    cfg: TrainConfig,
+    trainer: Trainer,
+    ckpt: Checkpointer,
+    rows: list[int],
+    pretrained: init_from.Pretrained | None,
 ) -> tuple[int, dict[str, Any], np.ndarray | None]:
-    """The newest checkpoint of run_dir (refused if it is another run's), else step 0."""
+    """The newest checkpoint of run_dir (refused if it is another run's), else step 0 from
+    the pretrained weights, else from a random init."""
     latest = ckpt.latest_step()
     if latest is not None:
         saved_cfg = ckpt.saved_config(latest)
@@ -387,6 +421,10 @@ def _resume_or_init(
         data_state=jax.ShapeDtypeStruct((cfg.batch_size, 2), jnp.int32, sharding=row_sharding),
     )
     restored = ckpt.restore_latest(abstract)
+    if restored is None and pretrained is not None:
+        log.info("initialising from %s (%s)", pretrained.path, pretrained.kind)
+        params = init_from.load_params(pretrained, cfg.model, trainer.param_shardings)
+        return 0, trainer.state_from_params(params, cfg.seed), None
     if restored is None:
         return 0, trainer.init_state(cfg.seed), None
     start, full = restored
