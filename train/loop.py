@@ -211,7 +211,7 @@ class Trainer:
             "loss": loss_sum / w,
             "grad_norm": grad_norm,
             "lr": self.schedule(state["step"]),
-            "target_tokens": w_sum,
+            "loss_tokens": w_sum,  # targets counted in the loss (SFT: assistant tokens)
         }
         return new, metrics
 
