@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from tandem.config import Flag, check_choices, load_config, parse_command_line
+from tandem.config import check_choices, load_config, parse_command_line
 from tandem.serve.__main__ import FLAGS as SERVE_FLAGS
 from tandem.serve.config import ServeConfig
 from tandem.train.export import FLAGS as EXPORT_FLAGS
@@ -92,8 +92,3 @@ def test_literal_fields_are_checked_when_built_in_code_too() -> None:
     with pytest.raises(ValueError, match="mode='x' is invalid"):
         ServeConfig(mode="x")  # type: ignore[arg-type]
     assert load_config(Cfg, {}, ["kind=b"]).kind == "b"
-
-
-def test_flag_needs_a_key() -> None:
-    flag = Flag("--port", "port")
-    assert (flag.name, flag.key, flag.switch) == ("--port", "port", None)
