@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     from tandem.serve.server import BackgroundServer, TandemServer
 
     base = ServeConfig(
-        max_slots=args.max_slots,
+        max_seqs=args.max_slots,
         max_len=args.max_len,
         max_prompt_len=args.max_prompt_len,
         max_queue=max(64, args.num_requests),

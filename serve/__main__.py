@@ -1,7 +1,7 @@
 """`tandem serve [CONFIG] [key=value ...] [--bundle B --port P ...]` (= `python -m tandem.serve`).
 
 CONFIG is a YAML/JSON file of ServeConfig keys; `key=value` overrides one key; every flag
-is another spelling of a key (`--port 1` = `port=1`, `--max-slots 8` = `max_slots=8`).
+is another spelling of a key (`--port 1` = `port=1`, `--max-seqs 8` = `max_seqs=8`).
 Loads the bundle, compiles every shape (health reports NOT_SERVING meanwhile), serves
 tandem.v1.Generation on 127.0.0.1 by default, and drains in-flight streams on
 SIGTERM/SIGINT.
@@ -19,8 +19,13 @@ FLAGS = (
     Flag("--host", "host", "bind address (default 127.0.0.1)"),
     Flag("--port", "port", "gRPC port (0 = any free port)"),
     Flag("--metrics-port", "metrics_port", "Prometheus /metrics port"),
-    Flag("--max-slots", "max_slots", "concurrent sequences"),
+    Flag("--max-seqs", "max_seqs", "concurrent sequences"),
+    Flag("--max-slots", "max_seqs", "= --max-seqs (older name)"),
     Flag("--max-len", "max_len", "positions per sequence (prompt + output)"),
+    Flag("--kv-cache-tokens", "kv_cache_tokens", "KV-cache pool in tokens (0 = derive)"),
+    Flag("--page-size", "page_size", "tokens per KV-cache page"),
+    Flag("--max-num-batched-tokens", "max_num_batched_tokens", "tokens one step runs"),
+    Flag("--no-prefix-caching", "enable_prefix_caching", switch="false"),
     Flag("--max-prompt-len", "max_prompt_len"),
     Flag("--max-queue", "max_queue", "waiting requests before RESOURCE_EXHAUSTED"),
     Flag("--tensor-parallel", "tensor_parallel", "0 = all devices that fit"),

@@ -7,7 +7,8 @@ Loadable like every tandem config (`tandem.config.load_config`: YAML/JSON file p
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 from tandem.config import check_choices, require
 
@@ -28,8 +29,8 @@ class ServeConfig:
     grace_s: float = 30.0  # seconds to drain in-flight streams on SIGTERM
 
     # --- limits and scheduling ---
-    max_slots: int = 8  # concurrent sequences = KV-cache slots
-    max_len: int = 0  # positions per slot (prompt + output); 0 = model max_seq_len
+    max_seqs: int = 8  # concurrent sequences (running requests); older key: max_slots
+    max_len: int = 0  # positions per sequence (prompt + output); 0 = model max_seq_len
     max_prompt_len: int = 0  # 0 = max_len - 1
     min_prefill_bucket: int = 16  # prefill lengths are padded to powers of two from here
     max_queue: int = 64  # waiting requests beyond this get RESOURCE_EXHAUSTED
@@ -42,6 +43,15 @@ class ServeConfig:
     max_prefills_per_step: int = 0  # continuous: prefills between two decode steps; 0 = any
     stream_interval: int = 1  # tokens per streamed message (vLLM/SGLang's stream interval);
     # the first token and the final message are never held back
+
+    # --- paged KV cache and the token-budget step (serve/kv_cache.py, serve/scheduler.py) ---
+    kv_cache_tokens: int = 0  # KV-cache pool in tokens (pages x page_size); 0 = the engine
+    # derives it from free device memory
+    page_size: int = 16  # tokens per KV-cache page
+    max_num_batched_tokens: int = 512  # tokens one step runs: decodes + prompt chunks
+    enable_prefix_caching: bool = True  # share cached full pages of equal prefixes
+
+    KEY_ALIASES: ClassVar[Mapping[str, str]] = {"max_slots": "max_seqs"}  # old key -> key
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -59,7 +69,7 @@ class ServeConfig:
             "a PEM file whenever the other of tls_cert / tls_key is given",
         )
         require(self.grace_s >= 0, "grace_s", self.grace_s, ">= 0")
-        require(self.max_slots >= 1, "max_slots", self.max_slots, ">= 1")
+        require(self.max_seqs >= 1, "max_seqs", self.max_seqs, ">= 1")
         require(self.max_len >= 0, "max_len", self.max_len, ">= 0 (0 = model max_seq_len)")
         require(self.max_prompt_len >= 0, "max_prompt_len", self.max_prompt_len, ">= 0")
         require(
@@ -83,6 +93,30 @@ class ServeConfig:
             ">= 0",
         )
         require(self.stream_interval >= 1, "stream_interval", self.stream_interval, ">= 1")
+        require(self.page_size >= 1, "page_size", self.page_size, ">= 1")
+        require(
+            self.kv_cache_tokens == 0 or self.kv_cache_tokens >= 2 * self.page_size,
+            "kv_cache_tokens",
+            self.kv_cache_tokens,
+            f"0 (derive) or >= 2 pages ({2 * self.page_size}): page 0 is the engine's null page",
+        )
+        require(
+            self.max_num_batched_tokens >= self.max_seqs,
+            "max_num_batched_tokens",
+            self.max_num_batched_tokens,
+            f">= max_seqs ({self.max_seqs}): every running sequence decodes each step",
+        )
+
+    @property
+    def max_slots(self) -> int:
+        """max_seqs under its older name, for code that still reads it (serve/engine.py)."""
+        return self.max_seqs
+
+    @property
+    def num_pages(self) -> int:
+        """Pages in the KV-cache pool, the null page 0 included (0 until kv_cache_tokens is
+        set)."""
+        return self.kv_cache_tokens // self.page_size
 
     def resolve(self, model_max_len: int) -> ServeConfig:
         """Fills the derived sizes from the model's context length."""

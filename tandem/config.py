@@ -7,8 +7,9 @@ raises ValueError as `field=value is invalid: allowed ...`, before anything comp
 
 A field's allowed values are its type: a `Literal[...]` field is checked against its
 arguments (`check_choices`, called from each config's `__post_init__`, so a config built
-in code is held to the same rule as one loaded from a file). This module imports nothing
-from tandem, so every package can use it.
+in code is held to the same rule as one loaded from a file). A renamed key keeps working
+in files, `key=value` and flags when the config lists it in `KEY_ALIASES` (old -> key).
+This module imports nothing from tandem, so every package can use it.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def load_config(
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like key=value")
-        _set_dotted(data, key.strip().split("."), _Raw(raw))
+        _set_dotted(data, _canonical_keys(cls, key.strip().split(".")), _Raw(raw))
     if base is not None:
         return _build(cls, _merge(_to_plain(base), data), prefix="")
     return _build(cls, data, prefix="")
@@ -210,6 +211,22 @@ def _merge(base: dict, update: Mapping) -> dict:
     return merged
 
 
+def _aliases(cls: Any) -> Mapping[str, str]:
+    """A config's older spellings of its keys (class attribute `KEY_ALIASES`, old -> key)."""
+    return getattr(cls, "KEY_ALIASES", {}) if dataclasses.is_dataclass(cls) else {}
+
+
+def _canonical_keys(cls: Any, keys: list[str]) -> list[str]:
+    """A dotted override's keys with each older spelling replaced by its key, so that of
+    `max_slots=2 max_seqs=3` the later one wins as with any repeated key."""
+    out = []
+    for key in keys:
+        key = _aliases(cls).get(key, key)
+        out.append(key)
+        cls = typing.get_type_hints(cls).get(key) if dataclasses.is_dataclass(cls) else None
+    return out
+
+
 def _set_dotted(data: dict, keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
         nested = data.setdefault(key, {})
@@ -222,6 +239,15 @@ def _set_dotted(data: dict, keys: list[str], value: Any) -> None:
 def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    spelled: dict[str, str] = {}  # key -> how data spells it
+    for key in data:
+        new = _aliases(cls).get(key, key)
+        if new in spelled:
+            raise ValueError(
+                f"{prefix}{spelled[new]} and {prefix}{key} are one key: give only {prefix}{new}"
+            )
+        spelled[new] = key
+    data = {new: data[key] for new, key in spelled.items()}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(

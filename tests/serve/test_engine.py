@@ -39,7 +39,7 @@ CFG = ModelConfig(
     max_seq_len=64,
     init_std=0.5,
 )  # fmt: skip  (init_std 0.5: a random model whose greedy output is not one repeated token)
-SCFG = ServeConfig(max_slots=4, max_prompt_len=32, min_prefill_bucket=8, tensor_parallel=1)
+SCFG = ServeConfig(max_seqs=4, max_prompt_len=32, min_prefill_bucket=8, tensor_parallel=1)
 PROMPTS = ["hello", "the quick brown fox jumps", "a", "zzzzzzzzzzzzzzzzzzzzzzzzzzzz", "tandem!"]
 
 
@@ -58,7 +58,7 @@ def engine(model, tokenizer) -> JaxEngine:
 @pytest.fixture(scope="module")
 def engine_8(model, tokenizer) -> JaxEngine:
     """8 slots: decode steps compiled for 4 and 8 rows (serve.engine.decode_row_counts)."""
-    eng = JaxEngine.from_model(model, tokenizer, dataclasses.replace(SCFG, max_slots=8))
+    eng = JaxEngine.from_model(model, tokenizer, dataclasses.replace(SCFG, max_seqs=8))
     eng.warmup()
     return eng
 
@@ -239,7 +239,7 @@ def test_pick_tensor_parallel() -> None:
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs >= 2 (simulated) devices")
 def test_tensor_parallel_matches_single_device(model, engine, tokenizer) -> None:
     tp_engine = JaxEngine.from_model(model, tokenizer, ServeConfig(
-        max_slots=4, max_prompt_len=32, min_prefill_bucket=8, tensor_parallel=0))  # fmt: skip
+        max_seqs=4, max_prompt_len=32, min_prefill_bucket=8, tensor_parallel=0))  # fmt: skip
     tp_engine.warmup()
     assert tp_engine.tensor_parallel == 2
     wq = tp_engine.layer_weights[0]["wq"]
@@ -264,9 +264,7 @@ def test_int8_bundle_serves_its_own_greedy(model, tokenizer, tmp_path) -> None:
     tensors = quantize_tensors(flat_params(nnx.state(model, nnx.Param)))
     qcfg = dataclasses.replace(CFG, quantization="int8")
     path = write_bundle(tmp_path / "q", qcfg, tokenizer, tensors, source={}, quantization="int8")
-    eng = JaxEngine.from_bundle(
-        path, ServeConfig(max_slots=2, max_prompt_len=16, tensor_parallel=1)
-    )
+    eng = JaxEngine.from_bundle(path, ServeConfig(max_seqs=2, max_prompt_len=16, tensor_parallel=1))
     eng.warmup()
     reference = greedy_reference(Bundle.load(path).model())
     requests = [

@@ -165,7 +165,7 @@ def test_health_not_serving_until_warm(make_fake_server, tokenizer) -> None:
             gate.wait(10)
             super().warmup()
 
-    server = TandemServer(SlowWarmup(tokenizer), ServeConfig(max_slots=4, port=0))
+    server = TandemServer(SlowWarmup(tokenizer), ServeConfig(max_seqs=4, port=0))
     bg = BackgroundServer(server).start(wait_ready=False)
     try:
         with grpc.insecure_channel(bg.target) as channel:
@@ -187,7 +187,7 @@ def test_health_not_serving_until_warm(make_fake_server, tokenizer) -> None:
 
 
 def test_queue_overflow_is_resource_exhausted_not_a_hang(make_fake_server) -> None:
-    bg = make_fake_server(cfg=ServeConfig(max_slots=1, max_queue=2), step_delay=0.02)
+    bg = make_fake_server(cfg=ServeConfig(max_seqs=1, max_queue=2), step_delay=0.02)
     client = TandemClient(bg.target)
     long = [client.generate("w" * 60)]
     next(long[0])  # running

@@ -21,7 +21,7 @@ WORKERS = 16
 
 
 def test_soak_with_random_cancellations(make_fake_server) -> None:
-    bg = make_fake_server(cfg=ServeConfig(max_slots=8, max_queue=64), step_delay=0.0005)
+    bg = make_fake_server(cfg=ServeConfig(max_seqs=8, max_queue=64), step_delay=0.0005)
     client = TandemClient(bg.target)
     rng = random.Random(1234)
     plans = []

@@ -60,13 +60,49 @@ def test_switch_flags_set_their_value() -> None:
         (["max_slot=4"], "unknown config key 'max_slot' for ServeConfig: allowed keys are"),
         (["tls_cert=c.pem"], "tls_key='' is invalid"),
         (["a.yaml", "oops"], "expected key=value after CONFIG, got 'oops'"),
+        (["--max-seqs", "0"], "max_seqs=0 is invalid: allowed >= 1"),
+        (["--page-size", "0"], "page_size=0 is invalid: allowed >= 1"),
+        (["--kv-cache-tokens", "16"], "kv_cache_tokens=16 is invalid: allowed 0 (derive) or >= 2"),
+        (
+            ["--max-seqs", "64", "--max-num-batched-tokens", "32"],
+            "max_num_batched_tokens=32 is invalid: allowed >= max_seqs (64)",
+        ),
+        (["--set", "enable_prefix_caching=maybe"], "enable_prefix_caching='maybe' is invalid"),
     ],
-    ids=["not-an-int", "range", "literal", "unknown-key", "tls-pair", "loose-word"],
-)
+    ids=[
+        "not-an-int", "range", "literal", "unknown-key", "tls-pair", "loose-word",
+        "max-seqs", "page-size", "kv-cache-tokens", "batched-tokens", "prefix-caching",
+    ],
+)  # fmt: skip
 def test_bad_values_name_the_key_and_what_is_allowed(argv, message) -> None:
     with pytest.raises(ValueError) as err:
         serve_cfg(*argv)
     assert message in str(err.value)
+
+
+def test_max_slots_is_another_spelling_of_max_seqs(tmp_path) -> None:
+    """The older key keeps working wherever keys are written; of two spellings on the
+    command line the later wins, as with any repeated key."""
+    assert serve_cfg("--max-slots", "3").max_seqs == 3
+    assert serve_cfg("max_seqs=2", "max_slots=5").max_seqs == 5
+    assert serve_cfg("max_slots=5", "--max-seqs", "2").max_seqs == 2
+    assert ServeConfig(max_seqs=4).max_slots == 4  # code reading the old name
+    path = tmp_path / "old.yaml"
+    path.write_text("max_slots: 6\n")
+    assert serve_cfg(str(path)).max_seqs == 6
+    path.write_text("max_slots: 6\nmax_seqs: 7\n")
+    with pytest.raises(ValueError, match="max_slots and max_seqs are one key: give only max_seqs"):
+        serve_cfg(str(path))
+
+
+def test_paged_cache_keys_and_flags() -> None:
+    cfg = serve_cfg(
+        "--kv-cache-tokens", "4096", "--page-size", "32", "--max-num-batched-tokens", "256",
+        "--no-prefix-caching",
+    )  # fmt: skip
+    assert (cfg.kv_cache_tokens, cfg.page_size, cfg.max_num_batched_tokens) == (4096, 32, 256)
+    assert (cfg.enable_prefix_caching, cfg.num_pages) == (False, 128)
+    assert ServeConfig().enable_prefix_caching
 
 
 def test_unknown_flag_is_a_usage_error(capsys) -> None:
