@@ -1,4 +1,4 @@
-"""`tandem export`: a training checkpoint -> a serving bundle (or a HF Llama directory).
+"""`tandem export`: a training checkpoint -> a serving bundle (or a Hugging Face directory).
 
     tandem export [CONFIG] [key=value ...] --checkpoint RUN_DIR[/STEP] --out BUNDLE
                   [--dtype bfloat16|float32] [--quantize int8] [--format tandem|hf]
@@ -89,7 +89,7 @@ class ExportConfig:
             self.format == "tandem" or self.quantize == "none",
             "quantize",
             self.quantize,
-            "'none' with format=hf (HF Llama directories hold float weights)",
+            "'none' with format=hf (HF directories hold float weights)",
         )
 
 

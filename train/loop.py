@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]  # tokens, targets, weights, segment_ids, positions: each [B, T]
 BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions")
-NO_DECAY = ("norm",)  # params whose name contains these get no weight decay
+NO_DECAY = ("norm", "bias")  # params whose name contains these get no weight decay
 
 
 def _to_pure(state: Any) -> Any:
