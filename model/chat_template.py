@@ -201,10 +201,7 @@ def read_special_tokens(directory: str | Path) -> dict[str, str]:
     directory = Path(directory)
     found: dict[str, str] = {}
     for name in (TOKENIZER_CONFIG, "special_tokens_map.json"):
-        path = directory / name
-        if not path.is_file():
-            continue
-        data = _read_json(path)
+        data = read_json_object(directory / name)
         for key in SPECIAL_TOKEN_KEYS:
             if key not in found and key in data:
                 token = _token_name(data[key])
@@ -215,7 +212,10 @@ def read_special_tokens(directory: str | Path) -> dict[str, str]:
     return found
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file of a model directory ({} if the file is absent)."""
+    if not path.is_file():
+        return {}
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -257,8 +257,8 @@ class ChatTemplate:
         if (path / TEMPLATE_DIR).is_dir():
             for file in sorted((path / TEMPLATE_DIR).glob("*.jinja")):
                 templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
-        if not templates and (path / TOKENIZER_CONFIG).is_file():
-            value = _read_json(path / TOKENIZER_CONFIG).get("chat_template")
+        if not templates:
+            value = read_json_object(path / TOKENIZER_CONFIG).get("chat_template")
             if value is not None:
                 templates = cls._parse_config_value(value, path / TOKENIZER_CONFIG)
         if not templates:

@@ -3,11 +3,11 @@
 import json
 
 import pytest
-from tokenizers import Tokenizer as HFTokenizer
 
 transformers = pytest.importorskip("transformers")
 
 from tandem.model.chat_template import ChatTemplate, read_special_tokens  # noqa: E402
+from tandem.model.tokenizer import Tokenizer  # noqa: E402
 
 from .hf_tokenizers import FAMILIES, build_tokenizer_dir  # noqa: E402
 
@@ -66,8 +66,7 @@ def test_render_matches_apply_chat_template(family, conversation, add_generation
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
     assert text == want
-    raw = HFTokenizer.from_file(str(directory / "tokenizer.json"))
-    ids = raw.encode(text, add_special_tokens=False).ids
+    ids = Tokenizer.from_dir(directory).encode(text, add_special_tokens=False)
     assert ids == _hf_ids(hf, messages, add_generation_prompt=add_generation_prompt)
 
 
