@@ -8,8 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from tandem.model.chat_template import ChatTemplate, read_special_tokens  # noqa: E402
 from tandem.model.tokenizer import Tokenizer  # noqa: E402
-
-from .hf_tokenizers import FAMILIES, build_tokenizer_dir  # noqa: E402
+from tests.model.hf_tokenizers import FAMILIES, build_tokenizer_dir  # noqa: E402
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 TURNS = [

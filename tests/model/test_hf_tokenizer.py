@@ -11,8 +11,7 @@ transformers = pytest.importorskip("transformers")
 from tandem.model.bundle import Bundle  # noqa: E402
 from tandem.model.hf import main, write_hf_dir  # noqa: E402
 from tandem.model.tokenizer import Tokenizer  # noqa: E402
-
-from .hf_tokenizers import FAMILIES, build_tokenizer_dir  # noqa: E402
+from tests.model.hf_tokenizers import FAMILIES, build_tokenizer_dir  # noqa: E402
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},

@@ -4,8 +4,7 @@ import random
 import pytest
 
 from tandem.model.tokenizer import IncrementalDetokenizer, Tokenizer, main
-
-from .hf_tokenizers import FAMILIES, build_tokenizer_dir
+from tests.model.hf_tokenizers import FAMILIES, build_tokenizer_dir
 
 TEXTS = ["plain ascii", "héllo wörld", "中文字符和 emoji 🎉🚀", "mixed\nlines\ttabs ✓", ""]
 

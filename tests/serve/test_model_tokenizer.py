@@ -22,8 +22,7 @@ from tandem.serve.client import TandemClient  # noqa: E402
 from tandem.serve.config import ServeConfig  # noqa: E402
 from tandem.serve.engine import JaxEngine  # noqa: E402
 from tandem.serve.server import BackgroundServer, TandemServer  # noqa: E402
-
-from ..model.hf_tokenizers import build_tokenizer_dir  # noqa: E402
+from tests.model.hf_tokenizers import build_tokenizer_dir  # noqa: E402
 
 PROMPTS = ["Hello, how are you?", "The quick brown fox", "Héllo 世界 🙂", "x"]
 NEW_TOKENS = 10
