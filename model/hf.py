@@ -491,9 +491,7 @@ def write_hf_dir(
     config = config_to_hf(cfg, tokenizer)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        tokenizer.save(tmp)
+        tokenizer.save(tmp)  # + generation_config.json (the stop ids) and the chat template
         weight_map = write_safetensors_shards(
             tmp,
             tandem_to_hf_tensors(tensors, cfg),

@@ -241,7 +241,7 @@ class Orchestrator:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
-            stop_ids.add(self.tokenizer.eos_id)
+            stop_ids |= self.tokenizer.stop_ids
         stream = TextStream(self._detok(self.tokenizer), params.stop)
         with self._cv:
             if not self._accepting:

@@ -245,7 +245,7 @@ class _Tokenize(grain.transforms.Map):
         self._tok = tok
 
     def map(self, text: str) -> np.ndarray:
-        ids = self._tok.encode(text, add_bos=True)
+        ids = self._tok.encode(text)
         ids.append(self._tok.eos_id)
         return np.asarray(ids, np.int32)
 
