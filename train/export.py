@@ -51,6 +51,7 @@ from tandem.model.quant import Quantization, quantize_tensors
 from tandem.model.tokenizer import Tokenizer
 from tandem.train import data as tdata
 from tandem.train.config import TrainConfig
+from tandem.train.sft import ExampleEncoder
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ def _quality(
     bundle: Bundle,
 ) -> dict:
     """Held-out perplexity of the bundle and of the unquantized weights in the same dtype."""
-    batches = _heldout_batches(train_cfg, tokenizer, cfg.eval_batches)
+    batches = _heldout_batches(train_cfg, ckpt.run_dir, tokenizer, cfg.eval_batches)
     unquantized = model_from_tensors(_serving_config(train_cfg.model, cfg.dtype, "none"), params)
     ppl_reference, n_tokens = _perplexity(unquantized, batches)
     ppl_bundle, _ = _perplexity(bundle.model(), batches)
@@ -336,16 +337,19 @@ def _quality(
 
 
 def _heldout_batches(
-    train_cfg: TrainConfig, tokenizer: Tokenizer, n: int
+    train_cfg: TrainConfig, run_dir: Path, tokenizer: Tokenizer, n: int
 ) -> list[dict[str, np.ndarray]]:
     """The run's own held-out split, packed exactly as the trainer's eval packs it."""
     _, eval_source = tdata.load_sources(
         train_cfg.data, train_cfg.eval_data, train_cfg.eval_holdout, train_cfg.text_key
     )
+    spec = tdata.tokenizer_spec(train_cfg.tokenizer, train_cfg.init_from, run_dir)
+    encoder = ExampleEncoder(tokenizer, tdata.chat_template(spec))
+    eval_source = tdata.drop_unusable(eval_source, encoder, train_cfg.seq_len)
     batch = min(train_cfg.batch_size, 8)
     it = tdata.PackedBatches(
         eval_source,
-        tokenizer,
+        encoder,
         seq_len=train_cfg.seq_len,
         batch_size=batch,
         rows=range(batch),
