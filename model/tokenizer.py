@@ -192,6 +192,18 @@ class Tokenizer:
         return cls(_with_bos(hf), bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
     @classmethod
+    def tandem_bpe_from_dir(cls, directory: str | Path) -> Tokenizer:
+        """A BPE that `train_bpe` trained and `save` wrote. One cached by a tandem older
+        than the tokenizer conventions has no post-processor, yet was always used with a
+        <bos> in front: it gets the post-processor that says so, so resuming such a run
+        keeps training on the same tokens."""
+        tokenizer = cls.from_dir(directory)
+        if tokenizer.hf.post_processor is None and tokenizer.bos_token == BOS:
+            log.info("%s: a BPE cached before tokenizer conventions: <bos> first", directory)
+            _with_bos(tokenizer.hf)
+        return tokenizer
+
+    @classmethod
     def from_dir(cls, directory: str | Path) -> Tokenizer:
         """A HF tokenizer directory (or a tandem bundle): tokenizer.json, the special-token
         names of tokenizer_config.json, generation_config.json's stop ids, the chat template."""

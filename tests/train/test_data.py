@@ -10,6 +10,7 @@ import pytest
 
 from tandem.model.tokenizer import Tokenizer
 from tandem.train import data as tdata
+from tandem.train.sft import ExampleEncoder
 
 T, B = 32, 4
 
@@ -31,7 +32,13 @@ def sources(docs_dir):
 
 def _batches(src, rows, state=None, n=6, seed=0):
     it = tdata.PackedBatches(
-        src, Tokenizer.byte(), seq_len=T, batch_size=B, rows=rows, seed=seed, state=state
+        src,
+        ExampleEncoder(Tokenizer.byte()),
+        seq_len=T,
+        batch_size=B,
+        rows=rows,
+        seed=seed,
+        state=state,
     )
     return it, [next(it) for _ in range(n)]
 
