@@ -73,7 +73,7 @@ def served(tmp_path_factory):
 
     bundle_dir = import_hf(hf_dir, root / "bundle")
     assert Bundle.load(bundle_dir).tokenizer.bos_id is None
-    cfg = ServeConfig(port=0, max_slots=2, max_len=64, max_prompt_len=32, tensor_parallel=1)
+    cfg = ServeConfig(port=0, max_seqs=2, max_len=64, max_prompt_len=32, tensor_parallel=1)
     engine = JaxEngine.from_bundle(bundle_dir, cfg)
     engine.warmup()
     bg = BackgroundServer(TandemServer(engine, cfg)).start()
