@@ -3,8 +3,8 @@
 CONFIG is a YAML/JSON file of ServeConfig keys; `key=value` overrides one key; every flag
 is another spelling of a key (`--port 1` = `port=1`, `--max-seqs 8` = `max_seqs=8`).
 Loads the bundle, compiles every shape (health reports NOT_SERVING meanwhile), serves
-tandem.v1.Generation on 127.0.0.1 by default, and drains in-flight streams on
-SIGTERM/SIGINT.
+tandem.v1.Generation on 127.0.0.1 by default (and the OpenAI-compatible HTTP API with
+--http-port), and drains in-flight streams on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ FLAGS = (
     Flag("--host", "host", "bind address (default 127.0.0.1)"),
     Flag("--port", "port", "gRPC port (0 = any free port)"),
     Flag("--metrics-port", "metrics_port", "Prometheus /metrics port"),
+    Flag("--http-port", "http_port", "OpenAI-compatible HTTP API port (off unless given)"),
+    Flag("--served-model-name", "served_model_name", "model name in the HTTP API"),
     Flag("--max-seqs", "max_seqs", "concurrent sequences"),
     Flag("--max-slots", "max_seqs", "= --max-seqs (older name)"),
     Flag("--max-len", "max_len", "positions per sequence (prompt + output)"),

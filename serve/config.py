@@ -23,6 +23,8 @@ class ServeConfig:
     host: str = "127.0.0.1"  # bind address
     port: int = 50051  # gRPC port; 0 = any free port
     metrics_port: int | None = None  # Prometheus /metrics; None = off, 0 = any free port
+    http_port: int | None = None  # OpenAI-compatible HTTP API; None = off, 0 = any free port
+    served_model_name: str = ""  # the model's name in the HTTP API; "" = the bundle dir's name
     tls_cert: str = ""  # PEM certificate chain (with tls_key: TLS on)
     tls_key: str = ""  # PEM private key
     token_file: str = ""  # file holding the bearer token clients must send ("" = none)
@@ -61,6 +63,18 @@ class ServeConfig:
             "metrics_port",
             self.metrics_port,
             "null (off) or 0..65535",
+        )
+        require(
+            self.http_port is None or 0 <= self.http_port <= 65535,
+            "http_port",
+            self.http_port,
+            "null (off) or 0..65535",
+        )
+        require(
+            self.served_model_name == self.served_model_name.strip(),
+            "served_model_name",
+            self.served_model_name,
+            "a name without leading or trailing whitespace",
         )
         require(
             bool(self.tls_cert) == bool(self.tls_key),

@@ -1,4 +1,6 @@
 """The gRPC API layer (grpc.aio): translates tandem.v1 messages to orchestrator calls.
+`TandemServer` also runs the OpenAI-compatible HTTP API (serve/http_server.py) on the same
+orchestrator, metrics and health when `http_port` is set.
 
 It owns no scheduling: it validates and converts requests, streams `Output`s back, maps
 errors to status codes, and runs the standard health service (NOT_SERVING until the engine
@@ -35,6 +37,7 @@ from grpc_reflection.v1alpha import reflection
 from tandem.proto.v1 import generate_pb2 as pb
 from tandem.serve.config import ServeConfig
 from tandem.serve.engine_api import Engine
+from tandem.serve.http_server import HttpServer, OpenAIService
 from tandem.serve.metrics import ServeMetrics
 from tandem.serve.orchestrator import Orchestrator, Output, RequestError, merge_outputs
 from tandem.serve.sampling import SamplingParams
@@ -367,6 +370,14 @@ class TandemServer:
         self._server: grpc.aio.Server | None = None
         self.bound_port: int | None = None
         self.bound_metrics_port: int | None = None
+        self.bound_http_port: int | None = None
+        self.http: HttpServer | None = None
+        if cfg.http_port is not None:  # the OpenAI-compatible API on the same orchestrator
+            openai = OpenAIService(
+                self.orch, engine.tokenizer, cfg, max_len=engine.max_len,
+                max_prompt_len=engine.max_prompt_len, metrics=self.metrics, ready=self.ready,
+            )  # fmt: skip
+            self.http = HttpServer(openai, cfg, token=self._token)
         self._warmup_task: asyncio.Task | None = None
 
     async def start(self) -> int:
@@ -394,6 +405,8 @@ class TandemServer:
         self._server = server
         if self.cfg.metrics_port is not None:
             self.bound_metrics_port = self.metrics.serve_http(self.cfg.metrics_port, self.host)
+        if self.http is not None:
+            self.bound_http_port = await self.http.start()
         self._warmup_task = asyncio.create_task(self._warmup())
         log.info("gRPC on %s:%d (warming up)", self.host, self.bound_port)
         return self.bound_port
@@ -413,7 +426,8 @@ class TandemServer:
         await self._warmup_task
 
     async def stop(self, grace: float = 30.0) -> None:
-        """Graceful: NOT_SERVING, no new requests, in-flight streams finish (up to grace)."""
+        """Graceful: NOT_SERVING, no new requests, in-flight streams finish (up to grace).
+        The HTTP listener stays open while draining (503s, /health 503), then closes."""
         if self._server is None:
             return
         for name in _HEALTH_NAMES:
@@ -421,10 +435,13 @@ class TandemServer:
         if self._warmup_task is not None and not self._warmup_task.done():
             with contextlib.suppress(BaseException):
                 await self._warmup_task
+        self.ready.clear()
         loop = asyncio.get_running_loop()
         drained = loop.run_in_executor(None, lambda: self.orch.stop(drain=True, timeout=grace))
         await self._server.stop(grace)
         await drained
+        if self.http is not None:
+            await self.http.stop()
         self.metrics.close()
         self._server = None
         log.info("server stopped")
@@ -478,6 +495,13 @@ class BackgroundServer:
     @property
     def target(self) -> str:
         return f"{self.server.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible API's root, e.g. for `openai.OpenAI(base_url=...)`."""
+        assert self.server.bound_http_port is not None, "started without http_port"
+        scheme = "https" if self.server.cfg.tls_cert else "http"
+        return f"{scheme}://{self.server.host}:{self.server.bound_http_port}/v1"
 
     def stop(self, grace: float = 5.0) -> None:
         if not self._thread.is_alive():

@@ -20,7 +20,8 @@ def tokenizer() -> Tokenizer:
 
 @pytest.fixture
 def make_fake_server(tokenizer, tmp_path) -> Iterator[Callable[..., BackgroundServer]]:
-    """Starts fake-engine servers on free ports; stops them at teardown."""
+    """Starts fake-engine servers on free ports (with `tok`, another tokenizer than the
+    byte one); stops them at teardown."""
     started: list[BackgroundServer] = []
 
     def make(
@@ -28,6 +29,7 @@ def make_fake_server(tokenizer, tmp_path) -> Iterator[Callable[..., BackgroundSe
         cfg: ServeConfig | None = None,
         metrics: bool = False,
         token: str | None = None,
+        tok: Tokenizer | None = None,
         **engine_kw,
     ) -> BackgroundServer:
         cfg = cfg or ServeConfig(max_seqs=4, max_queue=16)
@@ -39,7 +41,7 @@ def make_fake_server(tokenizer, tmp_path) -> Iterator[Callable[..., BackgroundSe
             cfg, port=0, metrics_port=0 if metrics else None, token_file=token_file
         )
         engine_kw.setdefault("max_slots", cfg.max_seqs)
-        engine = FakeEngine(tokenizer, **engine_kw)
+        engine = FakeEngine(tok or tokenizer, **engine_kw)
         server = TandemServer(engine, cfg)
         bg = BackgroundServer(server).start()
         started.append(bg)

@@ -1,0 +1,881 @@
+"""The OpenAI-compatible HTTP API (Starlette on uvicorn), beside gRPC on the same orchestrator.
+
+Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both stream as
+server-sent events with `"stream": true`, ending in `data: [DONE]`), `GET /v1/models`,
+`POST /tokenize` (vLLM's), `GET /health` (200 once warm, 503 while warming up or
+draining) and `GET /metrics` (the replica's Prometheus registry). It is a translation
+layer like the gRPC one: requests become `SamplingParams` submitted to the one
+`Orchestrator`, `Output`s come back over the same batched thread hand-off, and the
+server's `ready` event is its health. `n > 1` is served as n independent submissions
+with seeds seed, seed+1, ... (each a sequence of its own; the prefix cache of the paged
+engine makes their shared prompt nearly free).
+
+Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a
+bad parameter (named in `param`, including unknown fields and parameters whose feature
+tandem does not serve yet), 401 without the bearer token (when one is set; /health and
+/metrics stay open, as for gRPC's health service), 404 for an unknown model or path, 413
+for a body over 4 MiB (gRPC's message limit), 429 when the queue is full, 503 while
+warming up or draining. A client that disconnects cancels its request: its sequences are
+freed within one step, as for gRPC.
+
+Why Starlette and not FastAPI: per request FastAPI's dependency and validation layers cost
+~3x Starlette's (docs/benchmarks.md), and the OpenAI error format needs our own body
+validation anyway. Streamed chunks are written from per-request JSON templates, not
+pydantic models: a chunk is 0.3 us instead of 8 us, which matters at GPU token rates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import hmac
+import json
+import logging
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from tandem.model.tokenizer import Tokenizer
+from tandem.serve import openai_protocol as api
+from tandem.serve.config import ServeConfig
+from tandem.serve.metrics import ServeMetrics
+from tandem.serve.orchestrator import Orchestrator, Output, RequestError, merge_outputs
+from tandem.serve.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 << 20  # gRPC's default message limit: the same requests fit both APIs
+LONG_TEXT = 4096  # characters: longer prompts are tokenized off the event loop
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # answered without the bearer token
+MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI and vLLM floor logprobs here
+
+# RequestError codes (gRPC status names) as HTTP statuses and OpenAI error types.
+_HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,  # the client went away (nginx's code); nobody reads it
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+_ERROR_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "cancelled",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+_GRPC_NAME = {status: name for name, status in _HTTP_STATUS.items()} | {413: "RESOURCE_EXHAUSTED"}
+# The field a ValueError of SamplingParams / the orchestrator names: `field=value is invalid`.
+_FIELD = re.compile(r"^([A-Za-z_]\w*)(?:\[\d+\])?(?:=| is )")
+
+
+class ApiError(Exception):
+    """An answer other than 200: becomes `{"error": {...}}` with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        counted: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.counted = counted  # already in tandem_requests_total (the orchestrator's)
+
+    def response(self) -> Response:
+        body = api.ErrorResponse(
+            error=api.ErrorInfo(
+                message=self.message,
+                type=_ERROR_TYPE.get(self.status, "error"),
+                param=self.param,
+                code=self.code,
+            )
+        )
+        return Response(body.model_dump_json(), self.status, media_type="application/json")
+
+    @classmethod
+    def from_request_error(cls, err: RequestError, *, counted: bool = False) -> ApiError:
+        return cls(
+            _HTTP_STATUS.get(err.code, 500), err.message, code=err.code.lower(), counted=counted
+        )
+
+    def sse(self) -> str:
+        """The error as a server-sent event (a stream whose 200 has already gone out)."""
+        return f"data: {self.response().body.decode()}\n\n"
+
+
+def _bad_value(err: ValueError, renames: dict[str, str]) -> ApiError:
+    """A ValueError naming a field (SamplingParams, the orchestrator) as a 400 naming the
+    API's parameter (`prompt_token_ids` is `prompt`, ...)."""
+    message = str(err)
+    match = _FIELD.match(message)
+    field = match.group(1) if match else None
+    if field in renames:
+        message = renames[field] + message[len(field) :]
+        field = renames[field]
+    return ApiError(400, message, param=field, code="invalid_value")
+
+
+def _validation_error(err: pydantic.ValidationError) -> ApiError:
+    """pydantic's first complaint, naming the parameter as a JSON path (`messages[0].role`)."""
+    first = err.errors(include_url=False)[0]
+    param = ""
+    for part in first["loc"]:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif not param.endswith("]") and part in ("str", "list[str]", "list[int]", "none"):
+            continue  # which member of a union pydantic tried: not a field
+        else:
+            param += f".{part}" if param else str(part)
+    if first["type"] == "json_invalid":
+        return ApiError(400, f"request body is not valid JSON: {first['msg']}", code="invalid_json")
+    if first["type"] == "extra_forbidden":
+        return ApiError(
+            400,
+            f"{param} is an unknown parameter (tandem serves OpenAI's parameters and vLLM's "
+            "top_k, ignore_eos, stop_token_ids, chat_template_kwargs, add_generation_prompt)",
+            param=param,
+            code="unknown_parameter",
+        )
+    value = first.get("input")
+    shown = f"={value!r:.80}" if param and not isinstance(value, dict) else ""
+    return ApiError(
+        400, f"{param or 'body'}{shown} is invalid: {first['msg']}", param=param or None,
+        code="invalid_value",
+    )  # fmt: skip
+
+
+def _not_yet(req: api.CompletionRequest | api.ChatCompletionRequest) -> None:
+    """Refuses a parameter whose feature tandem does not serve yet, unless it is off."""
+    for name, off in api.NOT_YET.items():
+        value = getattr(req, name, off)
+        if value == off or (off is None and not value):
+            continue  # None, [] and {} all mean "not used"
+        if name == "response_format" and value.type == "text":
+            continue
+        shown = value.model_dump() if isinstance(value, pydantic.BaseModel) else value
+        raise ApiError(
+            400,
+            f"{name}={shown!r} is not supported yet (the device sampler gains it with the "
+            f"paged engine); leave it at {off!r}",
+            param=name,
+            code="not_supported_yet",
+        )
+    best_of = getattr(req, "best_of", None)
+    if best_of is not None and best_of != req.n:
+        raise ApiError(
+            400,
+            f"best_of={best_of} is not supported yet: only best_of == n ({req.n}), which "
+            "returns every sequence",
+            param="best_of",
+            code="not_supported_yet",
+        )
+
+
+class _Handoff:
+    """Orchestrator thread -> event loop: the outputs of one step for many streams cross
+    with ONE wake-up (a parked list drained by one scheduled callback), as in the gRPC
+    layer; a wake-up per token and stream would cost more than the token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pending: list[tuple[asyncio.Queue, Any]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, index: int, out: Output) -> None:
+        with self._lock:
+            self._pending.append((queue, (index, out)))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._scheduled = False
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
+@dataclasses.dataclass
+class _Run:
+    """The sequences of one HTTP request (prompts x n) and the queue their outputs reach
+    as (choice index, Output)."""
+
+    prompts: list[list[int]]
+    n: int
+    queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+    handles: list[Any] = dataclasses.field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.prompts) * self.n
+
+    def cancel(self) -> None:
+        for handle in self.handles:
+            handle.cancel()
+
+
+@dataclasses.dataclass
+class _Choices:
+    """Accumulates each choice's outputs; the usage of the whole request."""
+
+    run: _Run
+    outputs: list[list[Output]] = dataclasses.field(default_factory=list)
+    finished: int = 0
+
+    def __post_init__(self) -> None:
+        self.outputs = [[] for _ in range(self.run.size)]
+
+    def usage(self) -> api.Usage:
+        finals = [outs[-1] if outs else Output() for outs in self.outputs]
+        prompt = sum(len(p) for p in self.run.prompts)
+        completion = sum(o.completion_tokens for o in finals)
+        # the prompt counted once per prompt, so its cached part too (the first choice's)
+        cached = sum(_cached(finals[p * self.run.n]) for p in range(len(self.run.prompts)))
+        return api.Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=api.PromptTokensDetails(cached_tokens=cached),
+        )
+
+
+def _cached(out: Output) -> int:
+    """Prompt tokens the engine found in its prefix cache (0 until the engine reports it:
+    the paged engine's `Output.cached_prompt_tokens`)."""
+    return getattr(out, "cached_prompt_tokens", 0)
+
+
+class _Templates:
+    """One request's streamed chunks as JSON text around the parts that change, so a chunk
+    costs a string join instead of a model build and dump (see the module docstring)."""
+
+    def __init__(self, kind: str, rid: str, created: int, model: str, include_usage: bool):
+        obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
+        self.envelope = (
+            f'data: {{"id":{json.dumps(rid)},"object":"{obj}","created":{created},'
+            f'"model":{json.dumps(model)},"choices":'
+        )
+        self.head = self.envelope + '[{"index":'
+        self.include_usage = include_usage  # OpenAI: then every chunk has "usage": null
+        self.tail = ',"usage":null}\n\n' if include_usage else "}\n\n"
+        self.chat = kind == "chat"
+
+    def chunk(self, index: int, text: str, logprobs: Any, finish: str) -> str:
+        reason = f'"{finish}"' if finish else "null"
+        lp = "null" if logprobs is None else logprobs.model_dump_json()
+        body = (
+            f'"delta":{{"content":{json.dumps(text)}}}'
+            if self.chat
+            else f'"text":{json.dumps(text)}'
+        )
+        return f'{self.head}{index},{body},"logprobs":{lp},"finish_reason":{reason}}}]{self.tail}'
+
+    def usage(self, usage: api.Usage) -> str:
+        """The last chunk with `stream_options.include_usage`: no choices, the usage."""
+        return f'{self.envelope}[],"usage":{usage.model_dump_json()}}}\n\n'
+
+    def role(self, index: int) -> str:
+        return (
+            f'{self.head}{index},"delta":{{"role":"assistant","content":""}},'
+            f'"logprobs":null,"finish_reason":null}}]{self.tail}'
+        )
+
+
+class OpenAIService:
+    """The handlers of the OpenAI-compatible API over one orchestrator."""
+
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        tokenizer: Tokenizer,
+        cfg: ServeConfig,
+        *,
+        max_len: int,
+        max_prompt_len: int,
+        metrics: ServeMetrics | None,
+        ready: threading.Event,
+    ) -> None:
+        self.orch = orchestrator
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.max_len = max_len
+        self.max_prompt_len = max_prompt_len
+        self.metrics = metrics
+        self.ready = ready
+        self.model_name = served_model_name(cfg)
+        self.created = int(time.time())
+        self._handoff: _Handoff | None = None  # bound to the event loop by `bind`
+        self._token_text: dict[int, str] = {}
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._handoff = _Handoff(loop)
+
+    # ---- request parsing ----------------------------------------------------------------
+
+    async def _body(self, request: Request, model: type[pydantic.BaseModel]) -> Any:
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total <= MAX_BODY_BYTES:
+                chunks.append(chunk)
+            elif total > 16 * MAX_BODY_BYTES:
+                break  # stop reading: the connection closes after the answer
+        if total > MAX_BODY_BYTES:
+            # an oversized body is read (not kept) before answering: a client that sends
+            # all of it first, as most do, then gets the 413 instead of a reset connection
+            raise ApiError(413, f"request body exceeds {MAX_BODY_BYTES} bytes",
+                           code="request_too_large")  # fmt: skip
+        try:
+            return model.model_validate_json(b"".join(chunks))
+        except pydantic.ValidationError as err:
+            raise _validation_error(err) from None
+
+    def _check_ready(self) -> None:
+        if not self.ready.is_set():
+            raise ApiError(503, "model is warming up or the server is draining; retry shortly",
+                           code="unavailable")  # fmt: skip
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(
+                404,
+                f"model {model!r} does not exist: this server serves {self.model_name!r} "
+                "(GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def _encode(self, text: str, *, add_special_tokens: bool, param: str) -> list[int]:
+        if len(text) > 64 * self.max_prompt_len + 1024:
+            raise ApiError(
+                400,
+                f"{param} is invalid: {len(text)} characters cannot fit in max_prompt_len "
+                f"{self.max_prompt_len} tokens",
+                param=param,
+                code="invalid_value",
+            )
+        encode = functools.partial(
+            self.tokenizer.encode, text, add_special_tokens=add_special_tokens
+        )
+        if len(text) <= LONG_TEXT:
+            return encode()
+        return await asyncio.get_running_loop().run_in_executor(None, encode)
+
+    async def _chat_prompt(
+        self,
+        messages: Sequence[api.ChatMessage],
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any] | None,
+    ) -> list[int]:
+        """The conversation as the model's chat template renders it, tokenized without
+        special tokens (the template writes them), as transformers' apply_chat_template."""
+        template = self.tokenizer.chat_template
+        if template is None:
+            raise ApiError(
+                400,
+                f"model {self.model_name!r} has no chat template (its bundle has neither "
+                "chat_template.jinja nor tokenizer_config.json's chat_template): use "
+                "/v1/completions",
+                param="messages",
+                code="no_chat_template",
+            )
+        chat = []
+        for m in messages:
+            message = m.model_dump(exclude_none=True)
+            if isinstance(m.content, list):
+                message["content"] = "\n".join(part.text for part in m.content)
+            chat.append(message)
+        try:
+            text = template.render(
+                chat, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
+            )
+        except ValueError as err:
+            raise ApiError(
+                400, f"messages: {err}", param="messages", code="invalid_value"
+            ) from None
+        return await self._encode(text, add_special_tokens=False, param="messages")
+
+    def _plan(
+        self,
+        prompts: list[list[int]],
+        req: api.CompletionRequest | api.ChatCompletionRequest,
+        *,
+        max_tokens: int | None,
+        logprobs: int | None,
+        renames: dict[str, str],
+    ) -> list[tuple[list[int], SamplingParams]]:
+        """One (prompt ids, SamplingParams) per choice, every one validated against the
+        served model before any is submitted."""
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "stream_options is only allowed with stream=true",
+                           param="stream_options", code="invalid_value")  # fmt: skip
+        if len(prompts) * req.n > self.cfg.max_queue:
+            raise ApiError(
+                400,
+                f"n={req.n} is invalid: prompts ({len(prompts)}) x n must be <= max_queue "
+                f"({self.cfg.max_queue}), each choice is a sequence of its own",
+                param="n",
+                code="invalid_value",
+            )
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        plan = []
+        for ids in prompts:
+            for j in range(req.n):
+                fields = {
+                    "max_tokens": max_tokens or 0,
+                    "temperature": req.temperature,
+                    "top_k": max(req.top_k, 0),
+                    "top_p": req.top_p,
+                    # seed, seed+1, ...: bit-identical 64-bit patterns to what gRPC takes
+                    "seed": None if req.seed is None else (req.seed + j) % 2**64,
+                    "stop": stop,
+                    "stop_token_ids": tuple(req.stop_token_ids or ()),
+                    # logprobs 0 means "the chosen token's only": the engine's 1, top dropped
+                    "logprobs": 0 if logprobs is None else max(logprobs, 1),
+                    "ignore_eos": req.ignore_eos,
+                }
+                try:
+                    params = self.orch.default_params(len(ids), **fields)
+                    self.orch.validate(ids, params)
+                except ValueError as err:
+                    raise _bad_value(err, renames) from None
+                plan.append((ids, params))
+        return plan
+
+    def _submit(self, prompts: list[list[int]], n: int, plan: list) -> _Run:
+        assert self._handoff is not None, "bind() to the event loop first"
+        run = _Run(prompts, n)
+        try:
+            for i, (ids, params) in enumerate(plan):
+                sink = functools.partial(self._handoff.put, run.queue, i)
+                run.handles.append(self.orch.submit(ids, params, sink))
+        except ValueError as err:
+            run.cancel()
+            raise _bad_value(err, {}) from None
+        except RequestError as err:
+            run.cancel()
+            raise ApiError.from_request_error(err) from None
+        return run
+
+    # ---- token strings and logprobs ----------------------------------------------------
+
+    def token_text(self, token: int) -> str:
+        """A token's own text (special tokens spelled out), as OpenAI's logprobs show it."""
+        text = self._token_text.get(token)
+        if text is None:
+            text = self.tokenizer.hf.decode([token], skip_special_tokens=False)
+            self._token_text[token] = text
+        return text
+
+    def completion_logprobs(self, out: Output, top: int, offset: int) -> api.CompletionLogprobs:
+        lp = api.CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
+        for st in out.logprobs:
+            token = self.token_text(st.token)
+            lp.text_offset.append(offset)
+            offset += len(token)
+            lp.tokens.append(token)
+            lp.token_logprobs.append(max(st.logprob, MIN_LOGPROB))
+            # OpenAI: the top `logprobs` alternatives plus the sampled token
+            alts = {token: max(st.logprob, MIN_LOGPROB)}
+            for t, v in st.top[:top]:
+                alts.setdefault(self.token_text(t), max(v, MIN_LOGPROB))
+            lp.top_logprobs.append(alts)
+        return lp
+
+    def chat_logprobs(self, out: Output, top: int) -> api.ChatLogprobs:
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self.token_text(token)
+            return {"token": text, "logprob": max(logprob, MIN_LOGPROB),
+                    "bytes": list(text.encode("utf-8", errors="replace"))}  # fmt: skip
+
+        return api.ChatLogprobs(
+            content=[
+                api.TokenLogprob(
+                    **entry(st.token, st.logprob),
+                    top_logprobs=[api.TopLogprob(**entry(t, v)) for t, v in st.top[:top]],
+                )
+                for st in out.logprobs
+            ]
+        )
+
+    # ---- collecting outputs -------------------------------------------------------------
+
+    async def _gather(self, run: _Run) -> _Choices:
+        """Every choice's outputs until each is final; an error ends the request."""
+        choices = _Choices(run)
+        while choices.finished < run.size:
+            i, out = await run.queue.get()
+            if out.error is not None:
+                raise ApiError.from_request_error(out.error, counted=True)
+            choices.outputs[i].append(out)
+            choices.finished += out.final
+        return choices
+
+    async def _collect(self, run: _Run, request: Request) -> _Choices:
+        """`_gather`, or a cancel of every sequence if the client disconnects first."""
+        gather = asyncio.ensure_future(self._gather(run))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({gather, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not gather.done():
+                gather.cancel()
+                run.cancel()
+        if not gather.done():
+            raise ApiError(499, "client disconnected", code="cancelled")
+        try:
+            return gather.result()
+        except ApiError:
+            run.cancel()
+            raise
+
+    async def _events(
+        self,
+        run: _Run,
+        templates: _Templates,
+        render: Callable[[int, Output], str],
+    ) -> AsyncIterator[str]:
+        """The server-sent events of a streamed request: the outputs waiting for it merged
+        per choice into one chunk each (a slow reader gets fewer, larger chunks), then the
+        usage chunk if asked, then `[DONE]`. Leaving early (disconnect) cancels the rest."""
+        choices = _Choices(run)
+        try:
+            if templates.chat:
+                yield "".join(templates.role(i) for i in range(run.size))
+            while choices.finished < run.size:
+                items = [await run.queue.get()]
+                while not run.queue.empty():
+                    items.append(run.queue.get_nowait())
+                grouped: dict[int, list[Output]] = {}
+                for i, out in items:
+                    grouped.setdefault(i, []).append(out)
+                events, error = [], None
+                for i, outs in grouped.items():
+                    if outs[-1].error is not None:
+                        error = outs.pop().error
+                    if outs:
+                        out = merge_outputs(outs)
+                        choices.outputs[i].append(out)
+                        choices.finished += out.final
+                        if out.text or out.finish_reason or out.logprobs:
+                            events.append(render(i, out))
+                if error is not None:
+                    events.append(ApiError.from_request_error(error, counted=True).sse())
+                    yield "".join(events) + "data: [DONE]\n\n"
+                    return
+                if events:
+                    yield "".join(events)
+            usage = templates.usage(choices.usage()) if templates.include_usage else ""
+            yield usage + "data: [DONE]\n\n"
+        finally:
+            if choices.finished < run.size:
+                run.cancel()
+
+    # ---- endpoints ----------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        self._check_ready()
+        req = await self._body(request, api.CompletionRequest)
+        self._check_model(req.model)
+        _not_yet(req)
+        prompt = req.prompt
+        if prompt == "" or (isinstance(prompt, list) and "" in prompt):
+            raise ApiError(400, "prompt is invalid: it is empty", param="prompt",
+                           code="invalid_value")  # fmt: skip
+        if isinstance(prompt, str):
+            prompts = [await self._encode(prompt, add_special_tokens=True, param="prompt")]
+        elif prompt and isinstance(prompt[0], str):
+            prompts = [
+                await self._encode(p, add_special_tokens=True, param="prompt") for p in prompt
+            ]
+        elif prompt and isinstance(prompt[0], list):
+            prompts = [list(p) for p in prompt]
+        else:
+            prompts = [list(prompt)]
+        plan = self._plan(
+            prompts, req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+            renames={"prompt_token_ids": "prompt"},
+        )  # fmt: skip
+        run = self._submit(prompts, req.n, plan)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        top = req.logprobs or 0
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            templates = _Templates("completion", rid, created, self.model_name, include_usage)
+            offsets = [0] * run.size
+
+            def render(i: int, out: Output) -> str:
+                lp = None
+                if req.logprobs is not None:
+                    lp = self.completion_logprobs(out, top, offsets[i])
+                offsets[i] += len(out.text)
+                return templates.chunk(i, out.text, lp, out.finish_reason)
+
+            return _sse(self._events(run, templates, render))
+        choices = await self._collect(run, request)
+        body = api.CompletionResponse(
+            id=rid,
+            created=created,
+            model=self.model_name,
+            choices=[
+                api.CompletionChoice(
+                    index=i,
+                    text=out.text,
+                    logprobs=None
+                    if req.logprobs is None
+                    else self.completion_logprobs(out, top, 0),
+                    finish_reason=out.finish_reason,
+                )
+                for i, out in enumerate(merge_outputs(outs) for outs in choices.outputs)
+            ],
+            usage=choices.usage(),
+        )
+        return _json(body)
+
+    async def chat_completions(self, request: Request) -> Response:
+        self._check_ready()
+        req = await self._body(request, api.ChatCompletionRequest)
+        self._check_model(req.model)
+        _not_yet(req)
+        if req.top_logprobs and not req.logprobs:
+            raise ApiError(400, "top_logprobs is only allowed with logprobs=true",
+                           param="top_logprobs", code="invalid_value")  # fmt: skip
+        ids = await self._chat_prompt(
+            req.messages, req.add_generation_prompt, req.chat_template_kwargs
+        )
+        top = req.top_logprobs or 0
+        plan = self._plan(
+            [ids], req,
+            max_tokens=req.max_completion_tokens or req.max_tokens,
+            logprobs=top if req.logprobs else None,
+            renames={"prompt_token_ids": "messages", "prompt": "messages",
+                     "logprobs": "top_logprobs"},
+        )  # fmt: skip
+        run = self._submit([ids], req.n, plan)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            templates = _Templates("chat", rid, created, self.model_name, include_usage)
+
+            def render(i: int, out: Output) -> str:
+                lp = self.chat_logprobs(out, top) if req.logprobs else None
+                return templates.chunk(i, out.text, lp, out.finish_reason)
+
+            return _sse(self._events(run, templates, render))
+        choices = await self._collect(run, request)
+        body = api.ChatCompletionResponse(
+            id=rid,
+            created=created,
+            model=self.model_name,
+            choices=[
+                api.ChatChoice(
+                    index=i,
+                    message=api.AssistantMessage(content=out.text),
+                    logprobs=self.chat_logprobs(out, top) if req.logprobs else None,
+                    finish_reason=out.finish_reason,
+                )
+                for i, out in enumerate(merge_outputs(outs) for outs in choices.outputs)
+            ],
+            usage=choices.usage(),
+        )
+        return _json(body)
+
+    async def models(self, request: Request) -> Response:
+        card = api.ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_len)
+        return _json(api.ModelList(data=[card]))
+
+    async def tokenize(self, request: Request) -> Response:
+        req = await self._body(request, api.TokenizeRequest)
+        self._check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "prompt is invalid: set prompt or messages, not both",
+                           param="prompt", code="invalid_value")  # fmt: skip
+        if req.messages is not None:
+            ids = await self._chat_prompt(
+                req.messages, req.add_generation_prompt, req.chat_template_kwargs
+            )
+        else:
+            ids = await self._encode(
+                req.prompt, add_special_tokens=req.add_special_tokens, param="prompt"
+            )
+        return _json(api.TokenizeResponse(count=len(ids), max_model_len=self.max_len, tokens=ids))
+
+    async def health(self, request: Request) -> Response:
+        if self.ready.is_set():
+            return Response(b"", 200)
+        return ApiError(503, "warming up or draining", code="unavailable").response()
+
+    async def prometheus(self, request: Request) -> Response:
+        if self.metrics is None:
+            return ApiError(404, "metrics are off", code="not_found").response()
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def served_model_name(cfg: ServeConfig) -> str:
+    """`served_model_name`, else the bundle directory's name, else "tandem"."""
+    if cfg.served_model_name:
+        return cfg.served_model_name
+    return Path(cfg.bundle).resolve().name if cfg.bundle else "tandem"
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the request body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _json(body: pydantic.BaseModel) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"cache-control": "no-cache"}
+    )
+
+
+def _endpoint(
+    handler: Callable[[Request], Awaitable[Response]], metrics: ServeMetrics | None, counted: bool
+) -> Callable[[Request], Awaitable[Response]]:
+    """Turns an ApiError into its response; a generation endpoint's rejections are counted
+    in tandem_requests_total under the gRPC status name, as gRPC's are."""
+
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ClientDisconnect:
+            return Response(status_code=499)  # hung up while sending the body
+        except ApiError as err:
+            if counted and metrics is not None and not err.counted and err.status != 499:
+                metrics.count_request(_GRPC_NAME.get(err.status, "UNKNOWN"))
+            return err.response()
+
+    return run
+
+
+class _BearerToken:
+    """ASGI middleware: `Authorization: Bearer <token>` on every path but OPEN_PATHS (the
+    `openai` SDK sends its api_key this way)."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                response = ApiError(401, "missing or wrong bearer token", code="invalid_api_key")
+                await response.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(service: OpenAIService, token: str | None = None) -> Any:
+    """The ASGI app: routes, OpenAI-shaped errors for unknown paths, optional token."""
+    m = service.metrics
+    routes = [
+        Route("/v1/completions", _endpoint(service.completions, m, True), methods=["POST"]),
+        Route("/v1/chat/completions", _endpoint(service.chat_completions, m, True),
+              methods=["POST"]),
+        Route("/v1/models", _endpoint(service.models, m, False), methods=["GET"]),
+        Route("/tokenize", _endpoint(service.tokenize, m, False), methods=["POST"]),
+        Route("/health", service.health, methods=["GET"]),
+        Route("/metrics", service.prometheus, methods=["GET"]),
+    ]  # fmt: skip
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        detail = getattr(exc, "detail", str(exc))
+        return ApiError(status, f"{request.method} {request.url.path}: {detail}").response()
+
+    app: Any = Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})
+    return _BearerToken(app, token) if token else app
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own SIGINT/SIGTERM handlers: `tandem serve` drains on those
+    signals itself (serve_until_signal), and only then closes the HTTP listener."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpServer:
+    """uvicorn serving the app on the caller's event loop (the gRPC server's), on a socket
+    bound here so a taken port is an OSError at start-up."""
+
+    def __init__(self, service: OpenAIService, cfg: ServeConfig, *, token: str | None) -> None:
+        assert cfg.http_port is not None
+        self.service = service
+        self.cfg = cfg
+        self._config = uvicorn.Config(
+            build_app(service, token),
+            lifespan="off",  # no startup hooks: the TandemServer owns the lifecycle
+            log_config=None,  # tandem.cli configures logging; uvicorn must not replace it
+            access_log=False,
+            ws="none",
+            ssl_certfile=cfg.tls_cert or None,
+            ssl_keyfile=cfg.tls_key or None,
+            timeout_graceful_shutdown=5,  # after the drain: only the last bytes to send
+        )
+        self._server = _Uvicorn(self._config)
+        self._task: asyncio.Task | None = None
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        host, port = self.cfg.host, self.cfg.http_port
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.create_server((host, port), family=family)
+        self.port = sock.getsockname()[1]
+        self.service.bind(asyncio.get_running_loop())
+        self._config.load()  # TLS files are read here: a bad one fails start()
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise OSError(f"HTTP server on {host}:{self.port} did not start")
+            await asyncio.sleep(0.005)
+        scheme = "https" if self.cfg.tls_cert else "http"
+        log.info("OpenAI-compatible HTTP on %s://%s:%d", scheme, host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        """Closes the listener and waits (5 s at most) for responses still being sent."""
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
+        self._task = None

@@ -1,0 +1,583 @@
+"""The OpenAI-compatible HTTP API over real sockets on 127.0.0.1, driven by the official
+`openai` client (and raw HTTP where the client cannot send the request), with the fake
+engine behind it: completions, chat, streaming, n, logprobs, errors, disconnects."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import random
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from tandem.model.tokenizer import Tokenizer
+from tandem.serve import openai_protocol
+from tandem.serve.config import ServeConfig
+from tests.model.hf_tokenizers import build_tokenizer_dir
+
+MAX_PROMPT = 64  # FakeEngine default max_prompt_len
+MAX_LEN = 128
+CFG = ServeConfig(max_seqs=4, max_queue=16, http_port=0)
+CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Hello, how are you?"},
+]
+
+
+def _url(bg, path: str) -> str:
+    return bg.base_url.removesuffix("/v1") + path
+
+
+def _post(bg, path: str, body: dict | bytes, headers: dict | None = None) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(
+        _url(bg, path), data=data, headers={"content-type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def _get(bg, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(_url(bg, path), timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _client(bg, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=bg.base_url, api_key=kw.pop("api_key", "none"),
+                         max_retries=0, timeout=30, **kw)  # fmt: skip
+
+
+def _wait(cond, limit: float = 5.0) -> bool:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+def _idle(bg) -> bool:
+    orch = bg.server.orch
+    return _wait(lambda: orch.active_slots == 0 and orch.queue_depth == 0)
+
+
+@pytest.fixture
+def server(make_fake_server):
+    return make_fake_server(cfg=CFG, metrics=True)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory) -> tuple[Tokenizer, Path]:
+    """A Qwen2.5-style tokenizer (ChatML template, no BOS, two stop ids) and its directory."""
+    path = build_tokenizer_dir("qwen2.5", tmp_path_factory.mktemp("qwen"))
+    return Tokenizer.from_dir(path), path
+
+
+# ---- completions ----------------------------------------------------------------------
+
+
+def test_completions_text_usage_stop_and_batches(server, tokenizer) -> None:
+    client = _client(server)
+    (card,) = client.models.list().data
+    assert (card.id, card.owned_by, card.model_extra["max_model_len"]) == ("tandem", "tandem", 128)
+    r = client.completions.create(model="tandem", prompt="héllo STOP world", stop="STOP")
+    (choice,) = r.choices
+    assert (choice.text, choice.finish_reason, choice.index) == ("héllo ", "stop", 0)
+    assert r.object == "text_completion" and r.model == "tandem" and r.id.startswith("cmpl-")
+    prompt_tokens = len(tokenizer.encode("héllo STOP world"))
+    assert r.usage.prompt_tokens == prompt_tokens
+    assert r.usage.completion_tokens == len(
+        tokenizer.encode("héllo STOP", add_special_tokens=False)
+    )
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    r = client.completions.create(model="tandem", prompt="abcdef", max_tokens=3)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == ("abc", "length")
+    assert r.usage.completion_tokens == 3
+    # the model's own stop: the echo ends with <eos>, which is never text
+    r = client.completions.create(model="tandem", prompt="xyz")
+    assert (r.choices[0].text, r.choices[0].finish_reason) == ("xyz", "stop")
+    # ignore_eos (vLLM extension): runs through <eos> to max_tokens
+    r = client.completions.create(prompt="xy", model="tandem", max_tokens=5,
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    # token-id prompts, and batches of texts or of id lists: choices in prompt order
+    ids = tokenizer.encode("ids!", add_special_tokens=False)
+    assert client.completions.create(model="tandem", prompt=ids).choices[0].text == "ids!"
+    r = client.completions.create(model="tandem", prompt=["one", "two", "three"])
+    assert [c.text for c in r.choices] == ["one", "two", "three"]
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert r.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in ["one", "two", "three"])
+    r = client.completions.create(model="tandem", prompt=[ids, ids[:2]])
+    assert [c.text for c in r.choices] == ["ids!", "id"]
+    assert _idle(server)
+
+
+def test_completions_stream_matches_unary_with_usage(server) -> None:
+    client = _client(server)
+    prompt = "stream me, then stop here STOP never"
+    full = client.completions.create(model="tandem", prompt=prompt, stop=["STOP"])
+    chunks = list(client.completions.create(model="tandem", prompt=prompt, stop=["STOP"],
+                                            stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1 and all(c.usage is None for c in chunks)
+    chunks = list(client.completions.create(model="tandem", prompt=prompt, stop=["STOP"],
+                                            stream=True,
+                                            stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_is_server_sent_events_ending_in_done(server) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.server.bound_http_port, timeout=10)
+    body = {
+        "model": "tandem",
+        "prompt": "sse",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
+    events = resp.read().decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert "".join(p["choices"][0]["text"] for p in payloads[:-1]) == "sse"
+    assert payloads[-1]["usage"]["completion_tokens"] == 4  # s, s, e, <eos>
+    conn.close()
+
+
+def test_completion_logprobs(server, tokenizer) -> None:
+    client = _client(server)
+    r = client.completions.create(model="tandem", prompt="abc", logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == ["a", "b", "c", "<eos>"]  # special tokens spelled out, as OpenAI
+    assert lp.text_offset == [0, 1, 2, 3]
+    assert lp.token_logprobs == [-0.5] * 4  # the fake engine's
+    # the 2 alternatives (fake: token, token+1 at -0.5, -1.5) plus the sampled token
+    assert lp.top_logprobs[0] == {"a": -0.5, "b": -1.5}
+    r = client.completions.create(model="tandem", prompt="ab", logprobs=0)
+    assert r.choices[0].logprobs.top_logprobs == [{"a": -0.5}, {"b": -0.5}, {"<eos>": -0.5}]
+    assert client.completions.create(model="tandem", prompt="ab").choices[0].logprobs is None
+    chunks = list(client.completions.create(model="tandem", prompt="abc", logprobs=1, stream=True))
+    tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+    offsets = [t for c in chunks for t in c.choices[0].logprobs.text_offset]
+    assert tokens == ["a", "b", "c", "<eos>"] and offsets == [0, 1, 2, 3]
+
+
+def test_n_choices_get_seeds_seed_plus_i(server, monkeypatch) -> None:
+    orch = server.server.orch
+    seeds = []
+    submit = orch.submit
+
+    def recording_submit(prompt_ids, params, sink, **kw):
+        seeds.append(params.seed)
+        return submit(prompt_ids, params, sink, **kw)
+
+    monkeypatch.setattr(orch, "submit", recording_submit)
+    client = _client(server)
+    r = client.completions.create(model="tandem", prompt="nnn", n=3, seed=7, temperature=0.8)
+    assert [c.index for c in r.choices] == [0, 1, 2] and {c.text for c in r.choices} == {"nnn"}
+    assert seeds == [7, 8, 9]
+    assert r.usage.prompt_tokens == 4 and r.usage.completion_tokens == 3 * 4
+    seeds.clear()
+    r = client.completions.create(model="tandem", prompt=["a", "b"], n=2, seed=-1)
+    assert [c.text for c in r.choices] == ["a", "a", "b", "b"]
+    assert seeds == [2**64 - 1, 0, 2**64 - 1, 0]  # seed + i as 64-bit patterns (-1 is all ones)
+    chunks = list(client.completions.create(model="tandem", prompt="zz", n=2, stream=True))
+    for i in range(2):
+        assert "".join(c.choices[0].text for c in chunks if c.choices[0].index == i) == "zz"
+    assert _idle(server)
+
+
+# ---- chat -----------------------------------------------------------------------------
+
+
+def test_chat_prompt_is_transformers_template_and_stops_at_model_stop_ids(
+    make_fake_server, qwen
+) -> None:
+    import transformers
+
+    tok, path = qwen
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    answer = tok.encode("Fine, thanks!", add_special_tokens=False)
+    endoftext = tok.hf.token_to_id("<|endoftext|>")  # a generation_config stop id, not EOS
+    assert endoftext != tok.eos_id and endoftext in tok.stop_ids
+    prompts = []
+
+    def script(prompt, index):
+        if index == 0:
+            prompts.append(list(prompt))
+        return [*answer, endoftext][index] if index <= len(answer) else tok.eos_id
+
+    bg = make_fake_server(cfg=CFG, tok=tok, script=script)
+    client = _client(bg)
+    r = client.chat.completions.create(model="tandem", messages=CHAT)
+    expected = hf.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert prompts == [expected]
+    (choice,) = r.choices
+    assert choice.message.role == "assistant" and choice.message.content == "Fine, thanks!"
+    assert choice.finish_reason == "stop" and r.object == "chat.completion"
+    assert r.usage.prompt_tokens == len(expected)
+    assert r.usage.completion_tokens == len(answer) + 1
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    # /tokenize renders the same prompt; text parts are joined as one content string
+    status, body = _post(bg, "/tokenize", {"messages": CHAT})
+    assert status == 200 and body["tokens"] == expected and body["count"] == len(expected)
+    parts = [CHAT[0], {"role": "user", "content": [{"type": "text", "text": CHAT[1]["content"]}]}]
+    assert _post(bg, "/tokenize", {"messages": parts})[1]["tokens"] == expected
+    status, body = _post(bg, "/tokenize", {"prompt": "Hello", "add_special_tokens": False})
+    assert body["tokens"] == hf("Hello", add_special_tokens=False)["input_ids"]
+    # streaming: a role chunk first, then content deltas, finish_reason on the last
+    chunks = list(client.chat.completions.create(model="tandem", messages=CHAT, stream=True,
+                                                 stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Fine, thanks!" and chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].usage.completion_tokens == len(answer) + 1
+    # logprobs: the chosen token and top_logprobs alternatives, with their UTF-8 bytes
+    r = client.chat.completions.create(model="tandem", messages=CHAT, logprobs=True,
+                                       top_logprobs=2, max_completion_tokens=3)  # fmt: skip
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [tok.hf.decode([t]) for t in answer[:3]]
+    assert all(c.bytes == list(c.token.encode()) and len(c.top_logprobs) == 2 for c in content)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    r = client.chat.completions.create(model="tandem", messages=CHAT, n=2)
+    assert [c.message.content for c in r.choices] == ["Fine, thanks!"] * 2
+    assert _idle(bg)
+
+
+def test_chat_without_template_is_a_clear_400(server) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        _client(server).chat.completions.create(model="tandem", messages=CHAT)
+    assert err.value.body["param"] == "messages" and "chat template" in err.value.body["message"]
+    assert err.value.body["code"] == "no_chat_template"
+
+
+# ---- errors ---------------------------------------------------------------------------
+
+
+def _raw(text: str) -> bytes:
+    return text.encode()
+
+
+C, CH = "/v1/completions", "/v1/chat/completions"
+BAD_REQUESTS = [
+    # (id, path, body, HTTP status, param the error must name); the gRPC table's rows first
+    ("empty_prompt", C, {"prompt": ""}, 400, "prompt"),
+    ("empty_ids", C, {"prompt": []}, 400, "prompt"),
+    ("invalid_utf8", C, b'{"prompt": "a\xc3("}', 400, None),
+    ("garbage_bytes", C, b"\xff\xff\xff\xff", 400, None),
+    ("unknown_field", C, {"prompt": "hi", "bogus": 1}, 400, "bogus"),
+    ("max_tokens_negative", C, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ("max_tokens_zero", C, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens_huge", C, {"prompt": "hi", "max_tokens": 2**31 - 1}, 400, "max_tokens"),
+    ("max_tokens_past_ctx", C, {"prompt": "hi", "max_tokens": MAX_LEN - 2}, 400, "max_tokens"),
+    ("temperature_negative", C, {"prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ("temperature_nan", C, _raw('{"prompt": "hi", "temperature": NaN}'), 400, "temperature"),
+    ("temperature_inf", C, _raw('{"prompt": "hi", "temperature": Infinity}'), 400, "temperature"),
+    ("temperature_text", C, {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ("top_p_zero", C, {"prompt": "hi", "top_p": 0.0}, 400, "top_p"),
+    ("top_p_above_one", C, {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ("top_p_negative", C, {"prompt": "hi", "top_p": -0.1}, 400, "top_p"),
+    ("top_p_nan", C, _raw('{"prompt": "hi", "top_p": NaN}'), 400, "top_p"),
+    ("top_k_negative", C, {"prompt": "hi", "top_k": -3}, 400, "top_k"),
+    ("top_k_above_vocab", C, {"prompt": "hi", "top_k": 100000}, 400, "top_k"),
+    ("logprobs_negative", C, {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
+    ("logprobs_too_many", C, {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    ("stop_empty_string", C, {"prompt": "hi", "stop": ""}, 400, "stop"),
+    ("stop_one_empty", C, {"prompt": "hi", "stop": ["ok", ""]}, 400, "stop"),
+    ("stop_id_negative", C, {"prompt": "hi", "stop_token_ids": [-5]}, 400, "stop_token_ids"),
+    ("stop_id_past_vocab", C, {"prompt": "hi", "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
+    ("prompt_id_past_vocab", C, {"prompt": [1, 10**6]}, 400, "prompt"),
+    ("prompt_id_negative", C, {"prompt": [-1]}, 400, "prompt"),
+    ("prompt_too_long", C, {"prompt": "x" * MAX_PROMPT}, 400, "prompt"),
+    ("prompt_ids_too_long", C, {"prompt": [5] * (MAX_PROMPT + 1)}, 400, "prompt"),
+    ("prompt_huge_text", C, {"prompt": "y" * 200_000}, 400, "prompt"),
+    ("prompt_wrong_type", C, {"prompt": 5}, 400, "prompt"),
+    ("body_over_4mb", C, {"prompt": "z" * (5 << 20)}, 413, None),
+    ("not_json_object", C, _raw("[1, 2]"), 400, None),
+    ("n_zero", C, {"prompt": "hi", "n": 0}, 400, "n"),
+    ("n_past_queue", C, {"prompt": "hi", "n": 17}, 400, "n"),
+    ("seed_past_64_bits", C, {"prompt": "hi", "seed": 2**64}, 400, "seed"),
+    ("stream_options_unstreamed", C, {"prompt": "hi", "stream_options": {"include_usage": True}},
+     400, "stream_options"),
+    ("unknown_model", C, {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ("chat_no_messages", CH, {"messages": []}, 400, "messages"),
+    ("chat_bad_role", CH, {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ("chat_image_part", CH, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content"),
+    ("chat_top_logprobs_alone", CH, {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat_top_logprobs_too_many", CH, {"messages": CHAT, "logprobs": True, "top_logprobs": 50},
+     400, "top_logprobs"),
+    ("chat_max_completion_tokens_zero", CH, {"messages": CHAT, "max_completion_tokens": 0}, 400,
+     "max_completion_tokens"),
+    ("chat_unknown_model", CH, {"messages": CHAT, "model": "gpt-4"}, 404, "model"),
+]  # fmt: skip
+# Known parameters whose feature is not served yet: refused unless at their "off" value.
+NOT_YET = [
+    (C, "presence_penalty", 0.5), (C, "frequency_penalty", -0.5), (C, "repetition_penalty", 1.2),
+    (C, "min_p", 0.1), (C, "min_tokens", 2), (C, "logit_bias", {"5": 1.0}), (C, "echo", True),
+    (C, "suffix", "x"), (C, "prompt_logprobs", 1), (C, "best_of", 2),
+    (CH, "response_format", {"type": "json_object"}), (CH, "tools", [{"type": "function"}]),
+    (CH, "presence_penalty", 1.0), (CH, "logit_bias", {"1": -100}),
+]  # fmt: skip
+
+
+def test_bad_requests_are_400s_naming_the_param_and_server_keeps_serving(
+    make_fake_server, qwen
+) -> None:
+    assert len(BAD_REQUESTS) >= 40
+    plain = make_fake_server(cfg=CFG, metrics=True)
+    chat = make_fake_server(cfg=CFG, tok=qwen[0])
+    client = _client(plain)
+    for name, path, body, status, param in BAD_REQUESTS:
+        bg = chat if path == CH else plain
+        got, reply = _post(bg, path, body)
+        assert got == status, (name, reply)
+        error = reply["error"]
+        assert set(error) == {"message", "type", "param", "code"}, name
+        assert error["param"] == param, (name, error)
+        if param is not None:
+            assert param.split("[")[0].split(".")[0] in error["message"], (name, error)
+        # and a good request still works right after each bad one
+        assert client.completions.create(model="tandem", prompt="ok").choices[0].text == "ok"
+    for path, param, value in NOT_YET:
+        body = {"prompt": "hi"} if path == C else {"messages": CHAT}
+        got, reply = _post(chat if path == CH else plain, path, {**body, param: value})
+        assert (got, reply["error"]["param"]) == (400, param), (param, reply)
+        assert reply["error"]["code"] == "not_supported_yet", reply
+        assert "not supported yet" in reply["error"]["message"]
+    for param, off in openai_protocol.NOT_YET.items():  # the "off" values are accepted
+        if param in openai_protocol.CompletionRequest.model_fields:
+            assert _post(plain, C, {"prompt": "ok", param: off})[0] == 200, param
+    ok = {"prompt": "ok", "best_of": 1, "top_k": -1, "logit_bias": {}, "user": "u1"}
+    assert _post(plain, C, ok)[0] == 200
+    assert _post(chat, CH, {"messages": CHAT, "response_format": {"type": "text"},
+                            "tools": [], "tool_choice": "none"})[0] == 200  # fmt: skip
+    assert _get(plain, "/v1/nope")[0] == 404 and _get(plain, C)[0] == 405
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x")
+    for bg in (plain, chat):
+        assert _idle(bg)
+    # rejections are counted under gRPC's status names, as gRPC's are
+    invalid = sum(row[1] == C and row[3] == 400 for row in BAD_REQUESTS)
+    invalid += sum(row[0] == C for row in NOT_YET)
+    _, metrics = _get(plain, "/metrics")
+    assert f'tandem_requests_total{{status="INVALID_ARGUMENT"}} {invalid}.0'.encode() in metrics
+    assert b'tandem_requests_total{status="NOT_FOUND"} 2.0' in metrics
+    assert b'tandem_requests_total{status="RESOURCE_EXHAUSTED"} 1.0' in metrics  # the 413
+
+
+def test_queue_full_is_429_and_warming_up_is_503(make_fake_server, tokenizer) -> None:
+    bg = make_fake_server(cfg=dataclasses.replace(CFG, max_seqs=1, max_queue=2), step_delay=0.02)
+    client, orch = _client(bg), bg.server.orch
+
+    def stream():
+        return client.completions.create(model="tandem", prompt="w" * 60, stream=True)
+
+    streams = [stream()]
+    next(iter(streams[0]))  # running
+    streams.append(stream())
+    assert _wait(lambda: orch.queue_depth == 1)
+    with pytest.raises(openai.RateLimitError):  # n=2: the 2nd does not fit, the 1st is withdrawn
+        client.completions.create(model="tandem", prompt="x", n=2)
+    assert _wait(lambda: orch.queue_depth == 1)
+    streams.append(stream())
+    assert _wait(lambda: orch.queue_depth == 2)
+    t0 = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as err:
+        client.completions.create(model="tandem", prompt="overflow")
+    assert time.monotonic() - t0 < 2.0 and err.value.body["code"] == "resource_exhausted"
+    for s in streams:
+        s.close()
+    assert _idle(bg)
+
+    from tandem.serve.fake_engine import FakeEngine
+    from tandem.serve.server import BackgroundServer, TandemServer
+
+    gate = threading.Event()
+
+    class SlowWarmup(FakeEngine):
+        def warmup(self) -> None:
+            gate.wait(10)
+            super().warmup()
+
+    warming = BackgroundServer(
+        TandemServer(SlowWarmup(tokenizer), dataclasses.replace(CFG, port=0))
+    ).start(wait_ready=False)
+    try:
+        assert _get(warming, "/health")[0] == 503
+        with pytest.raises(openai.InternalServerError) as err:
+            _client(warming).completions.create(model="tandem", prompt="early")
+        assert err.value.status_code == 503
+        assert _get(warming, "/v1/models")[0] == 200  # static facts are there at once
+        gate.set()
+        assert _wait(lambda: _get(warming, "/health")[0] == 200)
+        assert (
+            _client(warming).completions.create(model="tandem", prompt="now").choices[0].text
+            == "now"
+        )
+    finally:
+        gate.set()
+        warming.stop()
+
+
+def test_drain_finishes_streams_while_health_and_new_requests_get_503(make_fake_server) -> None:
+    bg = make_fake_server(cfg=CFG, step_delay=0.01)
+    client = _client(bg)
+    stream = client.completions.create(model="tandem", prompt="drain me please", stream=True)
+    it = iter(stream)
+    text = next(it).choices[0].text
+    stopper = threading.Thread(target=bg.stop, kwargs={"grace": 10})
+    stopper.start()
+    assert _wait(lambda: not bg.server.ready.is_set())
+    assert _get(bg, "/health")[0] == 503
+    status, reply = _post(bg, C, {"prompt": "late"})
+    assert status == 503 and reply["error"]["code"] == "unavailable"
+    text += "".join(c.choices[0].text for c in it)  # the in-flight stream completes
+    stopper.join(30)
+    assert text == "drain me please"
+
+
+def test_disconnect_cancels_stream_and_unary_within_a_step(make_fake_server) -> None:
+    bg = make_fake_server(cfg=CFG, step_delay=0.01)
+    orch, port = bg.server.orch, bg.server.bound_http_port
+    for stream in (True, False):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        body = {"model": "tandem", "prompt": "c" * 60, "stream": stream}
+        conn.request("POST", C, json.dumps(body), {"content-type": "application/json"})
+        if stream:
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        assert _wait(lambda: orch.active_slots == 1)
+        steps_at_close = orch.steps
+        conn.sock.shutdown(2)
+        conn.close()
+        assert _idle(bg), stream
+        assert orch.steps - steps_at_close <= 3  # freed within a step of the server noticing
+
+
+def test_cancel_soak_leaks_no_sequence(make_fake_server) -> None:
+    """Many concurrent streamed and unary requests, most abandoned at random points:
+    afterwards no sequence is running or queued and the server still answers."""
+    bg = make_fake_server(cfg=dataclasses.replace(CFG, max_seqs=4, max_queue=64), step_delay=0.002)
+    port, rng = bg.server.bound_http_port, random.Random(0)
+    completed = []
+
+    def worker(seed: int) -> None:
+        r = random.Random(seed)
+        for _ in range(6):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            stream = r.random() < 0.7
+            prompt = "s" * r.randint(5, 60)
+            body = {"model": "tandem", "prompt": prompt, "stream": stream, "n": r.choice([1, 2])}
+            conn.request("POST", C, json.dumps(body), {"content-type": "application/json"})
+            if r.random() < 0.7:  # hang up: before the answer, or after some events
+                if stream and r.random() < 0.5:
+                    resp = conn.getresponse()
+                    for _ in range(r.randint(1, 5)):
+                        resp.readline()
+                else:
+                    time.sleep(r.random() * 0.05)
+                conn.sock.shutdown(2)
+            else:
+                resp = conn.getresponse()
+                assert resp.status == 200
+                data = resp.read().decode()
+                completed.append(data.endswith("data: [DONE]\n\n") if stream else "choices" in data)
+            conn.close()
+
+    threads = [threading.Thread(target=worker, args=(rng.random(),)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert completed and all(completed)
+    assert _idle(bg)
+    assert _client(bg).completions.create(model="tandem", prompt="alive").choices[0].text == "alive"
+
+
+# ---- auth, TLS, metrics, config -------------------------------------------------------
+
+
+def test_bearer_token(make_fake_server) -> None:
+    bg = make_fake_server(cfg=CFG, token="s3cret")
+    with pytest.raises(openai.AuthenticationError) as err:
+        _client(bg, api_key="wrong").completions.create(model="tandem", prompt="hi")
+    assert err.value.body["code"] == "invalid_api_key"
+    assert _post(bg, "/tokenize", {"prompt": "x"})[0] == 401
+    assert _get(bg, "/v1/models")[0] == 401
+    assert _get(bg, "/health")[0] == 200  # probes need no secret, as gRPC's health
+    r = _client(bg, api_key="s3cret").completions.create(model="tandem", prompt="hi")
+    assert r.choices[0].text == "hi"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a cert")
+def test_tls(tmp_path: Path, tokenizer) -> None:
+    from tandem.serve.fake_engine import FakeEngine
+    from tandem.serve.server import BackgroundServer, TandemServer
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    cfg = dataclasses.replace(CFG, port=0, tls_cert=str(cert), tls_key=str(key))
+    with BackgroundServer(TandemServer(FakeEngine(tokenizer), cfg)) as bg:
+        assert bg.base_url.startswith("https://")
+        client = _client(bg, http_client=openai.DefaultHttpxClient(verify=str(cert)))
+        assert (
+            client.completions.create(model="tandem", prompt="secure").choices[0].text == "secure"
+        )
+        context = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(_url(bg, "/health"), context=context, timeout=10) as resp:
+            assert resp.status == 200
+
+
+def test_http_and_grpc_share_one_orchestrator_and_metrics(server) -> None:
+    from tandem.serve.client import TandemClient
+
+    _client(server).completions.create(model="tandem", prompt="via http")
+    with TandemClient(server.target) as grpc_client:
+        assert grpc_client.generate_text("via grpc").text == "via grpc"
+    status, body = _get(server, "/metrics")
+    assert status == 200 and b'tandem_requests_total{status="OK"} 2.0' in body
+    side = server.server.bound_metrics_port
+    assert urllib.request.urlopen(f"http://127.0.0.1:{side}/metrics", timeout=5).read() == body
+
+
+def test_config_keys_and_model_name(tmp_path) -> None:
+    from tandem.serve.http_server import served_model_name
+
+    assert ServeConfig().http_port is None
+    for bad in (-1, 70000):
+        with pytest.raises(ValueError, match="http_port"):
+            ServeConfig(http_port=bad)
+    with pytest.raises(ValueError, match="served_model_name"):
+        ServeConfig(served_model_name=" x")
+    assert served_model_name(ServeConfig(bundle=str(tmp_path / "my-model"))) == "my-model"
+    assert served_model_name(ServeConfig(bundle="b", served_model_name="named")) == "named"
+    assert served_model_name(ServeConfig()) == "tandem"
