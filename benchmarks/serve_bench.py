@@ -1,4 +1,5 @@
-"""Serving benchmark (`tandem bench serve`): vLLM `bench serve` metrics over real gRPC.
+"""Serving benchmark (`tandem bench serve`): vLLM `bench serve` metrics over real gRPC (and
+the OpenAI-compatible HTTP API).
 
 Open-loop load — Poisson arrivals at --request-rate (inf = all at once), optionally capped
 at --max-concurrency in flight — from a synthetic dataset (random token prompts, input and
@@ -14,7 +15,11 @@ Metrics follow vLLM's definitions:
   goodput: requests per second that met EVERY SLO given (--slo-ttft-ms ...).
 
 One run compares scheduling modes on the SAME warmed engine (default: continuous vs
-static batching), printing one JSON line per mode and comparison lines. Mode `offline`
+static batching), printing one JSON line per mode and comparison lines. `--apis
+grpc,openai` drives each served mode through both APIs of the same server, one after the
+other with the same requests (the OpenAI path: streamed /v1/completions, token-id prompts,
+continuous usage stats), and adds an `openai_vs_grpc_<mode>` line: output throughput
+ratio, TTFT p50 added (ms), TPOT p50 ratio. Mode `offline`
 drives the continuous-batching orchestrator in-process with every request queued at t=0
 and no gRPC or client (like `vllm bench throughput`): the ceiling of engine + scheduler
 that the served modes are measured against. With --hf-compare
@@ -29,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -38,6 +45,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +156,82 @@ async def _one(stub: Any, pb: Any, req: BenchRequest, timeout: float) -> Request
     return res
 
 
+async def _sse_events(host: str, port: int, path: str, body: dict) -> AsyncIterator[bytes]:
+    """POSTs `body` as JSON and yields the `data:` payloads of the server-sent-event reply.
+    HTTP/1.1 on asyncio streams, chunked or close-delimited: a client this lean costs the
+    CPU a server shares with it (2 cores here) about what grpc.aio's C core does."""
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+            + payload
+        )
+        status = int((await reader.readline()).split()[1])
+        chunked = False
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            chunked |= line.lower().startswith(b"transfer-encoding:") and b"chunked" in line
+        if status != 200:
+            raise OSError(f"HTTP {status}: {(await reader.read())[:300]!r}")
+        buffer = b""
+        while True:
+            if chunked:
+                size = int((await reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    break
+                data = (await reader.readexactly(size + 2))[:-2]
+            elif not (data := await reader.read(1 << 16)):
+                break
+            *events, buffer = (buffer + data).split(b"\n\n")
+            for event in events:
+                if event.startswith(b"data: "):
+                    yield event[6:]
+    finally:
+        writer.close()
+
+
+async def _openai_one(
+    host: str, port: int, model: str, req: BenchRequest, timeout: float
+) -> RequestResult:
+    """One streamed /v1/completions request (token-id prompt, greedy, ignore_eos), timed
+    like `_one`; tokens are counted from vLLM's continuous usage stats, which tandem and
+    vLLM both send, so one message carrying several tokens counts them all."""
+    body = {
+        "model": model,
+        "prompt": list(req.prompt_ids),
+        "max_tokens": req.output_len,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    start = time.perf_counter()
+    res = RequestResult(ok=False, start=start, prompt_tokens=len(req.prompt_ids))
+    last = start
+    try:
+        async with asyncio.timeout(timeout):
+            async for data in _sse_events(host, port, "/v1/completions", body):
+                if data == b"[DONE]":
+                    break
+                now = time.perf_counter()
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise OSError(chunk["error"].get("message", "error event"))
+                total = (chunk.get("usage") or {}).get("completion_tokens", res.output_tokens)
+                if chunk.get("choices") and total > res.output_tokens:  # new tokens
+                    if res.output_tokens == 0:
+                        res.ttft = now - start
+                    else:
+                        res.itl.append(now - last)
+                    res.output_tokens, last = total, now
+        res.e2e = last - start
+        res.ok = res.output_tokens == req.output_len
+    except (OSError, TimeoutError, ValueError) as e:
+        res.error = f"{type(e).__name__}: {e}"[:200]
+    return res
+
+
 async def run_load(
     target: str,
     requests: list[BenchRequest],
@@ -156,7 +240,11 @@ async def run_load(
     max_concurrency: int | None,
     seed: int,
     timeout: float = 600.0,
+    api: str = "grpc",
+    model: str = "",
 ) -> tuple[list[RequestResult], float]:
+    """Open-loop load on `target` (host:port) through tandem's gRPC API or an
+    OpenAI-compatible HTTP API (`api="openai"`, tandem's or vLLM's, naming `model`)."""
     import grpc
 
     from tandem.proto.v1 import generate_pb2 as pb
@@ -164,14 +252,19 @@ async def run_load(
 
     rng = np.random.default_rng(seed)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.GenerationStub(channel)
+    async with contextlib.AsyncExitStack() as stack:
+        if api == "grpc":
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(target))
+            one = functools.partial(_one, pb_grpc.GenerationStub(channel), pb)
+        else:
+            host, port = target.rsplit(":", 1)
+            one = functools.partial(_openai_one, host, int(port), model)
 
         async def limited(req: BenchRequest) -> RequestResult:
             if sem is None:
-                return await _one(stub, pb, req, timeout)
+                return await one(req, timeout)
             async with sem:
-                return await _one(stub, pb, req, timeout)
+                return await one(req, timeout)
 
         t0 = time.perf_counter()
         tasks = []
@@ -190,13 +283,16 @@ def _load_process(
     request_rate: float,
     max_concurrency: int | None,
     seed: int,
+    api: str = "grpc",
+    model: str = "",
 ) -> tuple[list[RequestResult], float]:
     """Entry point of the client process: one open-loop run."""
     return asyncio.run(
         run_load(
-            target, requests, request_rate=request_rate, max_concurrency=max_concurrency, seed=seed
+            target, requests, request_rate=request_rate, max_concurrency=max_concurrency,
+            seed=seed, api=api, model=model,
         )
-    )
+    )  # fmt: skip
 
 
 def offline_run(engine: Any, requests: list[BenchRequest]) -> tuple[list[RequestResult], float]:
@@ -435,6 +531,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--modes", default="continuous,static", help="comma list: continuous,static,offline"
     )
+    p.add_argument(
+        "--apis", default="grpc",
+        help="comma list: grpc,openai (the OpenAI-compatible HTTP API of the same server)",
+    )  # fmt: skip
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--request-rate", type=float, default=math.inf, help="req/s (inf = burst)")
     p.add_argument("--max-concurrency", type=int, default=None)
@@ -473,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := sorted(set(modes) - {"continuous", "static", "offline"}):
         parser.error(f"--modes: unknown {unknown}; allowed continuous, static, offline")
+    apis = [a.strip() for a in args.apis.split(",") if a.strip()]
+    if not apis or set(apis) - {"grpc", "openai"}:
+        parser.error(f"--apis={args.apis!r} is invalid: allowed grpc, openai (comma list)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from tandem.serve.config import ServeConfig
     from tandem.serve.server import BackgroundServer, TandemServer
@@ -526,34 +629,46 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             continue
-        cfg = dataclasses.replace(engine.serve_cfg, mode=mode, max_queue=base.max_queue)
+        http_port = 0 if "openai" in apis else None
+        cfg = dataclasses.replace(
+            engine.serve_cfg, mode=mode, max_queue=base.max_queue, port=0, http_port=http_port
+        )
         # The load generator runs in its own process (as `vllm bench serve` does), so the
-        # client's Python never competes with the server for the GIL.
+        # client's Python never competes with the server for the GIL. Each API gets the same
+        # requests on the same server, one after the other.
         with (
-            BackgroundServer(TandemServer(engine, dataclasses.replace(cfg, port=0))) as bg,
+            BackgroundServer(TandemServer(engine, cfg)) as bg,
             mp.get_context("spawn").Pool(1) as pool,
         ):
-            pool.apply(_load_process, (bg.target, requests[:1], math.inf, None, args.seed))
-            results, duration = pool.apply(
-                _load_process,
-                (bg.target, requests, args.request_rate, args.max_concurrency, args.seed),
-            )
+            for api in apis:
+                target = (
+                    bg.target if api == "grpc" else f"{bg.server.host}:{bg.server.bound_http_port}"
+                )
+                load = (target, requests, args.request_rate, args.max_concurrency, args.seed, api,
+                        "tandem")  # fmt: skip
+                pool.apply(_load_process, (target, requests[:1], math.inf, None, args.seed, api,
+                                           "tandem"))  # fmt: skip
+                results, duration = pool.apply(_load_process, load)
+                lines.append(
+                    {
+                        "bench": "serve",
+                        "mode": mode,
+                        "api": api,
+                        "backend": f"tandem-{api}",
+                        "num_requests": len(requests),
+                        "request_rate": args.request_rate
+                        if math.isfinite(args.request_rate)
+                        else "inf",
+                        "max_concurrency": args.max_concurrency,
+                        "max_slots": engine.max_slots,
+                        "input_len": [list(c) for c in args.input_len],
+                        "output_len": [list(c) for c in args.output_len],
+                        "model": engine.info().get("config", {}),
+                        "warmup_s": warmup_s,
+                        **summarize(results, duration, slo),
+                    }
+                )
             _let_exit(pool)
-        line = {
-            "bench": "serve",
-            "mode": mode,
-            "backend": "tandem-grpc",
-            "num_requests": len(requests),
-            "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
-            "max_concurrency": args.max_concurrency,
-            "max_slots": engine.max_slots,
-            "input_len": [list(c) for c in args.input_len],
-            "output_len": [list(c) for c in args.output_len],
-            "model": engine.info().get("config", {}),
-            "warmup_s": warmup_s,
-            **summarize(results, duration, slo),
-        }
-        lines.append(line)
     if args.hf_compare:
         batch_size = args.hf_batch_size or args.max_slots
         with mp.get_context("spawn").Pool(1) as pool:  # a clean process: torch's own threads
@@ -582,7 +697,21 @@ def main(argv: list[str] | None = None) -> int:
                 **summary,
             }
         )
-    by_mode = {line["mode"]: line for line in lines}
+    for mode in modes:  # the OpenAI HTTP path against gRPC, same server, same requests
+        pair = {x["api"]: x for x in lines if x.get("mode") == mode and "api" in x}
+        if {"grpc", "openai"} <= set(pair):
+            http, grpc_line = pair["openai"], pair["grpc"]
+            lines.append(
+                {
+                    "bench": "serve",
+                    "comparison": f"openai_vs_grpc_{mode}",
+                    "output_throughput_ratio": http["output_throughput"]
+                    / grpc_line["output_throughput"],
+                    "ttft_p50_added_ms": http["ttft_ms"]["p50"] - grpc_line["ttft_ms"]["p50"],
+                    "tpot_p50_ratio": http["tpot_ms"]["p50"] / grpc_line["tpot_ms"]["p50"],
+                }
+            )
+    by_mode = {x["mode"]: x for x in lines if "mode" in x and x.get("api", "grpc") == "grpc"}
     # (name, numerator mode, denominator mode, ratios beyond output throughput)
     comparisons = (
         ("continuous_vs_static", "continuous", "static",

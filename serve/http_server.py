@@ -279,36 +279,51 @@ class _Templates:
     """One request's streamed chunks as JSON text around the parts that change, so a chunk
     costs a string join instead of a model build and dump (see the module docstring)."""
 
-    def __init__(self, kind: str, rid: str, created: int, model: str, include_usage: bool):
+    def __init__(
+        self, kind: str, rid: str, created: int, model: str, options: api.StreamOptions | None
+    ) -> None:
         obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
         self.envelope = (
             f'data: {{"id":{json.dumps(rid)},"object":"{obj}","created":{created},'
             f'"model":{json.dumps(model)},"choices":'
         )
         self.head = self.envelope + '[{"index":'
-        self.include_usage = include_usage  # OpenAI: then every chunk has "usage": null
-        self.tail = ',"usage":null}\n\n' if include_usage else "}\n\n"
+        options = options or api.StreamOptions()
+        self.include_usage = options.include_usage  # then every chunk has "usage": null
+        self.continuous_usage = options.continuous_usage_stats  # or its running usage
+        self.tail = ',"usage":null}\n\n' if self.include_usage else "}\n\n"
         self.chat = kind == "chat"
 
-    def chunk(self, index: int, text: str, logprobs: Any, finish: str) -> str:
+    def chunk(
+        self, index: int, text: str, logprobs: Any, finish: str, usage: tuple[int, int]
+    ) -> str:
+        """One choice's new text; `usage` = (prompt, completion tokens so far) of it."""
         reason = f'"{finish}"' if finish else "null"
         lp = "null" if logprobs is None else logprobs.model_dump_json()
-        body = (
-            f'"delta":{{"content":{json.dumps(text)}}}'
-            if self.chat
-            else f'"text":{json.dumps(text)}'
-        )
-        return f'{self.head}{index},{body},"logprobs":{lp},"finish_reason":{reason}}}]{self.tail}'
+        text = json.dumps(text)
+        body = f'"delta":{{"content":{text}}}' if self.chat else f'"text":{text}'
+        tail = self.tail
+        if self.continuous_usage:
+            prompt, completion = usage
+            tail = (
+                f',"usage":{{"prompt_tokens":{prompt},"completion_tokens":{completion},'
+                f'"total_tokens":{prompt + completion}}}}}\n\n'
+            )
+        return f'{self.head}{index},{body},"logprobs":{lp},"finish_reason":{reason}}}]{tail}'
 
     def usage(self, usage: api.Usage) -> str:
         """The last chunk with `stream_options.include_usage`: no choices, the usage."""
         return f'{self.envelope}[],"usage":{usage.model_dump_json()}}}\n\n'
 
-    def role(self, index: int) -> str:
-        return (
-            f'{self.head}{index},"delta":{{"role":"assistant","content":""}},'
-            f'"logprobs":null,"finish_reason":null}}]{self.tail}'
-        )
+    def role(self, index: int, prompt_tokens: int) -> str:
+        delta = '"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null'
+        tail = self.tail
+        if self.continuous_usage:
+            tail = (
+                f',"usage":{{"prompt_tokens":{prompt_tokens},"completion_tokens":0,'
+                f'"total_tokens":{prompt_tokens}}}}}\n\n'
+            )
+        return f"{self.head}{index},{delta}}}]{tail}"
 
 
 class OpenAIService:
@@ -564,15 +579,17 @@ class OpenAIService:
         self,
         run: _Run,
         templates: _Templates,
-        render: Callable[[int, Output], str],
+        logprobs: Callable[[int, Output], pydantic.BaseModel | None],
     ) -> AsyncIterator[str]:
         """The server-sent events of a streamed request: the outputs waiting for it merged
         per choice into one chunk each (a slow reader gets fewer, larger chunks), then the
         usage chunk if asked, then `[DONE]`. Leaving early (disconnect) cancels the rest."""
         choices = _Choices(run)
+        tokens = [0] * run.size  # generated so far, per choice
         try:
             if templates.chat:
-                yield "".join(templates.role(i) for i in range(run.size))
+                yield "".join(templates.role(i, len(run.prompts[i // run.n]))
+                              for i in range(run.size))  # fmt: skip
             while choices.finished < run.size:
                 items = [await run.queue.get()]
                 while not run.queue.empty():
@@ -588,8 +605,13 @@ class OpenAIService:
                         out = merge_outputs(outs)
                         choices.outputs[i].append(out)
                         choices.finished += out.final
+                        tokens[i] += len(out.token_ids)
                         if out.text or out.finish_reason or out.logprobs:
-                            events.append(render(i, out))
+                            usage = (len(run.prompts[i // run.n]), tokens[i])
+                            lp = logprobs(i, out)
+                            events.append(
+                                templates.chunk(i, out.text, lp, out.finish_reason, usage)
+                            )
                 if error is not None:
                     events.append(ApiError.from_request_error(error, counted=True).sse())
                     yield "".join(events) + "data: [DONE]\n\n"
@@ -631,18 +653,17 @@ class OpenAIService:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         top = req.logprobs or 0
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            templates = _Templates("completion", rid, created, self.model_name, include_usage)
-            offsets = [0] * run.size
+            templates = _Templates("completion", rid, created, self.model_name, req.stream_options)
+            offsets = [0] * run.size  # text sent so far per choice: logprobs' text_offset
 
-            def render(i: int, out: Output) -> str:
+            def logprobs(i: int, out: Output) -> api.CompletionLogprobs | None:
                 lp = None
                 if req.logprobs is not None:
                     lp = self.completion_logprobs(out, top, offsets[i])
                 offsets[i] += len(out.text)
-                return templates.chunk(i, out.text, lp, out.finish_reason)
+                return lp
 
-            return _sse(self._events(run, templates, render))
+            return _sse(self._events(run, templates, logprobs))
         choices = await self._collect(run, request)
         body = api.CompletionResponse(
             id=rid,
@@ -685,14 +706,12 @@ class OpenAIService:
         run = self._submit([ids], req.n, plan)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            templates = _Templates("chat", rid, created, self.model_name, include_usage)
+            templates = _Templates("chat", rid, created, self.model_name, req.stream_options)
 
-            def render(i: int, out: Output) -> str:
-                lp = self.chat_logprobs(out, top) if req.logprobs else None
-                return templates.chunk(i, out.text, lp, out.finish_reason)
+            def logprobs(i: int, out: Output) -> api.ChatLogprobs | None:
+                return self.chat_logprobs(out, top) if req.logprobs else None
 
-            return _sse(self._events(run, templates, render))
+            return _sse(self._events(run, templates, logprobs))
         choices = await self._collect(run, request)
         body = api.ChatCompletionResponse(
             id=rid,

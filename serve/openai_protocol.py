@@ -2,7 +2,7 @@
 
 Field names, types and defaults follow OpenAI's `/v1/completions` and
 `/v1/chat/completions` (and vLLM's extensions `top_k`, `ignore_eos`, `stop_token_ids`,
-`chat_template_kwargs`, `add_generation_prompt`), so the `openai` SDK, lm-eval's
+`chat_template_kwargs`, `add_generation_prompt`, `stream_options.continuous_usage_stats`), so the `openai` SDK, lm-eval's
 `local-completions` / `local-chat-completions` and `vllm bench serve` talk to tandem
 unchanged. Requests are strict where OpenAI-compatible servers are usually lax:
 
@@ -44,7 +44,8 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the usage, "usage": null on the others
+    continuous_usage_stats: bool = False  # vLLM extension: each chunk with its choice's usage
 
 
 class _Sampling(_Request):

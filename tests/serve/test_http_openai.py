@@ -144,6 +144,13 @@ def test_completions_stream_matches_unary_with_usage(server) -> None:
                                             stream_options={"include_usage": True}))  # fmt: skip
     assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
     assert all(c.usage is None for c in chunks[:-1])
+    # vLLM's continuous_usage_stats: each chunk carries its choice's usage so far
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(model="tandem", prompt=prompt, stop=["STOP"],
+                                            stream=True, stream_options=options))  # fmt: skip
+    counts = [c.usage.completion_tokens for c in chunks[:-1]]
+    assert counts == sorted(counts) and counts[-1] == full.usage.completion_tokens
+    assert all(c.usage.prompt_tokens == full.usage.prompt_tokens for c in chunks)
 
 
 def test_stream_is_server_sent_events_ending_in_done(server) -> None:

@@ -70,10 +70,19 @@ def test_offline_mode_runs_in_process(tmp_path: Path) -> None:
             "--model-set", "max_seq_len=64", "--modes", "offline,continuous",
             "--max-slots", "4", "--max-prompt-len", "16", "--num-requests", "10",
             "--input-len", "4:16", "--output-len", "2:40", "--out", str(out),
+            "--apis", "grpc,openai",
         ]
     )  # fmt: skip
     assert rc == 0
-    modes = {x["mode"]: x for x in map(json.loads, out.read_text().splitlines()) if "mode" in x}
+    lines = list(map(json.loads, out.read_text().splitlines()))
+    modes = {x["mode"]: x for x in lines if x.get("api", "grpc") == "grpc" and "mode" in x}
+    # the OpenAI HTTP path of the same server: the same requests, all their tokens counted
+    (http,) = [x for x in lines if x.get("api") == "openai"]
+    assert http["backend"] == "tandem-openai" and http["completed"] == 10
+    assert http["total_output_tokens"] == modes["continuous"]["total_output_tokens"]
+    assert http["ttft_ms"]["p50"] > 0 and http["itl_ms"]["p50"] > 0
+    (ratio,) = [x for x in lines if x.get("comparison") == "openai_vs_grpc_continuous"]
+    assert ratio["output_throughput_ratio"] > 0
     offline = modes["offline"]
     assert offline["backend"] == "tandem-in-process"
     assert offline["completed"] == 10 and offline["failed"] == 0
