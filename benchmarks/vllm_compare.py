@@ -1,13 +1,16 @@
 """tandem vs vLLM, same weights, same machine, same workload, one run.
 
-Starts `python -m tandem.serve --bundle B` (gRPC) once per --max-slots value and the vLLM OpenAI
-server (`--vllm-python` interpreter, or an already running one at --vllm-url) on the Hugging
-Face export of the SAME weights, one at a time so they never share the CPU. Both get the
-SAME requests: serve_bench's synthetic dataset (token-id prompts, outputs forced to length
-with ignore_eos, greedy, streamed) and the same Poisson arrival times; both are measured
-with serve_bench's metrics (TTFT, TPOT, ITL, e2e, throughput), each measured pass after an
-unrecorded warm-up pass at the same rate on other prompts (--no-warmup: none). Prints a line per
-(system, rate[, slots]) and a comparison line tandem/vLLM per (rate, slots).
+Starts `python -m tandem.serve --bundle B --http-port H` once per --max-slots value and the
+vLLM OpenAI server (`--vllm-python` interpreter, or an already running one at --vllm-url) on
+the Hugging Face export of the SAME weights, one at a time so they never share the CPU. Both
+get the SAME requests: serve_bench's synthetic dataset (token-id prompts, outputs forced to
+length with ignore_eos, greedy, streamed) and the same Poisson arrival times, through the
+SAME client: serve_bench's OpenAI path (streamed /v1/completions, tokens counted from the
+continuous usage stats both servers send); tandem is also measured over gRPC
+(--tandem-apis). Both are measured with serve_bench's metrics (TTFT, TPOT, ITL, e2e,
+throughput), each measured pass after an unrecorded warm-up pass at the same rate on other
+prompts (--no-warmup: none). Prints a line per (system, api, rate[, slots]) and a comparison
+line tandem/vLLM (both over the OpenAI API) per (rate, slots).
 
     python benchmarks/vllm_compare.py --bundle bundles/demo-fp32 --hf-dir bundles/demo-hf \
         --vllm-python /tmp/vllm-venv/bin/python --request-rate inf,8 --max-slots 8,32
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -35,11 +37,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tandem.benchmarks.serve_bench import (
     BenchRequest,
-    RequestResult,
     _range,
     run_load,
     summarize,
@@ -103,64 +102,6 @@ def _vllm_ready(url: str) -> bool:
         return r.status == 200
 
 
-def _vllm_one(url: str, model: str, req: BenchRequest, timeout: float) -> RequestResult:
-    """One streamed /v1/completions request, timed like serve_bench's gRPC client."""
-    body = {
-        "model": model,
-        "prompt": list(req.prompt_ids),
-        "max_tokens": req.output_len,
-        "ignore_eos": True,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-    }
-    http = urllib.request.Request(
-        f"{url}/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    start = time.perf_counter()
-    res = RequestResult(ok=False, start=start, prompt_tokens=len(req.prompt_ids))
-    last, seen = start, 0
-    try:
-        with urllib.request.urlopen(http, timeout=timeout) as resp:
-            for raw in resp:
-                line = raw.strip()
-                if not line.startswith(b"data:") or line == b"data: [DONE]":
-                    continue
-                now = time.perf_counter()
-                chunk = json.loads(line[5:])
-                total = (chunk.get("usage") or {}).get("completion_tokens", seen)
-                if total > seen:  # this message carried new tokens
-                    if seen == 0:
-                        res.ttft = now - start
-                    else:
-                        res.itl.append(now - last)
-                    seen, last = total, now
-        res.output_tokens = seen
-        res.e2e = last - start
-        res.ok = seen == req.output_len
-    except Exception as e:
-        res.error = type(e).__name__
-    return res
-
-
-def vllm_load(
-    url: str, model: str, requests: list[BenchRequest], rate: float, seed: int
-) -> tuple[list[RequestResult], float]:
-    """Open loop with serve_bench's arrival times (same rng, same draws), one thread each."""
-    rng = np.random.default_rng(seed)
-    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-        t0 = time.perf_counter()
-        futures = []
-        for req in requests:
-            futures.append(pool.submit(_vllm_one, url, model, req, 600.0))
-            if math.isfinite(rate):
-                time.sleep(rng.exponential(1.0 / rate))
-        results = [f.result() for f in futures]
-    return results, time.perf_counter() - t0
-
-
 def _vllm_check(python: str) -> None:
     code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
     if not Path(python).exists() or subprocess.run([python, "-c", code]).returncode != 0:
@@ -194,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=_range, default="16:64")
     p.add_argument("--output-len", type=_range, default="8:32@3,192:256@1")
     p.add_argument("--max-slots", default="8", help="comma list of tandem --max-slots")
+    p.add_argument("--tandem-apis", default="openai,grpc",
+                   help="comma list: tandem measured over its OpenAI API, gRPC or both")  # fmt: skip
     p.add_argument("--max-len", type=int, default=512, help="tandem max-len = vLLM model len")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="an unrecorded pass of each rate first (other prompts)")  # fmt: skip
@@ -235,10 +178,19 @@ def main(argv: list[str] | None = None) -> int:
             with args.out.open("a") as f:
                 f.write(text + "\n")
 
+    apis = [a.strip() for a in args.tandem_apis.split(",") if a.strip()]
+    if not apis or set(apis) - {"openai", "grpc"}:
+        raise SystemExit(f"--tandem-apis={args.tandem_apis!r}: allowed openai, grpc")
+
+    def load(target: str, requests: list[BenchRequest], rate: float, api: str, model: str):
+        return asyncio.run(run_load(target, requests, request_rate=rate, max_concurrency=None,
+                                    seed=args.seed, api=api, model=model))  # fmt: skip
+
     for n_slots in slots:
-        port = _free_port()
+        port, http_port = _free_port(), _free_port()
         target = f"127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "tandem.serve", "--bundle", str(args.bundle), "--port", str(port),
+               "--http-port", str(http_port), "--served-model-name", "tandem",
                "--max-slots", str(n_slots), "--max-len", str(args.max_len),
                "--max-queue", str(max(64, args.num_requests))]  # fmt: skip
         log_path = logs / f"tandem-{n_slots}.log"
@@ -246,15 +198,13 @@ def main(argv: list[str] | None = None) -> int:
             startup = _wait_ready(proc, lambda t=target: _tandem_ready(t), args.startup_timeout,
                                   log_path)  # fmt: skip
             for rate in rates:
-                if rate in warm:
-                    asyncio.run(run_load(target, warm[rate], request_rate=rate,
-                                         max_concurrency=None, seed=args.seed))  # fmt: skip
-                results, duration = asyncio.run(
-                    run_load(target, workload[rate], request_rate=rate, max_concurrency=None,
-                             seed=args.seed)
-                )  # fmt: skip
-                emit(_line("tandem", rate, results, duration, max_slots=n_slots,
-                           startup_s=startup))  # fmt: skip
+                for api in apis:
+                    where = target if api == "grpc" else f"127.0.0.1:{http_port}"
+                    if rate in warm:
+                        load(where, warm[rate], rate, api, "tandem")
+                    results, duration = load(where, workload[rate], rate, api, "tandem")
+                    emit(_line("tandem", rate, results, duration, api=api, max_slots=n_slots,
+                               startup_s=startup))  # fmt: skip
 
     with contextlib.ExitStack() as stack:
         url, startup = args.vllm_url, math.nan
@@ -272,18 +222,21 @@ def main(argv: list[str] | None = None) -> int:
             startup = _wait_ready(proc, lambda: _vllm_ready(url), args.startup_timeout, log_path)
         with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
             model = json.load(r)["data"][0]["id"]
+        where = url.split("://", 1)[-1].rstrip("/")
         for rate in rates:
             if rate in warm:
-                vllm_load(url, model, warm[rate], rate, args.seed)
-            results, duration = vllm_load(url, model, workload[rate], rate, args.seed)
-            emit(_line("vllm", rate, results, duration, startup_s=startup))
+                load(where, warm[rate], rate, "openai", model)
+            results, duration = load(where, workload[rate], rate, "openai", model)
+            emit(_line("vllm", rate, results, duration, api="openai", startup_s=startup))
 
     vllm = {line["request_rate"]: line for line in lines if line["system"] == "vllm"}
-    for t in [line for line in lines if line["system"] == "tandem"]:
+    tandem = [x for x in lines if x["system"] == "tandem" and x["api"] == apis[0]]
+    for t in tandem:
         v = vllm[t["request_rate"]]
         emit({
             "bench": "vllm_compare",
             "comparison": "tandem_vs_vllm",
+            "tandem_api": t["api"],
             "request_rate": t["request_rate"],
             "max_slots": t["max_slots"],
             "output_throughput_ratio": t["output_throughput"] / v["output_throughput"],

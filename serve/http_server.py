@@ -606,7 +606,8 @@ class OpenAIService:
                         choices.outputs[i].append(out)
                         choices.finished += out.final
                         tokens[i] += len(out.token_ids)
-                        if out.text or out.finish_reason or out.logprobs:
+                        if out.token_ids or out.finish_reason:  # vLLM: a chunk per step,
+                            # empty text too (a held-back UTF-8 or stop-string prefix)
                             usage = (len(run.prompts[i // run.n]), tokens[i])
                             lp = logprobs(i, out)
                             events.append(

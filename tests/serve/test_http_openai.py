@@ -153,6 +153,20 @@ def test_completions_stream_matches_unary_with_usage(server) -> None:
     assert all(c.usage.prompt_tokens == full.usage.prompt_tokens for c in chunks)
 
 
+def test_stream_sends_tokens_whose_text_is_held_back(make_fake_server) -> None:
+    """A step's tokens go out at once even when their text cannot yet (a split UTF-8
+    character): streaming timing and token counts do not wait for the text (as vLLM)."""
+    bg = make_fake_server(cfg=CFG, step_delay=0.01)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(_client(bg).completions.create(model="tandem", prompt="€€€€", stream=True,
+                                                 stream_options=options))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "€€€€"
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    silent = [c for c, before in zip(chunks[1:], counts, strict=False)
+              if c.choices and c.choices[0].text == "" and c.usage.completion_tokens > before]  # fmt: skip
+    assert silent and counts[-1] == 13  # 12 bytes + <eos>
+
+
 def test_stream_is_server_sent_events_ending_in_done(server) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", server.server.bound_http_port, timeout=10)
     body = {
