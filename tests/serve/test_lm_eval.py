@@ -1,0 +1,98 @@
+"""lm-evaluation-harness against tandem's OpenAI-compatible API: `local-chat-completions`
+(generate_until) on a small local JSON-lines task shipped with the tests (no download)
+scores what lm-eval's own `hf` model scores on the same weights — sample by sample, the
+same generations. The weights: a random Qwen2 model saved by transformers with a
+Qwen-style tokenizer (ChatML template, two stop ids), imported into a bundle with
+`tandem import-hf`. Loglikelihood tasks (`local-completions`) need echo + prompt logprobs,
+which the API refuses until the sampler has them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tandem.model.hf import import_hf
+from tandem.serve.config import ServeConfig
+from tandem.serve.engine import JaxEngine
+from tandem.serve.server import BackgroundServer, TandemServer
+from tests.model.hf_tokenizers import build_tokenizer_dir
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "lm_eval" / "greetings.jsonl"
+TASK = "tandem_greetings"
+
+
+def _task_dir(tmp_path: Path) -> Path:
+    """The task's YAML, pointing at the shipped JSONL (datasets' local `json` builder)."""
+    task = {
+        "task": TASK,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(DATA)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "{{question}}",
+        "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 12, "do_sample": False,
+                              "temperature": 0.0},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean",
+                         "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }  # fmt: skip
+    directory = tmp_path / "tasks"
+    directory.mkdir()
+    (directory / f"{TASK}.yaml").write_text(json.dumps(task))  # JSON is YAML
+    return directory
+
+
+def _evaluate(model: str, model_args: dict, task_dir: Path) -> tuple[float, list[str]]:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    out = simple_evaluate(
+        model=model, model_args=model_args, tasks=[TASK], apply_chat_template=True,
+        log_samples=True, task_manager=TaskManager(include_path=str(task_dir)),
+    )  # fmt: skip
+    samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
+    return out["results"][TASK]["exact_match,none"], [s["filtered_resps"][0] for s in samples]
+
+
+def test_lm_eval_chat_scores_equal_the_hf_model_on_the_same_weights(tmp_path, monkeypatch):
+    import torch
+    import transformers
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf_dir = tmp_path / "hf"
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, initializer_range=0.5,  # clear argmaxes: greedy is stable
+    )  # fmt: skip
+    transformers.Qwen2ForCausalLM(config).save_pretrained(hf_dir)
+    build_tokenizer_dir("qwen2.5", hf_dir)
+    bundle = import_hf(hf_dir, tmp_path / "tiny-qwen", dtype="float32")
+    task_dir = _task_dir(tmp_path)
+
+    hf_score, hf_outputs = _evaluate(
+        "hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu"}, task_dir
+    )
+    cfg = ServeConfig(bundle=str(bundle), max_seqs=4, max_len=128, tensor_parallel=1, port=0,
+                      http_port=0)  # fmt: skip
+    engine = JaxEngine.from_bundle(bundle, cfg)
+    with BackgroundServer(TandemServer(engine, dataclasses.replace(engine.serve_cfg))) as bg:
+        args = {"model": "tiny-qwen", "base_url": f"{bg.base_url}/chat/completions",
+                "num_concurrent": 2, "max_retries": 1}  # fmt: skip
+        score, outputs = _evaluate("local-chat-completions", args, task_dir)
+        orch = bg.server.orch
+        assert orch.active_slots == 0 and orch.queue_depth == 0
+        metrics = urllib.request.urlopen(bg.base_url.removesuffix("/v1") + "/metrics").read()
+        assert b'tandem_requests_total{status="OK"} 8.0' in metrics  # lm-eval asked tandem
+
+    assert len(outputs) == len(DATA.read_text().splitlines()) == 8
+    assert outputs == hf_outputs  # every generation, not only the score
+    assert score == pytest.approx(hf_score)
+    assert sum(bool(o.strip()) for o in outputs) >= 4  # real text was compared
