@@ -88,6 +88,8 @@ _ERROR_TYPE = {
     504: "timeout",
 }
 _GRPC_NAME = {status: name for name, status in _HTTP_STATUS.items()} | {413: "RESOURCE_EXHAUSTED"}
+# pydantic's names of union members in an error's location; never field names here.
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "TextPart"})
 # The field a ValueError of SamplingParams / the orchestrator names: `field=value is invalid`.
 _FIELD = re.compile(r"^([A-Za-z_]\w*)(?:\[\d+\])?(?:=| is )")
 
@@ -143,14 +145,15 @@ def _bad_value(err: ValueError, renames: dict[str, str]) -> ApiError:
 
 
 def _validation_error(err: pydantic.ValidationError) -> ApiError:
-    """pydantic's first complaint, naming the parameter as a JSON path (`messages[0].role`)."""
-    first = err.errors(include_url=False)[0]
+    """pydantic's complaint, naming the parameter as a JSON path (`messages[0].role`); of a
+    union's complaints (one per member) the deepest, i.e. the member that matched furthest."""
+    first = max(err.errors(include_url=False), key=lambda e: len(e["loc"]))
     param = ""
     for part in first["loc"]:
         if isinstance(part, int):
             param += f"[{part}]"
-        elif not param.endswith("]") and part in ("str", "list[str]", "list[int]", "none"):
-            continue  # which member of a union pydantic tried: not a field
+        elif part in _UNION_TAGS or "[" in part:
+            continue  # which member of a union pydantic tried (`str`, `list[int]`): no field
         else:
             param += f".{part}" if param else str(part)
     if first["type"] == "json_invalid":

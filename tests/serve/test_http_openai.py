@@ -347,7 +347,7 @@ BAD_REQUESTS = [
     ("chat_no_messages", CH, {"messages": []}, 400, "messages"),
     ("chat_bad_role", CH, {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
     ("chat_image_part", CH, {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content"),
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content[0].type"),
     ("chat_top_logprobs_alone", CH, {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("chat_top_logprobs_too_many", CH, {"messages": CHAT, "logprobs": True, "top_logprobs": 50},
      400, "top_logprobs"),
