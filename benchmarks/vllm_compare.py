@@ -44,8 +44,7 @@ from tandem.benchmarks.serve_bench import (
     summarize,
     synthetic_dataset,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from tandem.model.tokenizer import Tokenizer
 
 
 def _free_port() -> int:
@@ -56,11 +55,15 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _process(cmd: list[str], log_path: Path, env: dict[str, str] | None = None):
-    """A server subprocess in its own process group, always terminated (then killed)."""
+    """A server subprocess in its own process group, always terminated (then killed). It
+    runs in the log folder: from the repo root, `python -m` would put the repo's top-level
+    folders on sys.path, and transformers (in vLLM's venv) imports `kernels/` as the Hub's
+    `kernels` package."""
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
-        )
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent,
+            start_new_session=True,
+        )  # fmt: skip
     try:
         yield proc
     finally:
@@ -152,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         _vllm_check(args.vllm_python)
     rates = [float(r) for r in args.request_rate.split(",")]
     slots = [int(s) for s in args.max_slots.split(",")]
-    vocab = json.loads((args.bundle / "config.json").read_text())["vocab_size"]
+    # prompt ids both servers accept: the tokenizer's (a model's vocabulary may be padded)
+    vocab = min(
+        json.loads((args.bundle / "config.json").read_text())["vocab_size"],
+        Tokenizer.from_dir(args.bundle).vocab_size,
+    )
 
     def dataset(n: int, seed: int) -> list[BenchRequest]:
         reqs = synthetic_dataset(n, args.input_len, args.output_len, vocab, seed)

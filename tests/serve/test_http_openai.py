@@ -27,7 +27,7 @@ from tests.model.hf_tokenizers import build_tokenizer_dir
 
 MAX_PROMPT = 64  # FakeEngine default max_prompt_len
 MAX_LEN = 128
-CFG = ServeConfig(max_seqs=4, max_queue=16, http_port=0)
+CFG = ServeConfig(max_seqs=4, max_queue=16, max_prompt_len=MAX_PROMPT, http_port=0)
 CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Hello, how are you?"},
