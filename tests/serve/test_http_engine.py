@@ -141,6 +141,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_tandem_serve_http_port_end_to_end(bundle, reference) -> None:
     """`python -m tandem.serve --bundle B --port P --http-port H`: /health turns 200, the
     model is named after the bundle directory, and SIGTERM drains a stream and exits 0."""

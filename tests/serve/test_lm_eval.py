@@ -59,6 +59,7 @@ def _evaluate(model: str, model_args: dict, task_dir: Path) -> tuple[float, list
     return out["results"][TASK]["exact_match,none"], [s["filtered_resps"][0] for s in samples]
 
 
+@pytest.mark.slow
 def test_lm_eval_chat_scores_equal_the_hf_model_on_the_same_weights(tmp_path, monkeypatch):
     import torch
     import transformers
