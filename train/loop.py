@@ -40,6 +40,7 @@ from tandem.train.checkpoint import Checkpointer, incompatible_fields
 from tandem.train.config import TrainConfig
 from tandem.train.mesh import (
     batch_sharding,
+    data_processes,
     local_rows,
     make_mesh,
     maybe_initialize_distributed,
@@ -399,10 +400,11 @@ def setup_run(cfg: TrainConfig) -> RunSetup:
     train_src = tdata.drop_unusable(train_src, encoder, cfg.seq_len)
     eval_src = tdata.drop_unusable(eval_src, encoder, cfg.seq_len)
     log.info(
-        "mesh %s over %d devices, %d process(es); data %r / eval %r",
+        "mesh %s over %d devices, %d process(es), processes per data index %s; data %r / eval %r",
         dict(mesh.shape),
         jax.device_count(),
         jax.process_count(),
+        data_processes(mesh),
         train_src,
         eval_src,
     )
