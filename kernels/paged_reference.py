@@ -16,8 +16,9 @@ chunk several) whose T query tokens are packed row after row:
 Query j of row r (q_len = cu_q_lens[r + 1] - cu_q_lens[r]) sits at position
 kv_lens[r] - q_len + j and attends causally to cache positions 0 .. that position. This
 is the argument list of jax's TPU `ragged_paged_attention` and vLLM's attention metadata
-(`seq_lens`, `block_table`, `query_start_loc`); the pool is laid out as jax's GPU
-`paged_attention` lays it out.
+(`seq_lens`, `block_table`, `query_start_loc`); the pool is laid out as jax's GPU and TPU
+`paged_attention` lay it out (its TPU `ragged_paged_attention` interleaves K and V heads
+instead: tpu_paged_attention.py says why tandem does not).
 """
 
 from __future__ import annotations

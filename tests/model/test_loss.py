@@ -138,3 +138,37 @@ def test_compiled_loss_holds_no_full_f32_logits() -> None:
 def test_bad_chunk_raises() -> None:
     with pytest.raises(ValueError, match="vocab chunk 0"):
         vocab_chunks(100, 0)
+
+
+def test_tensor_sharded_head_is_never_gathered_whole() -> None:
+    """On a (data 2, fsdp 2, tensor 2) mesh with the head's vocabulary split over `tensor`,
+    every device computes its own columns of each strided chunk: no collective carries a
+    whole chunk's (512) or the whole vocabulary's (4096) columns, and the loss equals the
+    unsharded one."""
+    import re
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)  # fmt: skip
+    x, head, targets, cot = _inputs(4, 8, 16, 64, 4096, jnp.bfloat16)
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    sharded = (
+        jax.device_put(x, rows),
+        jax.device_put(head, NamedSharding(mesh, P("fsdp", "tensor"))),
+        jax.device_put(targets, rows),
+    )
+
+    def loss(x, head, targets):
+        return jnp.sum(chunked_cross_entropy(x, head, targets, chunk=512) * cot)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    with jax.set_mesh(mesh):
+        hlo = step.lower(*sharded).compile().as_text()
+        value, _ = step(*sharded)
+    collectives = re.findall(r"= \S+\[([\d,]*)\]\S* (?:all-gather|all-reduce|all-to-all)\(", hlo)
+    assert collectives, "the sharded loss communicates"
+    dims = {int(d) for shape in collectives for d in shape.split(",") if d}
+    assert not dims & {512, 4096}, collectives
+    np.testing.assert_allclose(float(value), float(jax.jit(loss)(x, head, targets)), rtol=1e-5)
