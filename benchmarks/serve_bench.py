@@ -576,7 +576,6 @@ def main(argv: list[str] | None = None) -> int:
     apis = [a.strip() for a in args.apis.split(",") if a.strip()]
     if not apis or set(apis) - {"grpc", "openai"}:
         parser.error(f"--apis={args.apis!r} is invalid: allowed grpc, openai (comma list)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from tandem.serve.config import ServeConfig
     from tandem.serve.server import BackgroundServer, TandemServer
 
@@ -741,4 +740,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from tandem.cli import setup_logging
+
+    setup_logging("INFO")  # what `tandem bench serve` sets up before calling main
     raise SystemExit(main())

@@ -56,9 +56,16 @@ def spawn(
 
 
 def spawn_cli(
-    run_dir: Path, args: list[str], *, devices: int, env: dict | None = None, log_name: str = "log"
+    run_dir: Path,
+    args: list[str],
+    *,
+    devices: int,
+    env: dict | None = None,
+    log_name: str = "log",
+    entry: tuple[str, ...] = ("-m", "tandem.train"),
 ) -> subprocess.Popen:
-    """`python -m tandem.train ARGS run_dir=RUN_DIR` in a fresh interpreter."""
+    """`python -m tandem.train ARGS run_dir=RUN_DIR` (or `python ENTRY ...`) in a fresh
+    interpreter."""
     e = dict(os.environ)
     e.update(
         {
@@ -70,7 +77,7 @@ def spawn_cli(
     e.update(env or {})
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     log = open(Path(run_dir).parent / f"{Path(run_dir).name}.{log_name}.txt", "w")  # noqa: SIM115
-    cmd = [sys.executable, "-m", "tandem.train", *args, f"run_dir={run_dir}"]
+    cmd = [sys.executable, *entry, *args, f"run_dir={run_dir}"]
     return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT)
 
 
