@@ -60,7 +60,7 @@ from tandem.serve.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 << 20  # gRPC's default message limit: the same requests fit both APIs
-LONG_TEXT = 4096  # characters: longer prompts are tokenized off the event loop
+LONG_TEXT = 4096  # characters: longer prompts are tokenized (chats rendered) off the loop
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # answered without the bearer token
 MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI and vLLM floor logprobs here
 
@@ -405,9 +405,7 @@ class OpenAIService:
         encode = functools.partial(
             self.tokenizer.encode, text, add_special_tokens=add_special_tokens
         )
-        if len(text) <= LONG_TEXT:
-            return encode()
-        return await asyncio.get_running_loop().run_in_executor(None, encode)
+        return encode() if len(text) <= LONG_TEXT else await _in_thread(encode)
 
     async def _chat_prompt(
         self,
@@ -427,16 +425,26 @@ class OpenAIService:
                 param="messages",
                 code="no_chat_template",
             )
-        chat = []
+        template_kwargs = template_kwargs or {}
+        if reserved := sorted({"messages", "add_generation_prompt"} & set(template_kwargs)):
+            raise ApiError(
+                400,
+                f"chat_template_kwargs may not set {reserved}: they are the request's own",
+                param="chat_template_kwargs",
+                code="invalid_value",
+            )
+        chat, size = [], 0
         for m in messages:
             message = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
                 message["content"] = "\n".join(part.text for part in m.content)
+            size += len(message.get("content", ""))
             chat.append(message)
-        try:
-            text = template.render(
-                chat, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
-            )
+        render = functools.partial(
+            template.render, chat, add_generation_prompt=add_generation_prompt, **template_kwargs
+        )
+        try:  # a long conversation renders off the event loop, as a long prompt encodes
+            text = render() if size <= LONG_TEXT else await _in_thread(render)
         except ValueError as err:
             raise ApiError(
                 400, f"messages: {err}", param="messages", code="invalid_value"
@@ -770,6 +778,12 @@ def served_model_name(cfg: ServeConfig) -> str:
     if cfg.served_model_name:
         return cfg.served_model_name
     return Path(cfg.bundle).resolve().name if cfg.bundle else "tandem"
+
+
+async def _in_thread(work: Callable[[], Any]) -> Any:
+    """`work()` on the default executor: long tokenizing and rendering would stall every
+    stream of the event loop (the gRPC server's too)."""
+    return await asyncio.get_running_loop().run_in_executor(None, work)
 
 
 async def _disconnected(request: Request) -> None:

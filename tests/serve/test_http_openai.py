@@ -354,6 +354,8 @@ BAD_REQUESTS = [
     ("chat_max_completion_tokens_zero", CH, {"messages": CHAT, "max_completion_tokens": 0}, 400,
      "max_completion_tokens"),
     ("chat_unknown_model", CH, {"messages": CHAT, "model": "gpt-4"}, 404, "model"),
+    ("chat_template_kwargs_reserved", CH, {"messages": CHAT, "chat_template_kwargs":
+     {"add_generation_prompt": False}}, 400, "chat_template_kwargs"),
 ]  # fmt: skip
 # Known parameters whose feature is not served yet: refused unless at their "off" value.
 NOT_YET = [
