@@ -857,7 +857,14 @@ def build_app(service: OpenAIService, token: str | None = None) -> Any:
         detail = getattr(exc, "detail", str(exc))
         return ApiError(status, f"{request.method} {request.url.path}: {detail}").response()
 
-    app: Any = Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})
+    async def server_error(request: Request, exc: Exception) -> Response:
+        # Starlette logs the traceback and re-raises after sending this
+        return ApiError(500, f"internal error: {type(exc).__name__}", code="internal").response()
+
+    app: Any = Starlette(
+        routes=routes,
+        exception_handlers={404: http_error, 405: http_error, Exception: server_error},
+    )
     return _BearerToken(app, token) if token else app
 
 

@@ -412,6 +412,18 @@ def test_bad_requests_are_400s_naming_the_param_and_server_keeps_serving(
     assert b'tandem_requests_total{status="RESOURCE_EXHAUSTED"} 1.0' in metrics  # the 413
 
 
+def test_a_server_bug_is_an_openai_shaped_500_and_the_server_goes_on(server, monkeypatch):
+    def broken(token: int) -> str:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.server.http.service, "token_text", broken)
+    status, reply = _post(server, C, {"prompt": "ab", "logprobs": 1})
+    assert status == 500 and reply["error"]["code"] == "internal"
+    assert "RuntimeError" in reply["error"]["message"]
+    assert _post(server, C, {"prompt": "ok"})[1]["choices"][0]["text"] == "ok"
+    assert _idle(server)
+
+
 def test_queue_full_is_429_and_warming_up_is_503(make_fake_server, tokenizer) -> None:
     bg = make_fake_server(cfg=dataclasses.replace(CFG, max_seqs=1, max_queue=2), step_delay=0.02)
     client, orch = _client(bg), bg.server.orch
