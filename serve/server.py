@@ -406,7 +406,13 @@ class TandemServer:
         if self.cfg.metrics_port is not None:
             self.bound_metrics_port = self.metrics.serve_http(self.cfg.metrics_port, self.host)
         if self.http is not None:
-            self.bound_http_port = await self.http.start()
+            try:
+                self.bound_http_port = await self.http.start()
+            except BaseException:  # e.g. the port is taken: no half-started replica
+                await server.stop(0)
+                self.metrics.close()
+                self._server = None
+                raise
         self._warmup_task = asyncio.create_task(self._warmup())
         log.info("gRPC on %s:%d (warming up)", self.host, self.bound_port)
         return self.bound_port

@@ -4,11 +4,13 @@ engine behind it: completions, chat, streaming, n, logprobs, errors, disconnects
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import http.client
 import json
 import random
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -602,6 +604,22 @@ def test_http_and_grpc_share_one_orchestrator_and_metrics(server) -> None:
     assert status == 200 and b'tandem_requests_total{status="OK"} 2.0' in body
     side = server.server.bound_metrics_port
     assert urllib.request.urlopen(f"http://127.0.0.1:{side}/metrics", timeout=5).read() == body
+
+
+def test_taken_http_port_fails_start_and_frees_the_grpc_port(tokenizer) -> None:
+    from tandem.serve.fake_engine import FakeEngine
+    from tandem.serve.server import TandemServer
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = dataclasses.replace(CFG, port=0, http_port=taken.getsockname()[1])
+        server = TandemServer(FakeEngine(tokenizer), cfg)
+        with pytest.raises(OSError):
+            asyncio.run(server.start())
+    assert server._server is None and server.bound_port is not None
+    with socket.socket() as again:  # no half-started replica: the gRPC port is free again
+        again.bind(("127.0.0.1", server.bound_port))
 
 
 def test_config_keys_and_model_name(tmp_path) -> None:
