@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API (Starlette on uvicorn), beside gRPC on the same orchestrator.
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both stream as
-server-sent events with `"stream": true`, ending in `data: [DONE]`), `GET /v1/models`,
+server-sent events with `"stream": true`, ending in `data: [DONE]`), `GET /v1/models`
+(and `/v1/models/{model}`),
 `POST /tokenize` (vLLM's), `GET /health` (200 once warm, 503 while warming up or
 draining) and `GET /metrics` (the replica's Prometheus registry). It is a translation
 layer like the gRPC one: requests become `SamplingParams` submitted to the one
@@ -742,9 +743,16 @@ class OpenAIService:
         )
         return _json(body)
 
+    def _card(self) -> api.ModelCard:
+        return api.ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_len)
+
     async def models(self, request: Request) -> Response:
-        card = api.ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_len)
-        return _json(api.ModelList(data=[card]))
+        return _json(api.ModelList(data=[self._card()]))
+
+    async def model(self, request: Request) -> Response:
+        """`GET /v1/models/{model}` (the SDK's `models.retrieve`)."""
+        self._check_model(request.path_params["model"])
+        return _json(self._card())
 
     async def tokenize(self, request: Request) -> Response:
         req = await self._body(request, api.TokenizeRequest)
@@ -847,6 +855,7 @@ def build_app(service: OpenAIService, token: str | None = None) -> Any:
         Route("/v1/chat/completions", _endpoint(service.chat_completions, m, True),
               methods=["POST"]),
         Route("/v1/models", _endpoint(service.models, m, False), methods=["GET"]),
+        Route("/v1/models/{model:path}", _endpoint(service.model, m, False), methods=["GET"]),
         Route("/tokenize", _endpoint(service.tokenize, m, False), methods=["POST"]),
         Route("/health", service.health, methods=["GET"]),
         Route("/metrics", service.prometheus, methods=["GET"]),

@@ -98,6 +98,9 @@ def test_completions_text_usage_stop_and_batches(server, tokenizer) -> None:
     client = _client(server)
     (card,) = client.models.list().data
     assert (card.id, card.owned_by, card.model_extra["max_model_len"]) == ("tandem", "tandem", 128)
+    assert client.models.retrieve("tandem") == card
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
     r = client.completions.create(model="tandem", prompt="héllo STOP world", stop="STOP")
     (choice,) = r.choices
     assert (choice.text, choice.finish_reason, choice.index) == ("héllo ", "stop", 0)
