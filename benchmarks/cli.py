@@ -1,4 +1,4 @@
-"""`tandem bench {serve,train,kernels} ...`: the benchmarks behind one subcommand."""
+"""`tandem bench {serve,train,kernels,paged} ...`: the benchmarks behind one subcommand."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ BENCHMARKS = {
     "serve": "tandem.benchmarks.serve_bench",
     "train": "tandem.benchmarks.train_bench",
     "kernels": "tandem.benchmarks.kernel_bench",
+    "paged": "tandem.benchmarks.paged_bench",
 }
 
 

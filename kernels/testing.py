@@ -6,6 +6,9 @@ shapes spends its time in the kernels, not in building inputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,3 +94,63 @@ def packed_segment_ids(seed: int, batch: int, seq: int, max_segments: int = 4) -
             row[c:] += 1
         rows.append(row)
     return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+class PagedStep(NamedTuple):
+    """The arguments of one paged attention call (`ragged_paged_attention_reference`)."""
+
+    q: jax.Array  # [T, N, H]
+    k_pages: jax.Array  # [K, P, Ps, H]
+    v_pages: jax.Array  # [K, P, Ps, H]
+    kv_lens: jax.Array  # [R] int32
+    page_indices: jax.Array  # [R, Pr] int32
+    cu_q_lens: jax.Array  # [R + 1] int32
+    num_rows: jax.Array  # [] int32
+
+
+def paged_step(
+    seed: int,
+    rows: Sequence[tuple[int, int]],
+    *,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    page_size: int,
+    dtype: jnp.dtype,
+    padding_rows: int = 2,
+    padding_tokens: int = 3,
+    spare_pages: int = 3,
+) -> PagedStep:
+    """A ragged step: `rows` are (query tokens, cache length) of the rows in use.
+
+    Each row's pages are drawn at random from the pool (never contiguous in order), and
+    everything the contract says is ignored holds garbage: page-table entries past a
+    row's pages, the `padding_rows` rows past num_rows (random lengths, zero cu_q_lens
+    entries), the `padding_tokens` query tokens past the last row, and `spare_pages`
+    pool pages no row uses.
+    """
+    rng = np.random.default_rng(seed)
+    page_counts = [-(-kv_len // page_size) for _, kv_len in rows]
+    pages_per_seq = max([*page_counts, 1]) + 1
+    n_pages = sum(page_counts) + spare_pages
+    n_rows = len(rows) + padding_rows
+    pool = rng.permutation(n_pages)
+    table = rng.integers(0, n_pages, (n_rows, pages_per_seq))
+    used = 0
+    for r, count in enumerate(page_counts):
+        table[r, :count] = pool[used : used + count]
+        used += count
+    q_lens = [q_len for q_len, _ in rows]
+    cu = np.zeros(n_rows + 1, np.int64)  # padding rows' entries stay 0
+    cu[1 : len(rows) + 1] = np.cumsum(q_lens)
+    kv_lens = rng.integers(0, pages_per_seq * page_size + 1, n_rows)
+    kv_lens[: len(rows)] = [kv_len for _, kv_len in rows]
+    n_tokens = sum(q_lens) + padding_tokens
+    q = rng.standard_normal((n_tokens, n_heads, head_dim), np.float32)
+    k = rng.standard_normal((n_kv, n_pages, page_size, head_dim), np.float32)
+    v = rng.standard_normal((n_kv, n_pages, page_size, head_dim), np.float32)
+    return PagedStep(
+        *(jnp.asarray(x, dtype) for x in (q, k, v)),
+        *(jnp.asarray(x, jnp.int32) for x in (kv_lens, table, cu)),
+        jnp.asarray(len(rows), jnp.int32),
+    )

@@ -9,11 +9,13 @@ a serving mesh the `data`/`fsdp` axes simply have size 1.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tandem.kernels import MeshAxes
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,18 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (MLP, "tensor"),
 )
 _RULES = dict(LOGICAL_RULES)
+
+
+def _mesh_axes(name: str) -> tuple[str, ...]:
+    target = _RULES[name]
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
+# How attention kernels split over the mesh (kernels/sharding.py: `per_shard`): batch rows
+# as activations are split, query and kv heads as their weights are. A query head must
+# share a device with its kv head, so the two rules must agree.
+assert _RULES[HEADS] == _RULES[KV_HEADS]
+ATTENTION_AXES = MeshAxes(batch=_mesh_axes(BATCH), heads=_mesh_axes(HEADS))
 
 
 def logical_to_spec(
@@ -122,37 +136,3 @@ def constrain(
     else:
         spec = logical_to_spec(logical_axes, x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
-
-
-def per_shard(
-    fn: Callable[..., jax.Array],
-    args: Sequence[jax.Array],
-    logical_axes: Sequence[Sequence[str | None]],
-    heads: tuple[int, int],
-) -> jax.Array:
-    """`fn(*args)` run on each device's shard of `args` (`jax.shard_map`) when a mesh with
-    several devices is set, else called directly. The output has the first argument's
-    shape and axes.
-
-    For attention: a Pallas call is opaque to XLA's partitioner, which would gather sharded
-    operands onto every device and compute the whole batch everywhere. Attention is
-    independent per batch row and per kv-head group, so each device computes its own.
-    `heads` = (the axis of the query-head dimension in args[0], the kv-head axis in args[1]):
-    a query head must sit on the device that holds its kv head, so when the mesh shards
-    one of the two but not the other (a count it does not divide), both stay whole.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or mesh.size == 1:
-        return fn(*args)
-    specs = [
-        list(logical_to_spec(ax, a.shape, mesh)) for a, ax in zip(args, logical_axes, strict=True)
-    ]
-    q_head, kv_head = heads
-    if specs[0][q_head] != specs[1][kv_head]:
-        specs[0][q_head] = None
-        for spec, ax in zip(specs[1:], logical_axes[1:], strict=True):
-            for dim, name in enumerate(ax):
-                if name == KV_HEADS:
-                    spec[dim] = None
-    in_specs = tuple(PartitionSpec(*spec) for spec in specs)
-    return jax.shard_map(fn, in_specs=in_specs, out_specs=in_specs[0], check_vma=False)(*args)

@@ -23,7 +23,6 @@ cost more than the rest of a decode step: docs/benchmarks.md).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -36,6 +35,7 @@ from tandem import kernels
 from tandem.model.config import ModelConfig
 from tandem.model.quant import CONTRACTED_AXES, SCALE_SUFFIX, scaled_matmul
 from tandem.model.sharding import (
+    ATTENTION_AXES,
     BATCH,
     EMBED,
     HEAD_DIM,
@@ -46,7 +46,6 @@ from tandem.model.sharding import (
     MLP,
     VOCAB,
     constrain,
-    per_shard,
 )
 
 _ACTIVATION = (BATCH, LENGTH, EMBED)
@@ -273,7 +272,15 @@ class Transformer(nnx.Module):
             q, k, v = _attention_inputs(cfg, x, p, cos, sin)  # k, v: [B, 1, K, H]
             cache_k = cache_k.at[rows, :, lengths].set(k[:, 0].astype(cache_k.dtype))
             cache_v = cache_v.at[rows, :, lengths].set(v[:, 0].astype(cache_v.dtype))
-            out = _decode_attention(cfg, q[:, 0], cache_k, cache_v, lengths + 1, slots)
+            out = kernels.decode_attention(
+                q[:, 0],
+                cache_k,
+                cache_v,
+                lengths + 1,
+                slots=slots,
+                impl=cfg.attention_impl,
+                mesh_axes=ATTENTION_AXES,
+            )
             x = _layer_output(cfg, x, out[:, None], p)
             new_k.append(cache_k)
             new_v.append(cache_v)
@@ -326,41 +333,11 @@ class Transformer(nnx.Module):
         return constrain(logits, (BATCH, LENGTH, VOCAB))
 
 
-_QKV_AXES = (
-    (BATCH, LENGTH, HEADS, HEAD_DIM),  # q [B, T, N, H]
-    (BATCH, LENGTH, KV_HEADS, HEAD_DIM),  # k [B, T, K, H]
-    (BATCH, LENGTH, KV_HEADS, HEAD_DIM),  # v
-)
-_DECODE_AXES = (
-    (BATCH, HEADS, HEAD_DIM),  # q [B, N, H]
-    (BATCH, KV_HEADS, LENGTH, HEAD_DIM),  # k cache [B, K, S, H]
-    (BATCH, KV_HEADS, LENGTH, HEAD_DIM),  # v cache
-    (BATCH,),  # lengths [B]
-)
-
-
 def _attention(cfg: ModelConfig, q, k, v, segment_ids):
-    """Causal attention; a Pallas kernel runs per mesh shard (see `per_shard`)."""
-    impl = cfg.attention_impl
-
-    def attend(q, k, v, segment_ids=None):
-        return kernels.attention(q, k, v, segment_ids=segment_ids, impl=impl)
-
-    if not kernels.runs_pallas(impl):  # XLA partitions the reference itself
-        return attend(q, k, v, segment_ids)
-    if segment_ids is None:
-        return per_shard(attend, (q, k, v), _QKV_AXES, heads=(2, 2))
-    return per_shard(attend, (q, k, v, segment_ids), (*_QKV_AXES, (BATCH, LENGTH)), heads=(2, 2))
-
-
-def _decode_attention(cfg: ModelConfig, q, cache_k, cache_v, lengths, slots):  # -> [B, N, H]
-    impl = cfg.attention_impl
-    fn = functools.partial(kernels.decode_attention, impl=impl)
-    if not kernels.runs_pallas(impl):
-        return fn(q, cache_k, cache_v, lengths, slots=slots)
-    if slots is not None:  # per_shard maps the kernel over row b = query b
-        cache_k, cache_v = cache_k[slots], cache_v[slots]
-    return per_shard(fn, (q, cache_k, cache_v, lengths), _DECODE_AXES, heads=(1, 1))
+    """Causal attention over whole sequences (training and prefill)."""
+    return kernels.attention(
+        q, k, v, segment_ids=segment_ids, impl=cfg.attention_impl, mesh_axes=ATTENTION_AXES
+    )
 
 
 def _attention_inputs(cfg: ModelConfig, x, p, cos, sin):

@@ -15,7 +15,7 @@ for n = 4, 8, 16, ... up to B rows and each step runs the smallest n that holds 
 in use: a 64-slot server with 3 requests in flight steps at the cost of 4 slots, and the
 last long requests of a burst do not pay for the empty slots around them. The n rows are
 the slots in use ordered by length, so the attention loop's groups of slots
-(kernels/dispatch.py) hold similar lengths and read little past them. Elsewhere (Pallas
+(kernels/bucketed_reference.py) hold similar lengths and read little past them. Elsewhere (Pallas
 on GPU: empty slots cost the kernel nothing, and matmuls of 4 or 64 rows cost the same
 weight reads) there is one `generate` over all B slots in slot order.
 

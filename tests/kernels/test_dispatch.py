@@ -14,13 +14,16 @@ import numpy as np
 import pytest
 
 from tandem import kernels
-from tandem.kernels import dispatch
+from tandem.kernels import bucketed_reference, dispatch
+from tandem.kernels.paged_reference import ragged_paged_attention_reference
 from tandem.kernels.reference import attention_reference, decode_attention_reference
-from tandem.kernels.testing import decode_inputs, packed_segment_ids, prefill_inputs
+from tandem.kernels.testing import decode_inputs, packed_segment_ids, paged_step, prefill_inputs
 
 ON_CPU = jax.default_backend() == "cpu"
 _decode_reference = jax.jit(decode_attention_reference)  # one compile, not one per op
 _reference = jax.jit(attention_reference)
+_paged_reference = jax.jit(ragged_paged_attention_reference)
+_PAGED_ROWS = [(1, 20), (1, 1), (9, 30), (0, 0), (1, 47)]  # decode, a chunk, an idle row
 
 
 @pytest.fixture(autouse=True)
@@ -122,9 +125,9 @@ def test_cpu_reference_reads_only_each_groups_prefix_and_equals_the_spec(
     # On CPU each group of slots reads the prefix (per_slot_length_buckets) of its longest
     # slot; NaN past it proves the rest is never read (the spec masks, but would still see
     # NaN * 0).
-    sizes = dispatch.per_slot_length_buckets(512)
+    sizes = bucketed_reference.per_slot_length_buckets(512)
     assert sizes == (64, 128, 192, 256, 320, 384, 448, 512)
-    group = dispatch.slot_group_size(len(lengths))
+    group = bucketed_reference.slot_group_size(len(lengths))
     assert group == {3: 1, 6: 2, 8: 4}[len(lengths)]
     q, k, v = decode_inputs(3, len(lengths), 4, 2, 512, 16, jnp.float32)
     n = jnp.asarray(lengths, jnp.int32)
@@ -165,11 +168,11 @@ def test_decode_with_slots_reads_only_the_named_rows(
 
 
 def test_per_slot_buckets_grow_four_per_octave_past_512() -> None:
-    sizes = dispatch.per_slot_length_buckets(8192)
+    sizes = bucketed_reference.per_slot_length_buckets(8192)
     assert sizes[:9] == (64, 128, 192, 256, 320, 384, 448, 512, 640)
     assert sizes[-1] == 8192 and list(sizes) == sorted(set(sizes))
     assert all(b / a <= 1.25 for a, b in itertools.pairwise(sizes[7:]))
-    assert dispatch.per_slot_length_buckets(100) == (64, 100)
+    assert bucketed_reference.per_slot_length_buckets(100) == (64, 100)
 
 
 @pytest.mark.parametrize(
@@ -181,12 +184,14 @@ def test_accelerator_reference_reads_only_the_batch_prefix_and_equals_the_spec(
     lengths: list[int],
 ) -> None:
     # Off CPU one prefix serves the whole batch: the power of two holding the longest slot.
-    assert dispatch.reference_length_buckets(512) == (128, 256, 512)
+    assert bucketed_reference.reference_length_buckets(512) == (128, 256, 512)
     q, k, v = decode_inputs(3, 3, 4, 2, 512, 16, jnp.float32)
     n = jnp.asarray(lengths, jnp.int32)
     bucket = next(size for size in (128, 256, 512) if size >= max(lengths))
     poisoned_k, poisoned_v = k.at[:, :, bucket:].set(jnp.nan), v.at[:, :, bucket:].set(jnp.nan)
-    out = np.asarray(jax.jit(dispatch._batch_prefix_reference)(q, poisoned_k, poisoned_v, n))
+    out = np.asarray(
+        jax.jit(bucketed_reference._batch_prefix_reference)(q, poisoned_k, poisoned_v, n)
+    )
     expected = np.asarray(_decode_reference(q, k, v, n))
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
 
@@ -230,6 +235,60 @@ def test_prefill_fallback_warns_once_per_reason(caplog: pytest.LogCaptureFixture
     messages = [r.getMessage() for r in _fallback_records(caplog)]
     assert len(messages) == 2, messages
     assert "T=8" in messages[0] and "T=24" in messages[1]
+
+
+def _paged(impl: str):
+    return jax.jit(lambda *step: kernels.paged_attention(*step, impl=impl))
+
+
+@pytest.mark.skipif(not ON_CPU, reason="auto picks the kernel off CPU")
+def test_paged_auto_on_cpu_is_the_blocked_reference(caplog: pytest.LogCaptureFixture) -> None:
+    step = paged_step(
+        7, _PAGED_ROWS, n_heads=4, n_kv=2, head_dim=32, page_size=16, dtype=jnp.float32
+    )
+    assert not _uses_pallas(lambda *a: kernels.paged_attention(*a), *step)
+    with pytest.raises(ValueError, match="pallas_interpret"):
+        kernels.paged_attention(*step, impl="pallas")
+    np.testing.assert_allclose(
+        np.asarray(_paged("auto")(*step)), np.asarray(_paged_reference(*step)), atol=2e-5, rtol=2e-5
+    )
+    assert not _fallback_records(caplog)
+
+
+def test_interpret_runs_the_paged_kernel() -> None:
+    step = paged_step(
+        8, _PAGED_ROWS, n_heads=8, n_kv=2, head_dim=32, page_size=8, dtype=jnp.float32
+    )
+    assert _uses_pallas(lambda *a: kernels.paged_attention(*a, impl="pallas_interpret"), *step)
+    np.testing.assert_allclose(
+        np.asarray(_paged("pallas_interpret")(*step)),
+        np.asarray(_paged_reference(*step)),
+        atol=2e-5,
+        rtol=2e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "reason"),
+    [({"head_dim": 24}, "head_dim=24"), ({"n_heads": 2, "n_kv": 2, "head_dim": 8}, "head_dim=8")],
+    ids=["head_dim-24", "head_dim-8"],
+)
+def test_paged_fallback_warns_once_and_is_exact(
+    shape: dict, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    dims = {"n_heads": 4, "n_kv": 2, "head_dim": 32} | shape
+    step = paged_step(9, _PAGED_ROWS, page_size=16, dtype=jnp.float32, **dims)
+    with caplog.at_level(logging.WARNING, logger="tandem.kernels.dispatch"):
+        assert not _uses_pallas(
+            lambda *a: kernels.paged_attention(*a, impl="pallas_interpret"), *step
+        )  # trace 1
+        out = _paged("pallas_interpret")(*step)  # trace 2: still one warning
+    np.testing.assert_allclose(
+        np.asarray(out), np.asarray(_paged_reference(*step)), atol=2e-5, rtol=2e-5
+    )
+    records = _fallback_records(caplog)
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert reason in records[0].getMessage()
 
 
 # --- the model's paths through the dispatcher ---------------------------------------------

@@ -16,10 +16,13 @@ import pytest
 from jax import export
 
 from tandem.kernels.decode_attention import ragged_decode_attention
+from tandem.kernels.paged_attention import ragged_paged_attention
 from tandem.kernels.prefill_attention import flash_attention
 
 from .test_decode_attention import CASES as DECODE_CASES
 from .test_decode_attention import GPU_CASES as DECODE_GPU_CASES
+from .test_paged_attention import CASES as PAGED_CASES
+from .test_paged_attention import GPU_CASES as PAGED_GPU_CASES
 from .test_prefill_attention import CASES as PREFILL_CASES
 from .test_prefill_attention import GPU_CASES as PREFILL_GPU_CASES
 
@@ -78,7 +81,16 @@ def test_prefill_backward_lowers_to_triton(case) -> None:
     assert _triton_calls(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, seg) == 3
 
 
+@pytest.mark.parametrize("case", list(dict.fromkeys(PAGED_GPU_CASES)), ids=lambda c: c.id)
+def test_paged_lowers_to_triton(case) -> None:
+    step = case.step()  # the shapes and dtypes the numeric tests use
+    fn = functools.partial(ragged_paged_attention, block_q=case.block_q, block_k=case.block_k)
+    specs = [Spec(x.shape, x.dtype) for x in step]
+    assert _triton_calls(fn, *specs) == 1
+
+
 def test_cases_cover_the_interpret_sweep() -> None:
     """Every shape the CPU tests check numerically is also checked to lower for CUDA."""
     assert set(DECODE_CASES) <= set(DECODE_GPU_CASES)
     assert set(PREFILL_CASES) <= set(PREFILL_GPU_CASES)
+    assert set(PAGED_CASES) <= set(PAGED_GPU_CASES)

@@ -1,0 +1,256 @@
+"""Attention in XLA whose work follows the live lengths: what runs where no Pallas kernel
+does (CPU always; TPU; GPU shapes a kernel cannot take).
+
+The references (reference.py, paged_reference.py) read every cache position up to the
+capacity, while sequences are usually far shorter and of very different lengths. These
+variants compute the same thing over cache prefixes chosen on device with `lax.switch`
+over fixed sizes, so no shape depends on data and none is bigger than the live lengths
+need (measured: docs/benchmarks.md, "Measurements behind code choices").
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tandem.kernels.paged_reference import query_blocks, step_rows
+from tandem.kernels.reference import decode_attention_reference
+
+_MASKED = -1e30  # finite, as in the references
+
+# The reference reads every cache position up to S, while slots are usually far shorter
+# and of very different lengths. Where it runs (CPU, TPU, unsupported GPU shapes) it is
+# therefore applied to cache prefixes chosen on device with `lax.switch` over fixed sizes,
+# so work follows the live lengths rather than the capacity and no shape depends on data:
+#   * CPU: a loop over groups of up to 4 slots, each group reading the prefix of its
+#     longest slot (multiples of 64, then four sizes per octave). An iteration has a
+#     fixed cost there whatever it reads, so one slot per iteration paid it four times as
+#     often; a whole-batch prefix makes every short slot read the longest one's length
+#     (measured: docs/benchmarks.md, "Measurements behind code choices");
+#   * accelerators, where a loop of small ops is slow: one prefix for the whole batch,
+#     the shortest power of two (>= 128) that holds the longest slot.
+MIN_REFERENCE_DECODE_LEN = 128
+_PER_SLOT_MIN_LEN = 64
+
+
+def reference_length_buckets(max_len: int) -> tuple[int, ...]:
+    """Whole-batch prefix lengths: powers of two from MIN_REFERENCE_DECODE_LEN, then S."""
+    sizes = []
+    size = MIN_REFERENCE_DECODE_LEN
+    while size < max_len:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_len)
+
+
+def per_slot_length_buckets(max_len: int) -> tuple[int, ...]:
+    """Per-slot prefix lengths: multiples of 64 up to 512, then four per octave, then S
+    (at most 25 % more than a slot needs past 512; 24 branches for S = 8192)."""
+    sizes = []
+    size, step = _PER_SLOT_MIN_LEN, _PER_SLOT_MIN_LEN
+    while size < max_len:
+        sizes.append(size)
+        if size >= 8 * step:
+            step *= 2
+        size += step
+    return (*sizes, max_len)
+
+
+def slot_group_size(batch: int) -> int:
+    """Slots per iteration of the CPU decode loop: 4, or the largest of 2, 1 that divides
+    the batch."""
+    return next(g for g in (4, 2, 1) if batch % g == 0)
+
+
+def bucket_index(sizes: tuple[int, ...], need: jax.Array) -> jax.Array:
+    """Index of the first size >= need (the last one if none is)."""
+    index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need)
+    return jnp.minimum(index, len(sizes) - 1)
+
+
+def decode_attention_bucketed(
+    q: jax.Array,  # [B, N, H]
+    k_cache: jax.Array,  # [Bc, K, S, H]
+    v_cache: jax.Array,  # [Bc, K, S, H]
+    lengths: jax.Array,  # [B] int32
+    slots: jax.Array | None,  # [B] int32 cache row per query; None = row b (Bc = B)
+) -> jax.Array:  # [B, N, H]
+    """`decode_attention_reference` over length-bucketed cache prefixes."""
+    if jax.default_backend() == "cpu":  # the loop reads each query's row in place
+        return _slot_group_reference(q, k_cache, v_cache, lengths, slots)
+    if slots is not None:  # the whole-batch prefix reads row b for query b
+        k_cache, v_cache = k_cache[slots], v_cache[slots]
+    return _batch_prefix_reference(q, k_cache, v_cache, lengths)
+
+
+def _batch_prefix_reference(q, k_cache, v_cache, lengths) -> jax.Array:
+    sizes = reference_length_buckets(k_cache.shape[2])
+
+    def prefix(size: int):
+        def attend(q, k_cache, v_cache, lengths):
+            return decode_attention_reference(
+                q, k_cache[:, :, :size], v_cache[:, :, :size], lengths
+            )
+
+        return attend
+
+    if len(sizes) == 1:
+        return prefix(sizes[0])(q, k_cache, v_cache, lengths)
+    index = bucket_index(sizes, jnp.max(lengths))  # every slot must fit in the prefix
+    return jax.lax.switch(index, [prefix(s) for s in sizes], q, k_cache, v_cache, lengths)
+
+
+def _slot_group_reference(q, k_cache, v_cache, lengths, slots) -> jax.Array:
+    batch = q.shape[0]
+    _, n_kv, _, head_dim = k_cache.shape
+    group = slot_group_size(batch)
+    sizes = per_slot_length_buckets(k_cache.shape[2])
+    rows = jnp.arange(batch, dtype=jnp.int32) if slots is None else slots
+
+    def prefix(size: int):
+        def read(cache, first):  # [group, K, size, H]: each query's own cache row
+            return jnp.concatenate(
+                [
+                    jax.lax.dynamic_slice(
+                        cache, (rows[first + j], 0, 0, 0), (1, n_kv, size, head_dim)
+                    )
+                    for j in range(group)
+                ]
+            )
+
+        def attend(first):
+            query = jax.lax.dynamic_slice_in_dim(q, first, group)
+            length = jax.lax.dynamic_slice_in_dim(lengths, first, group)
+            k, v = read(k_cache, first), read(v_cache, first)
+            return decode_attention_reference(query, k, v, length)  # [group, N, H]
+
+        return attend
+
+    branches = [prefix(s) for s in sizes]
+    longest = jnp.max(lengths.reshape(batch // group, group), axis=1)  # [B / group]
+    indices = bucket_index(sizes, longest)  # once: not a search per loop iteration
+
+    def one_group(i, out):
+        first = i * group
+        return jax.lax.dynamic_update_slice_in_dim(
+            out, jax.lax.switch(indices[i], branches, first), first, 0
+        )
+
+    return jax.lax.fori_loop(0, batch // group, one_group, jnp.zeros_like(q))
+
+
+# Paged attention on CPU: two loops, each iteration reading only the pages its queries
+# can see (a page-count bucket of per_slot_length_buckets) and gathering them by index:
+#   * decode rows (one query token) in groups of DECODE_GROUP rows, as the slot loop
+#     above, each group reading the prefix of its longest row;
+#   * the other rows' queries in blocks of CHUNK_BLOCK tokens (`query_blocks`), each
+#     block reading up to its last query's position (causality: a chunk's early blocks
+#     read less).
+# The trip counts are the live decode groups and chunk blocks, so padding rows and
+# tokens cost nothing. The plain reference instead gathers every query's whole page table.
+DECODE_GROUP = 4
+CHUNK_BLOCK = 32
+
+
+def page_buckets(pages_per_seq: int, page_size: int) -> tuple[int, ...]:
+    """Page counts to read: per_slot_length_buckets in whole pages, up to the table."""
+    sizes = per_slot_length_buckets(pages_per_seq * page_size)
+    return tuple(sorted({-(-size // page_size) for size in sizes}))
+
+
+def ragged_paged_attention_blocked(
+    q: jax.Array,  # [T, N, H]
+    k_pages: jax.Array,  # [K, P, Ps, H]
+    v_pages: jax.Array,  # [K, P, Ps, H]
+    kv_lens: jax.Array,  # [R] int32
+    page_indices: jax.Array,  # [R, Pr] int32
+    cu_q_lens: jax.Array,  # [R + 1] int32
+    num_rows: jax.Array,  # [] int32
+    *,
+    sm_scale: float | None = None,
+) -> jax.Array:  # [T, N, H]
+    """`ragged_paged_attention_reference`, reading only the pages each query can see."""
+    n_tokens, n_heads, head_dim = q.shape
+    n_kv, _, page_size, _ = k_pages.shape
+    n_rows, pages_per_seq = page_indices.shape
+    group = n_heads // n_kv
+    scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    sizes = page_buckets(pages_per_seq, page_size)
+    cu, q_len = step_rows(cu_q_lens, num_rows)
+    # Rows past T are where padding entries of a group or block write; sliced off below.
+    out = jnp.zeros((n_tokens + CHUNK_BLOCK, n_heads, head_dim), q.dtype)
+    q_padded = jnp.concatenate([q, jnp.zeros_like(out[n_tokens:])])
+
+    def read(pool: jax.Array, pages: jax.Array) -> jax.Array:  # [..., n] -> [K, ..., n * Ps, H]
+        gathered = pool[:, pages]  # [K, ..., n, Ps, H]
+        return gathered.reshape(*gathered.shape[:-3], -1, head_dim)
+
+    # -- decode rows, DECODE_GROUP per iteration --
+    is_decode = q_len == 1  # [R]
+    order = jnp.argsort(~is_decode, stable=True).astype(jnp.int32)  # decode rows first
+    n_groups = -(-n_rows // DECODE_GROUP)
+    order = jnp.pad(order, (0, n_groups * DECODE_GROUP - n_rows))  # [Rg]
+    in_use = jnp.arange(order.shape[0]) < jnp.sum(is_decode)  # [Rg]
+    target = jnp.where(in_use, cu[order], n_tokens)  # [Rg] the token each entry is
+    length = jnp.where(in_use, kv_lens[order], 0)  # [Rg]
+    longest = length.reshape(n_groups, DECODE_GROUP).max(axis=1)  # [Rg / g]
+    decode_bucket = bucket_index(sizes, -(-longest // page_size))
+    # Per-row gathers once, outside the loop: an iteration only slices them.
+    decode_q = q_padded[target]  # [Rg, N, H]
+    decode_pages = page_indices[order]  # [Rg, Pr]
+
+    def decode_branch(n_pages: int):
+        def attend(first):
+            query = jax.lax.dynamic_slice_in_dim(decode_q, first, DECODE_GROUP)  # [g, N, H]
+            pages = jax.lax.dynamic_slice(decode_pages, (first, 0), (DECODE_GROUP, n_pages))
+            # [K, g, S, H] -> [g, K, S, H]: XLA's CPU dots run about twice as fast on
+            # the slot layout as on the gathered one.
+            k = read(k_pages, pages).swapaxes(0, 1)
+            v = read(v_pages, pages).swapaxes(0, 1)
+            lengths = jax.lax.dynamic_slice_in_dim(length, first, DECODE_GROUP)  # [g]
+            return decode_attention_reference(query, k, v, lengths, scale=scale)
+
+        return attend
+
+    decode_branches = [decode_branch(n) for n in sizes]
+
+    def decode_group(i, decode_out):
+        first = i * DECODE_GROUP
+        res = jax.lax.switch(decode_bucket[i], decode_branches, first)  # [g, N, H]
+        return jax.lax.dynamic_update_slice_in_dim(decode_out, res, first, 0)
+
+    live_groups = -(-jnp.sum(is_decode) // DECODE_GROUP)
+    decode_out = jax.lax.fori_loop(0, live_groups, decode_group, jnp.zeros_like(decode_q))
+    out = out.at[target].set(decode_out)  # entries not in use land past T
+
+    # -- the other rows, CHUNK_BLOCK query tokens per iteration --
+    blocks = query_blocks(cu, jnp.where(is_decode, 0, q_len), kv_lens, n_tokens, CHUNK_BLOCK)
+    chunk_bucket = bucket_index(sizes, -(-(blocks.start + blocks.count) // page_size))
+    offsets = jnp.arange(CHUNK_BLOCK)
+
+    def chunk_branch(n_pages: int):
+        def attend(b):
+            query = jax.lax.dynamic_slice_in_dim(q_padded, blocks.first_token[b], CHUNK_BLOCK)
+            pages = jax.lax.dynamic_slice(page_indices, (blocks.row[b], 0), (1, n_pages))[0]
+            k, v = read(k_pages, pages), read(v_pages, pages)  # [K, S, H]
+            qg = query.reshape(CHUNK_BLOCK, n_kv, group, head_dim)  # [Bq, K, G, H]
+            logits = jnp.einsum("qkgh,ksh->kgqs", qg, k, preferred_element_type=jnp.float32)
+            seen = jnp.arange(k.shape[1])[None, :] <= (blocks.start[b] + offsets)[:, None]
+            logits = jnp.where(seen, logits * scale, _MASKED)  # [K, G, Bq, S]
+            probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+            res = jnp.einsum("kgqs,ksh->qkgh", probs, v, preferred_element_type=jnp.float32)
+            return res.reshape(CHUNK_BLOCK, n_heads, head_dim).astype(q.dtype)
+
+        return attend
+
+    chunk_branches = [chunk_branch(n) for n in sizes]
+
+    def chunk_block(b, out):
+        res = jax.lax.switch(chunk_bucket[b], chunk_branches, b)  # [Bq, N, H]
+        first = blocks.first_token[b]
+        kept = jax.lax.dynamic_slice_in_dim(out, first, CHUNK_BLOCK)  # the next row's
+        res = jnp.where((offsets < blocks.count[b])[:, None, None], res, kept)
+        return jax.lax.dynamic_update_slice_in_dim(out, res, first, 0)
+
+    out = jax.lax.fori_loop(0, blocks.total, chunk_block, out)
+    return out[:n_tokens]
