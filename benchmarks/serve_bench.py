@@ -205,7 +205,8 @@ def offline_run(engine: Any, requests: list[BenchRequest]) -> tuple[list[Request
     from tandem.serve.orchestrator import Orchestrator
     from tandem.serve.sampling import SamplingParams
 
-    orch = Orchestrator(engine, max_queue=len(requests), mode="continuous")
+    cfg = dataclasses.replace(engine.serve_cfg, max_queue=len(requests), mode="continuous")
+    orch = Orchestrator(engine, cfg)
     results: list[RequestResult] = []
     unfinished = [len(requests)]
     t0 = time.perf_counter()
@@ -428,6 +429,8 @@ def _build_engine(args: argparse.Namespace, serve_cfg: Any) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from tandem.serve.config import ServeConfig
+
     p = argparse.ArgumentParser(prog="tandem bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", default=None, help="bundle to serve (else a random --model)")
     p.add_argument("--model", default="tiny", help="ModelConfig preset/file when no bundle")
@@ -445,9 +448,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output-len", type=_range, default="8:128", help="N, LO:HI or LO:HI@W,... tokens"
     )
-    p.add_argument("--max-slots", type=int, default=8)
+    p.add_argument("--max-seqs", "--max-slots", type=int, default=8, dest="max_seqs")
     p.add_argument("--max-len", type=int, default=0, help="0 = model max_seq_len")
     p.add_argument("--max-prompt-len", type=int, default=0)
+    p.add_argument("--kv-cache-tokens", type=int, default=0, help="0 = the engine derives it")
+    p.add_argument("--page-size", type=int, default=ServeConfig.page_size)
+    p.add_argument("--max-num-batched-tokens", type=int, default=ServeConfig.max_num_batched_tokens)
+    p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--static-batch-wait-s", type=float, default=0.05)
     p.add_argument(
         "--stream-interval", type=int, default=1, help="tokens per streamed message (server)"
@@ -457,7 +464,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-e2e-ms", type=float, default=None)
     p.add_argument("--hf-compare", action="store_true", help="also run transformers generate")
     p.add_argument("--hf-dir", type=Path, default=None, help="HF Llama dir (else random)")
-    p.add_argument("--hf-batch-size", type=int, default=None, help="default: --max-slots")
+    p.add_argument("--hf-batch-size", type=int, default=None, help="default: --max-seqs")
     p.add_argument(
         "--hf-dtype", default="float32", choices=["float32", "bfloat16"],
         help="weights of both stacks with --hf-compare (bfloat16 on a GPU)",
@@ -478,9 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     from tandem.serve.server import BackgroundServer, TandemServer
 
     base = ServeConfig(
-        max_seqs=args.max_slots,
+        max_seqs=args.max_seqs,
         max_len=args.max_len,
         max_prompt_len=args.max_prompt_len,
+        kv_cache_tokens=args.kv_cache_tokens,
+        page_size=args.page_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
         max_queue=max(64, args.num_requests),
         static_batch_wait_s=args.static_batch_wait_s,
         stream_interval=args.stream_interval,
@@ -521,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                     "mode": mode,
                     "backend": "tandem-in-process",
                     "num_requests": len(requests),
-                    "max_slots": engine.max_slots,
+                    "max_seqs": engine.max_seqs,
                     **summarize(results, duration, slo),
                 }
             )
@@ -546,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_requests": len(requests),
             "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
             "max_concurrency": args.max_concurrency,
-            "max_slots": engine.max_slots,
+            "max_seqs": engine.max_seqs,
             "input_len": [list(c) for c in args.input_len],
             "output_len": [list(c) for c in args.output_len],
             "model": engine.info().get("config", {}),
@@ -555,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         lines.append(line)
     if args.hf_compare:
-        batch_size = args.hf_batch_size or args.max_slots
+        batch_size = args.hf_batch_size or args.max_seqs
         with mp.get_context("spawn").Pool(1) as pool:  # a clean process: torch's own threads
             results, duration = pool.apply(
                 hf_generate_baseline,

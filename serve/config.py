@@ -32,7 +32,6 @@ class ServeConfig:
     max_seqs: int = 8  # concurrent sequences (running requests); older key: max_slots
     max_len: int = 0  # positions per sequence (prompt + output); 0 = model max_seq_len
     max_prompt_len: int = 0  # 0 = max_len - 1
-    min_prefill_bucket: int = 16  # prefill lengths are padded to powers of two from here
     max_queue: int = 64  # waiting requests beyond this get RESOURCE_EXHAUSTED
     max_logprobs: int = 5  # most alternatives a request may ask for (compiled in)
     default_max_tokens: int = 256  # when a request leaves max_tokens at 0
@@ -78,7 +77,6 @@ class ServeConfig:
             self.max_prompt_len,
             f"< max_len ({self.max_len})",
         )
-        require(self.min_prefill_bucket >= 1, "min_prefill_bucket", self.min_prefill_bucket, ">= 1")
         require(self.max_queue >= 0, "max_queue", self.max_queue, ">= 0")
         require(0 <= self.max_logprobs <= 64, "max_logprobs", self.max_logprobs, "0..64")
         require(self.default_max_tokens >= 1, "default_max_tokens", self.default_max_tokens, ">= 1")
@@ -106,11 +104,6 @@ class ServeConfig:
             self.max_num_batched_tokens,
             f">= max_seqs ({self.max_seqs}): every running sequence decodes each step",
         )
-
-    @property
-    def max_slots(self) -> int:
-        """max_seqs under its older name, for code that still reads it (serve/engine.py)."""
-        return self.max_seqs
 
     @property
     def num_pages(self) -> int:

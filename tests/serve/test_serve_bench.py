@@ -40,7 +40,7 @@ def test_continuous_vs_static_run(tmp_path: Path, capsys) -> None:
             "--model-set", "d_model=64", "--model-set", "n_layers=2", "--model-set", "d_ff=128",
             "--model-set", "head_dim=16", "--model-set", "vocab_size=320",
             "--model-set", "max_seq_len=64",
-            "--max-slots", "4", "--max-prompt-len", "16", "--num-requests", "12",
+            "--max-seqs", "4", "--max-prompt-len", "16", "--num-requests", "12",
             "--input-len", "4:16", "--output-len", "2:40", "--slo-ttft-ms", "60000",
             "--out", str(out),
         ]
@@ -68,7 +68,7 @@ def test_offline_mode_runs_in_process(tmp_path: Path) -> None:
             "--model-set", "d_model=64", "--model-set", "n_layers=2", "--model-set", "d_ff=128",
             "--model-set", "head_dim=16", "--model-set", "vocab_size=320",
             "--model-set", "max_seq_len=64", "--modes", "offline,continuous",
-            "--max-slots", "4", "--max-prompt-len", "16", "--num-requests", "10",
+            "--max-seqs", "4", "--max-prompt-len", "16", "--num-requests", "10",
             "--input-len", "4:16", "--output-len", "2:40", "--out", str(out),
         ]
     )  # fmt: skip
