@@ -4,8 +4,8 @@ does (CPU always; TPU; GPU shapes a kernel cannot take).
 The references (reference.py, paged_reference.py) read every cache position up to the
 capacity, while sequences are usually far shorter and of very different lengths. These
 variants compute the same thing over cache prefixes chosen on device with `lax.switch`
-over fixed sizes, so no shape depends on data and none is bigger than the live lengths
-need (measured: docs/benchmarks.md, "Measurements behind code choices").
+over fixed sizes (buckets), so no shape depends on data and the reads follow the live
+lengths, not the capacity.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from tandem.kernels.reference import decode_attention_reference
 
 _MASKED = -1e30  # finite, as in the references
 
-# The reference reads every cache position up to S, while slots are usually far shorter
-# and of very different lengths. Where it runs (CPU, TPU, unsupported GPU shapes) it is
-# therefore applied to cache prefixes chosen on device with `lax.switch` over fixed sizes,
-# so work follows the live lengths rather than the capacity and no shape depends on data:
+# Slot-cache decode ([B, K, S, H] rows):
 #   * CPU: a loop over groups of up to 4 slots, each group reading the prefix of its
 #     longest slot (multiples of 64, then four sizes per octave). An iteration has a
 #     fixed cost there whatever it reads, so one slot per iteration paid it four times as

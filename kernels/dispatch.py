@@ -147,9 +147,9 @@ def decode_attention(
     if block_k is None:
         reason = f"max_len S={max_len} is not a multiple of 16"
     else:
-        rows = k_cache.shape if slots is None else (q.shape[0], *k_cache.shape[1:])
+        cache_shape = k_cache.shape if slots is None else (q.shape[0], *k_cache.shape[1:])
         reason = _decode_unsupported(
-            q.shape, rows, (q.dtype, k_cache.dtype, v_cache.dtype), block_k
+            q.shape, cache_shape, (q.dtype, k_cache.dtype, v_cache.dtype), block_k
         )
     if reason is not None:
         _warn_fallback("ragged_decode_attention", reason)

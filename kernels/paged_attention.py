@@ -227,7 +227,10 @@ def ragged_paged_attention(
     qb = qb.transpose(0, 2, 1, 3, 4).reshape(n_blocks, n_kv, rows, head_dim)  # [Qb, K, M, H]
     pages_per_tile = block_k // page_size
     page_table = page_indices.astype(jnp.int32)[blocks.row]  # [Qb, Pr]
-    pad = -page_table.shape[1] % pages_per_tile  # whole tiles; page 0 stands in, masked
+    # A row's last tile may cover table entries past its pages, which may hold anything:
+    # clamp them into the pool (what they point at is masked) and pad to whole tiles.
+    page_table = jnp.clip(page_table, 0, k_pages.shape[1] - 1)
+    pad = -page_table.shape[1] % pages_per_tile
     page_table = jnp.pad(page_table, ((0, 0), (0, pad)))
 
     kernel = functools.partial(_paged_kernel, scale=scale, group=padded_group, block_k=block_k)

@@ -135,7 +135,7 @@ def paged_step(
     n_pages = sum(page_counts) + spare_pages
     n_rows = len(rows) + padding_rows
     pool = rng.permutation(n_pages)
-    table = rng.integers(0, n_pages, (n_rows, pages_per_seq))
+    table = rng.integers(-n_pages, 2 * n_pages, (n_rows, pages_per_seq))  # even out of range
     used = 0
     for r, count in enumerate(page_counts):
         table[r, :count] = pool[used : used + count]

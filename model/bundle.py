@@ -2,8 +2,9 @@
 
     BUNDLE/
       config.json                 ModelConfig (param_dtype is the stored dtype)
-      tokenizer.json              HF tokenizers format
-      tokenizer_config.json       names of the special tokens
+      tokenizer.json              HF tokenizers format (its post-processor decides BOS)
+      tokenizer_config.json       names of the special tokens, the chat template
+      generation_config.json      eos_token_id: the ids that end generation
       params.index.json           tensor name -> shard file (HF's index layout)
       params-00001-of-0000N.safetensors
       manifest.json               format, version, dtype, quantization, source, sha256 of
@@ -38,6 +39,7 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from tandem.model.chat_template import ChatTemplate
 from tandem.model.config import ModelConfig
 from tandem.model.sharding import param_shardings
 from tandem.model.tokenizer import Tokenizer
@@ -46,7 +48,7 @@ from tandem.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 FORMAT = "tandem-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the model's tokenizer conventions (post-processor BOS, stop ids, template)
 MANIFEST = "manifest.json"
 INDEX = "params.index.json"
 DEFAULT_SHARD_BYTES = 2 << 30
@@ -298,7 +300,8 @@ class Bundle:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise BundleError(
                 f"{manifest_path}: format_version {manifest.get('format_version')!r} is not "
-                f"supported (this tandem reads version {FORMAT_VERSION})"
+                f"supported (this tandem reads version {FORMAT_VERSION}; re-export the "
+                "checkpoint or re-run tandem import-hf)"
             )
         files = manifest.get("files") or {}
         for name in ("config.json", "tokenizer.json", INDEX):
@@ -319,6 +322,16 @@ class Bundle:
                 f"{path / 'config.json'}: does not match the manifest's config_sha256"
             )
         return cls(path, config, Tokenizer.from_dir(path), manifest)
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        """The model's chat template (from tokenizer_config.json), None if it has none."""
+        return self.tokenizer.chat_template
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        """The ids that end generation: the EOS plus generation_config.json's."""
+        return self.tokenizer.stop_ids
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(name, array) straight from the safetensors shards, one tensor at a time."""

@@ -16,6 +16,8 @@ from tandem.model.quant import Quantization
 
 Dtype = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots"]  # what the backward pass recomputes
+# The Hugging Face `model_type` a model is written back as (`--format hf`).
+Family = Literal["llama", "mistral", "qwen2", "qwen3"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,14 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+    """A Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+    The other families are switches on the same decoder, never another class (MaxText's
+    `use_qk_norm` / bias flags): Qwen2 adds q/k/v projection biases (`attention_bias`),
+    Qwen3 an RMSNorm over each head's q and k before RoPE (`qk_norm`), Mistral v0.3 is
+    Llama under another name. `family` only records which HF config to write back; the
+    transformer reads the switches, so a combination no HF family has (e.g. both on) still
+    trains and serves, and only `--format hf` refuses it (model/hf.py)."""
 
     vocab_size: int = 2048
     d_model: int = 256
@@ -66,6 +75,9 @@ class ModelConfig:
     init_std: float = 0.02
     # Serving-only weight format: "int8" stores matrices as int8 + per-channel scales.
     quantization: Quantization = "none"
+    family: Family = "llama"
+    attention_bias: bool = False  # q/k/v projection biases (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm over head_dim on q and k, before RoPE (Qwen3)
 
     def __post_init__(self) -> None:
         for name in (
@@ -150,21 +162,29 @@ class ModelConfig:
     @property
     def num_params(self) -> int:
         per_layer = (
-            2 * self.d_model  # norms
-            + self.d_model * self.head_dim * (self.n_heads + 2 * self.n_kv_heads)  # q, k, v
+            self.d_model * self.head_dim * (self.n_heads + 2 * self.n_kv_heads)  # q, k, v
             + self.n_heads * self.head_dim * self.d_model  # o
             + 3 * self.d_model * self.d_ff  # gate, up, down
         )
         embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
-        return embed + self.n_layers * per_layer + self.d_model
+        return embed + self.n_layers * per_layer + self._vector_params
+
+    @property
+    def _vector_params(self) -> int:
+        """Norm weights and biases: params that no matmul multiplies."""
+        per_layer = 2 * self.d_model  # attn_norm, mlp_norm
+        if self.attention_bias:
+            per_layer += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
+        return self.n_layers * per_layer + self.d_model  # + final_norm
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token, PaLM appendix B convention:
         6 x matmul params, plus causal-halved attention score/value matmuls."""
-        norms = 2 * self.n_layers * self.d_model + self.d_model
         # The input lookup is not a matmul; the output projection is (tied or not).
         lookup = 0 if self.tie_embeddings else self.vocab_size * self.d_model
-        matmul_params = self.num_params - norms - lookup
+        matmul_params = self.num_params - self._vector_params - lookup
         attention = 6 * self.n_layers * seq_len * self.n_heads * self.head_dim
         return 6.0 * matmul_params + attention
 
@@ -176,5 +196,16 @@ class ModelConfig:
         return load_config(cls, dict(data))
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON form: identifies 'the same architecture'."""
-        return fingerprint(self.to_dict())
+        """sha256 of the canonical JSON form: identifies 'the same architecture'. Fields
+        added after bundles were first written count only when set away from their
+        default, so a model that does not use them keeps the fingerprint an older tandem
+        recorded (a bundle manifest's `config_sha256`)."""
+        data = self.to_dict()
+        for f in dataclasses.fields(self):
+            if f.name in _ADDED_FIELDS and data[f.name] == f.default:
+                del data[f.name]
+        return fingerprint(data)
+
+
+# ModelConfig fields newer than bundle format 1 (see `ModelConfig.fingerprint`).
+_ADDED_FIELDS = ("family", "attention_bias", "qk_norm")

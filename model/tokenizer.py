@@ -7,7 +7,27 @@ standard `tokenizer.json` that transformers, vLLM or any HF-compatible tool can 
 - `Tokenizer.train_bpe(files, vocab_size)`: a byte-level BPE trained on a local corpus
   (`tandem tokenizer train`).
 - `Tokenizer.from_dir(dir)`: any HF tokenizer directory (tokenizer.json +
-  tokenizer_config.json naming the special tokens), e.g. Llama 3's.
+  tokenizer_config.json naming the special tokens), e.g. Llama 3's or Qwen's.
+
+The tokenizer is the model's: `encode(text)` gives exactly what transformers'
+`AutoTokenizer.from_pretrained(dir)(text)["input_ids"]` gives. Whether a BOS (or anything
+else) is added is decided by tokenizer.json's post-processor alone, which is what
+transformers 5 runs: with a tokenizer.json it drops `add_bos_token` / `add_eos_token` from
+tokenizer_config.json (`PreTrainedTokenizerBase._from_pretrained`), and vLLM encodes through
+transformers. So Llama 3 and Mistral prompts start with their BOS (a `TemplateProcessing`
+post-processor), Qwen's with none (no BOS token at all: `bos_token: null`). tandem's own
+tokenizers (`byte`, `train_bpe`) carry a post-processor that adds <bos>, the convention
+tandem pretrains with, so transformers and vLLM agree with tandem on them too.
+`encode(text, add_special_tokens=False)` skips the post-processor: for text that already
+holds its special tokens (a rendered chat template) and for SFT pieces.
+
+The tokens that end generation (`stop_ids`) are the tokenizer's EOS plus every id in
+generation_config.json's `eos_token_id` (an int or a list; config.json's when there is no
+generation_config.json, as transformers' `generate` does): Llama 3 instruct ends turns with
+`<|eot_id|>`, Qwen with `<|im_end|>` and `<|endoftext|>`. `chat_template` is the model's
+`ChatTemplate`, if it has one. `save` writes all of it back (tokenizer.json,
+tokenizer_config.json with the chat template, generation_config.json), so a bundle and an
+exported HF directory keep the model's conventions.
 """
 
 from __future__ import annotations
@@ -15,15 +35,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from tandem.model.chat_template import ChatTemplate, read_json_object, read_special_tokens
 
 log = logging.getLogger(__name__)
 
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
+GENERATION_CONFIG = "generation_config.json"
 _REPLACEMENT = "\ufffd"
 
 
@@ -44,41 +68,80 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
+def _with_bos(hf: HFTokenizer) -> HFTokenizer:
+    """tandem's convention for its own tokenizers: every encoded text starts with <bos>
+    (the same template transformers builds for `add_bos_token=True`)."""
+    hf.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A:0",
+        pair=f"{BOS} $A:0 {BOS}:1 $B:1",
+        special_tokens=[(BOS, hf.token_to_id(BOS))],
+    )
+    return hf
+
+
 class Tokenizer:
-    """A HF tokenizer plus the ids of the special tokens tandem needs."""
+    """A HF tokenizer plus what tandem needs of the model's conventions: the special-token
+    ids, the ids that end generation, the chat template."""
 
     def __init__(
-        self, hf: HFTokenizer, *, bos_token: str, eos_token: str, pad_token: str | None = None
+        self,
+        hf: HFTokenizer,
+        *,
+        bos_token: str | None,
+        eos_token: str,
+        pad_token: str | None = None,
+        stop_token_ids: Iterable[int] = (),
+        chat_template: ChatTemplate | None = None,
+        special_tokens: Mapping[str, str] | None = None,
     ):
         self.hf = hf
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token = pad_token or eos_token
-        ids = {
-            name: hf.token_to_id(tok)
-            for name, tok in (
-                ("bos_token", bos_token),
-                ("eos_token", eos_token),
-                ("pad_token", self.pad_token),
-            )
-        }
-        missing = [
-            f"{name}={tok!r}"
-            for (name, _), tok in zip(
-                ids.items(), (bos_token, eos_token, self.pad_token), strict=True
-            )
-            if ids[name] is None
-        ]
+        # The named special tokens as tokenizer_config.json declares them (what a chat
+        # template sees as `bos_token`, `unk_token`, ...); saved back unchanged.
+        self.special_tokens = dict(
+            special_tokens
+            or {
+                k: v
+                for k, v in (
+                    ("bos_token", bos_token),
+                    ("eos_token", eos_token),
+                    ("pad_token", pad_token),
+                )
+                if v is not None
+            }
+        )
+        self.chat_template = chat_template
+        names = {"eos_token": eos_token, "pad_token": self.pad_token}
+        if bos_token is not None:
+            names["bos_token"] = bos_token
+        ids = {name: hf.token_to_id(tok) for name, tok in names.items()}
+        missing = [f"{name}={names[name]!r}" for name, i in ids.items() if i is None]
         if missing:
             raise ValueError(f"special tokens not in the vocabulary: {', '.join(missing)}")
-        self.bos_id, self.eos_id, self.pad_id = ids["bos_token"], ids["eos_token"], ids["pad_token"]
+        self.bos_id: int | None = ids.get("bos_token")
+        self.eos_id: int = ids["eos_token"]
+        self.pad_id: int = ids["pad_token"]
+        for token_id in stop_token_ids:
+            if (
+                not isinstance(token_id, int)
+                or isinstance(token_id, bool)
+                or not (0 <= token_id < self.vocab_size)
+            ):
+                raise ValueError(
+                    f"stop token id {token_id!r} is invalid: allowed integers in "
+                    f"[0, {self.vocab_size}) (generation_config.json eos_token_id)"
+                )
+        self.stop_ids: frozenset[int] = frozenset({self.eos_id, *stop_token_ids})
 
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if add_bos else ids
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """The model's tokenization of `text` (its post-processor adds BOS or not); with
+        `add_special_tokens=False`, the text's own tokens only."""
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
@@ -92,7 +155,7 @@ class Tokenizer:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         hf.decoder = decoders.ByteLevel()
         hf.add_special_tokens([BOS, EOS, PAD])
-        return cls(hf, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+        return cls(_with_bos(hf), bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
     @classmethod
     def train_bpe(
@@ -126,63 +189,97 @@ class Tokenizer:
             if not paths:
                 raise ValueError("train_bpe needs at least one file or `texts`")
             hf.train(paths, trainer=trainer)
-        return cls(hf, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+        return cls(_with_bos(hf), bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+    @classmethod
+    def tandem_bpe_from_dir(cls, directory: str | Path) -> Tokenizer:
+        """A BPE that `train_bpe` trained and `save` wrote. One cached by a tandem older
+        than the tokenizer conventions has no post-processor, yet was always used with a
+        <bos> in front: it gets the post-processor that says so, so resuming such a run
+        keeps training on the same tokens."""
+        tokenizer = cls.from_dir(directory)
+        if tokenizer.hf.post_processor is None and tokenizer.bos_token == BOS:
+            log.info("%s: a BPE cached before tokenizer conventions: <bos> first", directory)
+            _with_bos(tokenizer.hf)
+        return tokenizer
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> Tokenizer:
-        """Reads tokenizer.json and the special-token names from tokenizer_config.json."""
+        """A HF tokenizer directory (or a tandem bundle): tokenizer.json, the special-token
+        names of tokenizer_config.json, generation_config.json's stop ids, the chat template."""
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise ValueError(f"{path}: missing (a tandem or HF tokenizer directory needs it)")
         hf = HFTokenizer.from_file(str(path))
-        special = _read_special_tokens(directory)
-        if "bos_token" not in special or "eos_token" not in special:
+        config = read_json_object(directory / "tokenizer_config.json")
+        # transformers' `split_special_tokens`: special tokens in the text are split as text.
+        hf.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        special = read_special_tokens(directory)
+        names = {k: special.get(k) for k in ("bos_token", "eos_token", "pad_token")}
+        model_config = read_json_object(directory / "config.json")
+        for key in names:
+            # A name tokenizer_config.json does not mention is looked up by its id in
+            # config.json; one it sets to null (Qwen's `bos_token`) means "none".
+            token_id = model_config.get(f"{key}_id")
+            if isinstance(token_id, list):
+                token_id = token_id[0] if token_id else None
+            if names[key] is None and key not in config and isinstance(token_id, int):
+                names[key] = hf.id_to_token(token_id)
+        if names["eos_token"] is None:
             raise ValueError(
-                f"{directory}: cannot tell the bos/eos tokens; add tokenizer_config.json with "
-                '"bos_token" and "eos_token" (or config.json with bos_token_id/eos_token_id)'
+                f"{directory}: cannot tell the eos token; add tokenizer_config.json with "
+                '"eos_token" (or config.json with eos_token_id)'
             )
-        return cls(hf, **special)
+        return cls(
+            hf,
+            **names,
+            stop_token_ids=_stop_token_ids(directory),
+            chat_template=ChatTemplate.from_dir(directory),
+            special_tokens=special or None,
+        )
 
     def save(self, directory: str | Path) -> None:
+        """tokenizer.json, tokenizer_config.json (special tokens, chat template) and
+        generation_config.json (the stop ids): what `from_dir` and transformers read."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(directory / "tokenizer.json"))
-        config = {
+        config: dict[str, Any] = {
+            **self.special_tokens,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
-            "pad_token": self.pad_token,
             "tokenizer_class": "PreTrainedTokenizerFast",
         }
+        if self.hf.encode_special_tokens:
+            config["split_special_tokens"] = True
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template.config_value()
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        others = sorted(self.stop_ids - {self.eos_id})
+        generation = {
+            "bos_token_id": self.bos_id,
+            "eos_token_id": [self.eos_id, *others] if others else self.eos_id,
+        }
+        (directory / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def _read_special_tokens(directory: Path) -> dict[str, str]:
-    """HF keeps special-token names in tokenizer_config.json (a string or an AddedToken
-    dict) and sometimes only their ids in config.json."""
-    special: dict[str, str] = {}
-    config_path = directory / "tokenizer_config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        for key in ("bos_token", "eos_token", "pad_token"):
-            value = config.get(key)
-            if isinstance(value, dict):
-                value = value.get("content")
-            if isinstance(value, str):
-                special[key] = value
-    model_config = directory / "config.json"
-    if ("bos_token" not in special or "eos_token" not in special) and model_config.is_file():
-        hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
-        ids = json.loads(model_config.read_text())
-        for key in ("bos_token", "eos_token", "pad_token"):
-            token_id = ids.get(f"{key}_id")
-            if isinstance(token_id, list):
-                token_id = token_id[0] if token_id else None
-            if key not in special and isinstance(token_id, int):
-                token = hf.id_to_token(token_id)
-                if token is not None:
-                    special[key] = token
-    return special
+def _stop_token_ids(directory: Path) -> list[int]:
+    """generation_config.json's `eos_token_id` (an int or a list), else config.json's."""
+    path = directory / GENERATION_CONFIG
+    if not path.is_file():
+        path = directory / "config.json"
+    value = read_json_object(path).get("eos_token_id")
+    if value is None:
+        return []
+    ids = value if isinstance(value, list) else [value]
+    for token_id in ids:
+        if not isinstance(token_id, int) or isinstance(token_id, bool):
+            raise ValueError(
+                f"{path}: eos_token_id={value!r} is invalid: allowed an integer "
+                "or a list of integers"
+            )
+    return ids
 
 
 class IncrementalDetokenizer:

@@ -1,7 +1,8 @@
 """The tandem transformer: one Flax NNX definition used for training, prefill and decode.
 
 Llama family: token embedding, RMSNorm, RoPE (optionally Llama-3 scaled), grouped-query
-attention, SwiGLU MLP, tied or untied output projection. The layers are *stacked*: every
+attention, SwiGLU MLP, tied or untied output projection; q/k/v projection biases (Qwen2)
+and per-head q/k RMSNorm (Qwen3) are config switches. The layers are *stacked*: every
 per-layer weight has a leading [L] axis and the forward pass is a `lax.scan` over it, so
 compile time does not grow with depth and checkpoints, bundles and HF import share one
 layout. A layer is split into `_attention_inputs` (norm, q/k/v, RoPE) and `_layer_output`
@@ -173,6 +174,12 @@ def _ones(shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig) -> nn
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+def _zeros(shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig) -> nnx.Param:
+    """A bias: zero at init (HF's and MaxText's choice), never quantized."""
+    value = jnp.zeros(shape, jnp.dtype(cfg.param_dtype))
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
 class Layers(nnx.Module):
     """All decoder layers' weights, stacked along a leading [L] axis."""
 
@@ -195,6 +202,13 @@ class Layers(nnx.Module):
         self.w_gate = _param(rngs, (L, D, F), (LAYERS, EMBED, MLP), cfg)
         self.w_up = _param(rngs, (L, D, F), (LAYERS, EMBED, MLP), cfg)
         self.w_down = _param(rngs, (L, F, D), (LAYERS, MLP, EMBED), cfg, std=out_std)
+        if cfg.attention_bias:
+            self.q_bias = _zeros((L, N, H), (LAYERS, HEADS, HEAD_DIM), cfg)
+            self.k_bias = _zeros((L, K, H), (LAYERS, KV_HEADS, HEAD_DIM), cfg)
+            self.v_bias = _zeros((L, K, H), (LAYERS, KV_HEADS, HEAD_DIM), cfg)
+        if cfg.qk_norm:
+            self.q_norm = _ones((L, H), (LAYERS, HEAD_DIM), cfg)
+            self.k_norm = _ones((L, H), (LAYERS, HEAD_DIM), cfg)
         if cfg.quantization == "int8":
             for name in MATRICES:
                 weight = getattr(self, name)
@@ -406,11 +420,20 @@ def _attention(cfg: ModelConfig, q, k, v, segment_ids):
 
 
 def _attention_inputs(cfg: ModelConfig, x, p, cos, sin):
-    """Pre-norm, q/k/v projections and RoPE for one layer. x: [B, T, D]."""
+    """Pre-norm, q/k/v projections (+ biases), per-head q/k norms, then RoPE for one
+    layer, in transformers' order for Qwen2/Qwen3. x: [B, T, D]. Everything after this
+    (the kernels, the KV cache) sees plain q, k, v, so the switches cost them nothing."""
     h = _rms_norm(x, p["attn_norm"], cfg.norm_eps)
     q = _matmul(cfg, "btd,dnh->btnh", h, p, "wq")  # [B, T, N, H]
     k = _matmul(cfg, "btd,dkh->btkh", h, p, "wk")  # [B, T, K, H]
     v = _matmul(cfg, "btd,dkh->btkh", h, p, "wv")  # [B, T, K, H]
+    if cfg.attention_bias:
+        q = q + p["q_bias"].astype(q.dtype)  # [N, H] broadcast
+        k = k + p["k_bias"].astype(k.dtype)  # [K, H]
+        v = v + p["v_bias"].astype(v.dtype)
+    if cfg.qk_norm:  # over H, one weight shared by all heads
+        q = _rms_norm(q, p["q_norm"], cfg.norm_eps)
+        k = _rms_norm(k, p["k_norm"], cfg.norm_eps)
     return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
 
 

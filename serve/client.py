@@ -68,9 +68,9 @@ class TandemClient:
             metadata=self._metadata,
         )
 
-    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+    def tokenize(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         resp = self.stub.Tokenize(
-            pb.TokenizeRequest(text=text, add_bos=add_bos),
+            pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
             timeout=self.timeout,
             metadata=self._metadata,
         )

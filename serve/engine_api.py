@@ -77,10 +77,11 @@ class TokenizerLike(Protocol):
     """What serving needs from a tokenizer (model.tokenizer.Tokenizer satisfies it)."""
 
     vocab_size: int
-    bos_id: int
-    eos_id: int
+    bos_id: int | None  # None: the model has no BOS token (Qwen)
+    eos_id: int  # the tokenizer's own EOS (ModelInfo reports it; stopping uses stop_ids)
+    stop_ids: frozenset[int]  # every id that ends generation (EOS + generation_config's)
 
-    def encode(self, text: str, *, add_bos: bool = True) -> list[int]: ...
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 

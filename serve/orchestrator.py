@@ -123,11 +123,6 @@ def _default_detokenizer(tokenizer: Any) -> Any:
     return IncrementalDetokenizer(tokenizer)
 
 
-def model_stop_ids(tokenizer: Any) -> frozenset[int]:
-    """The token ids that end generation unless a request sets ignore_eos."""
-    return frozenset({tokenizer.eos_id})
-
-
 def loop_config(engine: Engine, cfg: ServeConfig | None) -> ServeConfig:
     """`cfg` with the engine's sizes (ENGINE_KEYS); the engine's own config if None."""
     if cfg is None:
@@ -193,7 +188,6 @@ class Orchestrator:
         self.metrics = metrics
         self._detok = detokenizer_factory or _default_detokenizer
         self._clock = clock
-        self._stop_ids = model_stop_ids(self.tokenizer)
         self._cv = threading.Condition()
         self._inbox: list[_Stream] = []  # submitted, not yet in the scheduler
         self._num_waiting = 0  # requests in the scheduler's queue not yet started
@@ -245,7 +239,11 @@ class Orchestrator:
         self.validate(prompt_ids, params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         request = Request(
-            str(next(self._ids)), prompt_ids, params, seed=seed, eos_token_ids=self._stop_ids
+            str(next(self._ids)),
+            prompt_ids,
+            params,
+            seed=seed,
+            eos_token_ids=self.tokenizer.stop_ids,
         )
         text = TextStream(self._detok(self.tokenizer), params.stop)
         buffer = OutputBuffer(self.cfg.stream_interval, merge_outputs)

@@ -256,7 +256,7 @@ class GenerationService:
             _check_message(req)
         except _BadRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        ids = self.tokenizer.encode(req.text, add_bos=req.add_bos)
+        ids = self.tokenizer.encode(req.text, add_special_tokens=req.add_special_tokens)
         return pb.TokenizeResponse(token_ids=ids)
 
     async def model_info(self, req: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -271,6 +271,7 @@ class GenerationService:
             max_logprobs=self.engine.max_logprobs,
             eos_id=tok.eos_id,
             bos_id=tok.bos_id,
+            stop_token_ids=sorted(tok.stop_ids),
             manifest_json=json.dumps(info["manifest"], sort_keys=True)
             if info.get("manifest")
             else "",

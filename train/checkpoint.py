@@ -38,22 +38,35 @@ STRUCTURAL_FIELDS = (
     "model.head_dim",
     "model.d_ff",
     "model.tie_embeddings",
+    "model.attention_bias",
+    "model.qk_norm",
     "batch_size",
 )
+# Structural fields newer than the first checkpoints: a saved config without one had it off.
+_ADDED_LATER = {"model.attention_bias": False, "model.qk_norm": False}
 
 
 def incompatible_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`field: saved -> current` for each structural field that differs."""
     out = []
     for name in STRUCTURAL_FIELDS:
-        a, b = saved, current
-        for key in name.split("."):
-            a, b = (a or {}).get(key), (b or {}).get(key)
+        a, b = _get(saved, name), _get(current, name)
         if a != b:
             out.append(f"{name}: {a!r} in the checkpoint, {b!r} now")
     if bool(saved.get("grad_clip", 0)) != bool(current.get("grad_clip", 0)):
         out.append("grad_clip: switching clipping on/off changes the optimizer state")
     return out
+
+
+def _get(config: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key; a missing one reads as None, or as its default if the
+    field is newer than the checkpoint."""
+    value: Any = config
+    for key in dotted.split("."):
+        if key not in (value or {}):
+            return _ADDED_LATER.get(dotted)
+        value = value[key]
+    return value
 
 
 def _barrier(name: str) -> None:

@@ -40,6 +40,7 @@ import grain
 import numpy as np
 
 from tandem.model.tokenizer import Tokenizer
+from tandem.train.sft import ExampleEncoder, RecordFormat, SkipRecord, record_format, record_text
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def embedded_corpus_files() -> list[Path]:
 class _DocRef:
     path: str
     offset: int = -1  # byte offset of the line for .jsonl; -1 = whole file
+    kind: RecordFormat = "text"  # a .jsonl file's record shape (train/sft.py)
 
 
 class DocumentSource:
@@ -77,14 +79,16 @@ class DocumentSource:
     def __len__(self) -> int:
         return len(self._refs)
 
-    def __getitem__(self, i: int) -> str:
+    def __getitem__(self, i: int) -> str | dict[str, Any]:
+        """A text document, or a fine-tuning record (messages / prompt + completion)."""
         ref = self._refs[i]
         if ref.path.endswith(".parquet"):
             return self._parquet(ref.path)[ref.offset]
         if ref.offset >= 0:
             with open(ref.path, "rb") as f:
                 f.seek(ref.offset)
-                return str(json.loads(f.readline())[self._text_key])
+                record = json.loads(f.readline())
+            return str(record[self._text_key]) if ref.kind == "text" else record
         return Path(ref.path).read_text(encoding="utf-8", errors="replace")
 
     def _parquet(self, path: str) -> list[str]:
@@ -100,11 +104,17 @@ class DocumentSource:
     def subset(self, idx: Sequence[int], name: str) -> DocumentSource:
         return DocumentSource([self._refs[i] for i in idx], self._text_key, name)
 
+    def kind(self, i: int) -> RecordFormat:
+        return self._refs[i].kind
+
+    def file(self, i: int) -> str:
+        return self._refs[i].path
+
     def sample_text(self, max_bytes: int) -> Iterator[str]:
         """Documents in order until max_bytes of text (for tokenizer training)."""
         total = 0
         for i in range(len(self)):
-            t = self[i]
+            t = record_text(self[i])
             yield t
             total += len(t)
             if total >= max_bytes:
@@ -141,11 +151,12 @@ def _refs_for(files: Sequence[Path], text_key: str, field: str) -> list[_DocRef]
     refs: list[_DocRef] = []
     for f in files:
         if f.suffix == ".jsonl":
+            kind = record_format(f, text_key)
             with open(f, "rb") as fh:
                 off = 0
                 for line in fh:
                     if line.strip():
-                        refs.append(_DocRef(str(f), off))
+                        refs.append(_DocRef(str(f), off, kind))
                     off += len(line)
         elif f.suffix == ".parquet":
             try:
@@ -234,20 +245,60 @@ def build_tokenizer(
         os.replace(tmp, cache)
     if barrier is not None:
         barrier("tokenizer")
-    return Tokenizer.from_dir(cache)
+    return Tokenizer.tandem_bpe_from_dir(cache)
 
 
 # ------------------------------------------------------------------------------ packing
 
 
-class _Tokenize(grain.transforms.Map):
-    def __init__(self, tok: Tokenizer):
-        self._tok = tok
+def drop_unusable(source: DocumentSource, encoder: ExampleEncoder, seq_len: int) -> DocumentSource:
+    """`source` without the fine-tuning records that cannot be trained on (template
+    failure, no loss token within seq_len), each skip counted in the log; a file none of
+    whose records is usable is an error naming it. Text documents are kept as they are."""
+    keep: list[int] = []
+    skipped: dict[str, dict[str, int]] = {}
+    usable: dict[str, int] = {}
+    for i in range(len(source)):
+        if source.kind(i) == "text":
+            keep.append(i)
+            continue
+        path = source.file(i)
+        usable.setdefault(path, 0)
+        try:
+            _, mask, _ = _truncate(*encoder(source[i]), True, seq_len)
+            if not mask[1:].any():  # the first token is never a target
+                raise SkipRecord(f"no loss token within seq_len={seq_len}")
+        except SkipRecord as why:
+            reasons = skipped.setdefault(path, {})
+            reasons[str(why)] = reasons.get(str(why), 0) + 1
+            continue
+        usable[path] += 1
+        keep.append(i)
+    for path, reasons in skipped.items():
+        log.warning("%s: skipped %d record(s): %s", path, sum(reasons.values()), reasons)
+    empty = sorted(path for path, n in usable.items() if n == 0)
+    if empty:
+        raise ValueError(f"data: {empty[0]} has no usable record ({skipped.get(empty[0])})")
+    return source if len(keep) == len(source) else source.subset(keep, repr(source))
 
-    def map(self, text: str) -> np.ndarray:
-        ids = self._tok.encode(text, add_bos=True)
-        ids.append(self._tok.eos_id)
-        return np.asarray(ids, np.int32)
+
+def _truncate(
+    ids: np.ndarray, mask: np.ndarray, whole: bool, seq_len: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """A fine-tuning example must fit one row: longer ones keep their first seq_len tokens."""
+    return (ids[:seq_len], mask[:seq_len], whole) if whole else (ids, mask, whole)
+
+
+class _Encode(grain.transforms.Map):
+    """record -> (ids, loss mask, whole): whole examples (fine-tuning records) are never
+    split across rows, so an answer is never trained without its prompt."""
+
+    def __init__(self, encoder: ExampleEncoder, seq_len: int):
+        self._encoder, self._seq_len = encoder, seq_len
+
+    def map(self, record: str | dict) -> tuple[np.ndarray, np.ndarray, bool]:
+        ids, mask = self._encoder(record)
+        return _truncate(ids, mask, not isinstance(record, str), self._seq_len)
 
 
 class _Stream:
@@ -255,21 +306,25 @@ class _Stream:
 
     def __init__(self, docs: grain.MapDataset, cursor: int, offset: int):
         self.docs, self.cursor, self.offset = docs, int(cursor), int(offset)
-        self._doc: np.ndarray | None = None
+        self._doc: tuple[np.ndarray, np.ndarray, bool] | None = None
 
     def fill(self, tokens, targets, weights, segs, pos) -> None:  # each [T], written in place
         T, filled, seg = tokens.shape[0], 0, 0
         while filled < T:
             if self._doc is None:
                 self._doc = self.docs[self.cursor]
-            doc, o = self._doc, self.offset
+            doc, mask, whole = self._doc
+            o = self.offset
+            if whole and filled and len(doc) > T - filled:
+                return  # starts the next row; the rest of this one is padding (weight 0)
             take = min(T - filled, len(doc) - o)
             sl = slice(filled, filled + take)
             seg += 1
             tokens[sl] = doc[o : o + take]
-            nxt = doc[o + 1 : o + take + 1]  # [<= take]: the document's next tokens
-            targets[filled : filled + len(nxt)] = nxt
-            weights[filled : filled + len(nxt)] = 1.0
+            nxt = slice(o + 1, o + take + 1)  # the document's next tokens: [<= take]
+            n = len(doc[nxt])
+            targets[filled : filled + n] = doc[nxt]
+            weights[filled : filled + n] = mask[nxt]
             segs[sl] = seg
             pos[sl] = np.arange(take)
             filled += take
@@ -281,14 +336,15 @@ class _Stream:
 class PackedBatches:
     """Iterator over this process's rows of the global batch; `state` is resumable.
 
-    Yields dicts of np arrays [R, T] (R = len(rows)): tokens, targets, weights (float32,
-    0 where there is no next token), segment_ids (>= 1), positions.
+    Yields dicts of np arrays [R, T] (R = len(rows)): tokens, targets, weights (float32:
+    the target's loss mask, 0 where there is no next token), segment_ids (>= 1; 0 on the
+    padding a whole fine-tuning example leaves at a row's end), positions.
     """
 
     def __init__(
         self,
         source: DocumentSource,
-        tok: Tokenizer,
+        encoder: ExampleEncoder,
         *,
         seq_len: int,
         batch_size: int,
@@ -303,7 +359,7 @@ class PackedBatches:
         if st.shape != (len(self.rows), 2):
             raise ValueError(f"data state has shape {st.shape}, expected {(len(self.rows), 2)}")
         self._streams = [
-            _Stream(base[r::batch_size].map(_Tokenize(tok)), st[i, 0], st[i, 1])
+            _Stream(base[r::batch_size].map(_Encode(encoder, seq_len)), st[i, 0], st[i, 1])
             for i, r in enumerate(self.rows)
         ]
 

@@ -1,4 +1,4 @@
-"""`tandem export`: a training checkpoint -> a serving bundle (or a HF Llama directory).
+"""`tandem export`: a training checkpoint -> a serving bundle (or a Hugging Face directory).
 
     tandem export [CONFIG] [key=value ...] --checkpoint RUN_DIR[/STEP] --out BUNDLE
                   [--dtype bfloat16|float32] [--quantize int8] [--format tandem|hf]
@@ -51,6 +51,7 @@ from tandem.model.quant import Quantization, quantize_tensors
 from tandem.model.tokenizer import Tokenizer
 from tandem.train import data as tdata
 from tandem.train.config import TrainConfig
+from tandem.train.sft import ExampleEncoder
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class ExportConfig:
             self.format == "tandem" or self.quantize == "none",
             "quantize",
             self.quantize,
-            "'none' with format=hf (HF Llama directories hold float weights)",
+            "'none' with format=hf (HF directories hold float weights)",
         )
 
 
@@ -342,10 +343,12 @@ def _heldout_batches(
     _, eval_source = tdata.load_sources(
         train_cfg.data, train_cfg.eval_data, train_cfg.eval_holdout, train_cfg.text_key
     )
+    encoder = ExampleEncoder(tokenizer)
+    eval_source = tdata.drop_unusable(eval_source, encoder, train_cfg.seq_len)
     batch = min(train_cfg.batch_size, 8)
     it = tdata.PackedBatches(
         eval_source,
-        tokenizer,
+        encoder,
         seq_len=train_cfg.seq_len,
         batch_size=batch,
         rows=range(batch),
@@ -355,7 +358,8 @@ def _heldout_batches(
 
 
 def _tokenizer(train_cfg: TrainConfig, run_dir: Path) -> Tokenizer:
-    """The tokenizer the run trained with (a trained BPE is cached in the run dir)."""
+    """The tokenizer the run trained with (a trained BPE, or the init_from model's files,
+    cached in the run dir)."""
     if train_cfg.tokenizer in ("auto", "bpe"):  # trained BPE or init_from's, cached
         cached = run_dir / "tokenizer"
         if not (cached / "tokenizer.json").is_file():
@@ -363,7 +367,9 @@ def _tokenizer(train_cfg: TrainConfig, run_dir: Path) -> Tokenizer:
                 f"{cached / 'tokenizer.json'}: missing; the run's BPE tokenizer "
                 "is needed to export it"
             )
-        return Tokenizer.from_dir(cached)
+        if train_cfg.init_from:  # the pretrained model's own files
+            return Tokenizer.from_dir(cached)
+        return Tokenizer.tandem_bpe_from_dir(cached)
     train_source, _ = tdata.load_sources(
         train_cfg.data, train_cfg.eval_data, train_cfg.eval_holdout, train_cfg.text_key
     )

@@ -73,6 +73,13 @@ def locate(init_from: str) -> Pretrained:
         )
         return Pretrained("bundle", path, bundle.config, path)
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        require(
+            (path / "tokenizer.json").is_file(),
+            "init_from",
+            init_from,
+            "a HF model dir with its tokenizer.json (the fast-tokenizer file; convert a "
+            "sentencepiece-only tokenizer with transformers first)",
+        )
         hf_config = json.loads((path / "config.json").read_text())
         return Pretrained("hf", path, config_from_hf(hf_config), path)
     step_dir = _checkpoint_step_dir(path)

@@ -32,7 +32,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tandem.model import sharding as msharding
-from tandem.model.tokenizer import Tokenizer
 from tandem.model.transformer import Transformer
 from tandem.train import data as tdata
 from tandem.train import init_from
@@ -48,12 +47,13 @@ from tandem.train.mesh import (
     validate_batch,
 )
 from tandem.train.metrics import MetricsWriter, Throughput, peak_flops
+from tandem.train.sft import ExampleEncoder
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]  # tokens, targets, weights, segment_ids, positions: each [B, T]
 BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions")
-NO_DECAY = ("norm",)  # params whose name contains these get no weight decay
+NO_DECAY = ("norm", "bias")  # params whose name contains these get no weight decay
 
 
 def _to_pure(state: Any) -> Any:
@@ -333,7 +333,7 @@ class RunSetup:
     mesh: Mesh
     trainer: Trainer
     checkpointer: Checkpointer
-    tokenizer: Tokenizer
+    encoder: ExampleEncoder  # the model's tokenizer (+ chat template): record -> ids, mask
     train_source: tdata.DocumentSource
     eval_source: tdata.DocumentSource
     rows: list[int]  # the global batch rows this process feeds
@@ -352,16 +352,14 @@ def setup_run(cfg: TrainConfig) -> RunSetup:
     )
     run_dir = Path(cfg.run_dir)
     pretrained = init_from.locate(cfg.init_from) if cfg.init_from else None
-    tokenizer_spec = cfg.tokenizer
     if pretrained is not None:
         init_from.check_model(cfg.model, pretrained.model)
         if jax.process_index() == 0:
             init_from.copy_tokenizer(pretrained, run_dir)
         if (barrier := _barrier("init-tokenizer")) is not None:
             barrier("copied")
-        tokenizer_spec = str(run_dir / "tokenizer")
     tok = tdata.build_tokenizer(
-        tokenizer_spec,
+        str(run_dir / "tokenizer") if pretrained else cfg.tokenizer,  # init_from: its copy
         train_src,
         cfg.model.vocab_size,
         run_dir,
@@ -373,6 +371,9 @@ def setup_run(cfg: TrainConfig) -> RunSetup:
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
             f"{tok.vocab_size} tokens (tokenizer={cfg.tokenizer!r}); raise model.vocab_size"
         )
+    encoder = ExampleEncoder(tok)
+    train_src = tdata.drop_unusable(train_src, encoder, cfg.seq_len)
+    eval_src = tdata.drop_unusable(eval_src, encoder, cfg.seq_len)
     log.info(
         "mesh %s over %d devices, %d process(es); data %r / eval %r",
         dict(mesh.shape),
@@ -392,7 +393,7 @@ def setup_run(cfg: TrainConfig) -> RunSetup:
     )
     start, state, data_state = _resume_or_init(cfg, trainer, ckpt, rows, pretrained)
     return RunSetup(
-        cfg, mesh, trainer, ckpt, tok, train_src, eval_src, rows, start, state, data_state
+        cfg, mesh, trainer, ckpt, encoder, train_src, eval_src, rows, start, state, data_state
     )
 
 
@@ -440,7 +441,7 @@ class Evaluator:
         cfg = setup.cfg
         batches = tdata.PackedBatches(
             setup.eval_source,
-            setup.tokenizer,
+            setup.encoder,
             seq_len=cfg.seq_len,
             batch_size=cfg.batch_size,
             rows=setup.rows,
@@ -467,7 +468,7 @@ def train_loop(setup: RunSetup) -> dict[str, Any]:
 
     batches = tdata.PackedBatches(
         setup.train_source,
-        setup.tokenizer,
+        setup.encoder,
         seq_len=T,
         batch_size=B,
         rows=rows,

@@ -66,7 +66,7 @@ class Case:
         )
 
 
-# GQA 1/2/4 (and 8), page sizes 8/16/32, one- and several-page tiles, block_q giving 16-64
+# GQA 1/2/4 (and 3, 8), page sizes 8/16/32, one- and several-page tiles, block_q giving 16-64
 # query rows, float32 and bfloat16, and each row layout appear at least once.
 CASES = [
     Case(4, 2, 64, 16, 64, None, "float32"),
@@ -79,6 +79,7 @@ CASES = [
     Case(16, 4, 64, 8, 32, None, "bfloat16", "prefill"),
     Case(4, 1, 16, 16, 16, 4, "float32"),
     Case(8, 8, 64, 16, 128, 16, "float32"),
+    Case(6, 2, 32, 16, 32, None, "float32"),  # G = 3: heads padded to 4 in the tile
 ]
 
 

@@ -51,7 +51,7 @@ def test_round_trip_preserves_params_and_logits(model, tmp_path):
     positions = jnp.broadcast_to(jnp.arange(4), tokens.shape)
     np.testing.assert_allclose(bundle.logits(tokens), model(tokens, positions), atol=1e-6)
     manifest = bundle.manifest
-    assert manifest["format_version"] == 1 and manifest["dtype"] == "float32"
+    assert manifest["format_version"] == 2 and manifest["dtype"] == "float32"
     assert manifest["quantization"] is None and manifest["config_sha256"] == CFG.fingerprint()
     assert set(manifest["files"]) == {p.name for p in (tmp_path / "b").iterdir()} - {
         "manifest.json"

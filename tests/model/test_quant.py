@@ -91,12 +91,14 @@ def test_int8_config_rejects_float_tensors(tmp_path):
 
 
 def test_every_matrix_has_a_contraction_rule():
-    cfg = load_config(ModelConfig, "tiny", ["tie_embeddings=false"])
+    switches = ["attention_bias=true", "qk_norm=true"]  # their biases and norms stay float
+    cfg = load_config(ModelConfig, "tiny", ["tie_embeddings=false", *switches])
     names = {
         name
         for name, _ in flat_params(
             nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
         )
     }
-    matrices = {n for n in names if "norm" not in n}
+    assert {"layers.q_bias", "layers.q_norm"} <= names
+    matrices = {n for n in names if "norm" not in n and "bias" not in n}
     assert matrices == set(CONTRACTED_AXES)

@@ -1,8 +1,10 @@
+import json
 import random
 
 import pytest
 
 from tandem.model.tokenizer import IncrementalDetokenizer, Tokenizer, main
+from tests.model.hf_tokenizers import FAMILIES, build_tokenizer_dir
 
 TEXTS = ["plain ascii", "héllo wörld", "中文字符和 emoji 🎉🚀", "mixed\nlines\ttabs ✓", ""]
 
@@ -24,7 +26,7 @@ def test_byte_tokenizer_round_trips_and_ids_are_bytes(text):
 def test_special_tokens_follow_the_bytes():
     tok = Tokenizer.byte()
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (256, 257, 258, 259)
-    assert tok.encode("a", add_bos=False) == [97]
+    assert tok.encode("a", add_special_tokens=False) == [97]
 
 
 def test_bpe_compresses_and_round_trips_through_disk(bpe, tmp_path):
@@ -69,7 +71,10 @@ def test_random_streams_reassemble_exactly():
     for _ in range(50):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
         detok = IncrementalDetokenizer(tok)
-        out = "".join(detok.push(i) for i in tok.encode(text, add_bos=False)) + detok.flush()
+        out = (
+            "".join(detok.push(i) for i in tok.encode(text, add_special_tokens=False))
+            + detok.flush()
+        )
         assert out == text
 
 
@@ -77,7 +82,7 @@ def test_from_dir_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json: missing"):
         Tokenizer.from_dir(tmp_path)
     Tokenizer.byte().hf.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(ValueError, match="cannot tell the bos/eos tokens"):
+    with pytest.raises(ValueError, match="cannot tell the eos token"):
         Tokenizer.from_dir(tmp_path)
 
 
@@ -97,3 +102,126 @@ def test_train_cli_writes_a_loadable_tokenizer(tmp_path):
     assert tok.decode(tok.encode("the lazy dog")) == "the lazy dog"
     with pytest.raises(ValueError, match="allowed >= 259"):
         Tokenizer.train_bpe(texts=["x"], vocab_size=10)
+
+
+# -- the model's own conventions, against transformers ------------------------------------
+
+PROMPTS = [
+    "Hello, how are you?",
+    " leading space and  double  spaces",
+    "Héllo 世界 🙂\n\nnew lines\ttabs",
+    "<|im_start|>user\nhi<|im_end|> [INST] hi [/INST] <s>x</s> <|begin_of_text|>",
+    "",
+]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    directory = build_tokenizer_dir(request.param, tmp_path_factory.mktemp(request.param))
+    return request.param, directory, transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def test_encode_is_autotokenizer(family):
+    """BOS where the family's post-processor adds one (Llama 3, Mistral), none for Qwen."""
+    name, directory, hf = family
+    tok = Tokenizer.from_dir(directory)
+    for text in PROMPTS:
+        assert tok.encode(text) == hf(text)["input_ids"], (name, text)
+        plain = hf(text, add_special_tokens=False)["input_ids"]
+        assert tok.encode(text, add_special_tokens=False) == plain, (name, text)
+    assert (tok.bos_id, tok.eos_id) == (hf.bos_token_id, hf.eos_token_id)
+    starts_with_bos = tok.encode("hi")[0] == tok.bos_id
+    assert starts_with_bos == (name in ("llama3", "mistral"))
+    assert (tok.bos_id is None) == name.startswith("qwen")
+
+
+def test_stop_ids_are_eos_plus_generation_config(family):
+    transformers = pytest.importorskip("transformers")
+    name, directory, hf = family
+    tok = Tokenizer.from_dir(directory)
+    generation = transformers.GenerationConfig.from_pretrained(directory).eos_token_id
+    generation = set(generation if isinstance(generation, list) else [generation])
+    assert tok.stop_ids == generation | {hf.eos_token_id}
+    if name == "llama3":
+        names = {"<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"}
+        assert tok.stop_ids == {tok.hf.token_to_id(t) for t in names}
+    if name.startswith("qwen"):
+        assert tok.stop_ids == {tok.hf.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
+
+
+def test_save_keeps_the_conventions(family, tmp_path):
+    """A saved tokenizer (what a bundle and an HF export hold) is read back the same way by
+    tandem and by transformers: BOS rule, special tokens, stop ids, chat template."""
+    transformers = pytest.importorskip("transformers")
+    _, directory, hf = family
+    tok = Tokenizer.from_dir(directory)
+    tok.save(tmp_path)
+    again = Tokenizer.from_dir(tmp_path)
+    hf_again = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in PROMPTS:
+        assert again.encode(text) == hf_again(text)["input_ids"] == hf(text)["input_ids"]
+    assert (again.bos_id, again.eos_id, again.stop_ids) == (tok.bos_id, tok.eos_id, tok.stop_ids)
+    assert again.special_tokens == tok.special_tokens
+    messages = [{"role": "user", "content": "Hello, how are you?"}]
+    assert again.chat_template.templates == tok.chat_template.templates
+    assert hf_again.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    ) == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id
+    assert set(generation if isinstance(generation, list) else [generation]) == tok.stop_ids
+
+
+@pytest.mark.parametrize(
+    "family_name, edit",
+    [
+        ("mistral", {"add_bos_token": False}),  # transformers 5 ignores it: tokenizer.json rules
+        ("llama3", {"add_bos_token": False, "add_eos_token": True}),
+        ("qwen2.5", {"add_bos_token": True}),
+        ("qwen3", {"split_special_tokens": True}),
+    ],
+)
+def test_tokenizer_config_flags_follow_transformers(family_name, edit, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    directory = build_tokenizer_dir(family_name, tmp_path)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, **edit}))
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    tok = Tokenizer.from_dir(directory)
+    for text in PROMPTS:
+        assert tok.encode(text) == hf(text)["input_ids"], text
+
+
+def test_tandem_tokenizers_add_bos_for_transformers_too(bpe, tmp_path):
+    """tandem's own tokenizers start every text with <bos>; transformers and vLLM, reading
+    the saved files, do the same."""
+    transformers = pytest.importorskip("transformers")
+    for kind, tok in (("byte", Tokenizer.byte()), ("bpe", bpe)):
+        tok.save(tmp_path / kind)
+        hf = transformers.AutoTokenizer.from_pretrained(tmp_path / kind)
+        for text in TEXTS:
+            assert tok.encode(text)[0] == tok.bos_id
+            assert tok.encode(text) == hf(text)["input_ids"], (kind, text)
+        assert tok.stop_ids == {tok.eos_id} and tok.chat_template is None
+
+
+@pytest.mark.parametrize(
+    "generation, match",
+    [
+        ({"eos_token_id": "x"}, "eos_token_id='x' is invalid"),
+        ({"eos_token_id": [2, 10**6]}, "1000000"),
+    ],
+)
+def test_bad_stop_ids_are_refused(tmp_path, generation, match):
+    directory = build_tokenizer_dir("qwen2.5", tmp_path)
+    (directory / "generation_config.json").write_text(json.dumps(generation))
+    with pytest.raises(ValueError, match=match):
+        Tokenizer.from_dir(directory)
+
+
+def test_stop_ids_fall_back_to_config_json(tmp_path):
+    directory = build_tokenizer_dir("qwen2.5", tmp_path)
+    (directory / "generation_config.json").unlink()
+    im_end = Tokenizer.from_dir(directory).eos_id
+    (directory / "config.json").write_text(json.dumps({"eos_token_id": [im_end, 0]}))
+    assert Tokenizer.from_dir(directory).stop_ids == {im_end, 0}

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tandem.model.tokenizer import BOS, EOS, Tokenizer
 from tandem.serve.config import ServeConfig
 from tandem.serve.fake_engine import FakeEngine
 from tandem.serve.orchestrator import Orchestrator, Output, RequestError
@@ -101,6 +102,18 @@ def test_stop_token_ids_and_ignore_eos(tokenizer) -> None:
     _drain(orch)
     assert a.text == "ab" and a.tokens[-1] == ord("c") and a.last.matched_stop == str(ord("c"))
     assert b.last.finish_reason == "length" and tokenizer.eos_id in b.tokens
+
+
+def test_every_model_stop_id_ends_generation(tokenizer) -> None:
+    """The model's stop ids (EOS + generation_config's) all stop; ignore_eos ignores them all."""
+    model_tok = Tokenizer(tokenizer.hf, bos_token=BOS, eos_token=EOS, stop_token_ids=[ord("c")])
+    orch, _ = _orch(model_tok)
+    a, _ = _submit(orch, model_tok, "abcd")
+    b, _ = _submit(orch, model_tok, "abcd", ignore_eos=True, max_tokens=5)
+    _drain(orch)
+    assert a.text == "ab" and a.last.finish_reason == "stop" and a.tokens[-1] == ord("c")
+    assert a.last.matched_stop == str(ord("c"))
+    assert b.tokens == [*b"abcd", model_tok.eos_id] and b.last.finish_reason == "length"
 
 
 def test_utf8_split_characters_stream_whole(tokenizer) -> None:

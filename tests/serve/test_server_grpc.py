@@ -120,13 +120,16 @@ def test_stream_unary_tokenize_model_info(fake_server, tokenizer) -> None:
         assert all(len(lp.top) == 2 for c in chunks for lp in c.logprobs)
         unary = client.generate_text("abc", max_tokens=2, request_id="r1")
         assert (unary.text, unary.finish_reason, unary.request_id) == ("ab", "length", "r1")
-        ids = client.generate_text(tokenizer.encode("xyz", add_bos=False))
+        ids = client.generate_text(tokenizer.encode("xyz", add_special_tokens=False))
         assert ids.text == "xyz"
-        assert client.tokenize("hé") == tokenizer.encode("hé", add_bos=False)
+        assert client.tokenize("hé") == tokenizer.encode("hé", add_special_tokens=False)
+        assert client.tokenize("hé", add_special_tokens=True) == tokenizer.encode("hé")
         info = client.model_info()
         assert (info.max_prompt_len, info.max_len, info.vocab_size) == (64, 128, 259)
         assert info.eos_id == tokenizer.eos_id and list(info.prefill_buckets) == [512]
         assert info.max_slots == 4
+        assert info.HasField("bos_id") and info.bos_id == tokenizer.bos_id
+        assert list(info.stop_token_ids) == sorted(tokenizer.stop_ids)
 
 
 def test_health_and_metrics(fake_server) -> None:

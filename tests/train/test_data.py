@@ -10,6 +10,7 @@ import pytest
 
 from tandem.model.tokenizer import Tokenizer
 from tandem.train import data as tdata
+from tandem.train.sft import ExampleEncoder
 
 T, B = 32, 4
 
@@ -31,7 +32,13 @@ def sources(docs_dir):
 
 def _batches(src, rows, state=None, n=6, seed=0):
     it = tdata.PackedBatches(
-        src, Tokenizer.byte(), seq_len=T, batch_size=B, rows=rows, seed=seed, state=state
+        src,
+        ExampleEncoder(Tokenizer.byte()),
+        seq_len=T,
+        batch_size=B,
+        rows=rows,
+        seed=seed,
+        state=state,
     )
     return it, [next(it) for _ in range(n)]
 
@@ -114,7 +121,7 @@ def test_embedded_corpus_and_bpe_cache(tmp_path):
     tok = tdata.build_tokenizer("bpe", train, 512, tmp_path, is_primary=True)
     assert tok.vocab_size == 512 and (tmp_path / "tokenizer" / "tokenizer.json").exists()
     text = "def f(x):\n    return x  # é"
-    assert tok.decode(tok.encode(text, add_bos=False)) == text
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     # BPE trained on the train split compresses the held-out source well (0.44 tokens/byte)
     held_out = "".join(ev[i] for i in range(len(ev)))
     assert len(tok.encode(held_out)) < 0.55 * len(held_out.encode())

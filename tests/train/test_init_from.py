@@ -24,6 +24,7 @@ from tandem.train.config import TrainConfig  # noqa: E402
 from tandem.train.export import locate, restore_params  # noqa: E402
 from tandem.train.init_from import locate as locate_pretrained  # noqa: E402
 from tandem.train.loop import run  # noqa: E402
+from tandem.train.sft import ExampleEncoder  # noqa: E402
 
 SEQ, BATCH = 32, 4
 RUN = [
@@ -86,7 +87,12 @@ def first_batch(corpus: Path, run_dir: Path) -> dict[str, np.ndarray]:
     train_source, _ = tdata.load_sources(str(corpus), None, 20, "text")
     tokenizer = Tokenizer.from_dir(run_dir / "tokenizer")
     batches = tdata.PackedBatches(
-        train_source, tokenizer, seq_len=SEQ, batch_size=BATCH, rows=range(BATCH), seed=0
+        train_source,
+        ExampleEncoder(tokenizer),
+        seq_len=SEQ,
+        batch_size=BATCH,
+        rows=range(BATCH),
+        seed=0,
     )
     return next(batches)
 

@@ -15,6 +15,7 @@ from tandem.train import data as tdata
 from tandem.train.config import MeshConfig, TrainConfig
 from tandem.train.loop import BATCH_KEYS, Trainer
 from tandem.train.mesh import batch_sharding, make_mesh, process_rows, to_global
+from tandem.train.sft import ExampleEncoder
 from tests.train.train_helpers import SMALL
 
 
@@ -26,7 +27,7 @@ def _batches(cfg: TrainConfig, n: int):
     src, _ = tdata.load_sources("embedded", "", 20, "text")
     it = tdata.PackedBatches(
         src,
-        Tokenizer.byte(),
+        ExampleEncoder(Tokenizer.byte()),
         seq_len=cfg.seq_len,
         batch_size=cfg.batch_size,
         rows=range(cfg.batch_size),

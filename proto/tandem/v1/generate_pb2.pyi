@@ -81,12 +81,12 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., matched_stop: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
-    __slots__ = ("text", "add_bos")
+    __slots__ = ("text", "add_special_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
-    ADD_BOS_FIELD_NUMBER: _ClassVar[int]
+    ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
-    add_bos: bool
-    def __init__(self, text: _Optional[str] = ..., add_bos: _Optional[bool] = ...) -> None: ...
+    add_special_tokens: bool
+    def __init__(self, text: _Optional[str] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class TokenizeResponse(_message.Message):
     __slots__ = ("token_ids",)
@@ -99,7 +99,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("config_json", "vocab_size", "max_slots", "max_len", "max_prompt_len", "max_logprobs", "eos_id", "bos_id", "manifest_json", "tensor_parallel", "backend", "prefill_buckets")
+    __slots__ = ("config_json", "vocab_size", "max_slots", "max_len", "max_prompt_len", "max_logprobs", "eos_id", "bos_id", "manifest_json", "tensor_parallel", "backend", "prefill_buckets", "stop_token_ids")
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class ModelInfoResponse(_message.Message):
     TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PREFILL_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     config_json: str
     vocab_size: int
     max_slots: int
@@ -124,4 +125,5 @@ class ModelInfoResponse(_message.Message):
     tensor_parallel: int
     backend: str
     prefill_buckets: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, config_json: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_slots: _Optional[int] = ..., max_len: _Optional[int] = ..., max_prompt_len: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., eos_id: _Optional[int] = ..., bos_id: _Optional[int] = ..., manifest_json: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., backend: _Optional[str] = ..., prefill_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, config_json: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_slots: _Optional[int] = ..., max_len: _Optional[int] = ..., max_prompt_len: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., eos_id: _Optional[int] = ..., bos_id: _Optional[int] = ..., manifest_json: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., backend: _Optional[str] = ..., prefill_buckets: _Optional[_Iterable[int]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
