@@ -1,6 +1,6 @@
 """tandem vs vLLM, same weights, same machine, same workload, one run.
 
-Starts `python -m tandem.serve --bundle B` (gRPC) once per --max-slots value and the vLLM OpenAI
+Starts `python -m tandem.serve --bundle B` (gRPC) once per --max-seqs value and the vLLM OpenAI
 server (`--vllm-python` interpreter, or an already running one at --vllm-url) on the Hugging
 Face export of the SAME weights, one at a time so they never share the CPU. Both get the
 SAME requests: serve_bench's synthetic dataset (token-id prompts, outputs forced to length
@@ -10,7 +10,7 @@ unrecorded warm-up pass at the same rate on other prompts (--no-warmup: none). P
 (system, rate[, slots]) and a comparison line tandem/vLLM per (rate, slots).
 
     python benchmarks/vllm_compare.py --bundle bundles/demo-fp32 --hf-dir bundles/demo-hf \
-        --vllm-python /tmp/vllm-venv/bin/python --request-rate inf,8 --max-slots 8,32
+        --vllm-python /tmp/vllm-venv/bin/python --request-rate inf,8 --max-seqs 8,32
 
 Exits with a clear message (status 1), before starting anything, when vLLM is not installed.
 """
@@ -38,10 +38,14 @@ from typing import Any
 import numpy as np
 
 from tandem.benchmarks.serve_bench import (
+    WORKLOADS,
     BenchRequest,
     RequestResult,
     _range,
+    interference_requests,
+    run_conversations,
     run_load,
+    shared_prefix_conversations,
     summarize,
     synthetic_dataset,
 )
@@ -120,7 +124,7 @@ def _vllm_one(url: str, model: str, req: BenchRequest, timeout: float) -> Reques
         headers={"Content-Type": "application/json"},
     )
     start = time.perf_counter()
-    res = RequestResult(ok=False, start=start, prompt_tokens=len(req.prompt_ids))
+    res = RequestResult(ok=False, start=start, prompt_tokens=len(req.prompt_ids), tag=req.tag)
     last, seen = start, 0
     try:
         with urllib.request.urlopen(http, timeout=timeout) as resp:
@@ -136,7 +140,10 @@ def _vllm_one(url: str, model: str, req: BenchRequest, timeout: float) -> Reques
                         res.ttft = now - start
                     else:
                         res.itl.append(now - last)
+                        res.itl_at.append(now)
                     seen, last = total, now
+                details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}
+                res.cached_tokens = details.get("cached_tokens", res.cached_tokens)
         res.output_tokens = seen
         res.e2e = last - start
         res.ok = seen == req.output_len
@@ -146,19 +153,36 @@ def _vllm_one(url: str, model: str, req: BenchRequest, timeout: float) -> Reques
 
 
 def vllm_load(
-    url: str, model: str, requests: list[BenchRequest], rate: float, seed: int
+    url: str, model: str, requests: list[Any], rate: float, seed: int
 ) -> tuple[list[RequestResult], float]:
-    """Open loop with serve_bench's arrival times (same rng, same draws), one thread each."""
+    """Open loop with serve_bench's arrival times (same rng, same draws, or the requests'
+    own), one thread each; conversations (lists of turns) send their turns in order."""
     rng = np.random.default_rng(seed)
+
+    def send(item: Any) -> list[RequestResult]:
+        turns = item if isinstance(item, list) else [item]
+        return [_vllm_one(url, model, req, 600.0) for req in turns]
+
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         t0 = time.perf_counter()
         futures = []
-        for req in requests:
-            futures.append(pool.submit(_vllm_one, url, model, req, 600.0))
-            if math.isfinite(rate):
+        for item in requests:
+            arrival = getattr(item, "arrival", None)
+            if arrival is not None:
+                time.sleep(max(0.0, t0 + arrival - time.perf_counter()))
+            futures.append(pool.submit(send, item))
+            if arrival is None and math.isfinite(rate):
                 time.sleep(rng.exponential(1.0 / rate))
-        results = [f.result() for f in futures]
+        results = [r for f in futures for r in f.result()]
     return results, time.perf_counter() - t0
+
+
+def tandem_load(target: str, requests: list[Any], rate: float, seed: int):
+    """serve_bench's client over gRPC: requests, or conversations (lists of turns)."""
+    if requests and isinstance(requests[0], list):
+        return asyncio.run(run_conversations(target, requests, request_rate=rate, seed=seed))
+    return asyncio.run(run_load(target, requests, request_rate=rate, max_concurrency=None,
+                                seed=seed))  # fmt: skip
 
 
 def _vllm_check(python: str) -> None:
@@ -193,8 +217,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--request-rate", default="inf", help="comma list of req/s (inf = burst)")
     p.add_argument("--input-len", type=_range, default="16:64")
     p.add_argument("--output-len", type=_range, default="8:32@3,192:256@1")
-    p.add_argument("--max-slots", default="8", help="comma list of tandem --max-slots")
+    p.add_argument("--max-seqs", "--max-slots", default="8", dest="max_seqs",
+                   help="comma list of tandem --max-seqs")  # fmt: skip
     p.add_argument("--max-len", type=int, default=512, help="tandem max-len = vLLM model len")
+    p.add_argument(
+        "--tandem-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another tandem serve key (page_size, max_num_batched_tokens, ...)",
+    )
+    p.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="another vLLM server argument (repeat; e.g. --vllm-arg=--foo)",
+    )
+    p.add_argument(
+        "--workload",
+        default="mixed",
+        choices=WORKLOADS,
+        help="as serve_bench's (shared-prefix: --num-requests conversations)",
+    )
+    p.add_argument("--turns", type=int, default=2)
+    p.add_argument("--system-len", type=int, default=1000)
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--stream-output", type=int, default=512)
+    p.add_argument("--long-prompt", type=int, default=2000)
+    p.add_argument("--long-delay-s", type=float, default=1.0)
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="an unrecorded pass of each rate first (other prompts)")  # fmt: skip
     p.add_argument("--startup-timeout", type=float, default=600.0)
@@ -208,17 +259,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.vllm_url is None:
         _vllm_check(args.vllm_python)
     rates = [float(r) for r in args.request_rate.split(",")]
-    slots = [int(s) for s in args.max_slots.split(",")]
+    slots = [int(s) for s in args.max_seqs.split(",")]
     vocab = json.loads((args.bundle / "config.json").read_text())["vocab_size"]
 
-    def dataset(n: int, seed: int) -> list[BenchRequest]:
+    def dataset(n: int, seed: int) -> list[Any]:
+        if args.workload == "shared-prefix":
+            return shared_prefix_conversations(
+                n, turns=args.turns, system_len=args.system_len, suffix_len=args.input_len,
+                output_len=args.output_len, vocab=vocab, seed=seed,
+            )  # fmt: skip
+        if args.workload == "interference":
+            return interference_requests(
+                streams=args.streams, stream_prompt=32, stream_output=args.stream_output,
+                long_prompt=args.long_prompt, long_output=8, delay_s=args.long_delay_s,
+                vocab=vocab, seed=seed,
+            )  # fmt: skip
         reqs = synthetic_dataset(n, args.input_len, args.output_len, vocab, seed)
         cap = args.max_len
         return [dataclasses.replace(r, output_len=min(r.output_len, cap - len(r.prompt_ids)))
                 for r in reqs]  # fmt: skip
 
     # Fresh prompts for the warm-up and for each rate (the same for both systems), so
-    # vLLM's prefix cache (on by default) never sees a prompt twice. The warm-up pass lets
+    # neither prefix cache sees a prompt of another pass. The warm-up pass lets
     # vLLM build its per-shape CPU kernels (tandem compiles every shape at start-up).
     workload = {rate: dataset(args.num_requests, args.seed + i) for i, rate in enumerate(rates)}
     warm = {r: dataset(args.num_requests, args.seed + 1000 + i) for i, r in enumerate(rates)}
@@ -239,22 +301,19 @@ def main(argv: list[str] | None = None) -> int:
         port = _free_port()
         target = f"127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "tandem.serve", "--bundle", str(args.bundle), "--port", str(port),
-               "--max-slots", str(n_slots), "--max-len", str(args.max_len),
-               "--max-queue", str(max(64, args.num_requests))]  # fmt: skip
+               "--max-seqs", str(n_slots), "--max-len", str(args.max_len),
+               "--max-queue", str(max(64, args.num_requests)),
+               *[a for kv in args.tandem_set for a in ("--set", kv)]]  # fmt: skip
         log_path = logs / f"tandem-{n_slots}.log"
         with _process(cmd, log_path) as proc:
             startup = _wait_ready(proc, lambda t=target: _tandem_ready(t), args.startup_timeout,
                                   log_path)  # fmt: skip
             for rate in rates:
                 if rate in warm:
-                    asyncio.run(run_load(target, warm[rate], request_rate=rate,
-                                         max_concurrency=None, seed=args.seed))  # fmt: skip
-                results, duration = asyncio.run(
-                    run_load(target, workload[rate], request_rate=rate, max_concurrency=None,
-                             seed=args.seed)
-                )  # fmt: skip
-                emit(_line("tandem", rate, results, duration, max_slots=n_slots,
-                           startup_s=startup))  # fmt: skip
+                    tandem_load(target, warm[rate], rate, args.seed)
+                results, duration = tandem_load(target, workload[rate], rate, args.seed)
+                emit(_line("tandem", rate, results, duration, max_seqs=n_slots,
+                           startup_s=startup, workload=args.workload))  # fmt: skip
 
     with contextlib.ExitStack() as stack:
         url, startup = args.vllm_url, math.nan
@@ -266,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
                    "--model", str(args.hf_dir.resolve()), "--dtype", "float32",
                    "--max-model-len", str(args.max_len), "--host", "127.0.0.1",
-                   "--port", str(port)]  # fmt: skip
+                   "--port", str(port), "--enable-prompt-tokens-details",
+                   *args.vllm_arg]  # fmt: skip
             log_path = logs / "vllm.log"
             proc = stack.enter_context(_process(cmd, log_path, env))
             startup = _wait_ready(proc, lambda: _vllm_ready(url), args.startup_timeout, log_path)
@@ -276,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             if rate in warm:
                 vllm_load(url, model, warm[rate], rate, args.seed)
             results, duration = vllm_load(url, model, workload[rate], rate, args.seed)
-            emit(_line("vllm", rate, results, duration, startup_s=startup))
+            emit(_line("vllm", rate, results, duration, startup_s=startup,
+                       workload=args.workload))  # fmt: skip
 
     vllm = {line["request_rate"]: line for line in lines if line["system"] == "vllm"}
     for t in [line for line in lines if line["system"] == "tandem"]:
@@ -285,11 +346,15 @@ def main(argv: list[str] | None = None) -> int:
             "bench": "vllm_compare",
             "comparison": "tandem_vs_vllm",
             "request_rate": t["request_rate"],
-            "max_slots": t["max_slots"],
+            "max_seqs": t["max_seqs"],
             "output_throughput_ratio": t["output_throughput"] / v["output_throughput"],
             "ttft_p50_ratio": t["ttft_ms"]["p50"] / v["ttft_ms"]["p50"],
             "tpot_p50_ratio": t["tpot_ms"]["p50"] / v["tpot_ms"]["p50"],
             "e2e_p50_ratio": t["e2e_ms"]["p50"] / v["e2e_ms"]["p50"],
+            **({"p99_during_prefill_vs_median": {
+                "tandem": t["interference"]["p99_during_prefill_vs_median"],
+                "vllm": v["interference"]["p99_during_prefill_vs_median"]}}
+               if "interference" in t else {}),
         })  # fmt: skip
     print(f"server logs: {logs}", file=sys.stderr)
     return 0

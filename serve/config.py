@@ -46,7 +46,7 @@ class ServeConfig:
     # --- paged KV cache and the token-budget step (serve/kv_cache.py, serve/scheduler.py) ---
     kv_cache_tokens: int = 0  # KV-cache pool in tokens (pages x page_size); 0 = the engine
     # derives it from free device memory
-    page_size: int = 16  # tokens per KV-cache page
+    page_size: int = 0  # tokens per KV-cache page; 0 = the engine's default for its device
     max_num_batched_tokens: int = 512  # tokens one step runs: decodes + prompt chunks
     enable_prefix_caching: bool = True  # share cached full pages of equal prefixes
 
@@ -91,7 +91,7 @@ class ServeConfig:
             ">= 0",
         )
         require(self.stream_interval >= 1, "stream_interval", self.stream_interval, ">= 1")
-        require(self.page_size >= 1, "page_size", self.page_size, ">= 1")
+        require(self.page_size >= 0, "page_size", self.page_size, ">= 1 (0 = the engine's default)")
         require(
             self.kv_cache_tokens == 0 or self.kv_cache_tokens >= 2 * self.page_size,
             "kv_cache_tokens",
@@ -107,12 +107,13 @@ class ServeConfig:
 
     @property
     def num_pages(self) -> int:
-        """Pages in the KV-cache pool, the null page 0 included (0 until kv_cache_tokens is
-        set)."""
-        return self.kv_cache_tokens // self.page_size
+        """Pages in the KV-cache pool, the null page 0 included (0 until kv_cache_tokens and
+        page_size are set)."""
+        return self.kv_cache_tokens // self.page_size if self.page_size else 0
 
-    def resolve(self, model_max_len: int) -> ServeConfig:
-        """Fills the derived sizes from the model's context length."""
+    def resolve(self, model_max_len: int, default_page_size: int) -> ServeConfig:
+        """Fills the derived sizes from the model's context length and the engine's page
+        size for its device (kv_cache_tokens is the engine's to derive)."""
         max_len = self.max_len or model_max_len
         require(
             max_len <= model_max_len, "max_len", max_len, f"<= model max_seq_len {model_max_len}"
@@ -120,4 +121,9 @@ class ServeConfig:
         require(max_len >= 2, "max_len", max_len, ">= 2")
         prompt = self.max_prompt_len or max_len - 1
         require(prompt < max_len, "max_prompt_len", prompt, f"< max_len ({max_len})")
-        return dataclasses.replace(self, max_len=max_len, max_prompt_len=prompt)
+        return dataclasses.replace(
+            self,
+            max_len=max_len,
+            max_prompt_len=prompt,
+            page_size=self.page_size or default_page_size,
+        )

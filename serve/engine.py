@@ -60,6 +60,11 @@ log = logging.getLogger(__name__)
 
 KV_CACHE_MEMORY_FRACTION = 0.8  # of an accelerator's free memory after the weights
 CPU_KV_CACHE_MEMORY_FRACTION = 0.25  # at most, of the host's available memory
+# Tokens per page when ServeConfig.page_size is 0: XLA's CPU gather pays per gathered page,
+# so the CPU attention loop is fastest with large pages (docs/benchmarks.md, "Paged
+# attention on CPU"); the GPU kernel loads pages as its key tiles and wants them small.
+PAGE_SIZE = {"cpu": 128}
+DEFAULT_PAGE_SIZE = 16
 
 
 class StepInputs(NamedTuple):
@@ -76,15 +81,20 @@ class StepInputs(NamedTuple):
     logprobs: np.ndarray  # [Rb] bool: the row's request asked for logprobs
 
 
+def default_page_size() -> int:
+    """ServeConfig.page_size 0 means this, for the default backend."""
+    return PAGE_SIZE.get(jax.default_backend(), DEFAULT_PAGE_SIZE)
+
+
 def token_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
-    """Token counts a step is compiled for: powers of two from 4, with the midpoint
-    (x 1.5) between two of them from 64 on (a big step pays at most a third more than its
-    tokens), up to max_num_batched_tokens (the last)."""
-    buckets, size = [], 4
+    """Token counts a step is compiled for: powers of two from 8 up to
+    max_num_batched_tokens (the last). Steps fall in two kinds: decode-only ones (as many
+    tokens as running sequences), and ones the scheduler fills to the budget with prompt
+    chunks; only a prompt's last chunk lands in between, so finer buckets there would buy
+    little for their compile time (every bucket is a compiled executable)."""
+    buckets, size = [], 8
     while size < max_num_batched_tokens:
         buckets.append(size)
-        if size >= 64 and size * 3 // 2 < max_num_batched_tokens:
-            buckets.append(size * 3 // 2)
         size *= 2
     return (*buckets, max_num_batched_tokens)
 
@@ -161,7 +171,7 @@ class JaxEngine(Engine):
         mesh: Mesh | None = None,
         manifest: dict | None = None,
     ) -> None:
-        scfg = (serve_cfg or ServeConfig()).resolve(cfg.max_seq_len)
+        scfg = (serve_cfg or ServeConfig()).resolve(cfg.max_seq_len, default_page_size())
         if tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(
                 f"tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's {cfg.vocab_size}"

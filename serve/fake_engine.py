@@ -36,9 +36,10 @@ class FakeEngine(Engine):
         script: Script | None = None,
     ) -> None:
         """`serve_cfg` as for JaxEngine (the fake model's context is max_len, 128 when 0;
-        kv_cache_tokens 0 = room for max_seqs full-length sequences)."""
+        pages of 16 unless set; kv_cache_tokens 0 = room for max_seqs full-length
+        sequences)."""
         scfg = serve_cfg or ServeConfig(max_seqs=4, max_prompt_len=64)
-        scfg = scfg.resolve(scfg.max_len or MODEL_MAX_LEN)
+        scfg = scfg.resolve(scfg.max_len or MODEL_MAX_LEN, default_page_size=16)
         if not scfg.kv_cache_tokens:
             tokens = (scfg.max_seqs * scfg.max_len // scfg.page_size + 2) * scfg.page_size
             scfg = dataclasses.replace(scfg, kv_cache_tokens=tokens)

@@ -129,9 +129,9 @@ def drive(engine, requests: list[tuple[list[int], SamplingParams]], **cfg):
 
 
 def test_token_buckets() -> None:
-    assert token_buckets(32) == (4, 8, 16, 32)
-    assert token_buckets(512) == (4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
-    assert token_buckets(100) == (4, 8, 16, 32, 64, 96, 100)
+    assert token_buckets(32) == (8, 16, 32)
+    assert token_buckets(512) == (8, 16, 32, 64, 128, 256, 512)
+    assert token_buckets(100) == (8, 16, 32, 64, 100)
 
 
 def test_greedy_matches_model_forward_with_batching(engine, tokenizer, reference_greedy) -> None:

@@ -61,8 +61,11 @@ def test_switch_flags_set_their_value() -> None:
         (["tls_cert=c.pem"], "tls_key='' is invalid"),
         (["a.yaml", "oops"], "expected key=value after CONFIG, got 'oops'"),
         (["--max-seqs", "0"], "max_seqs=0 is invalid: allowed >= 1"),
-        (["--page-size", "0"], "page_size=0 is invalid: allowed >= 1"),
-        (["--kv-cache-tokens", "16"], "kv_cache_tokens=16 is invalid: allowed 0 (derive) or >= 2"),
+        (["--page-size", "-1"], "page_size=-1 is invalid: allowed >= 1 (0 = the engine's"),
+        (
+            ["--kv-cache-tokens", "16", "--page-size", "16"],
+            "kv_cache_tokens=16 is invalid: allowed 0 (derive) or >= 2",
+        ),
         (
             ["--max-seqs", "64", "--max-num-batched-tokens", "32"],
             "max_num_batched_tokens=32 is invalid: allowed >= max_seqs (64)",
