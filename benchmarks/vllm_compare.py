@@ -50,8 +50,6 @@ from tandem.benchmarks.serve_bench import (
     synthetic_dataset,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -61,11 +59,14 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _process(cmd: list[str], log_path: Path, env: dict[str, str] | None = None):
-    """A server subprocess in its own process group, always terminated (then killed)."""
+    """A server subprocess in its own process group, always terminated (then killed). It
+    runs in the log's directory: in the repo, its top-level folders (`kernels/` ...) would
+    shadow packages of the same name that vLLM's dependencies import."""
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
-        )
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent,
+            start_new_session=True,
+        )  # fmt: skip
     try:
         yield proc
     finally:
@@ -260,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         _vllm_check(args.vllm_python)
     rates = [float(r) for r in args.request_rate.split(",")]
     slots = [int(s) for s in args.max_seqs.split(",")]
-    vocab = json.loads((args.bundle / "config.json").read_text())["vocab_size"]
+    from tandem.model.tokenizer import Tokenizer
+
+    vocab = Tokenizer.from_dir(args.bundle).vocab_size  # prompts of ids both servers accept
 
     def dataset(n: int, seed: int) -> list[Any]:
         if args.workload == "shared-prefix":
