@@ -1,4 +1,4 @@
-"""`tandem bench {serve,train,kernels,paged} ...`: the benchmarks behind one subcommand."""
+"""`tandem bench {serve,train,kernels,paged,step} ...`: the benchmarks behind one subcommand."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ BENCHMARKS = {
     "train": "tandem.benchmarks.train_bench",
     "kernels": "tandem.benchmarks.kernel_bench",
     "paged": "tandem.benchmarks.paged_bench",
+    "step": "tandem.benchmarks.step_bench",
 }
 
 

@@ -674,7 +674,6 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := sorted(set(modes) - set(MODES)):
         parser.error(f"--modes: unknown {unknown}; allowed {', '.join(MODES)}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from tandem.serve.config import ServeConfig
     from tandem.serve.server import BackgroundServer, TandemServer
 
@@ -823,4 +822,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from tandem.cli import setup_logging
+
+    setup_logging("INFO")  # what `tandem bench serve` sets up before calling main
     raise SystemExit(main())

@@ -8,7 +8,10 @@ Prints one JSON line per preset (and one for the measured matmul peak). The trai
 exactly the one `python -m tandem.train` runs (sharded jit, donated state, AdamW, clipping), fed
 synthetic packed batches so the data pipeline is not measured (and Grain is not needed).
 MFU = model FLOPs/token (ModelConfig.flops_per_token) x tokens/s / peak; it is reported
-against both the measured matmul peak and, on GPU/TPU, the spec-sheet table peak.
+against both the measured matmul peak and, on GPU/TPU, the spec-sheet table peak. Memory
+per step: XLA's accounting of the compiled step per device (`step_*_bytes`: arguments =
+params, optimizer state and batch; temporaries = activations, gradients, the loss's
+buffers) and, where the runtime reports it, the device's peak bytes in use.
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ def bench(preset: str, overrides: list[str], steps: int, warmup: int) -> dict:
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     step_time = float(np.median(times))
+    memory = {f"step_{k}": v for k, v in trainer.step_memory().items()}
+    stats = jax.devices()[0].memory_stats() or {}  # None on CPU
     tps = cfg.tokens_per_step / step_time
     flops = cfg.model.flops_per_token(T) * tps
     dtype = cfg.model.dtype
@@ -119,6 +124,8 @@ def bench(preset: str, overrides: list[str], steps: int, warmup: int) -> dict:
         "table_peak_tflops": table_total / 1e12 if table_total else None,
         "mfu": flops / table_total if table_total else flops / measured,
         "final_loss": float(np.asarray(m["loss"])),
+        **memory,
+        "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
     }
 
 

@@ -1,17 +1,25 @@
 """Picks an attention implementation per backend; the model calls only these functions
 (`attention`, `decode_attention`, `paged_attention`) and nothing else of this package's.
 
-`impl` values (also `ModelConfig.attention_impl`):
-  auto              compiled Pallas on GPU when the shape is supported, else the reference
-                    (always the reference on CPU and TPU)
-  reference         the XLA reference (bucketed_reference.py where one exists)
-  pallas            compiled Pallas kernel (GPU; ValueError on CPU and TPU)
-  pallas_interpret  the Pallas kernel in interpret mode (CPU; for tests)
+Two kernel families, picked by the backend: the Mosaic kernels on TPU (`tpu_attention.py`,
+jax's splash attention; `tpu_paged_attention.py`, tandem's ragged paged kernel) and the
+Triton kernels everywhere else (`prefill_attention.py`, `decode_attention.py`,
+`paged_attention.py`).
 
-A shape the kernel cannot take (head_dim not a power of two >= 16, a length no tile size
-divides, ...) falls back to the reference with one logged warning per (kernel, reason):
-a slower answer, never a wrong one. `pallas_interpret` applies the same shape rules as
-compiled `pallas`, so CPU tests exercise exactly what a GPU would compile.
+`impl` values (also `ModelConfig.attention_impl`):
+  auto              the backend's compiled kernels on GPU and TPU when the shape is
+                    supported, else the reference (always the reference on CPU)
+  reference         the XLA reference (bucketed_reference.py where one exists)
+  pallas            the backend's compiled kernels (GPU, TPU; ValueError on CPU)
+  pallas_interpret  the backend's family in interpret mode (the Triton kernels on CPU;
+                    for tests)
+
+The slot cache (`decode_attention`) has no Mosaic kernel: on TPU it runs the reference
+(serving on TPU wants the paged cache, which has one). A shape a kernel cannot take
+(head_dim not a power of two >= 16, a length no tile size divides, ...) falls back to
+the reference with one logged warning per (kernel, reason): a slower answer, never a
+wrong one. `pallas_interpret` applies the same shape rules as compiled `pallas`, so CPU
+tests exercise exactly what an accelerator would compile.
 
 With `mesh_axes` (the model passes its rule table's, model/sharding.py) a kernel runs per
 mesh shard (sharding.py: `per_shard`); the reference is left to XLA's partitioner.
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import jax
 
@@ -45,6 +53,13 @@ from tandem.kernels.prefill_attention import flash_attention
 from tandem.kernels.prefill_attention import unsupported_reason as _prefill_unsupported
 from tandem.kernels.reference import attention_reference
 from tandem.kernels.sharding import MeshAxes, per_shard
+from tandem.kernels.tpu_attention import pick_block as _splash_block
+from tandem.kernels.tpu_attention import splash_attention
+from tandem.kernels.tpu_attention import unsupported_reason as _splash_unsupported
+from tandem.kernels.tpu_paged_attention import DEFAULT_BLOCK_K as _TPU_PAGED_BLOCK_K
+from tandem.kernels.tpu_paged_attention import auto_block_q as _tpu_auto_block_q
+from tandem.kernels.tpu_paged_attention import ragged_paged_attention_tpu
+from tandem.kernels.tpu_paged_attention import unsupported_reason as _tpu_paged_unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -57,29 +72,44 @@ def _check_impl(impl: str) -> None:
     require(impl in get_args(AttentionImpl), "attention_impl", impl, str(get_args(AttentionImpl)))
 
 
-def _kernel_mode(impl: str) -> str | None:
-    """'compiled', 'interpret', or None (use the reference) for this impl on this backend."""
-    backend = jax.default_backend()
+class KernelMode(NamedTuple):
+    """Which kernels run, and how."""
+
+    family: Literal["triton", "mosaic"]  # GPU kernels / TPU kernels
+    interpret: bool
+
+
+def _backend() -> str:
+    """jax's default backend; a function so that tests can pose as a TPU or GPU."""
+    return jax.default_backend()
+
+
+def kernel_mode(impl: str) -> KernelMode | None:
+    """The kernels `impl` runs on this backend, or None for the reference."""
+    _check_impl(impl)
+    backend = _backend()
+    family = "mosaic" if backend == "tpu" else "triton"
     if impl == "reference":
         return None
     if impl == "pallas_interpret":
-        return "interpret"
+        return KernelMode(family, interpret=True)
     if impl == "pallas":
-        if backend != "gpu":
+        if backend not in ("gpu", "tpu"):
             raise ValueError(
-                f"attention_impl='pallas' compiles the Triton kernels, which need a GPU; the "
-                f"backend is {backend!r}. Use attention_impl='pallas_interpret' (slow, for "
-                f"tests) or 'reference' (or 'auto', which picks per backend)."
+                f"attention_impl='pallas' compiles the Triton (GPU) or Mosaic (TPU) kernels; "
+                f"the backend is {backend!r}. Use attention_impl='pallas_interpret' (slow, "
+                f"for tests) or 'reference' (or 'auto', which picks per backend)."
             )
-        return "compiled"
-    return "compiled" if backend == "gpu" else None  # auto
+        return KernelMode(family, interpret=False)
+    return KernelMode(family, interpret=False) if backend in ("gpu", "tpu") else None  # auto
 
 
 def runs_pallas(impl: str) -> bool:
-    """Whether `impl` runs a Pallas kernel on this backend (compiled or interpreted): the
-    serving engine shapes its decode step differently for the kernel and the CPU loop."""
-    _check_impl(impl)
-    return _kernel_mode(impl) is not None
+    """Whether `decode_attention` (the slot cache) runs a Pallas kernel for `impl` on this
+    backend, compiled or interpreted: the serving engine shapes its decode step
+    differently for the kernel and the CPU loop. Only the Triton family has one."""
+    mode = kernel_mode(impl)
+    return mode is not None and mode.family == "triton"
 
 
 def _warn_fallback(kernel: str, reason: str) -> None:
@@ -98,25 +128,29 @@ def attention(
     mesh_axes: MeshAxes | None = None,
 ) -> jax.Array:  # [B, T, N, H]
     """Causal (segment-masked) grouped-query attention over a whole sequence."""
-    _check_impl(impl)
-    mode = _kernel_mode(impl)
+    mode = kernel_mode(impl)
     if mode is None:
         return attention_reference(q, k, v, segment_ids=segment_ids)
+    dtypes = (q.dtype, k.dtype, v.dtype)
     seq = q.shape[1] if q.ndim == 4 else 0
-    block_q = pick_block(seq, _PREFILL_BLOCK_Q)
-    block_k = pick_block(seq, _PREFILL_BLOCK_K)
-    if block_q is None or block_k is None:
-        reason = f"seq_len T={seq} is not a multiple of 16"
+    if mode.family == "mosaic":
+        block = _splash_block(seq)
+        name, reason = "splash_attention", _splash_unsupported(q.shape, k.shape, dtypes, block)
+        kernel = functools.partial(splash_attention, block=block, interpret=mode.interpret)
     else:
-        reason = _prefill_unsupported(
-            q.shape, k.shape, (q.dtype, k.dtype, v.dtype), block_q, block_k
+        block_q = pick_block(seq, _PREFILL_BLOCK_Q)
+        block_k = pick_block(seq, _PREFILL_BLOCK_K)
+        name = "flash_attention"
+        if block_q is None or block_k is None:
+            reason = f"seq_len T={seq} is not a multiple of 16"
+        else:
+            reason = _prefill_unsupported(q.shape, k.shape, dtypes, block_q, block_k)
+        kernel = functools.partial(
+            flash_attention, block_q=block_q, block_k=block_k, interpret=mode.interpret
         )
     if reason is not None:
-        _warn_fallback("flash_attention", reason)
+        _warn_fallback(name, reason)
         return attention_reference(q, k, v, segment_ids=segment_ids)
-    kernel = functools.partial(
-        flash_attention, block_q=block_q, block_k=block_k, interpret=mode == "interpret"
-    )
     if segment_ids is None:
         return per_shard(kernel, (q, k, v), ("BTNH", "BTKH", "BTKH"), mesh_axes)
 
@@ -138,9 +172,11 @@ def decode_attention(
 ) -> jax.Array:  # [B, N, H]
     """One query token per slot against the first `lengths[b]` entries of its cache row
     (`slots[b]`, as in `decode_attention_reference`)."""
-    _check_impl(impl)
-    mode = _kernel_mode(impl)
+    mode = kernel_mode(impl)
     if mode is None:
+        return decode_attention_bucketed(q, k_cache, v_cache, lengths, slots)
+    if mode.family == "mosaic":
+        _warn_fallback("ragged_decode_attention", "no Mosaic (TPU) kernel for the slot cache")
         return decode_attention_bucketed(q, k_cache, v_cache, lengths, slots)
     max_len = k_cache.shape[2] if k_cache.ndim == 4 else 0
     block_k = pick_block(max_len, _DECODE_BLOCK_K)
@@ -156,9 +192,7 @@ def decode_attention(
         return decode_attention_bucketed(q, k_cache, v_cache, lengths, slots)
     if slots is not None:  # the kernel reads row b for query b
         k_cache, v_cache = k_cache[slots], v_cache[slots]
-    kernel = functools.partial(
-        ragged_decode_attention, block_k=block_k, interpret=mode == "interpret"
-    )
+    kernel = functools.partial(ragged_decode_attention, block_k=block_k, interpret=mode.interpret)
     return per_shard(
         kernel, (q, k_cache, v_cache, lengths), ("BNH", "BKSH", "BKSH", "B"), mesh_axes
     )
@@ -180,25 +214,28 @@ def paged_attention(
     """Attention of a ragged step (decode rows and prompt chunks) over a paged KV cache:
     the contract of `ragged_paged_attention_reference` (paged_reference.py). On a mesh
     the kernel runs per kv-head shard (a step's rows are ragged, so never split)."""
-    _check_impl(impl)
-    mode = _kernel_mode(impl)
+    mode = kernel_mode(impl)
     args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_rows)
     if mode is None:
         return ragged_paged_attention_blocked(*args, sm_scale=sm_scale)
     page_size = k_pages.shape[2] if k_pages.ndim == 4 else 1
-    block_k = max(_PAGED_BLOCK_K, page_size)
-    block_q = auto_block_q(q.shape[-2], k_pages.shape[0]) if q.ndim == 3 else 1
-    reason = _paged_unsupported(
-        q.shape, k_pages.shape, (q.dtype, k_pages.dtype, v_pages.dtype), block_q, block_k
-    )
+    n_heads = q.shape[-2] if q.ndim == 3 else 1
+    n_kv = k_pages.shape[0] if k_pages.ndim == 4 else 1
+    dtypes = (q.dtype, k_pages.dtype, v_pages.dtype)
+    if mode.family == "mosaic":
+        name, fn = "ragged_paged_attention_tpu", ragged_paged_attention_tpu
+        block_k = max(_TPU_PAGED_BLOCK_K, page_size)
+        block_q = _tpu_auto_block_q(n_heads, n_kv)
+        reason = _tpu_paged_unsupported(q.shape, k_pages.shape, dtypes, block_q, block_k)
+    else:
+        name, fn = "ragged_paged_attention", ragged_paged_attention
+        block_k = max(_PAGED_BLOCK_K, page_size)
+        block_q = auto_block_q(n_heads, n_kv)
+        reason = _paged_unsupported(q.shape, k_pages.shape, dtypes, block_q, block_k)
     if reason is not None:
-        _warn_fallback("ragged_paged_attention", reason)
+        _warn_fallback(name, reason)
         return ragged_paged_attention_blocked(*args, sm_scale=sm_scale)
     kernel = functools.partial(
-        ragged_paged_attention,
-        sm_scale=sm_scale,
-        block_q=block_q,
-        block_k=block_k,
-        interpret=mode == "interpret",
+        fn, sm_scale=sm_scale, block_q=block_q, block_k=block_k, interpret=mode.interpret
     )
     return per_shard(kernel, args, ("TNH", "KPSH", "KPSH", "R", "RP", "R", ""), mesh_axes)

@@ -48,10 +48,11 @@ from tandem.kernels._common import (
     next_pow2,
 )
 from tandem.kernels.paged_reference import (
+    pack_query_blocks,
     query_blocks,
-    query_rows,
     ragged_paged_attention_reference,
     step_rows,
+    unpack_query_blocks,
 )
 
 __all__ = [
@@ -219,12 +220,8 @@ def ragged_paged_attention(
 
     cu, q_len = step_rows(cu_q_lens, num_rows)
     blocks = query_blocks(cu, q_len, kv_lens, n_tokens, block_q)
-    n_blocks = blocks.row.shape[0]
-    tokens = blocks.first_token[:, None] + jnp.arange(block_q)  # [Qb, Bq]
-    tokens = jnp.minimum(tokens, n_tokens - 1)
-    qb = q[tokens].reshape(n_blocks, block_q, n_kv, group, head_dim)  # [Qb, Bq, K, G, H]
-    qb = jnp.pad(qb, ((0, 0), (0, 0), (0, 0), (0, padded_group - group), (0, 0)))
-    qb = qb.transpose(0, 2, 1, 3, 4).reshape(n_blocks, n_kv, rows, head_dim)  # [Qb, K, M, H]
+    qb = pack_query_blocks(q, blocks, n_kv, padded_group, block_q)  # [Qb, K, M, H]
+    n_blocks = qb.shape[0]
     pages_per_tile = block_k // page_size
     page_table = page_indices.astype(jnp.int32)[blocks.row]  # [Qb, Pr]
     # A row's last tile may cover table entries past its pages, which may hold anything:
@@ -254,8 +251,4 @@ def ragged_paged_attention(
         name="ragged_paged_attention",
     )(blocks.start, blocks.count, page_table, qb, k_pages, v_pages)
 
-    out = out.reshape(n_blocks, n_kv, block_q, padded_group, head_dim)[:, :, :, :group]
-    out = out.transpose(0, 2, 1, 3, 4).reshape(n_blocks, block_q, n_heads, head_dim)
-    token_row, index, real = query_rows(cu, n_tokens)  # [T] each
-    out = out[blocks.first_block[token_row] + index // block_q, index % block_q]  # [T, N, H]
-    return jnp.where(real[:, None, None], out, jnp.zeros_like(out))
+    return unpack_query_blocks(out, blocks, cu, n_tokens, n_heads, block_q)

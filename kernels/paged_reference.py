@@ -16,8 +16,9 @@ chunk several) whose T query tokens are packed row after row:
 Query j of row r (q_len = cu_q_lens[r + 1] - cu_q_lens[r]) sits at position
 kv_lens[r] - q_len + j and attends causally to cache positions 0 .. that position. This
 is the argument list of jax's TPU `ragged_paged_attention` and vLLM's attention metadata
-(`seq_lens`, `block_table`, `query_start_loc`); the pool is laid out as jax's GPU
-`paged_attention` lays it out.
+(`seq_lens`, `block_table`, `query_start_loc`); the pool is laid out as jax's GPU and TPU
+`paged_attention` lay it out (its TPU `ragged_paged_attention` interleaves K and V heads
+instead: tpu_paged_attention.py says why tandem does not).
 """
 
 from __future__ import annotations
@@ -113,6 +114,45 @@ def query_blocks(
     count = jnp.clip(q_len[row] - first, 0, block_q)  # [Qb]
     start = kv_lens[row] - q_len[row] + first  # [Qb]
     return QueryBlocks(row, cu[row] + first, start, count, first_block, blocks_end[-1])
+
+
+def pack_query_blocks(
+    q: jax.Array,  # [T, N, H]
+    blocks: QueryBlocks,
+    n_kv: int,
+    padded_group: int,
+    block_q: int,
+) -> jax.Array:  # [Qb, K, M, H], M = block_q * padded_group
+    """Each block's query tile per kv head, the unit the paged kernels compute: row m is
+    token m // Gp of the block and query head m % Gp of the kv head's group (heads padded
+    with zeros from G to Gp), so one K/V tile serves every query of the group."""
+    n_tokens, n_heads, head_dim = q.shape
+    group = n_heads // n_kv
+    n_blocks = blocks.row.shape[0]
+    tokens = blocks.first_token[:, None] + jnp.arange(block_q)  # [Qb, Bq]
+    tokens = jnp.minimum(tokens, n_tokens - 1)
+    qb = q[tokens].reshape(n_blocks, block_q, n_kv, group, head_dim)  # [Qb, Bq, K, G, H]
+    qb = jnp.pad(qb, ((0, 0), (0, 0), (0, 0), (0, padded_group - group), (0, 0)))
+    return qb.transpose(0, 2, 1, 3, 4).reshape(n_blocks, n_kv, block_q * padded_group, head_dim)
+
+
+def unpack_query_blocks(
+    out: jax.Array,  # [Qb, K, M, H] the kernel's tiles
+    blocks: QueryBlocks,
+    cu: jax.Array,  # [R + 1] int32: row starts from `step_rows`
+    n_tokens: int,
+    n_heads: int,
+    block_q: int,
+) -> jax.Array:  # [T, N, H]
+    """`pack_query_blocks` undone: the tiles back to [T, N, H] by one gather, with zeros
+    for the padding tokens."""
+    n_blocks, n_kv, rows, head_dim = out.shape
+    padded_group, group = rows // block_q, n_heads // n_kv
+    out = out.reshape(n_blocks, n_kv, block_q, padded_group, head_dim)[:, :, :, :group]
+    out = out.transpose(0, 2, 1, 3, 4).reshape(n_blocks, block_q, n_heads, head_dim)
+    token_row, index, real = query_rows(cu, n_tokens)  # [T] each
+    out = out[blocks.first_block[token_row] + index // block_q, index % block_q]  # [T, N, H]
+    return jnp.where(real[:, None, None], out, jnp.zeros_like(out))
 
 
 def ragged_paged_attention_reference(

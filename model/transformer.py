@@ -255,6 +255,21 @@ class Transformer(nnx.Module):
         segment_ids: jax.Array | None = None,  # [B, T] int32
     ) -> jax.Array:  # [B, T, V] float32
         """Training forward: causal attention, masked to `segment_ids` when packing."""
+        return self._logits(self._trunk(tokens, positions, segment_ids))
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,  # [B, T] int32
+        positions: jax.Array,  # [B, T] int32
+        segment_ids: jax.Array | None = None,  # [B, T] int32
+    ) -> jax.Array:  # [B, T, D] compute dtype
+        """The training forward up to the LM head (final norm applied): with `head_weight`
+        what `model.loss.chunked_cross_entropy` takes, so the loss never holds [B, T, V]
+        f32 logits."""
+        x = self._trunk(tokens, positions, segment_ids)
+        return _rms_norm(x, self.final_norm.get_value(), self.cfg.norm_eps)
+
+    def _trunk(self, tokens, positions, segment_ids):  # [B, T] -> [B, T, D], before the norm
         cfg = self.cfg
         cos, sin = _rope_tables(cfg, positions)
 
@@ -264,7 +279,7 @@ class Transformer(nnx.Module):
             return _layer_output(cfg, x, out, p), None
 
         x, _ = jax.lax.scan(_remat(cfg, layer), self._embed(tokens), self.layers.stacked())
-        return self._logits(x)
+        return x
 
     def prefill(
         self,
@@ -395,20 +410,22 @@ class Transformer(nnx.Module):
         x = constrain(x, _ACTIVATION, last_dims_first=True)
         return constrain(x, _ACTIVATION)
 
+    def head_weight(self) -> jax.Array:  # [D, V] compute dtype
+        """The LM head's matrix (the embedding's transpose when tied), unscaled: an int8
+        model's per-column scales are applied by `_logits`."""
+        if self.cfg.tie_embeddings:
+            return self.embed.get_value().astype(self.cfg.dtype).T
+        return self.lm_head.get_value().astype(self.cfg.dtype)
+
     def _logits(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
         cfg = self.cfg
         x = _rms_norm(x, self.final_norm.get_value(), cfg.norm_eps)
-        quantized = cfg.quantization == "int8"
-        if cfg.tie_embeddings:
-            head = self.embed.get_value().astype(cfg.dtype)
-            logits = jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
-            scale = self.embed_scale.get_value() if quantized else None
-        else:
-            head = self.lm_head.get_value().astype(cfg.dtype)
-            logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
-            scale = self.lm_head_scale.get_value() if quantized else None
-        if scale is not None:
-            logits = logits * scale
+        logits = jnp.einsum(
+            "btd,dv->btv", x, self.head_weight(), preferred_element_type=jnp.float32
+        )
+        if cfg.quantization == "int8":
+            tied = cfg.tie_embeddings
+            logits = logits * (self.embed_scale if tied else self.lm_head_scale).get_value()
         return constrain(logits, (BATCH, LENGTH, VOCAB))
 
 

@@ -19,7 +19,7 @@ a silent recompile.
 Cache size (`kv_cache_tokens`; 0 = derive it): on an accelerator, KV_CACHE_MEMORY_FRACTION
 of the device memory still free once the weights are placed (the rest is for the step's
 activations and XLA's workspace); on CPU, where memory is the host's and shared, enough
-for `max_seqs` sequences of `max_len` (what the slot engine reserved), capped at
+pages for `max_seqs` sequences of `max_len` (what the slot engine reserved), capped at
 CPU_KV_CACHE_MEMORY_FRACTION of the host's available memory.
 
 With several devices the params are sharded tensor-parallel (model/sharding.py rules on a
@@ -136,7 +136,8 @@ def derive_kv_cache_tokens(
     else:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         cap = int(CPU_KV_CACHE_MEMORY_FRACTION * available) // per_token
-        tokens = min(scfg.max_seqs * scfg.max_len + scfg.page_size, cap)  # + the null page
+        pages = scfg.max_seqs * pages_for(scfg.max_len, scfg.page_size) + 1  # + the null page
+        tokens = min(pages * scfg.page_size, cap)
         where = f"max_seqs x max_len, at most {CPU_KV_CACHE_MEMORY_FRACTION:.0%} of host memory"
     tokens -= tokens % scfg.page_size
     require(

@@ -19,6 +19,7 @@ import numpy as np
 
 from tandem.serve.config import ServeConfig
 from tandem.serve.engine_api import Engine, StepOutput, TokenizerLike, pack_rows
+from tandem.serve.kv_cache import pages_for
 from tandem.serve.scheduler import SchedulerOutput
 
 Script = Callable[[Sequence[int], int], int]  # (prompt ids, output index) -> token id
@@ -41,7 +42,8 @@ class FakeEngine(Engine):
         scfg = serve_cfg or ServeConfig(max_seqs=4, max_prompt_len=64)
         scfg = scfg.resolve(scfg.max_len or MODEL_MAX_LEN, default_page_size=16)
         if not scfg.kv_cache_tokens:
-            tokens = (scfg.max_seqs * scfg.max_len // scfg.page_size + 2) * scfg.page_size
+            pages = scfg.max_seqs * pages_for(scfg.max_len, scfg.page_size) + 1  # + null page
+            tokens = pages * scfg.page_size
             scfg = dataclasses.replace(scfg, kv_cache_tokens=tokens)
         self.serve_cfg = scfg
         self.tokenizer = tokenizer

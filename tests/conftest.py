@@ -12,10 +12,12 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need an accelerator; on a CPU-only machine they are skipped, not failed."""
-    if jax.default_backend() in ("gpu", "tpu"):
-        return
-    skip = pytest.mark.skip(reason="needs a GPU/TPU backend (run through the device tool)")
+    """`gpu` tests need an accelerator and `tpu` tests a TPU; elsewhere they are skipped,
+    not failed."""
+    backend = jax.default_backend()
+    needs = {"gpu": backend in ("gpu", "tpu"), "tpu": backend == "tpu"}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, available in needs.items():
+            if item.get_closest_marker(marker) and not available:
+                reason = f"needs a {marker.upper()} backend (run through the device tool)"
+                item.add_marker(pytest.mark.skip(reason=reason))

@@ -36,16 +36,29 @@ _PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; exactly one may be -1 (fill with the remaining devices)."""
+    """Device mesh axis sizes; exactly one may be -1 (fill with the remaining devices).
+
+    `dcn_data` splits the data axis over slices joined by the data-center network (DCN):
+    the data axis is `dcn_data` groups, one per TPU slice of a multislice run (or per
+    process elsewhere), and fsdp, tensor and the rest of data stay inside a slice, on its
+    fast interconnect (MaxText's `dcn_data_parallelism`). -1 = the number of TPU slices
+    the run spans (1 unless multislice)."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    dcn_data: int = -1
 
     def __post_init__(self) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for name, v in sizes.items():
             require(v >= 1 or v == -1, name, v, "a positive axis size or -1 (fill)")
+        require(
+            self.dcn_data >= 1 or self.dcn_data == -1,
+            "dcn_data",
+            self.dcn_data,
+            "a positive number of slices or -1 (the TPU slices found)",
+        )
         fills = [n for n, v in sizes.items() if v == -1]
         if len(fills) > 1:
             require(False, fills[0], -1, f"on one axis only ({', '.join(fills)} are all -1)")

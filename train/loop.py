@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tandem.model import sharding as msharding
+from tandem.model.loss import chunked_cross_entropy
 from tandem.model.transformer import Transformer
 from tandem.train import data as tdata
 from tandem.train import init_from
@@ -39,6 +40,7 @@ from tandem.train.checkpoint import Checkpointer, incompatible_fields
 from tandem.train.config import TrainConfig
 from tandem.train.mesh import (
     batch_sharding,
+    data_processes,
     local_rows,
     make_mesh,
     maybe_initialize_distributed,
@@ -166,9 +168,17 @@ class Trainer:
         }
 
     def _loss_sums(self, params: Any, b: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """Sum of the weighted per-token cross-entropies and of the weights. A bf16 model
+        takes the vocabulary-chunked loss (model/loss.py): its [B, T, V] f32 logits and
+        their f32 cotangent would dominate the step's memory and the head's backward."""
         model = nnx.merge(self.graphdef, params)
-        logits = model(b["tokens"], b["positions"], b["segment_ids"])  # [B, T, V] f32
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, b["targets"])  # [B, T]
+        mcfg = self.cfg.model
+        if mcfg.dtype == "bfloat16" and mcfg.quantization == "none":
+            x = model.hidden_states(b["tokens"], b["positions"], b["segment_ids"])  # [B, T, D]
+            ce = chunked_cross_entropy(x, model.head_weight(), b["targets"])  # [B, T] f32
+        else:
+            logits = model(b["tokens"], b["positions"], b["segment_ids"])  # [B, T, V] f32
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, b["targets"])  # [B, T]
         return jnp.sum(ce * b["weights"]), jnp.sum(b["weights"])
 
     def _train_step(self, state: dict[str, Any], batch: dict[str, jax.Array]):
@@ -257,6 +267,21 @@ class Trainer:
                 .lower(self.abstract_state, self.abstract_batch)
                 .compile()
             )
+
+    def step_memory(self) -> dict[str, int]:
+        """Bytes per device of the compiled train step, XLA's own accounting: arguments
+        (state and batch), outputs, temporaries (activations kept for the backward,
+        gradients, the loss's buffers) and generated code. Compiles if needed."""
+        if self._step_c is None:
+            self.compile()
+        analysis = self._step_c.memory_analysis()
+        return {
+            "argument_bytes": analysis.argument_size_in_bytes,
+            "output_bytes": analysis.output_size_in_bytes,
+            "alias_bytes": analysis.alias_size_in_bytes,
+            "temp_bytes": analysis.temp_size_in_bytes,
+            "code_bytes": analysis.generated_code_size_in_bytes,
+        }
 
     def step(self, state: dict[str, Any], batch: dict[str, jax.Array]):
         if self._step_c is None:
@@ -375,10 +400,11 @@ def setup_run(cfg: TrainConfig) -> RunSetup:
     train_src = tdata.drop_unusable(train_src, encoder, cfg.seq_len)
     eval_src = tdata.drop_unusable(eval_src, encoder, cfg.seq_len)
     log.info(
-        "mesh %s over %d devices, %d process(es); data %r / eval %r",
+        "mesh %s over %d devices, %d process(es), processes per data index %s; data %r / eval %r",
         dict(mesh.shape),
         jax.device_count(),
         jax.process_count(),
+        data_processes(mesh),
         train_src,
         eval_src,
     )

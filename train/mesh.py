@@ -10,7 +10,9 @@
 On CPU the gloo collectives are selected so multi-process CPU runs (tests) work.
 
 The mesh is always 3-D with axes `model.sharding.MESH_AXES` = (data, fsdp, tensor); the batch
-is sharded over (data, fsdp), params by the logical rules in `model/sharding.py`.
+is sharded over (data, fsdp), params by the logical rules in `model/sharding.py`. Across TPU
+slices (multislice, `mesh.dcn_data`) the data axis is outermost and spans the slices, so
+only its gradient reductions travel over the data-center network.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tandem.config import require
 from tandem.model.sharding import MESH_AXES
 from tandem.train.config import MeshConfig, TrainConfig
 
@@ -46,6 +50,11 @@ def _cluster_detected() -> bool:
     return _env_int("OMPI_COMM_WORLD_SIZE", 1) > 1
 
 
+def _cpu_collectives() -> None:
+    """CPU devices need a collectives backend across processes; GPUs and TPUs ignore it."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
 def maybe_initialize_distributed(cfg: TrainConfig) -> bool:
     """Initialize jax.distributed when the run spans processes; returns True if it did."""
     if cfg.distributed == "off":
@@ -62,14 +71,14 @@ def maybe_initialize_distributed(cfg: TrainConfig) -> bool:
             )
         if nproc == 1:
             return False
-        # CPU devices need a collectives backend across processes; GPUs/TPUs ignore this.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        _cpu_collectives()
         log.info(
             "jax.distributed.initialize(%s, num_processes=%d, process_id=%d)", addr, nproc, pid
         )
         jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid)
         return True
     if cfg.distributed == "on" or _cluster_detected():
+        _cpu_collectives()
         log.info("jax.distributed.initialize() with cluster auto-detection")
         jax.distributed.initialize()
         return True
@@ -98,13 +107,48 @@ def resolve_mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int, int]
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
+def slice_count(devices: list) -> int:
+    """TPU slices among `devices` (a multislice run's `slice_index`); 1 elsewhere."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(cfg: TrainConfig, devices: list | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh. With `mesh.dcn_data` > 1 (or several TPU slices)
+    the data axis is split into an outer DCN part, one group per slice (per process where
+    devices have no slice), and an inner part laid out with fsdp and tensor over each
+    slice's own devices (`mesh_utils.create_hybrid_device_mesh`), so only data-parallel
+    gradient reductions cross the DCN."""
     devices = list(jax.devices()) if devices is None else devices
     shape = resolve_mesh_shape(cfg.mesh, len(devices))
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    slices = slice_count(devices)
+    dcn = slices if cfg.mesh.dcn_data == -1 else cfg.mesh.dcn_data
+    if dcn > 1:
+        by_slice = slices > 1
+        groups = slices if by_slice else len({d.process_index for d in devices})
+        require(
+            groups == dcn,
+            "mesh.dcn_data",
+            dcn,
+            f"the number of {'TPU slices' if by_slice else 'processes'} the devices span "
+            f"({groups})",
+        )
+        data, fsdp, tensor = shape
+        require(data % dcn == 0, "mesh.dcn_data", dcn, f"a divisor of mesh.data={data}")
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (data // dcn, fsdp, tensor), (dcn, 1, 1), devices, process_is_granule=not by_slice
+        )
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
     if len(devices) == jax.device_count():
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def data_processes(mesh: Mesh) -> list[list[int]]:
+    """The processes holding each index of the data axis: with an outer DCN data axis each
+    index lies in one slice (one process per slice here, several hosts on a real one)."""
+    grid = np.vectorize(lambda d: d.process_index)(mesh.devices)  # [data, fsdp, tensor]
+    return [sorted({int(p) for p in row.ravel()}) for row in grid]
 
 
 def data_parallel_size(mesh: Mesh) -> int:

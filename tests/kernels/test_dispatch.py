@@ -9,6 +9,7 @@ import logging
 from typing import get_args
 
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -340,3 +341,181 @@ def test_model_prefill_kernel_path_matches_reference(tiny_models) -> None:
     logits_ref, _ = ref.prefill(tokens)
     logits_ker, _ = ker.prefill(tokens)
     np.testing.assert_allclose(np.asarray(logits_ker), np.asarray(logits_ref), atol=1e-4, rtol=1e-4)
+
+
+# --- the choice per backend (TPU: the Mosaic family) ---------------------------------------
+
+_EXPECTED_MODES = {  # (backend, impl) -> (family, interpret) or None (reference) or "raises"
+    ("cpu", "auto"): None,
+    ("cpu", "reference"): None,
+    ("cpu", "pallas"): "raises",
+    ("cpu", "pallas_interpret"): ("triton", True),
+    ("gpu", "auto"): ("triton", False),
+    ("gpu", "reference"): None,
+    ("gpu", "pallas"): ("triton", False),
+    ("gpu", "pallas_interpret"): ("triton", True),
+    ("tpu", "auto"): ("mosaic", False),
+    ("tpu", "reference"): None,
+    ("tpu", "pallas"): ("mosaic", False),
+    ("tpu", "pallas_interpret"): ("mosaic", True),
+}
+
+
+def _pose_as(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    monkeypatch.setattr(dispatch, "_backend", lambda: backend)
+
+
+@pytest.mark.parametrize(("backend", "impl"), list(_EXPECTED_MODES), ids=lambda x: x)
+def test_kernel_mode_per_backend(backend: str, impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _pose_as(monkeypatch, backend)
+    expected = _EXPECTED_MODES[backend, impl]
+    if expected == "raises":
+        with pytest.raises(ValueError, match="pallas_interpret"):
+            dispatch.kernel_mode(impl)
+        return
+    mode = dispatch.kernel_mode(impl)
+    assert (mode and tuple(mode)) == expected
+    # Only the Triton family has a slot-cache decode kernel.
+    assert kernels.runs_pallas(impl) == (expected is not None and expected[0] == "triton")
+
+
+def _pallas_names(fn, *args) -> set[str]:
+    """The names of the Pallas kernels `fn` traces to (splash's start with splash_mha)."""
+    names = set()
+
+    def walk(jaxpr) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                names.add(str(eqn.params["name"]))
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple | list) else (param,):
+                    if isinstance(sub, jex_core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jex_core.Jaxpr):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return {"splash_mha" if n.startswith("splash_mha") else n for n in names}
+
+
+_TPU_PAGED_ROWS = [(1, 20), (1, 1), (9, 30), (0, 0), (1, 47), (17, 17)]
+
+
+def test_tpu_interpret_runs_the_mosaic_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Posing as a TPU, `pallas_interpret` runs splash and the Mosaic paged kernel
+    (interpreted on this CPU) and both equal the reference; the slot-cache decode runs
+    the reference with one warning (no Mosaic kernel)."""
+    _pose_as(monkeypatch, "tpu")
+    q, k, v = prefill_inputs(2, 2, 256, 4, 2, 64, jnp.float32)
+    seg = packed_segment_ids(2, 2, 256)
+
+    def run(q, k, v, seg):
+        return kernels.attention(q, k, v, segment_ids=seg, impl="pallas_interpret")
+
+    assert "splash_mha" in str(jax.make_jaxpr(run)(q, k, v, seg))
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(run)(q, k, v, seg)),
+        np.asarray(_reference(q, k, v, segment_ids=seg)),
+        atol=2e-5,
+        rtol=2e-5,
+    )
+    step = paged_step(
+        8, _TPU_PAGED_ROWS, n_heads=8, n_kv=2, head_dim=128, page_size=16, dtype=jnp.float32
+    )
+    jaxpr = str(
+        jax.make_jaxpr(lambda *a: kernels.paged_attention(*a, impl="pallas_interpret"))(*step)
+    )
+    assert "tpu_ragged_paged_attention" in jaxpr
+    np.testing.assert_allclose(
+        np.asarray(_paged("pallas_interpret")(*step)),
+        np.asarray(_paged_reference(*step)),
+        atol=2e-5,
+        rtol=2e-5,
+    )
+
+
+@pytest.mark.parametrize("impl", ["auto", "pallas"])
+def test_tpu_compiled_impls_pick_the_mosaic_kernels(
+    impl: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a TPU, `auto` and `pallas` trace to the Mosaic kernels (traced here, not run:
+    a compiled Mosaic call needs the chip), and the slot-cache decode to the reference."""
+    _pose_as(monkeypatch, "tpu")
+    q, k, v = prefill_inputs(1, 1, 128, 4, 2, 64, jnp.bfloat16)
+    assert _pallas_names(lambda *a: kernels.attention(*a, impl=impl), q, k, v) == {"splash_mha"}
+    step = paged_step(
+        8, _TPU_PAGED_ROWS, n_heads=4, n_kv=2, head_dim=128, page_size=16, dtype=jnp.bfloat16
+    )
+    names = _pallas_names(lambda *a: kernels.paged_attention(*a, impl=impl), *step)
+    assert names == {"tpu_ragged_paged_attention"}
+    q, kc, vc = decode_inputs(0, 2, 4, 2, 64, 128, jnp.bfloat16)
+    lengths = jnp.array([3, 64], jnp.int32)
+    with caplog.at_level(logging.WARNING, logger="tandem.kernels.dispatch"):
+        assert not _uses_pallas(
+            lambda *a: kernels.decode_attention(*a, impl=impl), q, kc, vc, lengths
+        )
+    assert "no Mosaic (TPU) kernel for the slot cache" in caplog.text
+
+
+def test_gpu_auto_picks_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    _pose_as(monkeypatch, "gpu")
+    q, k, v = prefill_inputs(1, 1, 128, 4, 2, 64, jnp.bfloat16)
+    assert "splash_mha" not in str(jax.make_jaxpr(lambda *a: kernels.attention(*a))(q, k, v))
+    assert _uses_pallas(lambda *a: kernels.attention(*a), q, k, v)
+    step = paged_step(
+        8, _TPU_PAGED_ROWS, n_heads=4, n_kv=2, head_dim=128, page_size=16, dtype=jnp.bfloat16
+    )
+    names = _pallas_names(lambda *a: kernels.paged_attention(*a), *step)
+    assert names == {"ragged_paged_attention"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("prefill", "T=96"), ("paged", "head_dim=64")],
+    ids=["splash-T96", "paged-H64"],
+)
+def test_tpu_fallback_warns_once_and_is_exact(
+    kind: str, reason: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _pose_as(monkeypatch, "tpu")
+    if kind == "prefill":
+        args = prefill_inputs(4, 1, 96, 2, 1, 64, jnp.float32)
+        run, ref = (lambda *a: kernels.attention(*a, impl="pallas")), _reference
+    else:
+        args = paged_step(9, _TPU_PAGED_ROWS, n_heads=4, n_kv=2, head_dim=64, page_size=16,
+                          dtype=jnp.float32)  # fmt: skip
+        run, ref = (lambda *a: kernels.paged_attention(*a, impl="pallas")), _paged_reference
+    with caplog.at_level(logging.WARNING, logger="tandem.kernels.dispatch"):
+        assert not _uses_pallas(run, *args)  # trace 1
+        out = jax.jit(run)(*args)  # trace 2: still one warning
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref(*args)), atol=2e-5, rtol=2e-5)
+    records = _fallback_records(caplog)
+    assert len(records) == 1 and reason in records[0].getMessage()
+
+
+def test_model_train_step_lowers_for_tpu_with_mosaic_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tiny model's loss and grads with attention_impl=pallas, posing as a TPU, exported
+    for the TPU platform: the scanned layer holds splash's forward, dQ and dK/dV kernels."""
+    nnx = pytest.importorskip("flax.nnx")
+    from jax import export
+
+    from tandem.model.config import ModelConfig
+    from tandem.model.transformer import Transformer
+
+    _pose_as(monkeypatch, "tpu")
+    cfg = ModelConfig(
+        vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,
+        d_ff=128, max_seq_len=128, dtype="bfloat16", attention_impl="pallas",
+    )  # fmt: skip
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+
+    def loss(params, tokens, segment_ids):
+        model = nnx.merge(graphdef, params)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return model(tokens, positions, segment_ids).astype(jnp.float32).mean()
+
+    ids = jax.ShapeDtypeStruct((2, 128), jnp.int32)
+    exported = export.export(jax.jit(jax.grad(loss)), platforms=["tpu"])(params, ids, ids)
+    assert exported.mlir_module().count("@tpu_custom_call") == 3

@@ -34,6 +34,7 @@ def _cfg(tmp_path, *overrides):
         (["data=/nonexistent/corpus.txt"], "data='/nonexistent/corpus.txt'"),
         (["eval_data=/nonexistent/eval"], "eval_data="),
         (["model.vocab_size=200"], "model.vocab_size=200"),
+        (["mesh.dcn_data=2"], "mesh.dcn_data=2"),  # one process, no TPU slices
     ],
     ids=[
         "mesh-not-dividing",
@@ -43,6 +44,7 @@ def _cfg(tmp_path, *overrides):
         "missing-data",
         "missing-eval-data",
         "vocab-too-small",
+        "dcn-without-slices",
     ],
 )
 def test_startup_errors_name_the_field(tmp_path, no_compile, overrides, field):
@@ -62,8 +64,18 @@ def test_startup_errors_name_the_field(tmp_path, no_compile, overrides, field):
         (["steps=0"], "steps=0"),
         (["distributed=maybe"], "distributed="),
         (["learning_rat=1"], "learning_rat"),
+        (["mesh.dcn_data=0"], "mesh.dcn_data=0"),
     ],
-    ids=["accum", "seq-len", "two-fills", "zero-axis", "steps", "distributed", "unknown-key"],
+    ids=[
+        "accum",
+        "seq-len",
+        "two-fills",
+        "zero-axis",
+        "steps",
+        "distributed",
+        "unknown-key",
+        "dcn-zero",
+    ],
 )
 def test_config_errors_name_the_field(tmp_path, overrides, field):
     with pytest.raises(ValueError) as err:

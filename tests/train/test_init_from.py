@@ -26,6 +26,8 @@ from tandem.train.init_from import locate as locate_pretrained  # noqa: E402
 from tandem.train.loop import run  # noqa: E402
 from tandem.train.sft import ExampleEncoder  # noqa: E402
 
+from .train_helpers import free_port, read_log, spawn_cli  # noqa: E402
+
 SEQ, BATCH = 32, 4
 RUN = [
     f"seq_len={SEQ}",
@@ -181,3 +183,53 @@ def test_adjustable_fields_may_differ(hf_dir, corpus, tmp_path, monkeypatch):
         64,
         264,
     )
+
+
+@pytest.mark.slow
+def test_two_processes_start_from_the_same_weights(hf_dir, corpus, tmp_path):
+    """2 processes x 2 CPU devices (gloo): each process streams the tensors and places only
+    its own shards; the first loss is the single-process one."""
+    single = tmp_path / "single"
+    assert train_main([f"init_from={hf_dir}", f"data={corpus}", f"run_dir={single}",
+                       "steps=1", *RUN]) == 0  # fmt: skip
+    run_dir, port = tmp_path / "two", free_port()
+    layout = ["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2"]  # the later keys win over RUN's
+    procs = [
+        spawn_cli(
+            run_dir,
+            [f"init_from={hf_dir}", f"data={corpus}", "steps=1", *RUN, *layout],
+            devices=2,
+            log_name=f"p{i}",
+            env={
+                "TANDEM_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "TANDEM_NUM_PROCESSES": "2",
+                "TANDEM_PROCESS_ID": str(i),
+            },
+        )
+        for i in range(2)
+    ]
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=300) == 0, read_log(run_dir, f"p{i}")[-3000:]
+    assert "over 4 devices, 2 process(es)" in read_log(run_dir, "p0")
+    assert first_loss(run_dir) == pytest.approx(first_loss(single), rel=1e-5)
+
+
+def test_resumed_finetune_equals_uninterrupted(hf_dir, tmp_path):
+    """A fine-tune stopped after 2 steps and re-run continues from its own checkpoint (not
+    from init_from again) and ends where the uninterrupted run ends."""
+    records = [{"prompt": f"question {i}?", "completion": f" answer {i}."} for i in range(30)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = [f"init_from={hf_dir}", f"data={data}", *RUN, "lr_decay_steps=4"]  # one schedule
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_main([*common, f"run_dir={straight}", "steps=4"]) == 0
+    assert train_main([*common, f"run_dir={resumed}", "steps=2"]) == 0
+    assert train_main([*common, f"run_dir={resumed}", "steps=4"]) == 0
+    losses = [json.loads(line)["loss"] for line in (straight / "metrics.jsonl").open()]
+    again = [json.loads(line)["loss"] for line in (resumed / "metrics.jsonl").open()]
+    assert again == losses  # same mesh, same batches: exactly equal
+    pretrained = locate_pretrained(str(hf_dir)).model
+    a = dict(restore_params(locate(straight), pretrained))
+    b = dict(restore_params(locate(resumed), pretrained))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])

@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.train.train_helpers import free_port, losses, metrics, read_log, spawn
+from tests.train.train_helpers import (
+    SMALL,
+    free_port,
+    losses,
+    metrics,
+    read_log,
+    spawn,
+    spawn_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -183,6 +191,56 @@ def test_two_processes_agree_with_single_process(reference, tmp_path):
     steps = range(1, n + 1)
     np.testing.assert_allclose([got[s] for s in steps], [ref[s] for s in steps], rtol=1e-4)
     # both processes wrote one checkpoint together
+    assert (run / "checkpoints" / str(n) / "state").is_dir()
+
+
+# libtpu's start-up sets this flag on a Cloud TPU VM; set by hand, it lets jax's own TPU
+# cluster detection (not tandem's TANDEM_* variables) start the processes on this CPU.
+_AS_ON_A_TPU_VM = (
+    "import sys; from jax._src.clusters import cloud_tpu_cluster, cluster; "
+    "cloud_tpu_cluster.running_in_cloud_tpu_vm = cluster.running_in_cloud_tpu_vm = True; "
+    "from tandem.cli import run; sys.exit(run('train'))"
+)
+
+
+@pytest.mark.slow
+def test_simulated_two_slice_tpu_launch_agrees_with_single_process(reference, tmp_path):
+    """docs/training.md's TPU pod recipe as far as a CPU allows: the same command on 2
+    "hosts" (processes, 2 CPU devices each) with the environment the TPU runtime sets in a
+    2-slice multislice job of one host per slice; jax.distributed starts through jax's
+    TPU auto-detection, the data axis is split over the slices (mesh.dcn_data=2: the
+    outer, DCN part of data), fsdp and tensor stay inside one. The losses are the 8-device
+    reference's up to reduction order."""
+    _, ref = reference
+    run, port, n = tmp_path / "run", free_port(), 10
+    procs = [
+        spawn_cli(
+            run,
+            ["tiny", *SMALL, *RUN, f"steps={n}", f"lr_decay_steps={STEPS}", "mesh.dcn_data=2"],
+            devices=2,
+            log_name=f"slice{i}",
+            entry=("-c", _AS_ON_A_TPU_VM),
+            env={
+                "TPU_WORKER_HOSTNAMES": "127.0.0.1",  # this slice's hosts
+                "TPU_WORKER_ID": "0",
+                "TPU_SKIP_MDS_QUERY": "1",
+                "MEGASCALE_COORDINATOR_ADDRESS": "127.0.0.1",
+                "MEGASCALE_NUM_SLICES": "2",
+                "MEGASCALE_SLICE_ID": str(i),
+                "JAX_COORDINATOR_PORT": str(port),
+            },
+        )
+        for i in range(2)
+    ]
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=300) == 0, read_log(run, f"slice{i}")[-3000:]
+    log = read_log(run, "slice0")
+    assert "with cluster auto-detection" in log
+    assert "over 4 devices, 2 process(es), processes per data index [[0], [1]]" in log
+    got = losses(run)
+    assert sorted(got) == list(range(1, n + 1))
+    steps = range(1, n + 1)
+    np.testing.assert_allclose([got[s] for s in steps], [ref[s] for s in steps], rtol=1e-4)
     assert (run / "checkpoints" / str(n) / "state").is_dir()
 
 

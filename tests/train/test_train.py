@@ -82,3 +82,41 @@ def test_grad_accumulation_matches_one_batch(single_device_run):
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), params2, params1
     )
+
+
+def test_bf16_step_takes_the_chunked_loss(tmp_path) -> None:
+    """With model.dtype=bfloat16 the train step's loss is the vocabulary-chunked one: its
+    value equals the plain cross-entropy of the model's logits, and the step holds no
+    [B, T, V] f32 logits (the f32 model's step, the control, does)."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    has_full_logits = {}
+    for dtype in ("float32", "bfloat16"):
+        # a vocabulary over model.loss.DEFAULT_VOCAB_CHUNK, so the loss has several chunks
+        cfg = _cfg(
+            tmp_path / dtype, "mesh.fsdp=2", f"model.dtype={dtype}", "model.vocab_size=20000"
+        )
+        mesh = make_mesh(cfg, devices=jax.devices()[:2])
+        trainer = Trainer(cfg, mesh)
+        hlo = jax.jit(trainer._train_step).lower(
+            trainer.abstract_state, trainer.abstract_batch
+        ).as_text()  # fmt: skip
+        full = f"tensor<{cfg.batch_size}x{cfg.seq_len}x{cfg.model.vocab_size}xf32>"
+        has_full_logits[dtype] = full in hlo
+    assert has_full_logits == {"float32": True, "bfloat16": False}
+
+    state = trainer.init_state(cfg.seed)  # the bf16 one
+    batch = _batches(cfg, 1)[0]
+    sh = batch_sharding(mesh)
+    rows = process_rows(sh, cfg.batch_size)
+    dev = {k: to_global(batch[k], rows, sh, batch[k].shape) for k in BATCH_KEYS}
+    loss_sum, weight_sum = trainer.eval_sums(state["params"], dev)
+    with jax.set_mesh(mesh):
+        logits = nnx.merge(trainer.graphdef, state["params"])(
+            dev["tokens"], dev["positions"], dev["segment_ids"]
+        )  # [B, T, V] f32
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, dev["targets"])
+    np.testing.assert_allclose(float(loss_sum), float(jnp.sum(ce * dev["weights"])), rtol=1e-5)
+    assert float(weight_sum) == float(np.sum(batch["weights"]))

@@ -49,7 +49,23 @@ def run_inprocess(run_dir: Path, *overrides: str) -> dict:
 def spawn(
     run_dir: Path, *overrides: str, devices: int = 8, env: dict | None = None, log_name: str = "log"
 ) -> subprocess.Popen:
-    """`python -m train tiny ...` in a fresh interpreter with `devices` CPU devices."""
+    """`python -m tandem.train tiny <SMALL> ...` in a fresh interpreter with `devices` CPU
+    devices."""
+    args = ["tiny", *SMALL, *overrides]
+    return spawn_cli(run_dir, args, devices=devices, env=env, log_name=log_name)
+
+
+def spawn_cli(
+    run_dir: Path,
+    args: list[str],
+    *,
+    devices: int,
+    env: dict | None = None,
+    log_name: str = "log",
+    entry: tuple[str, ...] = ("-m", "tandem.train"),
+) -> subprocess.Popen:
+    """`python -m tandem.train ARGS run_dir=RUN_DIR` (or `python ENTRY ...`) in a fresh
+    interpreter."""
     e = dict(os.environ)
     e.update(
         {
@@ -61,8 +77,8 @@ def spawn(
     e.update(env or {})
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     log = open(Path(run_dir).parent / f"{Path(run_dir).name}.{log_name}.txt", "w")  # noqa: SIM115
-    args = [sys.executable, "-m", "tandem.train", "tiny", *SMALL, f"run_dir={run_dir}", *overrides]
-    return subprocess.Popen(args, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, *entry, *args, f"run_dir={run_dir}"]
+    return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT)
 
 
 def read_log(run_dir: Path, log_name: str = "log") -> str:
