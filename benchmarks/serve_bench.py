@@ -1,5 +1,4 @@
-"""Serving benchmark (`tandem bench serve`): vLLM `bench serve` metrics over real gRPC (and
-the OpenAI-compatible HTTP API).
+"""Serving benchmark (`tandem bench serve`): vLLM `bench serve` metrics over real gRPC.
 
 Open-loop load — Poisson arrivals at --request-rate (inf = all at once), optionally capped
 at --max-concurrency in flight — from a synthetic dataset (random token prompts, input and
@@ -14,12 +13,23 @@ Metrics follow vLLM's definitions:
   request / output-token / total-token throughput over the run's wall time;
   goodput: requests per second that met EVERY SLO given (--slo-ttft-ms ...).
 
+Workloads (--workload): `mixed` (the synthetic or file dataset above); `shared-prefix`
+(chat: conversations whose first turn is one common --system-len-token prompt plus a
+distinct user message, each follow-up the previous prompt plus a reply and a new message,
+sent when the previous turn has finished); `interference` (--streams requests decoding
+long outputs, and one --long-prompt request arriving --long-delay-s later: the streams'
+inter-token gaps while it is prefilled, p99 against their median). Beside throughput every
+line reports TTFT / TPOT / ITL / e2e percentiles, the prefix hit rate (prompt tokens the
+prefix cache held, from usage.cached_prompt_tokens) and the peak number of sequences that
+ran at once.
+
 One run compares scheduling modes on the SAME warmed engine (default: continuous vs
-static batching), printing one JSON line per mode and comparison lines. `--apis
-grpc,openai` drives each served mode through both APIs of the same server, one after the
-other with the same requests (the OpenAI path: streamed /v1/completions, token-id prompts,
-continuous usage stats), and adds an `openai_vs_grpc_<mode>` line: output throughput
-ratio, TTFT p50 added (ms), TPOT p50 ratio. Mode `offline`
+static batching; `no-prefix-cache` is continuous with prefix caching off), printing one
+JSON line per mode and comparison lines. `--apis grpc,openai` drives each served mode
+through both APIs of the same server, one after the other with the same requests (the
+OpenAI path: streamed /v1/completions, token-id prompts, continuous usage stats; the
+shared-prefix workload's conversations go over gRPC only), and adds an
+`openai_vs_grpc_<mode>` line: output throughput ratio, TTFT p50 added (ms), TPOT p50 ratio. Mode `offline`
 drives the continuous-batching orchestrator in-process with every request queued at t=0
 and no gRPC or client (like `vllm bench throughput`): the ceiling of engine + scheduler
 that the served modes are measured against. With --hf-compare
@@ -58,6 +68,8 @@ log = logging.getLogger("serve_bench")
 class BenchRequest:
     prompt_ids: tuple[int, ...]
     output_len: int
+    arrival: float | None = None  # seconds after the start (None: the Poisson draw)
+    tag: str = ""  # a workload's name for a group of requests ("stream", "long", ...)
 
 
 @dataclasses.dataclass
@@ -68,7 +80,10 @@ class RequestResult:
     e2e: float = math.nan
     output_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # usage.cached_prompt_tokens: prompt tokens the prefix cache held
     itl: list[float] = dataclasses.field(default_factory=list)
+    itl_at: list[float] = dataclasses.field(default_factory=list)  # when each gap ended
+    tag: str = ""
     error: str = ""
 
     @property
@@ -127,11 +142,68 @@ def file_dataset(path: Path, tokenizer: Any, n: int) -> list[BenchRequest]:
     return (out * math.ceil(n / len(out)))[:n]
 
 
+def _tokens(rng: random.Random, n: int, vocab: int) -> tuple[int, ...]:
+    low = min(vocab - 1, 3)  # avoid the lowest ids (often special) in random prompts
+    return tuple(rng.randrange(low, vocab) for _ in range(n))
+
+
+def shared_prefix_conversations(
+    n: int,
+    *,
+    turns: int,
+    system_len: int,
+    suffix_len: Mixture,
+    output_len: Mixture,
+    vocab: int,
+    seed: int,
+) -> list[list[BenchRequest]]:
+    """Chat with one long system prompt: n conversations, each `turns` requests sent one
+    after the other (the next when the previous has finished). Turn 1 is the common
+    `system_len`-token prefix plus a distinct user message; a follow-up is the previous
+    prompt plus a reply and a new user message. The reply in the history is synthetic (the
+    same tokens for every system compared), so prompts do not depend on what a server
+    generated."""
+    rng = random.Random(seed)
+    system = _tokens(rng, system_len, vocab)
+    conversations = []
+    for _ in range(n):
+        history, conv = system, []
+        for turn in range(turns):
+            if turn:
+                history += _tokens(rng, conv[-1].output_len, vocab)  # the reply
+            history += _tokens(rng, _draw(rng, suffix_len), vocab)  # the user's message
+            conv.append(BenchRequest(history, _draw(rng, output_len), tag=f"turn{turn + 1}"))
+        conversations.append(conv)
+    return conversations
+
+
+def interference_requests(
+    *,
+    streams: int,
+    stream_prompt: int,
+    stream_output: int,
+    long_prompt: int,
+    long_output: int,
+    delay_s: float,
+    vocab: int,
+    seed: int,
+) -> list[BenchRequest]:
+    """`streams` requests decoding long outputs from t = 0, and one `long_prompt`-token
+    request arriving `delay_s` later, while they decode: how much its prefill delays their
+    tokens (the `interference` line: their inter-token gaps while it is prefilled)."""
+    rng = random.Random(seed)
+    reqs = [
+        BenchRequest(_tokens(rng, stream_prompt, vocab), stream_output, 0.0, "stream")
+        for _ in range(streams)
+    ]
+    return [*reqs, BenchRequest(_tokens(rng, long_prompt, vocab), long_output, delay_s, "long")]
+
+
 async def _one(stub: Any, pb: Any, req: BenchRequest, timeout: float) -> RequestResult:
     import grpc
 
     start = time.perf_counter()
-    res = RequestResult(ok=False, start=start, prompt_tokens=len(req.prompt_ids))
+    res = RequestResult(ok=False, start=start, prompt_tokens=len(req.prompt_ids), tag=req.tag)
     last = start
     try:
         call = stub.Generate(
@@ -147,8 +219,11 @@ async def _one(stub: Any, pb: Any, req: BenchRequest, timeout: float) -> Request
                     res.ttft = now - start
                 else:
                     res.itl.append(now - last)
+                    res.itl_at.append(now)
                 res.output_tokens += len(msg.token_ids)
                 last = now
+            if msg.finish_reason:
+                res.cached_tokens = msg.usage.cached_prompt_tokens
         res.e2e = last - start
         res.ok = res.output_tokens == req.output_len
     except grpc.RpcError as e:
@@ -207,7 +282,7 @@ async def _openai_one(
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
     start = time.perf_counter()
-    res = RequestResult(ok=False, start=start, prompt_tokens=len(req.prompt_ids))
+    res = RequestResult(ok=False, start=start, prompt_tokens=len(req.prompt_ids), tag=req.tag)
     last = start
     try:
         async with asyncio.timeout(timeout):
@@ -218,13 +293,18 @@ async def _openai_one(
                 chunk = json.loads(data)
                 if "error" in chunk:
                     raise OSError(chunk["error"].get("message", "error event"))
-                total = (chunk.get("usage") or {}).get("completion_tokens", res.output_tokens)
+                usage = chunk.get("usage") or {}
+                total = usage.get("completion_tokens", res.output_tokens)
                 if chunk.get("choices") and total > res.output_tokens:  # new tokens
                     if res.output_tokens == 0:
                         res.ttft = now - start
                     else:
                         res.itl.append(now - last)
+                        res.itl_at.append(now)
                     res.output_tokens, last = total, now
+                elif not chunk.get("choices"):  # the last, usage-only chunk
+                    details = usage.get("prompt_tokens_details") or {}
+                    res.cached_tokens = details.get("cached_tokens") or 0
         res.e2e = last - start
         res.ok = res.output_tokens == req.output_len
     except (OSError, TimeoutError, ValueError) as e:
@@ -269,24 +349,64 @@ async def run_load(
         t0 = time.perf_counter()
         tasks = []
         for req in requests:
+            if req.arrival is not None:
+                await asyncio.sleep(max(0.0, t0 + req.arrival - time.perf_counter()))
             tasks.append(asyncio.create_task(limited(req)))
-            if math.isfinite(request_rate):
+            if req.arrival is None and math.isfinite(request_rate):
                 await asyncio.sleep(rng.exponential(1.0 / request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
     return list(results), duration
 
 
+async def run_conversations(
+    target: str,
+    conversations: list[list[BenchRequest]],
+    *,
+    request_rate: float,
+    seed: int,
+    timeout: float = 600.0,
+) -> tuple[list[RequestResult], float]:
+    """Conversations starting at Poisson times (`request_rate` of them per second; inf = all
+    at once), each sending its turns one after the other."""
+    import grpc
+
+    from tandem.proto.v1 import generate_pb2 as pb
+    from tandem.proto.v1 import generate_pb2_grpc as pb_grpc
+
+    rng = np.random.default_rng(seed)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+
+        async def converse(turns: list[BenchRequest]) -> list[RequestResult]:
+            return [await _one(stub, pb, req, timeout) for req in turns]
+
+        t0 = time.perf_counter()
+        tasks = []
+        for conv in conversations:
+            tasks.append(asyncio.create_task(converse(conv)))
+            if math.isfinite(request_rate):
+                await asyncio.sleep(rng.exponential(1.0 / request_rate))
+        results = [r for conv in await asyncio.gather(*tasks) for r in conv]
+        duration = time.perf_counter() - t0
+    return results, duration
+
+
 def _load_process(
     target: str,
-    requests: list[BenchRequest],
+    requests: list[BenchRequest] | list[list[BenchRequest]],
     request_rate: float,
     max_concurrency: int | None,
     seed: int,
     api: str = "grpc",
     model: str = "",
 ) -> tuple[list[RequestResult], float]:
-    """Entry point of the client process: one open-loop run."""
+    """Entry point of the client process: one open-loop run (of conversations, when
+    `requests` holds lists of turns: gRPC only)."""
+    if requests and isinstance(requests[0], list):
+        return asyncio.run(
+            run_conversations(target, requests, request_rate=request_rate, seed=seed)
+        )
     return asyncio.run(
         run_load(
             target, requests, request_rate=request_rate, max_concurrency=max_concurrency,
@@ -295,13 +415,17 @@ def _load_process(
     )  # fmt: skip
 
 
-def offline_run(engine: Any, requests: list[BenchRequest]) -> tuple[list[RequestResult], float]:
-    """Every request queued at t=0 on an in-process continuous-batching orchestrator, stepped
-    on this thread until all finish; token times are taken when the orchestrator emits them."""
+def offline_run(engine: Any, requests: list[Any]) -> tuple[list[RequestResult], float, int]:
+    """Every request (every turn of every conversation) queued at t=0 on an in-process
+    orchestrator, stepped on this thread until all finish; token times are taken when the
+    orchestrator emits them. Returns the results, the duration and the peak number of
+    sequences that ran at once."""
     from tandem.serve.orchestrator import Orchestrator
     from tandem.serve.sampling import SamplingParams
 
-    orch = Orchestrator(engine, max_queue=len(requests), mode="continuous")
+    cfg = dataclasses.replace(engine.serve_cfg, max_queue=len(requests), mode="continuous")
+    orch = Orchestrator(engine, cfg)
+    requests = [r for conv in requests for r in conv] if isinstance(requests[0], list) else requests
     results: list[RequestResult] = []
     unfinished = [len(requests)]
     t0 = time.perf_counter()
@@ -320,6 +444,7 @@ def offline_run(engine: Any, requests: list[BenchRequest]) -> tuple[list[Request
                 last[0] = now
             if out.final:
                 res.e2e = last[0] - t0
+                res.cached_tokens = out.cached_prompt_tokens
                 res.ok = out.error is None and res.output_tokens == want
                 res.error = out.error.code if out.error is not None else ""
                 unfinished[0] -= 1
@@ -327,13 +452,13 @@ def offline_run(engine: Any, requests: list[BenchRequest]) -> tuple[list[Request
         return sink
 
     for req in requests:
-        res = RequestResult(ok=False, start=t0, prompt_tokens=len(req.prompt_ids))
+        res = RequestResult(ok=False, start=t0, prompt_tokens=len(req.prompt_ids), tag=req.tag)
         results.append(res)
         params = SamplingParams(max_tokens=req.output_len, ignore_eos=True)
         orch.submit(list(req.prompt_ids), params, sink_for(res, req.output_len))
     while unfinished[0]:
         orch.step()
-    return results, time.perf_counter() - t0
+    return results, time.perf_counter() - t0, orch.peak_running
 
 
 def _pct(values: list[float]) -> dict[str, float]:
@@ -381,7 +506,36 @@ def summarize(
     if slo_ms:
         summary["slo_ms"] = slo_ms
         summary["goodput"] = sum(1 for r in ok if good(r)) / duration
+    if in_tokens:
+        summary["prefix_hit_rate"] = sum(r.cached_tokens for r in ok) / in_tokens
+    tags = sorted({r.tag for r in ok if r.tag})
+    if tags:
+        summary["ttft_ms_by_tag"] = {t: _pct([r.ttft for r in ok if r.tag == t]) for t in tags}
+    if "long" in tags and "stream" in tags:
+        summary["interference"] = interference(ok)
     return summary
+
+
+def interference(ok: list[RequestResult]) -> dict[str, Any]:
+    """The streams' inter-token gaps overall and those that overlap the long request's
+    prefill (from its arrival to its first token), and the ratio the goal bounds: p99 of
+    the gaps during the prefill over the median gap."""
+    [long] = [r for r in ok if r.tag == "long"]
+    lo, hi = long.start, long.start + long.ttft
+    streams = [r for r in ok if r.tag == "stream"]
+    gaps = [g for r in streams for g in r.itl]
+    during = [
+        g
+        for r in streams
+        for g, end in zip(r.itl, r.itl_at, strict=True)
+        if end > lo and end - g < hi
+    ]
+    median = float(np.median(gaps)) * 1000.0
+    stats = {"stream_itl_ms": _pct(gaps), "during_prefill_itl_ms": _pct(during)}
+    stats["during_prefill_itl_ms"]["max"] = max(during, default=math.nan) * 1000.0
+    stats["long_ttft_ms"] = long.ttft * 1000.0
+    stats["p99_during_prefill_vs_median"] = stats["during_prefill_itl_ms"]["p99"] / median
+    return stats
 
 
 def save_random_hf_llama(cfg: Any, directory: Path, seed: int) -> Path:
@@ -492,6 +646,41 @@ def _let_exit(pool: Any) -> None:
     pool.join()
 
 
+MODES = ("continuous", "static", "offline", "no-prefix-cache")
+WORKLOADS = ("mixed", "shared-prefix", "interference")
+SIZES = ("max_seqs", "max_len", "kv_cache_tokens", "page_size", "max_num_batched_tokens")
+
+
+def workload(args: argparse.Namespace, engine: Any) -> list[Any]:
+    """The requests of --workload: `mixed` (the synthetic dataset or --dataset), a list of
+    requests; `shared-prefix`, a list of conversations (lists of turns); `interference`,
+    --streams decoding requests and one --long-prompt request arriving while they run."""
+    vocab = engine.tokenizer.vocab_size
+    if args.workload == "shared-prefix":
+        return shared_prefix_conversations(
+            args.num_requests, turns=args.turns, system_len=args.system_len,
+            suffix_len=args.input_len, output_len=args.output_len, vocab=vocab, seed=args.seed,
+        )  # fmt: skip
+    if args.workload == "interference":
+        return interference_requests(
+            streams=args.streams, stream_prompt=32, stream_output=args.stream_output,
+            long_prompt=args.long_prompt, long_output=8, delay_s=args.long_delay_s,
+            vocab=vocab, seed=args.seed,
+        )  # fmt: skip
+    if args.dataset == "synthetic":
+        cap = engine.max_prompt_len
+        input_len = tuple((min(lo, cap), min(hi, cap), w) for lo, hi, w in args.input_len)
+        requests = synthetic_dataset(
+            args.num_requests, input_len, args.output_len, vocab, args.seed
+        )
+    else:
+        requests = file_dataset(Path(args.dataset), engine.tokenizer, args.num_requests)
+    return [
+        dataclasses.replace(r, output_len=min(r.output_len, engine.max_len - len(r.prompt_ids)))
+        for r in requests
+    ]
+
+
 def _build_engine(args: argparse.Namespace, serve_cfg: Any) -> Any:
     from tandem.serve.engine import JaxEngine
 
@@ -524,17 +713,29 @@ def _build_engine(args: argparse.Namespace, serve_cfg: Any) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from tandem.serve.config import ServeConfig
+
     p = argparse.ArgumentParser(prog="tandem bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", default=None, help="bundle to serve (else a random --model)")
     p.add_argument("--model", default="tiny", help="ModelConfig preset/file when no bundle")
     p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument(
-        "--modes", default="continuous,static", help="comma list: continuous,static,offline"
-    )
+    p.add_argument("--modes", default="continuous,static", help=f"comma list of {', '.join(MODES)}")
     p.add_argument(
         "--apis", default="grpc",
         help="comma list: grpc,openai (the OpenAI-compatible HTTP API of the same server)",
     )  # fmt: skip
+    p.add_argument(
+        "--workload", default="mixed", choices=WORKLOADS,
+        help="mixed: --input-len/--output-len (or --dataset); shared-prefix: --num-requests "
+        "conversations of --turns turns after a common --system-len prompt (--input-len: each "
+        "user message); interference: --streams decoding + one --long-prompt arriving",
+    )  # fmt: skip
+    p.add_argument("--turns", type=int, default=2, help="shared-prefix: turns per conversation")
+    p.add_argument("--system-len", type=int, default=1000, help="shared-prefix: common prompt")
+    p.add_argument("--streams", type=int, default=16, help="interference: decoding requests")
+    p.add_argument("--stream-output", type=int, default=512, help="interference: their tokens")
+    p.add_argument("--long-prompt", type=int, default=2000, help="interference: its tokens")
+    p.add_argument("--long-delay-s", type=float, default=1.0, help="interference: its arrival")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--request-rate", type=float, default=math.inf, help="req/s (inf = burst)")
     p.add_argument("--max-concurrency", type=int, default=None)
@@ -545,9 +746,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output-len", type=_range, default="8:128", help="N, LO:HI or LO:HI@W,... tokens"
     )
-    p.add_argument("--max-slots", type=int, default=8)
+    p.add_argument("--max-seqs", "--max-slots", type=int, default=8, dest="max_seqs")
     p.add_argument("--max-len", type=int, default=0, help="0 = model max_seq_len")
     p.add_argument("--max-prompt-len", type=int, default=0)
+    p.add_argument("--kv-cache-tokens", type=int, default=0, help="0 = the engine derives it")
+    p.add_argument("--page-size", type=int, default=ServeConfig.page_size)
+    p.add_argument("--max-num-batched-tokens", type=int, default=ServeConfig.max_num_batched_tokens)
+    p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--static-batch-wait-s", type=float, default=0.05)
     p.add_argument(
         "--stream-interval", type=int, default=1, help="tokens per streamed message (server)"
@@ -557,7 +762,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-e2e-ms", type=float, default=None)
     p.add_argument("--hf-compare", action="store_true", help="also run transformers generate")
     p.add_argument("--hf-dir", type=Path, default=None, help="HF Llama dir (else random)")
-    p.add_argument("--hf-batch-size", type=int, default=None, help="default: --max-slots")
+    p.add_argument("--hf-batch-size", type=int, default=None, help="default: --max-seqs")
     p.add_argument(
         "--hf-dtype", default="float32", choices=["float32", "bfloat16"],
         help="weights of both stacks with --hf-compare (bfloat16 on a GPU)",
@@ -571,18 +776,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if unknown := sorted(set(modes) - {"continuous", "static", "offline"}):
-        parser.error(f"--modes: unknown {unknown}; allowed continuous, static, offline")
+    if unknown := sorted(set(modes) - set(MODES)):
+        parser.error(f"--modes: unknown {unknown}; allowed {', '.join(MODES)}")
     apis = [a.strip() for a in args.apis.split(",") if a.strip()]
     if not apis or set(apis) - {"grpc", "openai"}:
         parser.error(f"--apis={args.apis!r} is invalid: allowed grpc, openai (comma list)")
+    if "openai" in apis and args.workload == "shared-prefix":
+        parser.error("--apis openai: the shared-prefix workload's conversations run over gRPC")
     from tandem.serve.config import ServeConfig
     from tandem.serve.server import BackgroundServer, TandemServer
 
     base = ServeConfig(
-        max_seqs=args.max_slots,
+        max_seqs=args.max_seqs,
         max_len=args.max_len,
         max_prompt_len=args.max_prompt_len,
+        kv_cache_tokens=args.kv_cache_tokens,
+        page_size=args.page_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
         max_queue=max(64, args.num_requests),
         static_batch_wait_s=args.static_batch_wait_s,
         stream_interval=args.stream_interval,
@@ -591,19 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     engine.warmup()
     warmup_s = time.perf_counter() - t0
-    vocab = engine.tokenizer.vocab_size
-    if args.dataset == "synthetic":
-        cap = engine.max_prompt_len
-        input_len = tuple((min(lo, cap), min(hi, cap), w) for lo, hi, w in args.input_len)
-        requests = synthetic_dataset(
-            args.num_requests, input_len, args.output_len, vocab, args.seed
-        )
-    else:
-        requests = file_dataset(Path(args.dataset), engine.tokenizer, args.num_requests)
-    requests = [
-        dataclasses.replace(r, output_len=min(r.output_len, engine.max_len - len(r.prompt_ids)))
-        for r in requests
-    ]
+    requests = workload(args, engine)
     slo = {
         k: v
         for k, v in (
@@ -616,50 +815,64 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     for mode in modes:
         if mode == "offline":
-            results, duration = offline_run(engine, requests)
+            results, duration, peak = offline_run(engine, requests)
             lines.append(
                 {
                     "bench": "serve",
                     "mode": mode,
+                    "workload": args.workload,
                     "backend": "tandem-in-process",
-                    "num_requests": len(requests),
-                    "max_slots": engine.max_slots,
+                    "num_requests": len(results),
+                    "max_seqs": engine.max_seqs,
+                    "peak_running": peak,
                     **summarize(results, duration, slo),
                 }
             )
             continue
-        http_port = 0 if "openai" in apis else None
         cfg = dataclasses.replace(
-            engine.serve_cfg, mode=mode, max_queue=base.max_queue, port=0, http_port=http_port
+            engine.serve_cfg,
+            mode="static" if mode == "static" else "continuous",
+            enable_prefix_caching=base.enable_prefix_caching and mode != "no-prefix-cache",
+            max_queue=base.max_queue,
+            port=0,
+            http_port=0 if "openai" in apis else None,
         )
         # The load generator runs in its own process (as `vllm bench serve` does), so the
-        # client's Python never competes with the server for the GIL. Each API gets the same
-        # requests on the same server, one after the other.
+        # client's Python never competes with the server for the GIL.
+        # A first request that warms the client and the server's Python (its prompt shares
+        # nothing with the workload's: random tokens) is not measured. Each API gets the
+        # same requests on the same server, one after the other.
+        probe = [BenchRequest(tuple(range(3, 11)), 2)]
         with (
             BackgroundServer(TandemServer(engine, cfg)) as bg,
             mp.get_context("spawn").Pool(1) as pool,
         ):
             for api in apis:
-                target = (
-                    bg.target if api == "grpc" else f"{bg.server.host}:{bg.server.bound_http_port}"
-                )
-                load = (target, requests, args.request_rate, args.max_concurrency, args.seed, api,
-                        "tandem")  # fmt: skip
-                pool.apply(_load_process, (target, requests[:1], math.inf, None, args.seed, api,
-                                           "tandem"))  # fmt: skip
-                results, duration = pool.apply(_load_process, load)
+                where = bg.target
+                if api == "openai":
+                    where = f"{bg.server.host}:{bg.server.bound_http_port}"
+                pool.apply(_load_process, (where, probe, math.inf, None, args.seed, api, "tandem"))
+                bg.server.orch.peak_running = 0
+                results, duration = pool.apply(
+                    _load_process,
+                    (where, requests, args.request_rate, args.max_concurrency, args.seed, api,
+                     "tandem"),
+                )  # fmt: skip
                 lines.append(
                     {
                         "bench": "serve",
                         "mode": mode,
                         "api": api,
+                        "workload": args.workload,
                         "backend": f"tandem-{api}",
-                        "num_requests": len(requests),
+                        "num_requests": len(results),
                         "request_rate": args.request_rate
                         if math.isfinite(args.request_rate)
                         else "inf",
                         "max_concurrency": args.max_concurrency,
-                        "max_slots": engine.max_slots,
+                        "max_seqs": engine.max_seqs,
+                        "peak_running": bg.server.orch.peak_running,
+                        "serve_config": {k: getattr(engine.serve_cfg, k) for k in SIZES},
                         "input_len": [list(c) for c in args.input_len],
                         "output_len": [list(c) for c in args.output_len],
                         "model": engine.info().get("config", {}),
@@ -669,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             _let_exit(pool)
     if args.hf_compare:
-        batch_size = args.hf_batch_size or args.max_slots
+        batch_size = args.hf_batch_size or args.max_seqs
         with mp.get_context("spawn").Pool(1) as pool:  # a clean process: torch's own threads
             results, duration = pool.apply(
                 hf_generate_baseline,
@@ -715,6 +928,8 @@ def main(argv: list[str] | None = None) -> int:
     comparisons = (
         ("continuous_vs_static", "continuous", "static",
          {"request_throughput_ratio": "request_throughput", "ttft_p50_ratio": "ttft_ms"}),
+        ("prefix_cache_off_vs_on", "no-prefix-cache", "continuous",
+         {"ttft_p50_ratio": "ttft_ms", "ttft_p99_ratio": "ttft_ms"}),
         ("tandem_continuous_vs_hf_generate", "continuous", "hf_generate",
          {"e2e_p50_ratio": "e2e_ms"}),
         ("tandem_offline_vs_hf_generate", "offline", "hf_generate", {}),
@@ -725,8 +940,9 @@ def main(argv: list[str] | None = None) -> int:
             line = {"bench": "serve", "comparison": name}
             line["output_throughput_ratio"] = a["output_throughput"] / b["output_throughput"]
             for key, metric in extra.items():
-                if isinstance(a[metric], dict):  # latency percentiles: compare the p50s
-                    line[key] = a[metric]["p50"] / b[metric]["p50"]
+                if isinstance(a[metric], dict):  # latency percentiles: compare the p50s (p99s)
+                    pct = "p99" if key.endswith("p99_ratio") else "p50"
+                    line[key] = a[metric][pct] / b[metric][pct]
                 else:
                     line[key] = a[metric] / b[metric]
             lines.append(line)

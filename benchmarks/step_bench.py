@@ -1,12 +1,12 @@
 """The device time of one serving decode step, beside the TPOT the serving benchmark saw.
 
-One step of every slot as the engine runs it on device: the model's `decode` over
-per-layer weights (`unstack_layers`, as the engine holds them) with the KV cache donated,
-then the next token picked (argmax; sampling costs about the same). Slots hold
-`--context` +- 50 % cached tokens. The median step time is the floor under a token's
-latency; `--serve-jsonl` reads the TPOT p50 of a `serve_bench.py` run (its continuous
-mode) and reports the device's share of it, the rest being the host (scheduling,
-prefills between steps, detokenization, gRPC).
+One decode step of `--slots` running sequences as the engine runs it on device: its
+compiled step (serve/engine.py: `Transformer.step` over the paged cache, the per-row
+sampler, the packed output) on a plan of one token per sequence, the sequences holding
+`--context` +- 50 % cached tokens (prefilled through the engine first). The median step
+time is the floor under a token's latency; `--serve-jsonl` reads the TPOT p50 of a
+`serve_bench.py` run (its continuous mode) and reports the device's share of it, the rest
+being the host (scheduling, prompt chunks between decode steps, detokenization, gRPC).
 
     python benchmarks/step_bench.py --bundle /tmp/b1b --slots 64 --max-len 1024 \\
         --serve-jsonl gpu-results/serve_bench.jsonl        # a GPU, after serve_bench
@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -31,16 +30,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from tandem.config import load_config
 from tandem.model.config import ModelConfig
-from tandem.model.transformer import Transformer, init_cache
+from tandem.model.transformer import Transformer
+from tandem.serve.config import ServeConfig
+from tandem.serve.engine import JaxEngine
+from tandem.serve.sampling import SamplingParams
+from tandem.serve.scheduler import Request, Scheduler
 
 
-def _model(args: argparse.Namespace) -> Transformer:
+def _engine(args: argparse.Namespace) -> JaxEngine:
+    # A budget of one token per sequence: the engine compiles only the decode buckets.
+    cfg = ServeConfig(
+        max_seqs=args.slots, max_len=args.max_len, max_num_batched_tokens=max(args.slots, 8)
+    )
     if args.bundle:
-        from tandem.model.bundle import Bundle
+        return JaxEngine.from_bundle(args.bundle, cfg)
+    from tandem.model.tokenizer import Tokenizer
 
-        return Bundle.load(args.bundle).model()
-    cfg = load_config(ModelConfig, args.model, args.model_set)
-    return Transformer(cfg, rngs=nnx.Rngs(args.seed))
+    model = Transformer(load_config(ModelConfig, args.model, args.model_set), rngs=nnx.Rngs(0))
+    return JaxEngine.from_model(model, Tokenizer.byte(), cfg)
 
 
 def serve_tpot_p50_ms(path: Path) -> float | None:
@@ -57,39 +64,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bundle", default=None, help="bundle to load (else a random --model)")
     p.add_argument("--model", default="tiny", help="ModelConfig preset/file when no bundle")
     p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--slots", type=int, default=64)
-    p.add_argument("--max-len", type=int, default=1024, help="cache capacity per slot")
-    p.add_argument("--context", type=int, default=160, help="mean cached tokens per slot")
+    p.add_argument("--slots", type=int, default=64, help="running sequences (max_seqs)")
+    p.add_argument("--max-len", type=int, default=0, help="positions per sequence (0 = model's)")
+    p.add_argument("--context", type=int, default=160, help="mean cached tokens per sequence")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve-jsonl", type=Path, default=None, help="serve_bench.py output")
     args = p.parse_args(argv)
 
-    model = _model(args)
-    cfg = model.cfg
-    layers = model.unstack_layers()
-    del model.layers  # the engine's layout: per-layer weights, the rest in the module
-    graphdef, rest = nnx.split(model, nnx.Param)
-
-    def step(rest, layers, tokens, cache, lengths):
-        logits, cache = nnx.merge(graphdef, rest).decode(tokens, cache, lengths, layers=layers)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache  # [B]
-
-    run = jax.jit(step, donate_argnums=(3,))
-    rng = np.random.default_rng(args.seed)
-    low, high = max(1, args.context // 2), min(args.max_len - 1, args.context * 3 // 2)
-    lengths = jnp.asarray(rng.integers(low, high + 1, args.slots), jnp.int32)
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, args.slots), jnp.int32)
-    cache = init_cache(cfg, args.slots, args.max_len)
+    engine = _engine(args)
     start = time.perf_counter()
-    tokens, cache = jax.block_until_ready(run(rest, layers, tokens, cache, lengths))
+    engine.warmup()
     compile_s = time.perf_counter() - start
+    sched = Scheduler(engine.serve_cfg, cache_key=engine.cache_key)
+    rng = np.random.default_rng(args.seed)
+    max_len, vocab = engine.max_len, engine.tokenizer.vocab_size
+    low, high = max(1, args.context // 2), min(max_len // 2, args.context * 3 // 2)
+    for i, n in enumerate(rng.integers(low, high + 1, args.slots)):
+        prompt = rng.integers(0, vocab, int(n)).tolist()
+        params = SamplingParams(max_tokens=max_len - int(n), ignore_eos=True)  # never ends here
+        sched.add_request(Request(str(i), prompt, params, seed=i))
+    while True:  # the prompts, through the engine, until every sequence is decoding
+        plan = sched.schedule()
+        if plan.num_tokens == plan.num_rows == args.slots:
+            break
+        sched.update_from_output(plan, engine.step(plan).tokens(plan.num_rows))
+    # The compiled step alone, on that plan padded as `step` pads it: its writes land in
+    # the same slots every time, so every iteration does the same work.
+    bucket = engine._bucket(plan.num_tokens)
+    run, inputs = engine.compiled_functions()[bucket], engine._inputs(plan, bucket)
     times = []
-    for _ in range(args.iters):  # lengths stay put: every step does the same work
+    for _ in range(args.iters):
         start = time.perf_counter()
-        tokens, cache = jax.block_until_ready(run(rest, layers, tokens, cache, lengths))
+        engine._cache, out = run(engine._weights, engine._cache, inputs)
+        jax.block_until_ready(out)
         times.append(time.perf_counter() - start)
     step_ms = float(np.median(times)) * 1e3
+    cfg = engine.cfg
     line = {
         "bench": "step",
         "model": args.bundle or args.model,
@@ -98,8 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "attention_impl": cfg.attention_impl,
         "device": jax.devices()[0].device_kind,
         "slots": args.slots,
-        "max_len": args.max_len,
-        "context_mean": float(np.mean(np.asarray(lengths))),
+        "max_len": max_len,
+        "page_size": engine.serve_cfg.page_size,
+        "tokens_bucket": bucket,
+        "context_mean": float(np.mean(plan.num_computed_tokens)),
         "compile_s": round(compile_s, 2),
         "step_ms_median": step_ms,
         "step_ms_best": float(np.min(times)) * 1e3,

@@ -1,19 +1,18 @@
 """tandem vs vLLM, same weights, same machine, same workload, one run.
 
-Starts `python -m tandem.serve --bundle B --http-port H` once per --max-slots value and the
+Starts `python -m tandem.serve --bundle B --http-port H` once per --max-seqs value and the
 vLLM OpenAI server (`--vllm-python` interpreter, or an already running one at --vllm-url) on
 the Hugging Face export of the SAME weights, one at a time so they never share the CPU. Both
 get the SAME requests: serve_bench's synthetic dataset (token-id prompts, outputs forced to
-length with ignore_eos, greedy, streamed) and the same Poisson arrival times, through the
-SAME client: serve_bench's OpenAI path (streamed /v1/completions, tokens counted from the
-continuous usage stats both servers send); tandem is also measured over gRPC
-(--tandem-apis). Both are measured with serve_bench's metrics (TTFT, TPOT, ITL, e2e,
+length with ignore_eos, greedy, streamed) and the same Poisson arrival times; tandem is
+measured over its OpenAI API with the SAME client as vLLM (`openai_load`) and over gRPC with
+serve_bench's (--tandem-apis); all with serve_bench's metrics (TTFT, TPOT, ITL, e2e,
 throughput), each measured pass after an unrecorded warm-up pass at the same rate on other
 prompts (--no-warmup: none). Prints a line per (system, api, rate[, slots]) and a comparison
-line tandem/vLLM (both over the OpenAI API) per (rate, slots).
+line tandem/vLLM per (rate, slots), tandem over the first of --tandem-apis.
 
     python benchmarks/vllm_compare.py --bundle bundles/demo-fp32 --hf-dir bundles/demo-hf \
-        --vllm-python /tmp/vllm-venv/bin/python --request-rate inf,8 --max-slots 8,32
+        --vllm-python /tmp/vllm-venv/bin/python --request-rate inf,8 --max-seqs 8,32
 
 Exits with a clear message (status 1), before starting anything, when vLLM is not installed.
 """
@@ -22,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -37,14 +38,20 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tandem.benchmarks.serve_bench import (
+    WORKLOADS,
     BenchRequest,
+    RequestResult,
     _range,
+    interference_requests,
+    run_conversations,
     run_load,
+    shared_prefix_conversations,
     summarize,
     synthetic_dataset,
 )
-from tandem.model.tokenizer import Tokenizer
 
 
 def _free_port() -> int:
@@ -56,9 +63,8 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def _process(cmd: list[str], log_path: Path, env: dict[str, str] | None = None):
     """A server subprocess in its own process group, always terminated (then killed). It
-    runs in the log folder: from the repo root, `python -m` would put the repo's top-level
-    folders on sys.path, and transformers (in vLLM's venv) imports `kernels/` as the Hub's
-    `kernels` package."""
+    runs in the log's directory: in the repo, its top-level folders (`kernels/` ...) would
+    shadow packages of the same name that vLLM's dependencies import."""
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent,
@@ -105,6 +111,85 @@ def _vllm_ready(url: str) -> bool:
         return r.status == 200
 
 
+def _openai_one(url: str, model: str, req: BenchRequest, timeout: float) -> RequestResult:
+    """One streamed /v1/completions request to an OpenAI-compatible server (vLLM's, or
+    tandem's --http-port), timed like serve_bench's gRPC client."""
+    body = {
+        "model": model,
+        "prompt": list(req.prompt_ids),
+        "max_tokens": req.output_len,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    http = urllib.request.Request(
+        f"{url}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    start = time.perf_counter()
+    res = RequestResult(ok=False, start=start, prompt_tokens=len(req.prompt_ids), tag=req.tag)
+    last, seen = start, 0
+    try:
+        with urllib.request.urlopen(http, timeout=timeout) as resp:
+            for raw in resp:
+                line = raw.strip()
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                now = time.perf_counter()
+                chunk = json.loads(line[5:])
+                total = (chunk.get("usage") or {}).get("completion_tokens", seen)
+                if total > seen:  # this message carried new tokens
+                    if seen == 0:
+                        res.ttft = now - start
+                    else:
+                        res.itl.append(now - last)
+                        res.itl_at.append(now)
+                    seen, last = total, now
+                details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}
+                res.cached_tokens = details.get("cached_tokens", res.cached_tokens)
+        res.output_tokens = seen
+        res.e2e = last - start
+        res.ok = seen == req.output_len
+    except Exception as e:
+        res.error = type(e).__name__
+    return res
+
+
+def openai_load(
+    url: str, model: str, requests: list[Any], rate: float, seed: int
+) -> tuple[list[RequestResult], float]:
+    """Open loop with serve_bench's arrival times (same rng, same draws, or the requests'
+    own), one thread each; conversations (lists of turns) send their turns in order."""
+    rng = np.random.default_rng(seed)
+
+    def send(item: Any) -> list[RequestResult]:
+        turns = item if isinstance(item, list) else [item]
+        return [_openai_one(url, model, req, 600.0) for req in turns]
+
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        t0 = time.perf_counter()
+        futures = []
+        for item in requests:
+            arrival = getattr(item, "arrival", None)
+            if arrival is not None:
+                time.sleep(max(0.0, t0 + arrival - time.perf_counter()))
+            futures.append(pool.submit(send, item))
+            if arrival is None and math.isfinite(rate):
+                time.sleep(rng.exponential(1.0 / rate))
+        results = [r for f in futures for r in f.result()]
+    return results, time.perf_counter() - t0
+
+
+def tandem_load(target: str, requests: list[Any], rate: float, seed: int):
+    """serve_bench's client over gRPC: requests, or conversations (lists of turns)."""
+    if requests and isinstance(requests[0], list):
+        return asyncio.run(run_conversations(target, requests, request_rate=rate, seed=seed))
+    return asyncio.run(run_load(target, requests, request_rate=rate, max_concurrency=None,
+                                seed=seed))  # fmt: skip
+
+
 def _vllm_check(python: str) -> None:
     code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
     if not Path(python).exists() or subprocess.run([python, "-c", code]).returncode != 0:
@@ -137,10 +222,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--request-rate", default="inf", help="comma list of req/s (inf = burst)")
     p.add_argument("--input-len", type=_range, default="16:64")
     p.add_argument("--output-len", type=_range, default="8:32@3,192:256@1")
-    p.add_argument("--max-slots", default="8", help="comma list of tandem --max-slots")
     p.add_argument("--tandem-apis", default="openai,grpc",
-                   help="comma list: tandem measured over its OpenAI API, gRPC or both")  # fmt: skip
+                   help="comma list: tandem measured over its OpenAI API (vLLM's client), gRPC")  # fmt: skip
+    p.add_argument("--max-seqs", "--max-slots", default="8", dest="max_seqs",
+                   help="comma list of tandem --max-seqs")  # fmt: skip
     p.add_argument("--max-len", type=int, default=512, help="tandem max-len = vLLM model len")
+    p.add_argument(
+        "--tandem-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another tandem serve key (page_size, max_num_batched_tokens, ...)",
+    )
+    p.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="another vLLM server argument (repeat; e.g. --vllm-arg=--foo)",
+    )
+    p.add_argument(
+        "--workload",
+        default="mixed",
+        choices=WORKLOADS,
+        help="as serve_bench's (shared-prefix: --num-requests conversations)",
+    )
+    p.add_argument("--turns", type=int, default=2)
+    p.add_argument("--system-len", type=int, default=1000)
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--stream-output", type=int, default=512)
+    p.add_argument("--long-prompt", type=int, default=2000)
+    p.add_argument("--long-delay-s", type=float, default=1.0)
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="an unrecorded pass of each rate first (other prompts)")  # fmt: skip
     p.add_argument("--startup-timeout", type=float, default=600.0)
@@ -151,24 +263,36 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    apis = [a.strip() for a in args.tandem_apis.split(",") if a.strip()]
+    if not apis or set(apis) - {"openai", "grpc"}:
+        raise SystemExit(f"--tandem-apis={args.tandem_apis!r}: allowed openai, grpc")
     if args.vllm_url is None:
         _vllm_check(args.vllm_python)
     rates = [float(r) for r in args.request_rate.split(",")]
-    slots = [int(s) for s in args.max_slots.split(",")]
-    # prompt ids both servers accept: the tokenizer's (a model's vocabulary may be padded)
-    vocab = min(
-        json.loads((args.bundle / "config.json").read_text())["vocab_size"],
-        Tokenizer.from_dir(args.bundle).vocab_size,
-    )
+    slots = [int(s) for s in args.max_seqs.split(",")]
+    from tandem.model.tokenizer import Tokenizer
 
-    def dataset(n: int, seed: int) -> list[BenchRequest]:
+    vocab = Tokenizer.from_dir(args.bundle).vocab_size  # prompts of ids both servers accept
+
+    def dataset(n: int, seed: int) -> list[Any]:
+        if args.workload == "shared-prefix":
+            return shared_prefix_conversations(
+                n, turns=args.turns, system_len=args.system_len, suffix_len=args.input_len,
+                output_len=args.output_len, vocab=vocab, seed=seed,
+            )  # fmt: skip
+        if args.workload == "interference":
+            return interference_requests(
+                streams=args.streams, stream_prompt=32, stream_output=args.stream_output,
+                long_prompt=args.long_prompt, long_output=8, delay_s=args.long_delay_s,
+                vocab=vocab, seed=seed,
+            )  # fmt: skip
         reqs = synthetic_dataset(n, args.input_len, args.output_len, vocab, seed)
         cap = args.max_len
         return [dataclasses.replace(r, output_len=min(r.output_len, cap - len(r.prompt_ids)))
                 for r in reqs]  # fmt: skip
 
     # Fresh prompts for the warm-up and for each rate (the same for both systems), so
-    # vLLM's prefix cache (on by default) never sees a prompt twice. The warm-up pass lets
+    # neither prefix cache sees a prompt of another pass. The warm-up pass lets
     # vLLM build its per-shape CPU kernels (tandem compiles every shape at start-up).
     workload = {rate: dataset(args.num_requests, args.seed + i) for i, rate in enumerate(rates)}
     warm = {r: dataset(args.num_requests, args.seed + 1000 + i) for i, r in enumerate(rates)}
@@ -185,33 +309,30 @@ def main(argv: list[str] | None = None) -> int:
             with args.out.open("a") as f:
                 f.write(text + "\n")
 
-    apis = [a.strip() for a in args.tandem_apis.split(",") if a.strip()]
-    if not apis or set(apis) - {"openai", "grpc"}:
-        raise SystemExit(f"--tandem-apis={args.tandem_apis!r}: allowed openai, grpc")
-
-    def load(target: str, requests: list[BenchRequest], rate: float, api: str, model: str):
-        return asyncio.run(run_load(target, requests, request_rate=rate, max_concurrency=None,
-                                    seed=args.seed, api=api, model=model))  # fmt: skip
-
     for n_slots in slots:
         port, http_port = _free_port(), _free_port()
         target = f"127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "tandem.serve", "--bundle", str(args.bundle), "--port", str(port),
                "--http-port", str(http_port), "--served-model-name", "tandem",
-               "--max-slots", str(n_slots), "--max-len", str(args.max_len),
-               "--max-queue", str(max(64, args.num_requests))]  # fmt: skip
+               "--max-seqs", str(n_slots), "--max-len", str(args.max_len),
+               "--max-queue", str(max(64, args.num_requests)),
+               *[a for kv in args.tandem_set for a in ("--set", kv)]]  # fmt: skip
         log_path = logs / f"tandem-{n_slots}.log"
         with _process(cmd, log_path) as proc:
             startup = _wait_ready(proc, lambda t=target: _tandem_ready(t), args.startup_timeout,
                                   log_path)  # fmt: skip
             for rate in rates:
-                for api in apis:
-                    where = target if api == "grpc" else f"127.0.0.1:{http_port}"
+                for api in apis:  # over the OpenAI API: the same client as vLLM's
+                    if api == "openai":
+                        url = f"http://127.0.0.1:{http_port}"
+                        load = functools.partial(openai_load, url, "tandem")
+                    else:
+                        load = functools.partial(tandem_load, target)
                     if rate in warm:
-                        load(where, warm[rate], rate, api, "tandem")
-                    results, duration = load(where, workload[rate], rate, api, "tandem")
-                    emit(_line("tandem", rate, results, duration, api=api, max_slots=n_slots,
-                               startup_s=startup))  # fmt: skip
+                        load(warm[rate], rate, args.seed)
+                    results, duration = load(workload[rate], rate, args.seed)
+                    emit(_line("tandem", rate, results, duration, api=api, max_seqs=n_slots,
+                               startup_s=startup, workload=args.workload))  # fmt: skip
 
     with contextlib.ExitStack() as stack:
         url, startup = args.vllm_url, math.nan
@@ -223,33 +344,37 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
                    "--model", str(args.hf_dir.resolve()), "--dtype", "float32",
                    "--max-model-len", str(args.max_len), "--host", "127.0.0.1",
-                   "--port", str(port)]  # fmt: skip
+                   "--port", str(port), "--enable-prompt-tokens-details",
+                   *args.vllm_arg]  # fmt: skip
             log_path = logs / "vllm.log"
             proc = stack.enter_context(_process(cmd, log_path, env))
             startup = _wait_ready(proc, lambda: _vllm_ready(url), args.startup_timeout, log_path)
         with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
             model = json.load(r)["data"][0]["id"]
-        where = url.split("://", 1)[-1].rstrip("/")
         for rate in rates:
             if rate in warm:
-                load(where, warm[rate], rate, "openai", model)
-            results, duration = load(where, workload[rate], rate, "openai", model)
-            emit(_line("vllm", rate, results, duration, api="openai", startup_s=startup))
+                openai_load(url, model, warm[rate], rate, args.seed)
+            results, duration = openai_load(url, model, workload[rate], rate, args.seed)
+            emit(_line("vllm", rate, results, duration, api="openai", startup_s=startup,
+                       workload=args.workload))  # fmt: skip
 
     vllm = {line["request_rate"]: line for line in lines if line["system"] == "vllm"}
-    tandem = [x for x in lines if x["system"] == "tandem" and x["api"] == apis[0]]
-    for t in tandem:
+    for t in [x for x in lines if x["system"] == "tandem" and x["api"] == apis[0]]:
         v = vllm[t["request_rate"]]
         emit({
             "bench": "vllm_compare",
             "comparison": "tandem_vs_vllm",
             "tandem_api": t["api"],
             "request_rate": t["request_rate"],
-            "max_slots": t["max_slots"],
+            "max_seqs": t["max_seqs"],
             "output_throughput_ratio": t["output_throughput"] / v["output_throughput"],
             "ttft_p50_ratio": t["ttft_ms"]["p50"] / v["ttft_ms"]["p50"],
             "tpot_p50_ratio": t["tpot_ms"]["p50"] / v["tpot_ms"]["p50"],
             "e2e_p50_ratio": t["e2e_ms"]["p50"] / v["e2e_ms"]["p50"],
+            **({"p99_during_prefill_vs_median": {
+                "tandem": t["interference"]["p99_during_prefill_vs_median"],
+                "vllm": v["interference"]["p99_during_prefill_vs_median"]}}
+               if "interference" in t else {}),
         })  # fmt: skip
     print(f"server logs: {logs}", file=sys.stderr)
     return 0

@@ -184,7 +184,10 @@ def ragged_paged_attention_blocked(
 
     # -- decode rows, DECODE_GROUP per iteration --
     is_decode = q_len == 1  # [R]
-    order = jnp.argsort(~is_decode, stable=True).astype(jnp.int32)  # decode rows first
+    # Decode rows first, shortest first, so each group of DECODE_GROUP rows holds similar
+    # lengths and its page bucket (its longest row) wastes little on the others.
+    key = jnp.where(is_decode, kv_lens, jnp.iinfo(jnp.int32).max)  # [R]
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
     n_groups = -(-n_rows // DECODE_GROUP)
     order = jnp.pad(order, (0, n_groups * DECODE_GROUP - n_rows))  # [Rg]
     in_use = jnp.arange(order.shape[0]) < jnp.sum(is_decode)  # [Rg]

@@ -71,6 +71,38 @@ def init_cache(cfg: ModelConfig, slots: int, max_len: int, dtype=None) -> KVCach
     )
 
 
+class PagedKVCache(NamedTuple):
+    """The serving cache: per layer a pool of P pages of Ps positions (tuples of L), in
+    the layout of kernels/paged_reference.py. Which page holds which sequence's tokens is
+    the host's business (serve/kv_cache.py); `Transformer.step` is told where to write
+    (`StepMetadata.slot_mapping`) and what each row reads (`page_indices`)."""
+
+    k: tuple[jax.Array, ...]  # L x [K, P, Ps, H]
+    v: tuple[jax.Array, ...]  # L x [K, P, Ps, H]
+
+
+def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> PagedKVCache:
+    shape = (cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)  # [K, P, Ps, H]
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    layers = range(cfg.n_layers)
+    return PagedKVCache(
+        tuple(jnp.zeros(shape, dtype) for _ in layers),
+        tuple(jnp.zeros(shape, dtype) for _ in layers),
+    )
+
+
+class StepMetadata(NamedTuple):
+    """Where one ragged step's T tokens (R rows packed row after row) write their K/V and
+    what each row attends to: the arguments of `kernels.paged_attention` and
+    `kernels.write_pages` (serve/scheduler.py's `SchedulerOutput` builds them)."""
+
+    slot_mapping: jax.Array  # [T] int32: page * Ps + offset of each token; -1 = padding
+    kv_lens: jax.Array  # [R] int32: the row's tokens in the cache, this step's included
+    page_indices: jax.Array  # [R, W] int32: the row's page table (0 past its pages)
+    cu_q_lens: jax.Array  # [R + 1] int32: row r's tokens are [cu_q_lens[r], cu_q_lens[r + 1])
+    num_rows: jax.Array  # [] int32: rows in use; the rest are padding
+
+
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:  # [H/2]
     """Inverse frequencies, with Llama-3 scaling exactly as transformers computes it."""
     inv_freq = 1.0 / (
@@ -314,6 +346,39 @@ class Transformer(nnx.Module):
             new_k.append(cache_k)
             new_v.append(cache_v)
         return self._logits(x)[:, 0], KVCache(tuple(new_k), tuple(new_v))
+
+    def step(
+        self,
+        tokens: jax.Array,  # [T] int32, the step's rows packed one after another
+        positions: jax.Array,  # [T] int32
+        cache: PagedKVCache,  # L x [K, P, Ps, H]
+        meta: StepMetadata,
+        logits_at: jax.Array,  # [R] int32: the token whose logits each row returns
+        layers: Sequence[LayerWeights] | None = None,
+    ) -> tuple[jax.Array, PagedKVCache]:  # [R, V] float32
+        """One serving step over a ragged batch: decode rows (one token) and prompt chunks
+        (several) in one forward. Each layer writes the step's K/V into the page pools
+        (`slot_mapping`), then every token attends to its row's cached positions up to its
+        own (`kernels.paged_attention`), so a chunk sees the chunks before it and a prefix
+        another sequence computed. Logits only for `logits_at`, one token per row (the LM
+        head over all T tokens would cost as much as a layer). Donate `cache` under jit so
+        the writes happen in place. `layers` as in `prefill`."""
+        cfg = self.cfg
+        cos, sin = _rope_tables(cfg, positions[None])  # [1, T, H/2]
+        x = self._embed(tokens[None])  # [1, T, D]
+        new_k, new_v = [], []
+        for p, k_pages, v_pages in zip(self._layer_weights(layers), *cache, strict=True):
+            q, k, v = _attention_inputs(cfg, x, p, cos, sin)  # [1, T, N, H], [1, T, K, H]
+            k_pages, v_pages = kernels.write_pages(k_pages, v_pages, k[0], v[0], meta.slot_mapping)
+            out = kernels.paged_attention(
+                q[0], k_pages, v_pages, meta.kv_lens, meta.page_indices, meta.cu_q_lens,
+                meta.num_rows, impl=cfg.attention_impl, mesh_axes=ATTENTION_AXES,
+            )  # fmt: skip  # [T, N, H]
+            x = _layer_output(cfg, x, out[None], p)
+            new_k.append(k_pages)
+            new_v.append(v_pages)
+        x = jnp.take(x, logits_at, axis=1)  # [1, R, D]
+        return self._logits(x)[0], PagedKVCache(tuple(new_k), tuple(new_v))
 
     def unstack_layers(self) -> tuple[dict[str, jax.Array], ...]:
         """Each layer's weights as separate arrays (copies when called outside jit), for

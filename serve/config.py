@@ -34,7 +34,6 @@ class ServeConfig:
     max_seqs: int = 8  # concurrent sequences (running requests); older key: max_slots
     max_len: int = 0  # positions per sequence (prompt + output); 0 = model max_seq_len
     max_prompt_len: int = 0  # 0 = max_len - 1
-    min_prefill_bucket: int = 16  # prefill lengths are padded to powers of two from here
     max_queue: int = 64  # waiting requests beyond this get RESOURCE_EXHAUSTED
     max_logprobs: int = 5  # most alternatives a request may ask for (compiled in)
     default_max_tokens: int = 256  # when a request leaves max_tokens at 0
@@ -49,7 +48,7 @@ class ServeConfig:
     # --- paged KV cache and the token-budget step (serve/kv_cache.py, serve/scheduler.py) ---
     kv_cache_tokens: int = 0  # KV-cache pool in tokens (pages x page_size); 0 = the engine
     # derives it from free device memory
-    page_size: int = 16  # tokens per KV-cache page
+    page_size: int = 0  # tokens per KV-cache page; 0 = the engine's default for its device
     max_num_batched_tokens: int = 512  # tokens one step runs: decodes + prompt chunks
     enable_prefix_caching: bool = True  # share cached full pages of equal prefixes
 
@@ -92,7 +91,6 @@ class ServeConfig:
             self.max_prompt_len,
             f"< max_len ({self.max_len})",
         )
-        require(self.min_prefill_bucket >= 1, "min_prefill_bucket", self.min_prefill_bucket, ">= 1")
         require(self.max_queue >= 0, "max_queue", self.max_queue, ">= 0")
         require(0 <= self.max_logprobs <= 64, "max_logprobs", self.max_logprobs, "0..64")
         require(self.default_max_tokens >= 1, "default_max_tokens", self.default_max_tokens, ">= 1")
@@ -107,7 +105,7 @@ class ServeConfig:
             ">= 0",
         )
         require(self.stream_interval >= 1, "stream_interval", self.stream_interval, ">= 1")
-        require(self.page_size >= 1, "page_size", self.page_size, ">= 1")
+        require(self.page_size >= 0, "page_size", self.page_size, ">= 1 (0 = the engine's default)")
         require(
             self.kv_cache_tokens == 0 or self.kv_cache_tokens >= 2 * self.page_size,
             "kv_cache_tokens",
@@ -122,18 +120,14 @@ class ServeConfig:
         )
 
     @property
-    def max_slots(self) -> int:
-        """max_seqs under its older name, for code that still reads it (serve/engine.py)."""
-        return self.max_seqs
-
-    @property
     def num_pages(self) -> int:
-        """Pages in the KV-cache pool, the null page 0 included (0 until kv_cache_tokens is
-        set)."""
-        return self.kv_cache_tokens // self.page_size
+        """Pages in the KV-cache pool, the null page 0 included (0 until kv_cache_tokens and
+        page_size are set)."""
+        return self.kv_cache_tokens // self.page_size if self.page_size else 0
 
-    def resolve(self, model_max_len: int) -> ServeConfig:
-        """Fills the derived sizes from the model's context length."""
+    def resolve(self, model_max_len: int, default_page_size: int) -> ServeConfig:
+        """Fills the derived sizes from the model's context length and the engine's page
+        size for its device (kv_cache_tokens is the engine's to derive)."""
         max_len = self.max_len or model_max_len
         require(
             max_len <= model_max_len, "max_len", max_len, f"<= model max_seq_len {model_max_len}"
@@ -141,4 +135,9 @@ class ServeConfig:
         require(max_len >= 2, "max_len", max_len, ">= 2")
         prompt = self.max_prompt_len or max_len - 1
         require(prompt < max_len, "max_prompt_len", prompt, f"< max_len ({max_len})")
-        return dataclasses.replace(self, max_len=max_len, max_prompt_len=prompt)
+        return dataclasses.replace(
+            self,
+            max_len=max_len,
+            max_prompt_len=prompt,
+            page_size=self.page_size or default_page_size,
+        )

@@ -1,37 +1,40 @@
-"""The JAX engine: model.Transformer behind the Engine contract, with a slot KV cache.
+"""The JAX engine: model.Transformer behind the step contract (serve/engine_api.py), over a
+paged KV cache.
 
-Device state (`DecodeState`) holds the KV cache (L x [B, K, S, H]), per-slot lengths, the last
-sampled token and each slot's sampling parameters; every function below is compiled
-ahead of time at `warmup()` for fixed shapes:
+Device state is the cache alone: per layer a pool of `num_pages` pages of `page_size`
+positions (`PagedKVCache`, L x [K, P, Ps, H] for keys and for values), donated to every
+step so its writes happen in place. Everything else a step needs comes from the plan, as
+small host arrays: the rows' tokens, positions, cache slots, page tables and sampling
+parameters.
 
-  prefill[T]  one prompt padded to bucket T (powers of two) -> its K/V + first token row
-  insert[T]   writes a bucket-T prefix into a slot (slot index is data, not a shape)
-  generate[n] one decode step for the slots in use -> state + packed [B, C] int32 row per slot
-  free        marks a slot empty
+One compiled function runs a plan (`Transformer.step` over the ragged rows, then the
+per-row sampler and the packed output), compiled ahead of time at `warmup()` for every
+token bucket `token_buckets(max_num_batched_tokens)`: a plan of T tokens runs in the
+smallest bucket Tb >= T, with min(Tb, max_seqs) rows (a row has at least one token) and
+page tables as wide as `max_len` needs. Padding tokens write nowhere (slot -1) and padding
+rows read nothing (`num_rows`), so only the bucket decides the cost of the matmuls. They
+are `jax.stages.Compiled` executables: a shape not compiled at warm-up is an error, never
+a silent recompile.
 
-Where decode attention is the CPU reference, a step's cost grows with the rows it runs
-(every matmul row and every slot's cache prefix is real work), so `generate` is compiled
-for n = 4, 8, 16, ... up to B rows and each step runs the smallest n that holds the slots
-in use: a 64-slot server with 3 requests in flight steps at the cost of 4 slots, and the
-last long requests of a burst do not pay for the empty slots around them. The n rows are
-the slots in use ordered by length, so the attention loop's groups of slots
-(kernels/bucketed_reference.py) hold similar lengths and read little past them. Elsewhere (Pallas
-on GPU: empty slots cost the kernel nothing, and matmuls of 4 or 64 rows cost the same
-weight reads) there is one `generate` over all B slots in slot order.
-
-They are `jax.stages.Compiled` executables, so a request *cannot* trigger a compile: a
-shape that was not compiled at warm-up is an error, not a silent recompile.
+Cache size (`kv_cache_tokens`; 0 = derive it): on an accelerator, KV_CACHE_MEMORY_FRACTION
+of the device memory still free once the weights are placed (the rest is for the step's
+activations and XLA's workspace); on CPU, where memory is the host's and shared, enough
+pages for `max_seqs` sequences of `max_len` (what the slot engine reserved), capped at
+CPU_KV_CACHE_MEMORY_FRACTION of the host's available memory.
 
 With several devices the params are sharded tensor-parallel (model/sharding.py rules on a
-(1, 1, tp) mesh over ("data", "fsdp", "tensor")) and the cache over kv heads when they
-divide; tp = the largest divisor of the device count that divides heads, kv heads, d_ff
-and vocab (or ServeConfig.tensor_parallel).
+(1, 1, tp) mesh over ("data", "fsdp", "tensor")) and the page pools over kv heads when
+they divide; tp = the largest divisor of the device count that divides heads, kv heads,
+d_ff and vocab (or ServeConfig.tensor_parallel).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,64 +46,57 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tandem import kernels
+from tandem.config import require
 from tandem.model.config import ModelConfig
 from tandem.model.sharding import MESH_AXES, param_shardings
-from tandem.model.transformer import KVCache, Transformer, init_cache
+from tandem.model.transformer import PagedKVCache, StepMetadata, Transformer, init_paged_cache
 from tandem.serve.config import ServeConfig
-from tandem.serve.engine_api import (
-    Engine,
-    Prefix,
-    StepOutput,
-    TokenizerLike,
-    bucket_for,
-    pack_rows,
-    prefill_buckets,
-)
-from tandem.serve.sampling import SamplingParams, logprobs_of, sample, split_seed
+from tandem.serve.engine_api import Engine, StepOutput, TokenizerLike, pack_rows
+from tandem.serve.kv_cache import pages_for
+from tandem.serve.sampling import logprobs_of, sample, split_seed
+from tandem.serve.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
 
-
-class DecodeState(NamedTuple):
-    cache: KVCache  # L x [B, K, S, H] each
-    lengths: jax.Array  # [B] int32: positions cached = position of `tokens`
-    tokens: jax.Array  # [B] int32: last sampled token, next decode input
-    active: jax.Array  # [B] bool
-    temperature: jax.Array  # [B] float32
-    top_k: jax.Array  # [B] int32
-    top_p: jax.Array  # [B] float32
-    seeds: jax.Array  # [B, 2] uint32
-    logprobs: jax.Array  # [B] bool: the request asked for logprobs
+KV_CACHE_MEMORY_FRACTION = 0.8  # of an accelerator's free memory after the weights
+CPU_KV_CACHE_MEMORY_FRACTION = 0.25  # at most, of the host's available memory
+# Tokens per page when ServeConfig.page_size is 0: XLA's CPU gather pays per gathered page,
+# so the CPU attention loop is fastest with large pages (docs/benchmarks.md, "Paged
+# attention on CPU"); the GPU kernel loads pages as its key tiles and wants them small.
+PAGE_SIZE = {"cpu": 128}
+DEFAULT_PAGE_SIZE = 16
 
 
-class _Slot(NamedTuple):
-    """Per-request sampling vectors with a leading batch axis of 1 (host numpy)."""
+class StepInputs(NamedTuple):
+    """One plan padded to a bucket: Tb tokens, Rb rows (numpy on the host)."""
 
-    temperature: np.ndarray  # [1] float32
-    top_k: np.ndarray  # [1] int32
-    top_p: np.ndarray  # [1] float32
-    seeds: np.ndarray  # [1, 2] uint32
-    logprobs: np.ndarray  # [1] bool
-
-
-def _slot_vectors(params: SamplingParams, seed: int) -> _Slot:
-    return _Slot(
-        np.asarray([params.temperature], np.float32),
-        np.asarray([params.top_k], np.int32),
-        np.asarray([params.top_p], np.float32),
-        np.asarray([split_seed(seed)], np.uint32),
-        np.asarray([params.logprobs > 0]),
-    )
+    tokens: np.ndarray  # [Tb] int32
+    positions: np.ndarray  # [Tb] int32
+    meta: StepMetadata  # slot_mapping [Tb], kv_lens [Rb], page_indices [Rb, W], ...
+    logits_at: np.ndarray  # [Rb] int32: each row's last token
+    temperature: np.ndarray  # [Rb] float32
+    top_k: np.ndarray  # [Rb] int32
+    top_p: np.ndarray  # [Rb] float32
+    seeds: np.ndarray  # [Rb, 2] uint32
+    logprobs: np.ndarray  # [Rb] bool: the row's request asked for logprobs
 
 
-def _no_logprobs(rows: int, top_n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`logprobs_of`'s outputs, all zero."""
-    return (
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((rows, top_n), jnp.int32),
-        jnp.zeros((rows, top_n), jnp.float32),
-    )
+def default_page_size() -> int:
+    """ServeConfig.page_size 0 means this, for the default backend."""
+    return PAGE_SIZE.get(jax.default_backend(), DEFAULT_PAGE_SIZE)
+
+
+def token_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
+    """Token counts a step is compiled for: powers of two from 8 up to
+    max_num_batched_tokens (the last). Steps fall in two kinds: decode-only ones (as many
+    tokens as running sequences), and ones the scheduler fills to the budget with prompt
+    chunks; only a prompt's last chunk lands in between, so finer buckets there would buy
+    little for their compile time (every bucket is a compiled executable)."""
+    buckets, size = [], 8
+    while size < max_num_batched_tokens:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_num_batched_tokens)
 
 
 def pick_tensor_parallel(cfg: ModelConfig, n_devices: int, requested: int = 0) -> int:
@@ -120,7 +116,49 @@ def pick_tensor_parallel(cfg: ModelConfig, n_devices: int, requested: int = 0) -
     return 1
 
 
-class JaxEngine(Engine[DecodeState]):
+def kv_bytes_per_token(cfg: ModelConfig, dtype: Any) -> int:
+    """Bytes of K and V one cached position takes over all layers."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def derive_kv_cache_tokens(
+    cfg: ModelConfig, scfg: ServeConfig, dtype: Any, devices: Sequence[jax.Device], kv_shards: int
+) -> int:
+    """The pool size for kv_cache_tokens=0 (module docstring), in whole pages."""
+    per_token = kv_bytes_per_token(cfg, dtype) // kv_shards  # on each device
+    stats = devices[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = min(
+            d.memory_stats()["bytes_limit"] - d.memory_stats()["bytes_in_use"] for d in devices
+        )
+        tokens = int(KV_CACHE_MEMORY_FRACTION * free) // per_token
+        where = f"{KV_CACHE_MEMORY_FRACTION:.0%} of {free / 2**30:.1f} GiB free device memory"
+    else:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        cap = int(CPU_KV_CACHE_MEMORY_FRACTION * available) // per_token
+        pages = scfg.max_seqs * pages_for(scfg.max_len, scfg.page_size) + 1  # + the null page
+        tokens = min(pages * scfg.page_size, cap)
+        where = f"max_seqs x max_len, at most {CPU_KV_CACHE_MEMORY_FRACTION:.0%} of host memory"
+    tokens -= tokens % scfg.page_size
+    require(
+        tokens >= 2 * scfg.page_size,
+        "kv_cache_tokens",
+        0,
+        f"an explicit size: only {tokens} tokens fit ({where}); lower max_len or use a "
+        "smaller model",
+    )
+    log.info("KV cache: %d tokens (%s, %d bytes each)", tokens, where, per_token)
+    return tokens
+
+
+def _cache_key(manifest: dict | None, dtype: Any) -> bytes:
+    """What besides the tokens decides the cached K/V: the weights (the bundle's file
+    hashes; a model built in this process is its own) and the cache dtype."""
+    files = json.dumps((manifest or {}).get("files"), sort_keys=True)
+    return hashlib.sha256(f"{files}/{jnp.dtype(dtype).name}".encode()).digest()
+
+
+class JaxEngine(Engine):
     """Engine over a Transformer's params. Build with `from_bundle` or `from_model`."""
 
     def __init__(
@@ -134,28 +172,26 @@ class JaxEngine(Engine[DecodeState]):
         mesh: Mesh | None = None,
         manifest: dict | None = None,
     ) -> None:
-        scfg = (serve_cfg or ServeConfig()).resolve(cfg.max_seq_len)
+        scfg = (serve_cfg or ServeConfig()).resolve(cfg.max_seq_len, default_page_size())
         if tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(
                 f"tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's {cfg.vocab_size}"
             )
         self.cfg = cfg
-        self.serve_cfg = scfg
         self.tokenizer = tokenizer
-        self.max_slots = scfg.max_slots
-        self.max_len = scfg.max_len
-        self.max_prompt_len = scfg.max_prompt_len
-        self.max_logprobs = scfg.max_logprobs
         self.mesh = mesh
         self.manifest = manifest
-        self._buckets = prefill_buckets(self.max_prompt_len, scfg.min_prefill_bucket)
-        self._select_slots = not kernels.runs_pallas(cfg.attention_impl) and (
-            jax.default_backend() == "cpu"
-        )
-        self._decode_rows = (
-            decode_row_counts(self.max_slots) if self._select_slots else (self.max_slots,)
-        )
-        self._slots_in_use: set[int] = set()  # from insert/free: sizes the next step
+        self._cache_dtype = jnp.dtype(scfg.cache_dtype or cfg.dtype)
+        self.cache_key = _cache_key(manifest, self._cache_dtype)
+        if not scfg.kv_cache_tokens:
+            devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+            tokens = derive_kv_cache_tokens(
+                cfg, scfg, self._cache_dtype, devices, self._kv_shards()
+            )
+            scfg = dataclasses.replace(scfg, kv_cache_tokens=tokens)
+        self.serve_cfg = scfg
+        self._buckets = token_buckets(scfg.max_num_batched_tokens)
+        self._width = pages_for(scfg.max_len, scfg.page_size)  # page-table columns
         # Serving holds each layer's weights as separate arrays (slicing them out of the
         # stacked [L, ...] params inside the step made XLA copy them on every call; see
         # model/transformer.py); the module keeps the rest (embedding, norms, head).
@@ -164,12 +200,12 @@ class JaxEngine(Engine[DecodeState]):
         del model.layers  # drop this module's references to the stacked copies
         self._graphdef, rest = nnx.split(model, nnx.Param)
         # Weights travel as (flat tuple of arrays, per-layer dicts): flattening an nnx.State
-        # (Variable objects) on every call is host time on every decode step
-        # (docs/benchmarks.md, "Measurements behind code choices").
+        # (Variable objects) on every call is host time on every step.
         leaves, self._rest_treedef = jax.tree.flatten(rest)
         self._weights = (tuple(leaves), layers)
-        self._cache_dtype = jnp.dtype(scfg.cache_dtype or cfg.dtype)
-        self._compiled: dict[str, Any] = {}
+        self._compiled: dict[int, Any] = {}
+        self._init_cache: Any = None
+        self._cache: PagedKVCache | None = None
         self.warmup_seconds: float | None = None
 
     # ---- construction -------------------------------------------------------------------
@@ -224,28 +260,20 @@ class JaxEngine(Engine[DecodeState]):
 
     # ---- shardings ------------------------------------------------------------------------
 
-    def _sharding(self, spec: PartitionSpec) -> NamedSharding | None:
-        return NamedSharding(self.mesh, spec) if self.mesh is not None else None
+    def _kv_shards(self) -> int:
+        """Devices the page pools are split over (by kv head, when the heads divide)."""
+        tp = self.tensor_parallel
+        return tp if self.cfg.n_kv_heads % tp == 0 else 1
 
-    def _cache_spec(self) -> PartitionSpec:
-        assert self.mesh is not None
-        tp = self.mesh.shape["tensor"]
-        kv_axis = "tensor" if self.cfg.n_kv_heads % tp == 0 else None
-        return PartitionSpec(None, kv_axis, None, None)  # [B, K, S, H]
-
-    def _cache_shardings(self) -> KVCache | None:
+    def _cache_shardings(self) -> PagedKVCache | None:
         if self.mesh is None:
             return None
-        layers = (self._sharding(self._cache_spec()),) * self.cfg.n_layers
-        return KVCache(layers, layers)
+        kv_axis = "tensor" if self._kv_shards() > 1 else None
+        pool = NamedSharding(self.mesh, PartitionSpec(kv_axis, None, None, None))  # [K,P,Ps,H]
+        layers = (pool,) * self.cfg.n_layers
+        return PagedKVCache(layers, layers)
 
-    def _state_shardings(self) -> DecodeState | None:
-        if self.mesh is None:
-            return None
-        rep = self._sharding(PartitionSpec())
-        return DecodeState(self._cache_shardings(), rep, rep, rep, rep, rep, rep, rep, rep)
-
-    # ---- the device functions (traced once per shape at warm-up) ----------------------
+    # ---- the device function (traced once per bucket at warm-up) ------------------------
 
     def _model(self, weights) -> tuple[Transformer, tuple[dict[str, jax.Array], ...]]:
         leaves, layers = weights
@@ -256,169 +284,125 @@ class JaxEngine(Engine[DecodeState]):
         """The served per-layer weights (as placed on the devices)."""
         return self._weights[1]
 
-    def _prefill_fn(self, weights, tokens, true_len, slot: _Slot):
-        """tokens [1, T] right-padded; true_len [] int32 -> (KVCache L x [1,K,T,H], row [1, C])."""
+    def _step_fn(self, weights, cache: PagedKVCache, x: StepInputs):
+        """One plan -> (cache, packed [Rb, C] int32)."""
         model, layers = self._model(weights)
-        last, kv = model.prefill(tokens, layers, logits_at=true_len[None] - 1)  # [1, V]
-        positions = true_len[None]  # [1] position of the token being sampled
-        token = sample(last, slot.temperature, slot.top_k, slot.top_p, slot.seeds, positions)
-        chosen, top_ids, top_lps = logprobs_of(last, token, self.max_logprobs)
-        done = positions >= self.max_len
-        kv = jax.tree.map(lambda x: x.astype(self._cache_dtype), kv)
-        return kv, pack_rows(token, positions, done, chosen, top_ids, top_lps)
-
-    def _insert_fn(self, state: DecodeState, kv: KVCache, slot, length, token, vec: _Slot):
-        start = (slot, 0, 0, 0)  # [B, K, S, H]: the prefix lands at positions [0, T)
-        cache = jax.tree.map(
-            lambda layer, prefix: jax.lax.dynamic_update_slice(layer, prefix, start),
-            state.cache,
-            kv,
-        )
-        return DecodeState(
-            cache=cache,
-            lengths=state.lengths.at[slot].set(length),
-            tokens=state.tokens.at[slot].set(token),
-            active=state.active.at[slot].set(True),
-            temperature=state.temperature.at[slot].set(vec.temperature[0]),
-            top_k=state.top_k.at[slot].set(vec.top_k[0]),
-            top_p=state.top_p.at[slot].set(vec.top_p[0]),
-            seeds=state.seeds.at[slot].set(vec.seeds[0]),
-            logprobs=state.logprobs.at[slot].set(vec.logprobs[0]),
-        )
-
-    def _generate_fn(self, weights, state: DecodeState, rows: int):
-        """One decode step over `rows` slots: all B in slot order, or (`_select_slots`)
-        the slots in use, shortest first, then free ones to fill `rows`."""
-        model, layers = self._model(weights)
-        if self._select_slots:
-            in_use_first = jnp.where(state.active, state.lengths, jnp.iinfo(jnp.int32).max)
-            order = jnp.argsort(in_use_first)[:rows].astype(jnp.int32)  # [n] cache rows
-
-            def take(x):
-                return x[order]
-
-            def put(full, part):
-                return full.at[order].set(part)
-        else:
-            order = None
-
-            def take(x):
-                return x
-
-            def put(full, part):
-                return part
-
-        lengths = take(state.lengths)  # [n] positions of the tokens being decoded
-        logits, cache = model.decode(take(state.tokens), state.cache, lengths, layers, order)
-        lengths = lengths + take(state.active).astype(jnp.int32)  # [n] new token positions
-        tokens = sample(
-            logits, take(state.temperature), take(state.top_k), take(state.top_p),
-            take(state.seeds), lengths,
-        )  # fmt: skip
+        logits, cache = model.step(x.tokens, x.positions, cache, x.meta, x.logits_at, layers)
+        positions = x.meta.kv_lens  # [Rb] where each row's next token sits
+        tokens = sample(logits, x.temperature, x.top_k, x.top_p, x.seeds, positions)
         # log-softmax and top-n over the vocabulary are a measurable part of a CPU step
-        # (docs/benchmarks.md); most steps hold no request that asked for logprobs (their
-        # row columns are then 0).
+        # (docs/benchmarks.md); most steps hold no request that asked for logprobs.
+        rows = tokens.shape[0]
+        asked = x.logprobs & (jnp.arange(rows) < x.meta.num_rows)
         chosen, top_ids, top_lps = jax.lax.cond(
-            jnp.any(take(state.logprobs) & take(state.active)),
+            jnp.any(asked),
             lambda: logprobs_of(logits, tokens, self.max_logprobs),
-            lambda: _no_logprobs(tokens.shape[0], self.max_logprobs),
+            lambda: (
+                jnp.zeros((rows,), jnp.float32),
+                jnp.zeros((rows, self.max_logprobs), jnp.int32),
+                jnp.zeros((rows, self.max_logprobs), jnp.float32),
+            ),
         )
-        done = lengths >= self.max_len
-        packed = pack_rows(tokens, lengths, done, chosen, top_ids, top_lps)  # [n, C]
-        out = put(jnp.zeros((self.max_slots, packed.shape[1]), packed.dtype), packed)
-        new = state._replace(
-            cache=cache, lengths=put(state.lengths, lengths), tokens=put(state.tokens, tokens)
-        )
-        return new, out
+        return cache, pack_rows(tokens, positions, chosen, top_ids, top_lps)
 
-    def _free_fn(self, state: DecodeState, slot):
-        return state._replace(
-            active=state.active.at[slot].set(False), lengths=state.lengths.at[slot].set(0)
+    def _init_cache_fn(self) -> PagedKVCache:
+        scfg = self.serve_cfg
+        return init_paged_cache(self.cfg, scfg.num_pages, scfg.page_size, self._cache_dtype)
+
+    # ---- host side of a step -----------------------------------------------------------------
+
+    def _bucket(self, num_tokens: int) -> int:
+        for b in self._buckets:
+            if num_tokens <= b:
+                return b
+        raise ValueError(
+            f"plan of {num_tokens} tokens exceeds max_num_batched_tokens {self._buckets[-1]}"
         )
 
-    def _init_state_fn(self) -> DecodeState:
-        b = self.max_slots
-        cache = init_cache(self.cfg, b, self.max_len, self._cache_dtype)
-        return DecodeState(
-            cache=cache,
-            lengths=jnp.zeros((b,), jnp.int32),
-            tokens=jnp.zeros((b,), jnp.int32),
-            active=jnp.zeros((b,), bool),
-            temperature=jnp.zeros((b,), jnp.float32),
-            top_k=jnp.zeros((b,), jnp.int32),
-            top_p=jnp.ones((b,), jnp.float32),
-            seeds=jnp.zeros((b, 2), jnp.uint32),
-            logprobs=jnp.zeros((b,), bool),
+    def _inputs(self, plan: SchedulerOutput | None, tokens_bucket: int) -> StepInputs:
+        """The plan padded to `tokens_bucket` (None: a step of padding only)."""
+        t_pad = tokens_bucket
+        r_pad = min(t_pad, self.max_seqs)
+        t, r = (plan.num_tokens, plan.num_rows) if plan is not None else (0, 0)
+        tokens = np.zeros(t_pad, np.int32)
+        positions = np.zeros(t_pad, np.int32)
+        slots = np.full(t_pad, -1, np.int32)
+        cu = np.full(r_pad + 1, t, np.int32)
+        kv_lens = np.zeros(r_pad, np.int32)
+        pages = np.zeros((r_pad, self._width), np.int32)
+        temperature = np.zeros(r_pad, np.float32)
+        top_k = np.zeros(r_pad, np.int32)
+        top_p = np.ones(r_pad, np.float32)
+        seeds = np.zeros((r_pad, 2), np.uint32)
+        logprobs = np.zeros(r_pad, bool)
+        if plan is not None:
+            tokens[:t] = plan.token_ids
+            positions[:t] = plan.positions
+            slots[:t] = plan.slot_mapping
+            cu[: r + 1] = plan.cu_q_lens
+            kv_lens[:r] = plan.kv_lens
+            pages[:r, : plan.page_indices.shape[1]] = plan.page_indices
+            params = [(req.sampling, req.seed) for req in plan.requests]
+            temperature[:r] = [s.temperature for s, _ in params]
+            top_k[:r] = [s.top_k for s, _ in params]
+            top_p[:r] = [s.top_p for s, _ in params]
+            seeds[:r] = [split_seed(seed) for _, seed in params]
+            logprobs[:r] = [s.logprobs > 0 for s, _ in params]
+        logits_at = np.maximum(cu[1:] - 1, 0)  # [Rb] padding rows: token 0
+        meta = StepMetadata(slots, kv_lens, pages, cu, np.int32(r))
+        return StepInputs(
+            tokens, positions, meta, logits_at, temperature, top_k, top_p, seeds, logprobs
         )
 
     # ---- compilation ------------------------------------------------------------------------
 
     def _compile(self) -> None:
-        mesh_ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _null()
-        state_sh = self._state_shardings()
-        kv_sh = self._cache_shardings()
-        rep = self._sharding(PartitionSpec()) if self.mesh is not None else None
+        cache_sh = self._cache_shardings()
+        rep = NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
 
         def jit(fn, **kw):
             if self.mesh is None:
-                kw = {k: v for k, v in kw.items() if k not in ("in_shardings", "out_shardings")}
+                kw = {k: v for k, v in kw.items() if k != "out_shardings"}
             return jax.jit(fn, **kw)
 
-        with mesh_ctx:
-            init = jit(self._init_state_fn, out_shardings=state_sh).lower().compile()
-            self._compiled["init_state"] = init
-            state = init()
-            vec = _slot_vectors(SamplingParams(), 0)
-            scalar_i = np.int32(0)
-            for t in self._buckets:
-                tokens = np.zeros((1, t), np.int32)
-                pre = jit(self._prefill_fn, out_shardings=(kv_sh, rep))
-                self._compiled[f"prefill_{t}"] = pre.lower(
-                    self._weights, tokens, np.int32(1), vec
-                ).compile()
-                kv_shape = jax.eval_shape(
-                    self._prefill_fn, self._weights, tokens, np.int32(1), vec
-                )[0]
-                ins = jit(self._insert_fn, out_shardings=state_sh, donate_argnums=(0,))
-                self._compiled[f"insert_{t}"] = ins.lower(
-                    state, kv_shape_with(kv_shape, kv_sh), scalar_i, scalar_i, scalar_i, vec
-                ).compile()
-            gen = jit(
-                self._generate_fn,
-                out_shardings=(state_sh, rep),
-                donate_argnums=(1,),
-                static_argnums=(2,),
-            )
-            for rows in self._decode_rows:
-                self._compiled[f"generate_{rows}"] = gen.lower(self._weights, state, rows).compile()
-            free = jit(self._free_fn, out_shardings=state_sh, donate_argnums=(0,))
-            self._compiled["free"] = free.lower(state, scalar_i).compile()
+        with jax.set_mesh(self.mesh) if self.mesh is not None else _null():
+            self._init_cache = jit(self._init_cache_fn, out_shardings=cache_sh).lower().compile()
+            cache = jax.eval_shape(self._init_cache_fn)
+            if cache_sh is not None:
+                cache = jax.tree.map(
+                    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                    cache,
+                    cache_sh,
+                )
+            step = jit(self._step_fn, out_shardings=(cache_sh, rep), donate_argnums=(1,))
+            for bucket in self._buckets:
+                inputs = self._inputs(None, bucket)
+                self._compiled[bucket] = step.lower(self._weights, cache, inputs).compile()
 
     def warmup(self) -> None:
-        """Compiles every function for every bucket, then runs each once (so first-call
-        costs such as allocation are paid here too)."""
+        """Compiles the step for every token bucket, then runs each once on padding only
+        (so first-call costs such as allocation are paid here too)."""
         if self.warmup_seconds is not None:
             return
         t0 = time.perf_counter()
         self._compile()
-        state = self.init_state()
-        for t in self._buckets:
-            prefix = self.prefill([0] * min(t, self.max_prompt_len), SamplingParams(), 0)
-            state = self.insert(prefix, state, 0)
-            state, _ = self.generate(state)
-            state = self.free(state, 0)
-        for rows in self._decode_rows:
-            state, _ = self._compiled[f"generate_{rows}"](self._weights, state)
-        jax.block_until_ready(state)
+        self._cache = self._init_cache()
+        for bucket in self._buckets:
+            self._cache, out = self._compiled[bucket](
+                self._weights, self._cache, self._inputs(None, bucket)
+            )
+        jax.block_until_ready(out)
         self.warmup_seconds = time.perf_counter() - t0
+        scfg = self.serve_cfg
         log.info(
-            "engine warm: %d prefill buckets %s, decode steps of %s rows, %d slots x %d "
+            "engine warm: steps of %s tokens, KV cache %d pages x %d tokens, %d seqs x %d "
             "positions, tp=%d, %.1f s",
-            len(self._buckets), self._buckets, self._decode_rows, self.max_slots, self.max_len,
+            self._buckets, scfg.num_pages, scfg.page_size, scfg.max_seqs, scfg.max_len,
             self.tensor_parallel, self.warmup_seconds,
         )  # fmt: skip
 
-    def compiled_functions(self) -> dict[str, Any]:
+    def compiled_functions(self) -> dict[int, Any]:
+        """The step executable of each token bucket."""
         return dict(self._compiled)
 
     # ---- Engine API -----------------------------------------------------------------------------
@@ -427,48 +411,26 @@ class JaxEngine(Engine[DecodeState]):
     def tensor_parallel(self) -> int:
         return 1 if self.mesh is None else int(self.mesh.shape["tensor"])
 
-    def prefill_buckets(self) -> tuple[int, ...]:
+    def token_buckets(self) -> tuple[int, ...]:
         return self._buckets
 
-    def _need_warm(self) -> None:
-        if not self._compiled:
+    def step(self, plan: SchedulerOutput) -> StepOutput:
+        if self._cache is None:
             raise RuntimeError("engine not warmed up: call warmup() first")
-
-    def init_state(self) -> DecodeState:
-        self._need_warm()
-        self._slots_in_use.clear()
-        return self._compiled["init_state"]()
-
-    def prefill(self, tokens: Sequence[int], sampling: SamplingParams, seed: int) -> Prefix:
-        self._need_warm()
-        n = len(tokens)
-        if not 1 <= n <= self.max_prompt_len:
-            raise ValueError(f"prompt is invalid: {n} tokens outside [1, {self.max_prompt_len}]")
-        bucket = bucket_for(n, self._buckets)
-        padded = np.full((1, bucket), self.tokenizer.eos_id, np.int32)  # [1, T]
-        padded[0, :n] = tokens
-        vec = _slot_vectors(sampling, seed)
-        kv, row = self._compiled[f"prefill_{bucket}"](self._weights, padded, np.int32(n), vec)
-        first = StepOutput(np.asarray(row), self.max_logprobs)  # the one host transfer
-        return Prefix(first=first, prompt_len=n, kv=(bucket, kv), extra=vec)
-
-    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
-        bucket, kv = prefix.kv
-        first = prefix.first.slot(0)
-        self._slots_in_use.add(slot)
-        return self._compiled[f"insert_{bucket}"](
-            state, kv, np.int32(slot), np.int32(first.length), np.int32(first.token), prefix.extra
+        bucket = self._bucket(plan.num_tokens)
+        require(
+            plan.num_rows <= min(bucket, self.max_seqs),
+            "plan",
+            f"<{plan.num_rows} rows>",
+            f"at most max_seqs={self.max_seqs} rows",
         )
+        self._cache, out = self._compiled[bucket](
+            self._weights, self._cache, self._inputs(plan, bucket)
+        )
+        return StepOutput(out, self.max_logprobs)
 
-    def generate(self, state: DecodeState) -> tuple[DecodeState, StepOutput]:
-        in_use = len(self._slots_in_use)
-        rows = next(n for n in self._decode_rows if n >= in_use)
-        state, out = self._compiled[f"generate_{rows}"](self._weights, state)
-        return state, StepOutput(out, self.max_logprobs)  # read later: one transfer per step
-
-    def free(self, state: DecodeState, slot: int) -> DecodeState:
-        self._slots_in_use.discard(slot)
-        return self._compiled["free"](state, np.int32(slot))
+    def reset(self) -> None:
+        self._cache = self._init_cache()
 
     def info(self) -> dict[str, Any]:
         return {
@@ -478,26 +440,6 @@ class JaxEngine(Engine[DecodeState]):
             "tensor_parallel": self.tensor_parallel,
             "serve_config": dataclasses.asdict(self.serve_cfg),
         }
-
-
-def decode_row_counts(max_slots: int) -> tuple[int, ...]:
-    """Rows the decode step is compiled for: powers of two from 4 below max_slots, then
-    max_slots (4, 8, 16, 32, 64 for 64 slots)."""
-    counts = []
-    rows = 4
-    while rows < max_slots:
-        counts.append(rows)
-        rows *= 2
-    return (*counts, max_slots)
-
-
-def kv_shape_with(shape: KVCache, sharding: KVCache | None) -> KVCache:
-    """ShapeDtypeStructs of a prefix's KV carrying the sharding it will arrive with."""
-    if sharding is None:
-        return shape
-    return jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape, sharding
-    )
 
 
 class _null:

@@ -1,24 +1,29 @@
-"""The engine contract the orchestrator drives (after JetStream's `engine_api.py`).
+"""The engine contract the serving loop drives: one step of a scheduler plan at a time.
 
-An engine owns device memory: model params and a KV cache of `max_slots` slots of
-`max_len` positions. The orchestrator owns everything about requests. The split:
+An engine owns device memory: the model's params and the paged KV cache (a pool of
+`serve_cfg.num_pages` pages). The scheduler (serve/scheduler.py) owns everything about
+requests and pages; the engine only runs what it is told:
 
-    prefix = engine.prefill(prompt_ids, sampling, seed)     # runs the prompt, samples token 1
-    state  = engine.insert(prefix, state, slot)             # puts it into a free slot
-    state, out = engine.generate(state)                     # one decode step for ALL slots
-    state  = engine.free(state, slot)                       # slot may be reused
+    engine.warmup()                   # compiles every shape it will ever run
+    out = engine.step(plan)           # one forward over the plan's rows, one token per row
+    tokens = out.tokens(plan.num_rows)
+    scheduler.update_from_output(plan, tokens)
 
-Every method has fixed shapes on the device (prompts padded to power-of-two buckets), so
-after `warmup()` no call compiles. `generate` returns ONE packed array per step
-(`StepOutput`), so the decode loop does a single device->host transfer per step, and it
-may return before the step has run: reading the output is what waits.
+`step` runs a `SchedulerOutput` (decode rows and prompt chunks together) in one compiled
+call: the plan's shapes are padded to buckets fixed at construction, so after `warmup()`
+no request triggers a compile. It writes the rows' K/V into the pages the plan names and
+samples one token per row on the device with the row's own parameters, the random key a
+function of (seed, position) only, so a seeded request's tokens depend neither on its
+batch neighbours nor on how its prompt was chunked or whether it was preempted. A row
+whose `plan.sample` is False (a prompt chunk short of the prompt's end) gets a token that
+the scheduler ignores.
 
-Packed row layout (int32, one row per slot; float columns are float32 bit patterns):
-    [token, length, done, logprob, top_ids[0:n], top_logprobs[0:n]]   n = max_logprobs
-`length` is the position of `token` (= tokens already in the slot's cache); `done` is 1
-when the slot cannot continue because `token` would not fit in its cache (length >=
-max_len). A free slot's row is meaningless, and so are a row's logprob columns unless its
-request asked for logprobs (an engine may skip computing them).
+The step returns ONE packed array (`StepOutput`), so the loop does a single device->host
+transfer per step. Packed row layout (int32, one row per plan row; float columns are
+float32 bit patterns):
+    [token, position, logprob, top_ids[0:n], top_logprobs[0:n]]   n = max_logprobs
+`position` is where `token` sits in its sequence (= the row's kv_len). A row's logprob
+columns are meaningless unless its request asked for logprobs (an engine may skip them).
 """
 
 from __future__ import annotations
@@ -27,17 +32,17 @@ import abc
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tandem.serve.sampling import SamplingParams
+if TYPE_CHECKING:
+    from tandem.serve.config import ServeConfig
+    from tandem.serve.scheduler import SchedulerOutput
 
-TOKEN, LENGTH, DONE, LOGPROB, TOP = 0, 1, 2, 3, 4
-
-State = TypeVar("State")
+TOKEN, POSITION, LOGPROB, TOP = 0, 1, 2, 3
 
 
 def row_width(max_logprobs: int) -> int:
@@ -45,13 +50,12 @@ def row_width(max_logprobs: int) -> int:
 
 
 def pack_rows(
-    tokens: Any,  # [B] int32
-    lengths: Any,  # [B] int32
-    done: Any,  # [B] bool
-    logprob: Any,  # [B] float32
-    top_ids: Any,  # [B, n] int32
-    top_logprobs: Any,  # [B, n] float32
-) -> Any:  # [B, row_width(n)] int32
+    tokens: Any,  # [R] int32
+    positions: Any,  # [R] int32
+    logprob: Any,  # [R] float32
+    top_ids: Any,  # [R, n] int32
+    top_logprobs: Any,  # [R, n] float32
+) -> Any:  # [R, row_width(n)] int32
     """Writes the packed layout (module docstring): inside a jitted step from jax arrays,
     or on the host from numpy arrays (the fake engine). `StepOutput` reads it."""
     if isinstance(tokens, np.ndarray):
@@ -65,12 +69,7 @@ def pack_rows(
         def bits(x: Any) -> Any:
             return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
 
-    cols = [
-        tokens[:, None],
-        lengths[:, None],
-        done.astype(xp.int32)[:, None],
-        bits(logprob)[:, None],
-    ]
+    cols = [tokens[:, None], positions[:, None], bits(logprob)[:, None]]
     return xp.concatenate([*cols, top_ids.astype(xp.int32), bits(top_logprobs)], axis=1)
 
 
@@ -88,23 +87,20 @@ class TokenizerLike(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
-class SlotToken:
-    """One generated token of one slot, unpacked on the host."""
+class RowToken:
+    """One plan row's generated token, unpacked on the host."""
 
     token: int
-    length: int
-    done: bool
+    position: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
 class StepOutput:
-    """One packed step, int32 [B, row_width(max_logprobs)] (see the module docstring).
+    """One packed step, int32 [R, row_width(max_logprobs)] (see the module docstring),
+    R >= the plan's rows (an engine may return padding rows after them).
 
-    Built from a device array it starts the device->host copy at once but only waits for
-    it when `data` is first read, so the orchestrator can dispatch the next step before
-    reading this one (host work then overlaps device work).
-    """
+    Built from a device array it starts the device->host copy at once; `data` waits."""
 
     def __init__(self, rows: Any, max_logprobs: int) -> None:
         self._rows = rows
@@ -117,97 +113,72 @@ class StepOutput:
     def data(self) -> np.ndarray:
         return np.asarray(self._rows)
 
-    def slot(self, b: int, top_n: int = 0) -> SlotToken:
-        row = self.data[b]
+    def tokens(self, num_rows: int) -> list[int]:
+        """The first `num_rows` rows' tokens (what `Scheduler.update_from_output` takes)."""
+        return self.data[:num_rows, TOKEN].tolist()
+
+    def row(self, r: int, top_n: int = 0) -> RowToken:
+        row = self.data[r]
         n = self.max_logprobs
         floats = row.view(np.float32)
         top_n = min(top_n, n)
         top = tuple((int(row[TOP + i]), float(floats[TOP + n + i])) for i in range(top_n))
-        return SlotToken(
+        return RowToken(
             token=int(row[TOKEN]),
-            length=int(row[LENGTH]),
-            done=bool(row[DONE]),
+            position=int(row[POSITION]),
             logprob=float(floats[LOGPROB]),
             top=top,
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class Prefix:
-    """A prefilled prompt ready for `insert`: device KV plus the first sampled token.
+class Engine(abc.ABC):
+    """Runs scheduler plans over a paged KV cache. See the module docstring.
 
-    `first` is a one-row StepOutput (already on the host: the first token is what TTFT
-    measures, so it is fetched right away). `kv` and `extra` are engine-private.
+    `serve_cfg` is the config the engine was built for, resolved: `max_len`,
+    `max_prompt_len` and `kv_cache_tokens` are set (the scheduler needs them). Usable from
+    one thread at a time (the serving loop's).
     """
 
-    first: StepOutput
-    prompt_len: int
-    kv: Any = None
-    extra: Any = None
-
-
-class Engine(abc.ABC, Generic[State]):
-    """Fixed-shape prefill/insert/generate/free over a slot KV cache. See module docstring.
-
-    Implementations must be usable from one thread at a time (the orchestrator's loop).
-    """
-
-    max_slots: int
-    max_len: int  # positions per slot: prompt + generated tokens
-    max_prompt_len: int
-    max_logprobs: int
+    serve_cfg: ServeConfig
     tokenizer: TokenizerLike
+    cache_key: bytes  # what besides the tokens decides the K/V (prefix-cache hash root)
+
+    @property
+    def max_len(self) -> int:
+        return self.serve_cfg.max_len
+
+    @property
+    def max_prompt_len(self) -> int:
+        return self.serve_cfg.max_prompt_len
+
+    @property
+    def max_seqs(self) -> int:
+        return self.serve_cfg.max_seqs
+
+    @property
+    def max_logprobs(self) -> int:
+        return self.serve_cfg.max_logprobs
 
     @abc.abstractmethod
     def warmup(self) -> None:
-        """Compiles every shape the engine will ever run (all prefill buckets, insert,
-        generate, free). After it returns, no request may trigger a compile."""
+        """Compiles every shape the engine will ever run. After it returns, no plan may
+        trigger a compile."""
 
     @abc.abstractmethod
-    def init_state(self) -> State:
-        """A decode state with every slot free."""
+    def step(self, plan: SchedulerOutput) -> StepOutput:
+        """Runs one plan (at least one row): writes its K/V into the pages it names and
+        samples one token per row. The output may still be being computed (`StepOutput`
+        waits when read)."""
 
     @abc.abstractmethod
-    def prefill(self, tokens: Sequence[int], sampling: SamplingParams, seed: int) -> Prefix:
-        """Runs the prompt (1 <= len(tokens) <= max_prompt_len) and samples its first token
-        with `sampling` and `seed` (the token's key comes from (seed, position))."""
+    def reset(self) -> None:
+        """Forgets the cache's contents (after a failed step, whose cache may be gone):
+        the caller starts a fresh scheduler, so no page is assumed to hold anything."""
 
-    @abc.abstractmethod
-    def insert(self, prefix: Prefix, state: State, slot: int) -> State:
-        """Writes a prefix into free `slot`; the slot then decodes on every `generate`."""
-
-    @abc.abstractmethod
-    def generate(self, state: State) -> tuple[State, StepOutput]:
-        """One decode step for every occupied slot; returns the packed per-slot tokens
-        (possibly still being computed: `StepOutput.data` waits for them)."""
-
-    @abc.abstractmethod
-    def free(self, state: State, slot: int) -> State:
-        """Marks `slot` free; its row in later StepOutputs is ignored until reinserted."""
+    def token_buckets(self) -> tuple[int, ...]:
+        """The token counts a step is compiled for (ModelInfo reports them)."""
+        return ()
 
     def info(self) -> dict[str, Any]:
         """What ModelInfo reports beyond the limits (config, manifest, backend ...)."""
         return {}
-
-    def prefill_buckets(self) -> tuple[int, ...]:
-        return ()
-
-
-def prefill_buckets(max_prompt_len: int, min_bucket: int = 16) -> tuple[int, ...]:
-    """Powers of two from min_bucket up to the first one >= max_prompt_len (capped there)."""
-    if max_prompt_len < 1:
-        raise ValueError(f"max_prompt_len={max_prompt_len} is invalid: must be >= 1")
-    buckets = []
-    b = max(1, min_bucket)
-    while b < max_prompt_len:
-        buckets.append(b)
-        b *= 2
-    buckets.append(max_prompt_len if b > max_prompt_len else b)
-    return tuple(buckets)
-
-
-def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if length <= b:
-            return b
-    raise ValueError(f"prompt length {length} exceeds the largest prefill bucket {buckets[-1]}")

@@ -264,19 +264,15 @@ class _Choices:
         prompt = sum(len(p) for p in self.run.prompts)
         completion = sum(o.completion_tokens for o in finals)
         # the prompt counted once per prompt, so its cached part too (the first choice's)
-        cached = sum(_cached(finals[p * self.run.n]) for p in range(len(self.run.prompts)))
+        cached = sum(
+            finals[p * self.run.n].cached_prompt_tokens for p in range(len(self.run.prompts))
+        )
         return api.Usage(
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=prompt + completion,
             prompt_tokens_details=api.PromptTokensDetails(cached_tokens=cached),
         )
-
-
-def _cached(out: Output) -> int:
-    """Prompt tokens the engine found in its prefix cache (0 until the engine reports it:
-    the paged engine's `Output.cached_prompt_tokens`)."""
-    return getattr(out, "cached_prompt_tokens", 0)
 
 
 class _Templates:

@@ -2,8 +2,11 @@
 
 Names are fixed by DESIGN.md §3 (dashboards and the outside checks rely on them):
 tandem_ttft_seconds, tandem_tpot_seconds, tandem_e2e_seconds (histograms),
-tandem_queue_depth, tandem_active_slots (gauges), tandem_generated_tokens_total,
-tandem_requests_total{status} (counters; status is a gRPC status code name such as "OK").
+tandem_queue_depth, tandem_active_slots (running sequences), tandem_kv_cache_usage_ratio
+(gauges), tandem_generated_tokens_total, tandem_requests_total{status} (status is a gRPC
+status code name such as "OK"), tandem_prefix_cache_queries_total and
+tandem_prefix_cache_hits_total (prompt tokens looked up in the prefix cache, and found),
+tandem_preemptions_total (counters).
 TPOT follows vLLM: (e2e - ttft) / (output tokens - 1), observed only when > 1 token.
 """
 
@@ -42,11 +45,31 @@ class ServeMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge(
-            "tandem_queue_depth", "Requests waiting for a free slot.", registry=r
-        )
+        self.queue_depth = Gauge("tandem_queue_depth", "Requests waiting to start.", registry=r)
         self.active_slots = Gauge(
-            "tandem_active_slots", "KV-cache slots holding a running request.", registry=r
+            "tandem_active_slots",
+            "Running sequences (requests holding KV-cache pages).",
+            registry=r,
+        )
+        self.kv_cache_usage = Gauge(
+            "tandem_kv_cache_usage_ratio",
+            "Fraction of the KV-cache pages that running sequences hold.",
+            registry=r,
+        )
+        self.prefix_cache_queries = Counter(
+            "tandem_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (admitted requests).",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "tandem_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (not computed again).",
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "tandem_preemptions",
+            "Running sequences preempted for KV-cache pages (recomputed later).",
+            registry=r,
         )
         self.generated_tokens = Counter(
             "tandem_generated_tokens", "Tokens generated (all requests).", registry=r

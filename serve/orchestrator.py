@@ -1,32 +1,35 @@
-"""Continuous (iteration-level) batching over an Engine, on one background thread.
+"""The serving loop: the token-budget Scheduler and an Engine, on one background thread.
 
-The loop, once per decode step:
-  1. retire requests that were cancelled or ran past their deadline (queued or running):
-     a running one's slot is freed before the next decode step, so a client that hangs up
-     costs at most one more step (JetStream only frees at EOS/max length);
-  2. admit: pop waiting requests into free slots (prefill, emit token 1, insert);
-  3. dispatch one `engine.generate` for all slots and, while the device runs it, handle
-     the PREVIOUS step's tokens (one host transfer): per slot detokenize, check stop
-     tokens / stop strings / max_tokens / full cache, emit, free finished slots.
-Handling step N-1 while step N runs hides the host work behind the device (JetStream's
-detokenize thread and vLLM's async scheduling do the same). The price: a request that
-finishes at step N-1 also occupies its slot in step N, whose token for it is discarded.
+Each iteration:
+  1. takes the requests submitted since the last one into the scheduler;
+  2. retires requests that were cancelled or ran past their deadline (queued, running or
+     preempted): their pages are freed before the next step, so a client that hangs up
+     costs at most the step in flight;
+  3. `scheduler.schedule()` plans one step (decode rows + prompt chunks within
+     `max_num_batched_tokens`, preempting the newest sequence when pages run out) and the
+     engine runs it: one forward, one packed device->host transfer;
+  4. `scheduler.update_from_output` appends the sampled tokens (stop tokens, max_tokens
+     and max_len end requests there, `check_stop`); the loop then detokenizes each new
+     token, matches stop strings (ending the request through `finish_requests`) and
+     sends the caller its text, `stream_interval` tokens per message (`OutputBuffer`).
+The scheduler is synchronous (a decode row's input is the token the previous step
+sampled), so the host work of step 4 sits between two device steps; it is a few tens of
+microseconds per token (docs/benchmarks.md), small beside a step.
 
-Callers talk to it from any thread: `submit` (bounded queue -> RESOURCE_EXHAUSTED, bad input
--> INVALID_ARGUMENT with the field named) and `RequestHandle.cancel`. Results go to the
-caller's `sink` callable, called on the loop thread, one `Output` per generated token; the
-last has `finish_reason` set, or `error` for a request that ended abnormally.
+Callers talk to it from any thread: `submit` (bad input or a request that could never fit
+-> ValueError naming the field, i.e. INVALID_ARGUMENT; a full queue -> RESOURCE_EXHAUSTED;
+shutting down -> UNAVAILABLE) and `RequestHandle.cancel`. Results go to the caller's
+`sink` callable, called on the loop thread; the last `Output` has `finish_reason` set,
+or `error` for a request that ended abnormally. A preempted request is recomputed by the
+scheduler and never seen as anything but slower by its caller.
 
-`mode="static"` is the benchmark baseline only: it waits for a full batch (or a timeout),
-runs it until every member finishes, and admits nothing meanwhile. Like any static
-batcher (`transformers` `generate`, FasterTransformer in the Orca paper) the batch keeps
-its finished members' rows until the end: their slots are freed with the last one, so
-the engine keeps stepping the whole batch.
+`mode="static"` (ServeConfig) is the benchmark baseline only: the static admission policy
+starts a batch once it is full (or its oldest request waited `static_batch_wait_s`) and
+admits nothing until its last member ends.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import logging
@@ -36,12 +39,33 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tandem.serve.config import ServeConfig
 from tandem.serve.detok import TextStream
-from tandem.serve.engine_api import Engine, SlotToken, StepOutput
+from tandem.serve.engine_api import Engine, RowToken, StepOutput
 from tandem.serve.metrics import ServeMetrics
+from tandem.serve.output_buffer import OutputBuffer
 from tandem.serve.sampling import SamplingParams
+from tandem.serve.scheduler import (
+    FinishReason,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    Scheduler,
+)
 
 log = logging.getLogger(__name__)
+
+# The sizes an engine compiles and allocates for: the loop takes them from the engine, the
+# rest of its config (queue, stream interval, admission mode, prefix caching) from its own.
+ENGINE_KEYS = (
+    "max_seqs",
+    "max_len",
+    "max_prompt_len",
+    "max_logprobs",
+    "kv_cache_tokens",
+    "page_size",
+    "max_num_batched_tokens",
+)
 
 
 class RequestError(Exception):
@@ -59,11 +83,12 @@ class Output:
 
     text: str = ""
     token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[SlotToken] = dataclasses.field(default_factory=list)
+    logprobs: list[RowToken] = dataclasses.field(default_factory=list)
     finish_reason: str = ""  # "", "length" or "stop"
     matched_stop: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache
     error: RequestError | None = None
 
     @property
@@ -84,6 +109,7 @@ def merge_outputs(outs: Sequence[Output]) -> Output:
     last = outs[-1]
     merged.finish_reason, merged.matched_stop = last.finish_reason, last.matched_stop
     merged.prompt_tokens, merged.completion_tokens = last.prompt_tokens, last.completion_tokens
+    merged.cached_prompt_tokens = last.cached_prompt_tokens
     return merged
 
 
@@ -97,134 +123,108 @@ def _default_detokenizer(tokenizer: Any) -> Any:
     return IncrementalDetokenizer(tokenizer)
 
 
-class _Request:
+def loop_config(engine: Engine, cfg: ServeConfig | None) -> ServeConfig:
+    """`cfg` with the engine's sizes (ENGINE_KEYS); the engine's own config if None."""
+    if cfg is None:
+        return engine.serve_cfg
+    return dataclasses.replace(cfg, **{k: getattr(engine.serve_cfg, k) for k in ENGINE_KEYS})
+
+
+class _Stream:
+    """The loop's side of one request: where its output goes and how it is turned into
+    text (the scheduler's `Request` holds its tokens and state)."""
+
     __slots__ = (
+        "buffer",
         "cancelled",
         "created",
         "deadline",
         "first_token_time",
-        "generated",
-        "id",
-        "params",
-        "prompt_ids",
-        "seed",
+        "request",
         "sink",
-        "slot",
-        "stop_ids",
-        "stream",
-        "unsent",
+        "text",
     )
 
-    def __init__(self, rid, prompt_ids, params, seed, sink, deadline, stream, stop_ids, now):
-        self.id = rid
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.seed = seed
-        self.sink = sink
-        self.deadline = deadline
-        self.stream = stream
-        self.stop_ids = stop_ids
+    def __init__(self, request, sink, text, buffer, deadline, now) -> None:
+        self.request: Request = request
+        self.sink: Sink = sink
+        self.text: TextStream = text
+        self.buffer: OutputBuffer[Output] = buffer
+        self.deadline: float | None = deadline
         self.created = now
         self.first_token_time: float | None = None
-        self.generated = 0
-        self.slot: int | None = None
         self.cancelled = False
-        self.unsent: list[Output] = []  # tokens held back by stream_interval
 
 
 class RequestHandle:
     """What `submit` returns: lets the caller cancel (thread-safe, idempotent)."""
 
-    def __init__(self, orchestrator: Orchestrator, request: _Request) -> None:
+    def __init__(self, orchestrator: Orchestrator, stream: _Stream) -> None:
         self._orch = orchestrator
-        self._req = request
+        self._stream = stream
 
     @property
-    def id(self) -> int:
-        return self._req.id
+    def id(self) -> str:
+        return self._stream.request.request_id
 
     def cancel(self) -> None:
-        self._orch._cancel(self._req)
+        self._orch._cancel(self._stream)
 
 
 class Orchestrator:
     def __init__(
         self,
         engine: Engine,
+        cfg: ServeConfig | None = None,
         *,
-        max_queue: int = 64,
-        default_max_tokens: int = 256,
-        mode: str = "continuous",
-        static_batch_wait_s: float = 0.05,
-        max_prefills_per_step: int = 0,
-        stream_interval: int = 1,
         metrics: ServeMetrics | None = None,
         detokenizer_factory: DetokFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if mode not in ("continuous", "static"):
-            raise ValueError(f"mode={mode!r} is invalid: allowed 'continuous', 'static'")
+        """`cfg` (default: the engine's) passed whole; see `loop_config`."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.max_queue = max_queue
-        self.default_max_tokens = default_max_tokens
-        self.mode = mode
-        self.static_batch_wait_s = static_batch_wait_s
-        self.max_prefills_per_step = max_prefills_per_step
-        if stream_interval < 1:
-            raise ValueError(f"stream_interval={stream_interval!r} is invalid: must be >= 1")
-        self.stream_interval = stream_interval
+        self.cfg = loop_config(engine, cfg)
         self.metrics = metrics
         self._detok = detokenizer_factory or _default_detokenizer
         self._clock = clock
         self._cv = threading.Condition()
-        self._queue: collections.deque[_Request] = collections.deque()
-        self._running: dict[int, _Request] = {}  # slot -> request
-        self._free_slots = list(range(engine.max_slots - 1, -1, -1))
-        self._finished_slots: list[int] = []  # still held by a static batch
+        self._inbox: list[_Stream] = []  # submitted, not yet in the scheduler
+        self._num_waiting = 0  # requests in the scheduler's queue not yet started
+        self._streams: dict[str, _Stream] = {}  # every request in the scheduler, by id
         self._ids = itertools.count(1)
         self._rng = random.Random()
-        self._state: Any = None  # engine state, made on the loop's first step (after warm-up)
-        # The dispatched step not yet handled: its output and who held each slot then.
-        self._in_flight: tuple[StepOutput, dict[int, _Request]] | None = None
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.peak_running = 0  # the most sequences one step ran (benchmarks report it)
+        self._new_scheduler()
+
+    def _new_scheduler(self) -> None:
+        self.scheduler = Scheduler(self.cfg, cache_key=self.engine.cache_key, clock=self._clock)
+        self._counted = (0, 0, 0)  # prefix queries, hits, preemptions already in metrics
 
     # ---- caller side (any thread) -------------------------------------------------------
 
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> int:
-        """Checks a request against the served model; returns its effective max_tokens."""
-        eng = self.engine
-        if len(prompt_ids) == 0:
-            raise ValueError("prompt is invalid: it is empty (send at least one token)")
-        if len(prompt_ids) > eng.max_prompt_len:
-            raise ValueError(
-                f"prompt is invalid: {len(prompt_ids)} tokens exceed max_prompt_len "
-                f"{eng.max_prompt_len} (prompts are never truncated)"
-            )
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Checks a request against the served model and the cache (ValueError naming the
+        field): a request that could never run is rejected here, never queued."""
         vocab = self.tokenizer.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(
                 f"prompt_token_ids={bad[:4]!r} is invalid: ids must be in [0, {vocab})"
             )
-        params.check_limits(vocab_size=vocab, max_logprobs=eng.max_logprobs)
-        room = eng.max_len - len(prompt_ids)
-        if params.max_tokens > room:
-            raise ValueError(
-                f"max_tokens={params.max_tokens} is invalid: prompt ({len(prompt_ids)} tokens) "
-                f"+ max_tokens must be <= max_len {eng.max_len}"
-            )
-        return params.max_tokens
+        params.check_limits(vocab_size=vocab, max_logprobs=self.cfg.max_logprobs)
+        self.scheduler.check_fits(len(prompt_ids), params.max_tokens)  # reads sizes only
 
     def default_params(self, prompt_len: int, **fields: Any) -> SamplingParams:
         """SamplingParams with max_tokens defaulted to what fits (used when a request sends 0)."""
         if not fields.get("max_tokens"):
-            fields["max_tokens"] = max(
-                1, min(self.default_max_tokens, self.engine.max_len - prompt_len)
-            )
+            capacity = self.scheduler.kv.num_usable_pages * self.cfg.page_size + 1
+            room = min(self.cfg.max_len, capacity) - prompt_len
+            fields["max_tokens"] = max(1, min(self.cfg.default_max_tokens, room))
         return SamplingParams(**fields)
 
     def submit(
@@ -239,44 +239,49 @@ class Orchestrator:
         (RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when shutting down)."""
         self.validate(prompt_ids, params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids |= self.tokenizer.stop_ids
-        stream = TextStream(self._detok(self.tokenizer), params.stop)
+        request = Request(
+            str(next(self._ids)),
+            prompt_ids,
+            params,
+            seed=seed,
+            eos_token_ids=self.tokenizer.stop_ids,
+        )
+        text = TextStream(self._detok(self.tokenizer), params.stop)
+        buffer = OutputBuffer(self.cfg.stream_interval, merge_outputs)
         with self._cv:
             if not self._accepting:
                 raise RequestError("UNAVAILABLE", "server is shutting down")
-            if len(self._queue) >= self.max_queue:
+            if self.queue_depth >= self.cfg.max_queue:
                 raise RequestError(
                     "RESOURCE_EXHAUSTED",
-                    f"queue is full ({self.max_queue} waiting requests); retry later",
+                    f"queue is full ({self.cfg.max_queue} waiting requests); retry later",
                 )
-            req = _Request(
-                next(self._ids), list(prompt_ids), params, seed, sink, deadline, stream,
-                frozenset(stop_ids), self._clock(),
-            )  # fmt: skip
-            self._queue.append(req)
-            self._set_gauges()
+            stream = _Stream(request, sink, text, buffer, deadline, self._clock())
+            self._inbox.append(stream)
+            if self.metrics:
+                self.metrics.queue_depth.set(self.queue_depth)
             self._cv.notify_all()
-        return RequestHandle(self, req)
+        return RequestHandle(self, stream)
 
-    def _cancel(self, req: _Request) -> None:
+    def _cancel(self, stream: _Stream) -> None:
         with self._cv:
-            req.cancelled = True
+            stream.cancelled = True
             self._cv.notify_all()
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Requests submitted and not yet started (preempted ones are not counted)."""
+        return len(self._inbox) + self._num_waiting
 
     @property
     def active_slots(self) -> int:
-        return len(self._running)
+        """Running sequences (tandem_active_slots)."""
+        return self.scheduler.num_running
 
     @property
     def idle(self) -> bool:
         with self._cv:
-            return not self._queue and not self._running
+            return not self._inbox and not self._streams
 
     # ---- loop thread --------------------------------------------------------------------
 
@@ -306,32 +311,19 @@ class Orchestrator:
         self._thread = None
         self._abort_all("UNAVAILABLE", "server shut down")
 
-    def _has_work(self) -> bool:
-        if self._running or self._in_flight is not None:
-            return True
-        if not self._queue:
-            return False
+    def _has_work(self, now: float) -> bool:
         return (
-            self.mode == "continuous"
-            or self._static_batch_ready()
-            or any(r.cancelled for r in self._queue)
-        )
-
-    def _static_batch_ready(self) -> bool:
-        if self._running or not self._queue:
-            return False
-        waited = self._clock() - self._queue[0].created
-        return (
-            len(self._queue) >= self.engine.max_slots
-            or waited >= self.static_batch_wait_s
-            or not self._accepting
+            bool(self._inbox)
+            or self.scheduler.ready()
+            or any(self._retire_reason(s, now) for s in self._streams.values())
         )
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not self._has_work():
-                    self._cv.wait(timeout=self.static_batch_wait_s if self._queue else 0.5)
+                while not self._stop and not self._has_work(self._clock()):
+                    wait = self.cfg.static_batch_wait_s if self._streams else 0.5
+                    self._cv.wait(timeout=wait)
                 if self._stop:
                     return
             try:
@@ -341,180 +333,138 @@ class Orchestrator:
                 self._abort_running("INTERNAL", "engine step failed")
 
     def step(self) -> bool:
-        """One iteration: retire, admit, dispatch a decode step, handle the previous one.
-        Returns whether anything ran."""
-        if self._state is None:
-            self._state = self.engine.init_state()
-        now = self._clock()
-        self._retire(now)
-        admitted = self._admit()
-        previous, self._in_flight = self._in_flight, None
-        if self._running:
-            holders = dict(self._running)
-            self._state, out = self.engine.generate(self._state)
-            self._in_flight = (out, holders)
-            self.steps += 1
-        if previous is not None:
-            self._handle_step(*previous)
-        self._set_gauges()
-        return admitted or previous is not None or self._in_flight is not None
-
-    def _handle_step(self, out: StepOutput, holders: dict[int, _Request]) -> None:
-        for slot, req in holders.items():
-            if req.slot == slot:  # else it finished or was retired since the dispatch
-                self._on_token(req, out, slot)
-
-    def _retire(self, now: float) -> None:
+        """One iteration (module docstring). Returns whether a step ran."""
         with self._cv:
-            keep: collections.deque[_Request] = collections.deque()
-            dropped = []
-            for req in self._queue:
-                if req.cancelled or (req.deadline is not None and now >= req.deadline):
-                    dropped.append(req)
-                else:
-                    keep.append(req)
-            self._queue = keep
-        for req in dropped:
-            self._fail(req, *self._retire_reason(req))
-        for req in list(self._running.values()):
-            if req.cancelled or (req.deadline is not None and now >= req.deadline):
-                self._fail(req, *self._retire_reason(req))
+            new, self._inbox = self._inbox, []
+            self.scheduler.draining = not self._accepting
+        for stream in new:
+            self._streams[stream.request.request_id] = stream
+            self.scheduler.add_request(stream.request)
+        self._retire(self._clock())
+        plan = self.scheduler.schedule()
+        self.peak_running = max(self.peak_running, self.scheduler.num_running)
+        if plan.num_rows:
+            out = self.engine.step(plan)
+            self.steps += 1
+            for output in self.scheduler.update_from_output(plan, out.tokens(plan.num_rows)):
+                self._on_token(output, out)
+        self._num_waiting = sum(r.status == RequestStatus.WAITING for r in self.scheduler.waiting)
+        self._set_gauges()
+        return plan.num_rows > 0
 
     @staticmethod
-    def _retire_reason(req: _Request) -> tuple[str, str]:
-        if req.cancelled:
+    def _retire_reason(stream: _Stream, now: float) -> tuple[str, str] | None:
+        if stream.cancelled:
             return "CANCELLED", "request cancelled"
-        return "DEADLINE_EXCEEDED", "deadline exceeded before generation finished"
+        if stream.deadline is not None and now >= stream.deadline:
+            return "DEADLINE_EXCEEDED", "deadline exceeded before generation finished"
+        return None
 
-    def _admit(self) -> bool:
-        if self.mode == "static":
-            with self._cv:
-                if not self._static_batch_ready():
-                    return False
-            limit = self.engine.max_slots
-        else:
-            limit = self.max_prefills_per_step or self.engine.max_slots
-        admitted = False
-        while self._free_slots and limit > 0:
-            with self._cv:
-                if not self._queue:
-                    break
-                req = self._queue.popleft()
-            limit -= 1
-            admitted = True
-            try:
-                prefix = self.engine.prefill(req.prompt_ids, req.params, req.seed)
-            except Exception as e:
-                log.exception("prefill failed for request %d", req.id)
-                self._fail(req, "INTERNAL", f"prefill failed: {e}")
-                continue
-            slot = self._free_slots.pop()
-            req.slot = slot
-            self._running[slot] = req
-            if self._on_token(req, prefix.first, 0, first=True):
-                self._state = self.engine.insert(prefix, self._state, slot)
-        return admitted
+    def _retire(self, now: float) -> None:
+        for stream in list(self._streams.values()):
+            reason = self._retire_reason(stream, now)
+            if reason is not None:
+                self._fail(stream, *reason)
 
-    def _on_token(self, req: _Request, out: StepOutput, row: int, *, first: bool = False) -> bool:
-        """Handles one generated token; returns True while the request keeps running."""
-        st = out.slot(row, req.params.logprobs)
+    def _on_token(self, output: RequestOutput, out: StepOutput) -> None:
+        """Turns one sampled token into text and a message (or holds it back)."""
+        request = output.request
+        stream = self._streams[request.request_id]
         now = self._clock()
-        req.generated += 1
+        first = stream.first_token_time is None
         if first:
-            req.first_token_time = now
+            stream.first_token_time = now
             if self.metrics:
-                self.metrics.ttft.observe(now - req.created)
+                self.metrics.ttft.observe(now - stream.created)
         if self.metrics:
             self.metrics.generated_tokens.inc()
-        emit = Output(token_ids=[st.token], logprobs=[st] if req.params.logprobs else [])
-        if st.token in req.stop_ids:
-            emit.text = req.stream.finish()
-            emit.finish_reason, emit.matched_stop = "stop", str(st.token)
+        token = output.token
+        logprobs = (
+            [out.row(output.row, request.sampling.logprobs)] if request.sampling.logprobs else []
+        )
+        emit = Output(token_ids=[token], logprobs=logprobs)
+        if output.finish_reason == FinishReason.STOP:  # a stop token id
+            emit.text = stream.text.finish()
+            emit.finish_reason, emit.matched_stop = "stop", str(token)
         else:
-            emit.text, matched = req.stream.push(st.token)
+            emit.text, matched = stream.text.push(token)
             if matched is not None:
                 emit.finish_reason, emit.matched_stop = "stop", matched
-            elif req.generated >= req.params.max_tokens or st.done:
-                emit.text += req.stream.finish()
+                self.scheduler.finish_requests([request.request_id], FinishReason.STOP)
+            elif output.finish_reason == FinishReason.LENGTH:
+                emit.text += stream.text.finish()
                 emit.finish_reason = "length"
         if emit.finish_reason:
-            emit.prompt_tokens = len(req.prompt_ids)
-            emit.completion_tokens = req.generated
-            self._release(req, inserted=not first)
+            self._usage(emit, request)
+            del self._streams[request.request_id]
             if self.metrics:
                 self.metrics.observe_finished(
-                    ttft=req.first_token_time - req.created,
-                    e2e=now - req.created,
-                    tokens=req.generated,
+                    ttft=stream.first_token_time - stream.created,
+                    e2e=now - stream.created,
+                    tokens=request.num_output_tokens,
                 )
                 self.metrics.count_request("OK")
-        if not first and not emit.finish_reason and self.stream_interval > 1:
-            req.unsent.append(emit)  # the first token and the last message go at once
-            if len(req.unsent) < self.stream_interval:
-                return True
-            emit, req.unsent = merge_outputs(req.unsent), []
-        self._deliver(req, emit)
-        return not emit.finish_reason
+        message = stream.buffer.add(emit, flush=first or bool(emit.finish_reason))
+        if message is not None:
+            self._send(stream, message)
 
-    def _release(self, req: _Request, *, inserted: bool = True) -> None:
-        if req.slot is None:
-            return
-        slot, req.slot = req.slot, None
-        del self._running[slot]
-        (self._finished_slots if inserted else self._free_slots).append(slot)
-        if self.mode == "static" and self._running:
-            return  # static batching: a batch keeps all its rows until its last member ends
-        for slot in self._finished_slots:
-            self._state = self.engine.free(self._state, slot)
-            self._free_slots.append(slot)
-        self._finished_slots.clear()
+    @staticmethod
+    def _usage(out: Output, request: Request) -> None:
+        out.prompt_tokens = request.num_prompt_tokens
+        out.completion_tokens = request.num_output_tokens
+        out.cached_prompt_tokens = request.num_cached_tokens
 
-    def _fail(self, req: _Request, code: str, message: str, *, free: bool = True) -> None:
-        self._release(req, inserted=free)
+    def _fail(self, stream: _Stream, code: str, message: str) -> None:
+        """Ends a request with an error, after sending what stream_interval held back."""
+        request = stream.request
+        self.scheduler.finish_requests([request.request_id])
+        self._streams.pop(request.request_id, None)
         if self.metrics:
             self.metrics.count_request(code)
-        self._deliver(
-            req,
-            Output(
-                error=RequestError(code, message),
-                prompt_tokens=len(req.prompt_ids),
-                completion_tokens=req.generated,
-            ),
-        )
+        held = stream.buffer.take()
+        if held is not None:
+            self._send(stream, held)
+        error = Output(error=RequestError(code, message))
+        self._usage(error, request)
+        self._send(stream, error)
 
-    def _deliver(self, req: _Request, out: Output) -> None:
-        """Sends `out` with any tokens stream_interval held back in front (before an error,
-        as a message of their own: what was generated before a failure is still delivered)."""
-        if req.unsent:
-            held, req.unsent = merge_outputs(req.unsent), []
-            if out.error is None:
-                out = merge_outputs([held, out])
-            else:
-                self._send(req, held)
-        self._send(req, out)
-
-    def _send(self, req: _Request, out: Output) -> None:
+    def _send(self, stream: _Stream, out: Output) -> None:
         try:
-            req.sink(out)
+            stream.sink(out)
         except Exception:
-            log.exception("sink of request %d failed; cancelling it", req.id)
-            req.cancelled = True
+            log.exception("sink of request %s failed; cancelling it", stream.request.request_id)
+            stream.cancelled = True
 
     def _abort_running(self, code: str, message: str) -> None:
-        for req in list(self._running.values()):
-            self._fail(req, code, message, free=False)  # the state is rebuilt below
-        self._state = None  # a fresh one on the next step
-        self._in_flight = None
+        """After a failed step: fails every started request (running or preempted), then
+        starts over with a fresh cache and scheduler; queued requests keep their place."""
+        queued = [r for r in self.scheduler.waiting if r.status == RequestStatus.WAITING]
+        for stream in list(self._streams.values()):
+            if stream.request not in queued:
+                self._fail(stream, code, message)
+        self.engine.reset()
+        self._new_scheduler()
+        for request in queued:
+            self.scheduler.add_request(request)
 
     def _abort_all(self, code: str, message: str) -> None:
         with self._cv:
-            queued, self._queue = list(self._queue), collections.deque()
-        for req in queued:
-            self._fail(req, code, message)
-        self._abort_running(code, message)
+            new, self._inbox = self._inbox, []
+        for stream in [*new, *self._streams.values()]:
+            self._fail(stream, code, message)
+        self._num_waiting = 0
         self._set_gauges()
 
     def _set_gauges(self) -> None:
-        if self.metrics:
-            self.metrics.queue_depth.set(len(self._queue))
-            self.metrics.active_slots.set(len(self._running))
+        if not self.metrics:
+            return
+        m, sched = self.metrics, self.scheduler
+        m.queue_depth.set(self.queue_depth)
+        m.active_slots.set(sched.num_running)
+        m.kv_cache_usage.set(sched.kv.usage)
+        now = (sched.kv.prefix_queries, sched.kv.prefix_hits, sched.num_preemptions)
+        queries, hits, preemptions = (a - b for a, b in zip(now, self._counted, strict=True))
+        m.prefix_cache_queries.inc(queries)
+        m.prefix_cache_hits.inc(hits)
+        m.preemptions.inc(preemptions)
+        self._counted = now

@@ -265,6 +265,7 @@ class Scheduler:
         self.max_prompt_len = cfg.max_prompt_len or cfg.max_len - 1
         self.page_size = cfg.page_size
         self.kv = KVCacheManager(cfg, cache_key=cache_key)
+        require(cfg.page_size > 0, "page_size", 0, "> 0 here: resolve the config first")
         self.policy = admission_policy(cfg)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # admission order: the last is the next preempted

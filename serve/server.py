@@ -10,7 +10,8 @@ reflection (so grpcurl works without the .proto).
 Status codes: INVALID_ARGUMENT (bad field; the message names it, including unknown fields
 and undecodable requests), RESOURCE_EXHAUSTED (queue full), DEADLINE_EXCEEDED, CANCELLED,
 UNAVAILABLE (warming up or shutting down), UNAUTHENTICATED (bearer token, when enabled).
-A client that hangs up has its request cancelled and its slot freed within one step.
+A client that hangs up has its request cancelled and its KV-cache pages freed within one
+step.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def _to_response(out: Output, request_id: str) -> pb.GenerateResponse:
     if out.final:
         resp.usage.prompt_tokens = out.prompt_tokens
         resp.usage.completion_tokens = out.completion_tokens
+        resp.usage.cached_prompt_tokens = out.cached_prompt_tokens
     return resp
 
 
@@ -266,7 +268,7 @@ class GenerationService:
         return pb.ModelInfoResponse(
             config_json=json.dumps(info.get("config", {}), sort_keys=True),
             vocab_size=tok.vocab_size,
-            max_slots=self.engine.max_slots,
+            max_slots=self.engine.max_seqs,
             max_len=self.engine.max_len,
             max_prompt_len=self.engine.max_prompt_len,
             max_logprobs=self.engine.max_logprobs,
@@ -278,7 +280,7 @@ class GenerationService:
             else "",
             tensor_parallel=int(info.get("tensor_parallel", 1)),
             backend=str(info.get("backend", "")),
-            prefill_buckets=list(self.engine.prefill_buckets()),
+            prefill_buckets=list(self.engine.token_buckets()),
         )
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -341,23 +343,16 @@ class TandemServer:
         *,
         detokenizer_factory: Callable[[Any], Any] | None = None,
     ) -> None:
-        """Reads the token and TLS files of `cfg` now, so a missing one fails at start-up."""
-        cfg = cfg or ServeConfig()
+        """`cfg` (default: the engine's) passed whole to the serving loop (which takes
+        the engine's sizes, `orchestrator.loop_config`). Reads the token and TLS files now,
+        so a missing one fails at start-up."""
         self.engine = engine
-        self.cfg = cfg
-        self.host = cfg.host
         self.metrics = ServeMetrics()
         self.orch = Orchestrator(
-            engine,
-            max_queue=cfg.max_queue,
-            default_max_tokens=cfg.default_max_tokens,
-            mode=cfg.mode,
-            static_batch_wait_s=cfg.static_batch_wait_s,
-            max_prefills_per_step=cfg.max_prefills_per_step,
-            stream_interval=cfg.stream_interval,
-            metrics=self.metrics,
-            detokenizer_factory=detokenizer_factory,
+            engine, cfg, metrics=self.metrics, detokenizer_factory=detokenizer_factory
         )
+        cfg = self.cfg = self.orch.cfg
+        self.host = cfg.host
         self.ready = threading.Event()
         self.service = GenerationService(self.orch, engine, self.metrics, self.ready)
         self.health = health_aio.HealthServicer()

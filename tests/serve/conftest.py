@@ -32,7 +32,7 @@ def make_fake_server(tokenizer, tmp_path) -> Iterator[Callable[..., BackgroundSe
         tok: Tokenizer | None = None,
         **engine_kw,
     ) -> BackgroundServer:
-        cfg = cfg or ServeConfig(max_seqs=4, max_queue=16)
+        cfg = cfg or ServeConfig(max_seqs=4, max_queue=16, max_prompt_len=64)
         token_file = ""
         if token is not None:
             token_file = str(tmp_path / f"token-{len(started)}")
@@ -40,8 +40,7 @@ def make_fake_server(tokenizer, tmp_path) -> Iterator[Callable[..., BackgroundSe
         cfg = dataclasses.replace(
             cfg, port=0, metrics_port=0 if metrics else None, token_file=token_file
         )
-        engine_kw.setdefault("max_slots", cfg.max_seqs)
-        engine = FakeEngine(tok or tokenizer, **engine_kw)
+        engine = FakeEngine(tok or tokenizer, cfg, **engine_kw)
         server = TandemServer(engine, cfg)
         bg = BackgroundServer(server).start()
         started.append(bg)

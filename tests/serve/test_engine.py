@@ -1,12 +1,14 @@
 """The JAX engine on a tiny random model: exact greedy parity with the model's own forward,
-no compile after warm-up, seeded sampling independent of batch neighbours, tensor parallel,
-and serving a bundle through `python -m serve`."""
+chunked prefill, prefix caching and preemption that change no output, no compile after
+warm-up, seeded sampling independent of batch neighbours, tensor parallel, and serving a
+bundle through `python -m tandem.serve`."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,9 +25,10 @@ from flax import nnx
 from tandem.model.config import ModelConfig
 from tandem.model.transformer import Transformer
 from tandem.serve.config import ServeConfig
-from tandem.serve.engine import JaxEngine, decode_row_counts, pick_tensor_parallel
+from tandem.serve.engine import JaxEngine, kv_bytes_per_token, pick_tensor_parallel, token_buckets
 from tandem.serve.orchestrator import Orchestrator
 from tandem.serve.sampling import SamplingParams
+from tandem.serve.scheduler import Request, Scheduler
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = ModelConfig(
@@ -39,7 +42,8 @@ CFG = ModelConfig(
     max_seq_len=64,
     init_std=0.5,
 )  # fmt: skip  (init_std 0.5: a random model whose greedy output is not one repeated token)
-SCFG = ServeConfig(max_seqs=4, max_prompt_len=32, min_prefill_bucket=8, tensor_parallel=1)
+# Pages of 4 and a 32-token step: prompts of the tests below are chunked and share pages.
+SCFG = ServeConfig(max_seqs=4, page_size=4, max_num_batched_tokens=32, tensor_parallel=1)
 PROMPTS = ["hello", "the quick brown fox jumps", "a", "zzzzzzzzzzzzzzzzzzzzzzzzzzzz", "tandem!"]
 
 
@@ -51,14 +55,6 @@ def model() -> Transformer:
 @pytest.fixture(scope="module")
 def engine(model, tokenizer) -> JaxEngine:
     eng = JaxEngine.from_model(model, tokenizer, SCFG)
-    eng.warmup()
-    return eng
-
-
-@pytest.fixture(scope="module")
-def engine_8(model, tokenizer) -> JaxEngine:
-    """8 slots: decode steps compiled for 4 and 8 rows (serve.engine.decode_row_counts)."""
-    eng = JaxEngine.from_model(model, tokenizer, dataclasses.replace(SCFG, max_seqs=8))
     eng.warmup()
     return eng
 
@@ -94,8 +90,9 @@ def reference_greedy(model):
     return greedy_reference(model)
 
 
-def _generate(engine, tokenizer, requests, *, slot_filler: int = 0):
-    """Runs [(prompt, SamplingParams)] through a fresh orchestrator; returns token lists."""
+def _generate(engine, tokenizer, requests, *, neighbours: int = 0):
+    """Runs [(prompt, SamplingParams)] through a fresh orchestrator (after `neighbours`
+    sampled filler requests); returns token lists and the outputs."""
     orch = Orchestrator(engine, detokenizer_factory=None)
     results = {}
     filler = [
@@ -103,7 +100,7 @@ def _generate(engine, tokenizer, requests, *, slot_filler: int = 0):
             tokenizer.encode(f"filler {i} " * 2),
             SamplingParams(max_tokens=12, temperature=0.9, seed=i),
         )
-        for i in range(slot_filler)
+        for i in range(neighbours)
     ]
     for i, (ids, params) in enumerate(filler + list(requests)):
         results[i] = []
@@ -115,11 +112,33 @@ def _generate(engine, tokenizer, requests, *, slot_filler: int = 0):
     return [[t for o in r for t in o.token_ids] for r in outs], outs
 
 
+def drive(engine, requests: list[tuple[list[int], SamplingParams]], **cfg):
+    """The scheduler (with `cfg` overrides of the engine's config) and the engine, with no
+    serving loop: returns each request's tokens and the scheduler."""
+    sched = Scheduler(dataclasses.replace(engine.serve_cfg, **cfg), cache_key=engine.cache_key)
+    for i, (ids, params) in enumerate(requests):
+        sched.add_request(Request(str(i), ids, params, seed=params.seed or 0))
+    reqs = list(sched.requests.values())
+    for _ in range(1000):
+        if not sched.has_unfinished_requests():
+            break
+        plan = sched.schedule()
+        sched.update_from_output(plan, engine.step(plan).tokens(plan.num_rows))
+    assert not sched.has_unfinished_requests() and sched.kv.usage == 0.0
+    return [r.output_token_ids for r in reqs], sched
+
+
+def test_token_buckets() -> None:
+    assert token_buckets(32) == (8, 16, 32)
+    assert token_buckets(512) == (8, 16, 32, 64, 128, 256, 512)
+    assert token_buckets(100) == (8, 16, 32, 64, 100)
+
+
 def test_greedy_matches_model_forward_with_batching(engine, tokenizer, reference_greedy) -> None:
     steps = 12
     requests = [
         (tokenizer.encode(p), SamplingParams(max_tokens=steps, ignore_eos=True)) for p in PROMPTS
-    ]  # 5 requests, 4 slots: a slot is refilled mid-run; prompts span all 3 buckets
+    ]  # 5 requests, 4 sequences at a time; 62 prompt tokens: chunked into 32-token steps
     got, _ = _generate(engine, tokenizer, requests)
     for (ids, _), tokens in zip(requests, got, strict=True):
         want, _ = reference_greedy(ids, steps)
@@ -127,33 +146,43 @@ def test_greedy_matches_model_forward_with_batching(engine, tokenizer, reference
     assert len({tuple(t) for t in got}) == len(got)  # outputs differ: the test can fail
 
 
-def test_steps_run_only_the_slots_in_use(engine_8, tokenizer, reference_greedy, monkeypatch):
-    # 6 requests fill slots 0-5 (8-row steps); once the four short ones end, slots 4 and 5
-    # remain and the 4-row step runs them (rows picked on device: slots in use, shortest
-    # first, then free ones). Tokens must still be the model's own greedy decode.
-    assert decode_row_counts(64) == (4, 8, 16, 32, 64)
-    assert (decode_row_counts(8), decode_row_counts(6), decode_row_counts(3)) == (
-        (4, 8), (4, 6), (3,)
-    )  # fmt: skip
-    runs = {4: 0, 8: 0}
-    for rows in runs:
-        step = engine_8.compiled_functions()[f"generate_{rows}"]
+def _mixed_requests(tokenizer, shared: str = "") -> list[tuple[list[int], SamplingParams]]:
+    rng = random.Random(0)
+    requests = []
+    for i in range(8):
+        text = shared + "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 14)))
+        greedy = i % 2 == 0
+        params = SamplingParams(
+            max_tokens=rng.randint(4, 14), temperature=0.0 if greedy else 1.0, top_k=0 if
+            greedy else 50, seed=None if greedy else 100 + i, ignore_eos=True,
+        )  # fmt: skip
+        requests.append((tokenizer.encode(text), params))
+    return requests
 
-        def counted(*args, rows=rows, step=step):
-            runs[rows] += 1
-            return step(*args)
 
-        monkeypatch.setitem(engine_8._compiled, f"generate_{rows}", counted)
-    lengths = [3, 3, 3, 3, 12, 12]
-    requests = [
-        (tokenizer.encode(p), SamplingParams(max_tokens=n, ignore_eos=True))
-        for p, n in zip([*PROMPTS, "sixth prompt"], lengths, strict=True)
-    ]
-    got, _ = _generate(engine_8, tokenizer, requests)
-    for (ids, params), tokens in zip(requests, got, strict=True):
-        want, _ = reference_greedy(ids, params.max_tokens)
-        assert tokens == want
-    assert runs[8] >= 2 and runs[4] >= 8, runs
+def test_chunked_prefill_gives_the_outputs_of_whole_prefill(engine, tokenizer) -> None:
+    requests = _mixed_requests(tokenizer, shared="a prompt that needs chunks ")
+    whole, whole_sched = drive(engine, requests)  # every prompt in one step (32 tokens)
+    chunked, _ = drive(engine, requests, max_num_batched_tokens=8)  # pieces of <= 8
+    assert chunked == whole
+    assert max(len(ids) for ids, _ in requests) > 8 and whole_sched.num_preemptions == 0
+
+
+def test_prefix_caching_on_and_off_give_the_same_outputs(engine, tokenizer) -> None:
+    requests = _mixed_requests(tokenizer, shared="You are a helpful assistant. ")  # 30 tokens
+    on, on_sched = drive(engine, requests)
+    off, off_sched = drive(engine, requests, enable_prefix_caching=False)
+    assert on == off
+    assert on_sched.kv.prefix_hits >= 4 * 28  # later requests reuse 7 shared pages of 4
+    assert off_sched.kv.prefix_hits == 0
+
+
+def test_preemption_under_exhaustion_loses_nothing(engine, tokenizer) -> None:
+    requests = _mixed_requests(tokenizer)
+    roomy, roomy_sched = drive(engine, requests)
+    tight, tight_sched = drive(engine, requests, kv_cache_tokens=10 * 4)  # 9 usable pages
+    assert roomy_sched.num_preemptions == 0 and tight_sched.num_preemptions > 0
+    assert tight == roomy
 
 
 def test_logprobs_match_model(engine, tokenizer, reference_greedy) -> None:
@@ -162,7 +191,7 @@ def test_logprobs_match_model(engine, tokenizer, reference_greedy) -> None:
         engine,
         tokenizer,
         [(ids, SamplingParams(max_tokens=4, ignore_eos=True, logprobs=3))],
-        slot_filler=2,  # neighbours that ask for no logprobs (steps skip them when none do)
+        neighbours=2,  # neighbours that ask for no logprobs (steps skip them when none do)
     )
     _, logits = reference_greedy(ids, 4)
     steps = [st for o in outs[0] for st in o.logprobs]
@@ -174,9 +203,7 @@ def test_logprobs_match_model(engine, tokenizer, reference_greedy) -> None:
         assert st.top[0][0] == st.token  # greedy picks the top token
 
 
-@pytest.mark.parametrize("engine_name", ["engine", "engine_8"])
-def test_no_compile_after_warmup(engine_name, tokenizer, request) -> None:
-    engine = request.getfixturevalue(engine_name)  # engine_8 also changes its step's rows
+def test_no_compile_after_warmup(engine, tokenizer) -> None:
     records: list[str] = []
 
     class Grab(logging.Handler):
@@ -193,12 +220,21 @@ def test_no_compile_after_warmup(engine_name, tokenizer, request) -> None:
             assert records, "compile logging is not captured; the check below would be void"
             records.clear()
             requests = [
-                (tokenizer.encode("x" * n), SamplingParams(
-                    max_tokens=5, temperature=t, top_k=k, top_p=p, seed=n, logprobs=lp))
-                for n, t, k, p, lp in [(1, 0.0, 0, 1.0, 0), (9, 0.7, 5, 0.9, 2),
-                                       (20, 1.3, 0, 0.5, 5), (31, 1.0, 1, 1.0, 1)]
-            ]  # fmt: skip
-            _generate(engine, tokenizer, requests, slot_filler=engine.max_slots - len(requests))
+                (
+                    tokenizer.encode("x" * n),
+                    SamplingParams(
+                        max_tokens=5, temperature=t, top_k=k, top_p=p, seed=n, logprobs=lp
+                    ),
+                )
+                for n, t, k, p, lp in [
+                    (1, 0.0, 0, 1.0, 0),
+                    (9, 0.7, 5, 0.9, 2),
+                    (20, 1.3, 0, 0.5, 5),
+                    (40, 1.0, 1, 1.0, 1),
+                ]
+            ]  # fmt: skip  (steps of every bucket: 1-3 decode rows, chunks, a full step)
+            _generate(engine, tokenizer, requests, neighbours=3)
+            drive(engine, requests, kv_cache_tokens=14 * 4)  # with preemptions
     finally:
         logging.getLogger("jax").removeHandler(handler)
     assert records == []
@@ -208,7 +244,7 @@ def test_seeded_sampling_independent_of_batch(engine, tokenizer) -> None:
     ids = tokenizer.encode("seeded request")
     params = SamplingParams(max_tokens=10, temperature=1.0, top_k=40, top_p=0.95, seed=1234)
     alone, _ = _generate(engine, tokenizer, [(ids, params)])
-    crowded, _ = _generate(engine, tokenizer, [(ids, params)], slot_filler=3)  # another slot
+    crowded, _ = _generate(engine, tokenizer, [(ids, params)], neighbours=3)
     assert alone == crowded
     other_seed, _ = _generate(
         engine, tokenizer, [(ids, SamplingParams(max_tokens=10, temperature=1.0, seed=99))]
@@ -227,6 +263,20 @@ def test_top_k_one_is_greedy(engine, tokenizer) -> None:
     assert k1 == greedy
 
 
+def test_kv_cache_size_derived_on_cpu(engine) -> None:
+    # CPU: room for max_seqs sequences of max_len (what a slot engine reserved), plus the
+    # null page; SCFG leaves kv_cache_tokens at 0
+    scfg = engine.serve_cfg
+    assert SCFG.kv_cache_tokens == 0
+    assert scfg.kv_cache_tokens == 4 * 64 + 4 and scfg.num_pages == 65
+    assert kv_bytes_per_token(CFG, jnp.float32) == 2 * 2 * 2 * 16 * 4
+    explicit = JaxEngine.from_model(
+        Transformer(CFG, rngs=nnx.Rngs(0)), engine.tokenizer,
+        dataclasses.replace(SCFG, kv_cache_tokens=40),
+    )  # fmt: skip
+    assert explicit.serve_cfg.kv_cache_tokens == 40
+
+
 def test_pick_tensor_parallel() -> None:
     assert pick_tensor_parallel(CFG, 8) == 2  # kv heads = 2
     assert pick_tensor_parallel(CFG, 1) == 1
@@ -238,33 +288,27 @@ def test_pick_tensor_parallel() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs >= 2 (simulated) devices")
 def test_tensor_parallel_matches_single_device(model, engine, tokenizer) -> None:
-    tp_engine = JaxEngine.from_model(model, tokenizer, ServeConfig(
-        max_seqs=4, max_prompt_len=32, min_prefill_bucket=8, tensor_parallel=0))  # fmt: skip
+    tp_engine = JaxEngine.from_model(model, tokenizer, dataclasses.replace(SCFG, tensor_parallel=0))
     tp_engine.warmup()
     assert tp_engine.tensor_parallel == 2
     wq = tp_engine.layer_weights[0]["wq"]
     assert len(wq.sharding.device_set) == 2  # really sharded
-    requests = [
-        (tokenizer.encode(p), SamplingParams(max_tokens=8, ignore_eos=True, temperature=t, seed=3))
-        for p, t in zip(PROMPTS[:3], (0.0, 0.8, 0.0), strict=True)
-    ]
-    single, _ = _generate(engine, tokenizer, requests)
-    sharded, _ = _generate(tp_engine, tokenizer, requests)
-    assert single == sharded
+    requests = _mixed_requests(tokenizer, shared="shared prefix ")
+    assert drive(tp_engine, requests)[0] == drive(engine, requests)[0]
 
 
 def test_int8_bundle_serves_its_own_greedy(model, tokenizer, tmp_path) -> None:
     """An int8 bundle (model/quant.py) is served as is: greedy equals the quantized model's
     own forward, loaded from the same bundle."""
-    import dataclasses
-
     from tandem.model.bundle import Bundle, flat_params, write_bundle
     from tandem.model.quant import quantize_tensors
 
     tensors = quantize_tensors(flat_params(nnx.state(model, nnx.Param)))
     qcfg = dataclasses.replace(CFG, quantization="int8")
     path = write_bundle(tmp_path / "q", qcfg, tokenizer, tensors, source={}, quantization="int8")
-    eng = JaxEngine.from_bundle(path, ServeConfig(max_seqs=2, max_prompt_len=16, tensor_parallel=1))
+    eng = JaxEngine.from_bundle(
+        path, ServeConfig(max_seqs=2, max_num_batched_tokens=16, tensor_parallel=1)
+    )
     eng.warmup()
     reference = greedy_reference(Bundle.load(path).model())
     requests = [
@@ -283,8 +327,10 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_python_m_serve_bundle_end_to_end(model, tokenizer, tmp_path, reference_greedy) -> None:
-    """`python -m serve --bundle` on a bundle from model/bundle.py: health, a greedy stream
-    equal to the model's own decode, metrics, SIGTERM drains and exits 0."""
+    """`python -m tandem.serve --bundle` on a bundle from model/bundle.py: health, a greedy
+    stream equal to the model's own decode, metrics, SIGTERM drains and exits 0."""
+    import urllib.request
+
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -299,8 +345,8 @@ def test_python_m_serve_bundle_end_to_end(model, tokenizer, tmp_path, reference_
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tandem.serve", "--bundle", str(bundle), "--port", str(port),
-         "--metrics-port", str(mport), "--max-slots", "2", "--set", "min_prefill_bucket=32",
-         "--max-len", "48", "--max-prompt-len", "32"],
+         "--metrics-port", str(mport), "--max-slots", "2", "--max-len", "48",
+         "--max-prompt-len", "32", "--page-size", "8", "--max-num-batched-tokens", "16"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -326,10 +372,16 @@ def test_python_m_serve_bundle_end_to_end(model, tokenizer, tmp_path, reference_
             tokens = [t for r in call for t in r.token_ids]
             want, _ = reference_greedy(tokenizer.encode(p), 6)
             assert tokens == want
-        import urllib.request
-
+        again = list(client.generate("bundle one", max_tokens=2, ignore_eos=True))
+        assert again[-1].usage.cached_prompt_tokens == 8  # one full page of 8 was cached
         body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
-        assert b"tandem_active_slots 0.0" in body
+        for line in (
+            b"tandem_active_slots 0.0",
+            b"tandem_prefix_cache_hits_total 8.0",
+            b"tandem_kv_cache_usage_ratio 0.0",
+            b"tandem_preemptions_total 0.0",
+        ):
+            assert line in body, line  # fmt: skip
         inflight = client.generate("drain", max_tokens=10, ignore_eos=True)
         first = next(inflight)
         proc.send_signal(signal.SIGTERM)

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from tandem.model.tokenizer import BOS, EOS, Tokenizer
+from tandem.serve.config import ServeConfig
 from tandem.serve.fake_engine import FakeEngine
 from tandem.serve.orchestrator import Orchestrator, Output, RequestError
 from tandem.serve.sampling import SamplingParams
@@ -36,10 +37,12 @@ class Collector:
         return self.outputs[-1]
 
 
-def _orch(tokenizer, **kw) -> tuple[Orchestrator, FakeEngine]:
-    engine_kw = {k: kw.pop(k) for k in ("max_slots", "max_len", "max_prompt_len") if k in kw}
-    engine = FakeEngine(tokenizer, **engine_kw)
-    return Orchestrator(engine, **kw), engine
+def _orch(tokenizer, *, clock=None, **cfg) -> tuple[Orchestrator, FakeEngine]:
+    """A fake engine and its loop, both with ServeConfig(**cfg) (4 sequences, prompts of
+    up to 64 tokens and max_len 128 unless cfg says otherwise)."""
+    cfg = {"max_seqs": 4, "max_prompt_len": 64, **cfg}
+    engine = FakeEngine(tokenizer, ServeConfig(**cfg))
+    return Orchestrator(engine, clock=clock or time.monotonic), engine
 
 
 def _submit(orch, tokenizer, text: str, **params) -> tuple[Collector, object]:
@@ -75,11 +78,12 @@ def test_max_tokens_finishes_with_length(tokenizer) -> None:
     assert (sink.text, sink.last.finish_reason, sink.last.completion_tokens) == ("abc", "length", 3)
 
 
-def test_max_tokens_one_finishes_at_prefill(tokenizer) -> None:
+def test_max_tokens_one_finishes_with_its_prompt_step(tokenizer) -> None:
     orch, engine = _orch(tokenizer)
     sink, _ = _submit(orch, tokenizer, "abc", max_tokens=1)
     _drain(orch)
-    assert sink.tokens == [ord("a")] and engine.generate_calls == 0 and orch.active_slots == 0
+    assert sink.tokens == [ord("a")] and engine.step_calls == 1 and orch.active_slots == 0
+    assert orch.scheduler.kv.usage == 0.0
 
 
 def test_stop_string_across_tokens_not_emitted(tokenizer) -> None:
@@ -122,17 +126,17 @@ def test_utf8_split_characters_stream_whole(tokenizer) -> None:
 
 
 def test_continuous_batching_admits_between_steps(tokenizer) -> None:
-    orch, engine = _orch(tokenizer, max_slots=2)
+    orch, engine = _orch(tokenizer, max_seqs=2)
     long, _ = _submit(orch, tokenizer, "a" * 40)
     short, _ = _submit(orch, tokenizer, "b" * 3)
     queued, _ = _submit(orch, tokenizer, "c" * 4)
     orch.step()
-    assert orch.active_slots == 2 and orch.queue_depth == 1  # both slots busy, one waits
+    assert orch.active_slots == 2 and orch.queue_depth == 1  # both sequences run, one waits
     for _ in range(3):
         orch.step()
     assert short.last.finish_reason == "stop" and not queued.outputs
-    orch.step()  # the slot freed while handling the last step is refilled on the next one
-    assert queued.outputs and not long.last.final  # admitted into the freed slot mid-run
+    orch.step()  # the sequence that ended in the last step is replaced in the next one
+    assert queued.outputs and not long.last.final  # admitted while `long` runs
     late, _ = _submit(orch, tokenizer, "d")  # arrives while `long` still decodes
     for _ in range(5):
         orch.step()
@@ -140,22 +144,22 @@ def test_continuous_batching_admits_between_steps(tokenizer) -> None:
     assert late.text == "d" and not long.last.final
     _drain(orch)
     assert long.text == "a" * 40
-    assert max(engine.active_history) == 2
+    assert engine.max_active == 2
 
 
 def test_finished_slot_refilled_while_others_run(tokenizer) -> None:
-    orch, engine = _orch(tokenizer, max_slots=2)
+    orch, engine = _orch(tokenizer, max_seqs=2)
     long, _ = _submit(orch, tokenizer, "L" * 30)
     shorts = [_submit(orch, tokenizer, "s" * 3)[0] for _ in range(5)]
     _drain(orch)
     assert long.text == "L" * 30 and all(s.text == "sss" for s in shorts)
-    # all five short requests ran while the long one occupied the other slot
-    assert engine.generate_calls <= 31
-    assert engine.active_history[:15] == [2] * 15  # 5 x 3 decode steps, never idle
+    # all five short requests ran while the long one held the other sequence
+    assert engine.step_calls == 31  # the long one's 30 tokens and EOS
+    assert engine.rows_history[:20] == [2] * 20  # 5 x 4 tokens, never a step with one row
 
 
-def test_cancel_running_frees_slot_within_one_step(tokenizer) -> None:
-    orch, _ = _orch(tokenizer, max_slots=1)
+def test_cancel_running_frees_its_pages_within_one_step(tokenizer) -> None:
+    orch, _ = _orch(tokenizer, max_seqs=1)
     sink, handle = _submit(orch, tokenizer, "x" * 50)
     waiting, _ = _submit(orch, tokenizer, "ok")
     for _ in range(3):
@@ -167,7 +171,7 @@ def test_cancel_running_frees_slot_within_one_step(tokenizer) -> None:
     assert orch.queue_depth == 0 and orch.active_slots == 1
     _drain(orch)
     assert waiting.text == "ok" and orch.active_slots == 0
-    assert not orch._state.active.any()
+    assert orch.scheduler.kv.usage == 0.0
 
 
 def test_stream_interval_groups_tokens_first_and_last_at_once(tokenizer) -> None:
@@ -186,7 +190,7 @@ def test_stream_interval_groups_tokens_first_and_last_at_once(tokenizer) -> None
 
 
 def test_stream_interval_delivers_held_tokens_before_an_error(tokenizer) -> None:
-    orch, _ = _orch(tokenizer, max_slots=1, stream_interval=8)
+    orch, _ = _orch(tokenizer, max_seqs=1, stream_interval=8)
     sink, handle = _submit(orch, tokenizer, "x" * 50)
     for _ in range(5):  # first token sent, four more held back
         orch.step()
@@ -204,18 +208,18 @@ def test_stream_interval_must_be_positive(tokenizer) -> None:
 
 
 def test_cancel_queued_request(tokenizer) -> None:
-    orch, engine = _orch(tokenizer, max_slots=1)
+    orch, engine = _orch(tokenizer, max_seqs=1)
     _submit(orch, tokenizer, "x" * 10)
     sink, handle = _submit(orch, tokenizer, "never")
     handle.cancel()
     orch.step()
     assert sink.last.error.code == "CANCELLED" and orch.queue_depth == 0
-    assert engine.prefill_calls == 1
+    assert engine.prompt_starts == 1
 
 
 def test_deadline_running_and_queued(tokenizer) -> None:
     now = [100.0]
-    orch, _ = _orch(tokenizer, max_slots=1, clock=lambda: now[0])
+    orch, _ = _orch(tokenizer, max_seqs=1, clock=lambda: now[0])
     run = Collector()
     orch.submit(tokenizer.encode("y" * 30), SamplingParams(max_tokens=40), run, deadline=101.0)
     queued = Collector()
@@ -231,7 +235,7 @@ def test_deadline_running_and_queued(tokenizer) -> None:
 
 
 def test_queue_overflow_is_resource_exhausted(tokenizer) -> None:
-    orch, _ = _orch(tokenizer, max_slots=1, max_queue=2)
+    orch, _ = _orch(tokenizer, max_seqs=1, max_queue=2)
     for _ in range(2):
         _submit(orch, tokenizer, "a")
     with pytest.raises(RequestError) as err:
@@ -254,18 +258,18 @@ def test_prompt_limits_rejected_not_truncated(tokenizer) -> None:
 def test_static_mode_waits_for_full_batch(tokenizer) -> None:
     now = [0.0]
     orch, engine = _orch(
-        tokenizer, max_slots=2, mode="static", static_batch_wait_s=1.0, clock=lambda: now[0]
+        tokenizer, max_seqs=2, mode="static", static_batch_wait_s=1.0, clock=lambda: now[0]
     )
     _submit(orch, tokenizer, "a" * 10)
-    assert not orch.step() and engine.prefill_calls == 0  # batch not full, not timed out
+    assert not orch.step() and engine.step_calls == 0  # batch not full, not timed out
     b, _ = _submit(orch, tokenizer, "b")
     c, _ = _submit(orch, tokenizer, "c")
     orch.step()
-    assert engine.prefill_calls == 2
+    assert engine.prompt_starts == 2
     for _ in range(5):
         orch.step()
-    assert b.last.final and not c.outputs  # c waits although a slot is free
-    assert engine.active_history[-1] == 2  # and b's row stays in the batch until a ends
+    assert b.last.final and not c.outputs  # c waits although a sequence could start
+    assert engine.rows_history[-1] == 1  # (b's finished row costs the batch nothing)
     _drain(orch)
     assert not c.outputs  # a lone request waits for the batch timeout
     now[0] = 5.0
@@ -274,7 +278,7 @@ def test_static_mode_waits_for_full_batch(tokenizer) -> None:
 
 
 def test_threaded_loop_and_drain(tokenizer) -> None:
-    engine = FakeEngine(tokenizer, max_slots=2, step_delay=0.001)
+    engine = FakeEngine(tokenizer, ServeConfig(max_seqs=2), step_delay=0.001)
     orch = Orchestrator(engine)
     orch.start()
     sinks = [Collector() for _ in range(6)]
@@ -288,17 +292,86 @@ def test_threaded_loop_and_drain(tokenizer) -> None:
 
 
 def test_engine_failure_fails_running_requests(tokenizer) -> None:
-    engine = FakeEngine(tokenizer, max_slots=2)
+    engine = FakeEngine(tokenizer, ServeConfig(max_seqs=2))
     orch = Orchestrator(engine)
     sink, _ = _submit(orch, tokenizer, "abc")
     orch.step()
+    step = engine.step
 
-    def boom(state):
+    def boom(plan):
         raise RuntimeError("device lost")
 
-    engine.generate = boom
+    engine.step = boom
     orch.start()
     assert sink.done.wait(5)
     assert sink.last.error.code == "INTERNAL" and orch.active_slots == 0
+    assert orch.scheduler.kv.usage == 0.0  # a fresh scheduler (and cache) ...
+    engine.step = step
+    after = Collector()
+    orch.submit(tokenizer.encode("ok"), SamplingParams(max_tokens=8), after)
+    assert after.done.wait(5) and after.text == "ok"  # ... that serves the next requests
     orch.stop(drain=False)
-    time.sleep(0)
+
+
+# ---- the paged cache through the loop -----------------------------------------------------
+
+
+def test_preempted_requests_are_recomputed_not_dropped(tokenizer) -> None:
+    # 15 usable pages of 4 for 4 sequences of up to 49 tokens: the pool runs out mid-run
+    orch, engine = _orch(
+        tokenizer, page_size=4, kv_cache_tokens=16 * 4, enable_prefix_caching=False
+    )
+    texts = [f"request {i}: " + "xyz"[i % 3] * (3 + 2 * i) for i in range(6)]
+    sinks = [_submit(orch, tokenizer, t, max_tokens=25)[0] for t in texts]
+    _drain(orch)
+    assert orch.scheduler.num_preemptions > 0
+    assert [s.text for s in sinks] == texts  # everything generated, nothing twice
+    assert all(s.last.finish_reason == "stop" for s in sinks)
+    assert engine.prompt_starts > len(texts)  # the preempted ones started over
+    assert orch.scheduler.kv.usage == 0.0
+
+
+def test_a_long_prompt_is_chunked_while_others_stream(tokenizer) -> None:
+    orch, engine = _orch(tokenizer, max_num_batched_tokens=16, max_prompt_len=100)
+    streams = [_submit(orch, tokenizer, "s" * 20)[0] for _ in range(2)]
+    for _ in range(4):
+        orch.step()
+    long, _ = _submit(orch, tokenizer, "L" * 60)
+    before = [len(s.tokens) for s in streams]
+    for _ in range(4):  # 61 prompt tokens in chunks of 16 - 2 while both keep decoding
+        orch.step()
+    assert [len(s.tokens) - b for s, b in zip(streams, before, strict=True)] == [4, 4]
+    assert not long.outputs and max(engine.tokens_history) == 16
+    _drain(orch)
+    assert long.text == "L" * 60 and all(s.text == "s" * 20 for s in streams)
+
+
+def test_usage_reports_cached_prompt_tokens(tokenizer) -> None:
+    orch, _ = _orch(tokenizer, page_size=4)
+    first, _ = _submit(orch, tokenizer, "shared prefix, then a")
+    _drain(orch)
+    second, _ = _submit(orch, tokenizer, "shared prefix, then b")
+    _drain(orch)
+    assert first.last.cached_prompt_tokens == 0
+    assert second.last.cached_prompt_tokens == 20  # BOS + 19 equal characters: 5 pages
+    assert second.text == "shared prefix, then b"
+
+
+def test_a_request_larger_than_the_cache_is_rejected_up_front(tokenizer) -> None:
+    orch, _ = _orch(tokenizer, page_size=4, kv_cache_tokens=9 * 4)  # 32 usable positions
+    with pytest.raises(ValueError, match="must fit the whole KV cache"):
+        _submit(orch, tokenizer, "x" * 20, max_tokens=20)
+    _submit(orch, tokenizer, "x" * 20, max_tokens=12)  # 21 + 12 - 1 = 32 fits
+
+
+def test_short_requests_run_8x_the_slots_in_the_same_cache_memory(tokenizer) -> None:
+    # The slot engine reserved max_len per sequence: 4 slots of 1024 positions. The same
+    # 4096 positions in pages of 16 hold 64 requests of 64 tokens at once.
+    orch, engine = _orch(
+        tokenizer, max_seqs=64, max_len=1024, kv_cache_tokens=4 * 1024 + 16, max_queue=64
+    )
+    texts = [f"{i:02d}" + "." * 40 for i in range(64)]  # 43 prompt + 21 output tokens
+    sinks = [_submit(orch, tokenizer, t, max_tokens=21)[0] for t in texts]
+    _drain(orch)
+    assert engine.max_active == 64 >= 8 * 4 and orch.scheduler.num_preemptions == 0
+    assert [s.text for s in sinks] == [t[:21] for t in texts]

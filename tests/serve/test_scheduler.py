@@ -442,6 +442,8 @@ def test_the_scheduler_needs_resolved_sizes() -> None:
         Scheduler(ServeConfig(kv_cache_tokens=64))
     with pytest.raises(ValueError, match="kv_cache_tokens=0 is invalid"):
         Scheduler(ServeConfig(max_len=64))
+    with pytest.raises(ValueError, match="page_size=0 is invalid"):
+        Scheduler(ServeConfig(max_len=64, kv_cache_tokens=64))  # page size: the engine's
 
 
 def test_a_stop_string_ends_a_running_request_and_frees_its_pages() -> None:

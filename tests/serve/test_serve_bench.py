@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def test_continuous_vs_static_run(tmp_path: Path, capsys) -> None:
             "--model-set", "d_model=64", "--model-set", "n_layers=2", "--model-set", "d_ff=128",
             "--model-set", "head_dim=16", "--model-set", "vocab_size=320",
             "--model-set", "max_seq_len=64",
-            "--max-slots", "4", "--max-prompt-len", "16", "--num-requests", "12",
+            "--max-seqs", "4", "--max-prompt-len", "16", "--num-requests", "12",
             "--input-len", "4:16", "--output-len", "2:40", "--slo-ttft-ms", "60000",
             "--out", str(out),
         ]
@@ -68,7 +69,7 @@ def test_offline_mode_runs_in_process(tmp_path: Path) -> None:
             "--model-set", "d_model=64", "--model-set", "n_layers=2", "--model-set", "d_ff=128",
             "--model-set", "head_dim=16", "--model-set", "vocab_size=320",
             "--model-set", "max_seq_len=64", "--modes", "offline,continuous",
-            "--max-slots", "4", "--max-prompt-len", "16", "--num-requests", "10",
+            "--max-seqs", "4", "--max-prompt-len", "16", "--num-requests", "10",
             "--input-len", "4:16", "--output-len", "2:40", "--out", str(out),
             "--apis", "grpc,openai",
         ]
@@ -93,3 +94,66 @@ def test_offline_mode_runs_in_process(tmp_path: Path) -> None:
 def test_unknown_mode_is_rejected() -> None:
     with pytest.raises(SystemExit):
         _load_bench().main(["--modes", "continuous,turbo"])
+
+
+def test_shared_prefix_conversations_extend_one_system_prompt() -> None:
+    bench = _load_bench()
+    convs = bench.shared_prefix_conversations(
+        3, turns=3, system_len=20, suffix_len=((2, 5, 1.0),), output_len=((4, 4, 1.0),),
+        vocab=50, seed=0,
+    )  # fmt: skip
+    system = convs[0][0].prompt_ids[:20]
+    for conv in convs:
+        assert [t.tag for t in conv] == ["turn1", "turn2", "turn3"]
+        assert conv[0].prompt_ids[:20] == system
+        for prev, turn in itertools.pairwise(conv):
+            assert turn.prompt_ids[: len(prev.prompt_ids)] == prev.prompt_ids
+            assert len(turn.prompt_ids) - len(prev.prompt_ids) in range(4 + 2, 4 + 6)
+    assert len({c[0].prompt_ids for c in convs}) == 3  # distinct user messages
+
+
+def test_interference_stats_take_the_gaps_that_overlap_the_long_prefill() -> None:
+    bench = _load_bench()
+    # two streams with a gap every 10 ms, one of 100 ms ending at t = 1.1 (the prefill)
+    streams = []
+    for _ in range(2):
+        ends = (
+            [0.1 + 0.01 * i for i in range(1, 91)]
+            + [1.1 + 0.1]
+            + [1.2 + 0.01 * i for i in range(1, 11)]
+        )
+        gaps = [0.01] * 90 + [0.1] + [0.01] * 10
+        streams.append(bench.RequestResult(ok=True, start=0.0, ttft=0.1, e2e=1.3,
+                                           output_tokens=102, itl=gaps, itl_at=ends,
+                                           tag="stream"))  # fmt: skip
+    long = bench.RequestResult(ok=True, start=1.05, ttft=0.12, e2e=0.2, output_tokens=2, tag="long")
+    stats = bench.interference([*streams, long])
+    assert stats["during_prefill_itl_ms"]["max"] == pytest.approx(100.0)
+    assert stats["stream_itl_ms"]["p50"] == pytest.approx(10.0)
+    assert stats["long_ttft_ms"] == pytest.approx(120.0)
+    assert stats["p99_during_prefill_vs_median"] > 5
+
+
+def test_shared_prefix_workload_with_and_without_prefix_caching(tmp_path: Path) -> None:
+    bench = _load_bench()
+    out = tmp_path / "bench.jsonl"
+    rc = bench.main(
+        [
+            "--model-set", "d_model=64", "--model-set", "n_layers=2", "--model-set", "d_ff=128",
+            "--model-set", "head_dim=16", "--model-set", "vocab_size=320",
+            "--model-set", "max_seq_len=128", "--workload", "shared-prefix",
+            "--modes", "continuous,no-prefix-cache", "--num-requests", "4", "--turns", "2",
+            "--system-len", "40", "--input-len", "2:6", "--output-len", "3:5",
+            "--max-seqs", "4", "--page-size", "8", "--max-num-batched-tokens", "32",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    modes = {x["mode"]: x for x in lines if "mode" in x}
+    on, off = modes["continuous"], modes["no-prefix-cache"]
+    assert on["completed"] == off["completed"] == 8
+    assert off["prefix_hit_rate"] == 0.0
+    assert on["prefix_hit_rate"] > 0.4  # 40 shared tokens of ~50 in turn 1; more in turn 2
+    assert set(on["ttft_ms_by_tag"]) == {"turn1", "turn2"} and on["peak_running"] >= 1
+    assert any(x.get("comparison") == "prefix_cache_off_vs_on" for x in lines)

@@ -1,7 +1,8 @@
 """Soak: 1 000 streamed requests over real gRPC, ~20 % cancelled by the client mid-stream.
 
-Afterwards no slot may be held, nothing may be queued, every stream must have ended
-(completed with the exact expected text, or cancelled), and none may hit its deadline.
+Afterwards no sequence and no KV-cache page may be held, nothing may be queued, every
+stream must have ended (completed with the exact expected text, or cancelled), and none
+may hit its deadline.
 """
 
 from __future__ import annotations
@@ -63,11 +64,12 @@ def test_soak_with_random_cancellations(make_fake_server) -> None:
         if orch.active_slots == 0 and orch.queue_depth == 0:
             break
         time.sleep(0.01)
-    assert orch.active_slots == 0, "leaked slots"
-    assert orch.queue_depth == 0
+    assert orch.active_slots == 0, "leaked sequences"
+    assert orch.queue_depth == 0 and not orch.scheduler.has_unfinished_requests()
+    kv = orch.scheduler.kv
+    assert kv.usage == 0.0 and kv.num_free_pages == kv.num_usable_pages, "leaked pages"
+    assert all(kv.ref_count(p) == 0 for p in range(kv.num_pages))
     engine = bg.server.engine
-    assert not orch._state.active.any(), "engine still thinks slots are in use"
-    assert sorted(orch._free_slots) == list(range(engine.max_slots))
-    assert engine.max_active == engine.max_slots  # the load really filled the batch
+    assert engine.max_active == engine.max_seqs  # the load really filled the batch
     client.close()
     print(f"soak: {N_REQUESTS} requests in {elapsed:.1f} s, {counts}")

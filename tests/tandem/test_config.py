@@ -23,14 +23,14 @@ def serve_cfg(*argv: str) -> ServeConfig:
 def test_flags_items_and_set_all_reach_the_same_keys() -> None:
     cfg = serve_cfg("--bundle", "b", "--port", "0", "max_len=64", "--set", "stream_interval=4")
     assert (cfg.bundle, cfg.port, cfg.max_len, cfg.stream_interval) == ("b", 0, 64, 4)
-    assert serve_cfg("max_slots=2", "--max-slots", "5").max_slots == 5  # the flag comes later
+    assert serve_cfg("max_slots=2", "--max-slots", "5").max_seqs == 5  # the flag comes later
 
 
 def test_config_file_then_overrides(tmp_path) -> None:
     path = tmp_path / "serve.yaml"
     path.write_text("max_slots: 3\nport: 7000\nbundle: from-file\n")
     cfg = serve_cfg(str(path), "port=7001")
-    assert (cfg.max_slots, cfg.port, cfg.bundle) == (3, 7001, "from-file")
+    assert (cfg.max_seqs, cfg.port, cfg.bundle) == (3, 7001, "from-file")
     assert serve_cfg("--config", str(path)).port == 7000
 
 
@@ -61,8 +61,11 @@ def test_switch_flags_set_their_value() -> None:
         (["tls_cert=c.pem"], "tls_key='' is invalid"),
         (["a.yaml", "oops"], "expected key=value after CONFIG, got 'oops'"),
         (["--max-seqs", "0"], "max_seqs=0 is invalid: allowed >= 1"),
-        (["--page-size", "0"], "page_size=0 is invalid: allowed >= 1"),
-        (["--kv-cache-tokens", "16"], "kv_cache_tokens=16 is invalid: allowed 0 (derive) or >= 2"),
+        (["--page-size", "-1"], "page_size=-1 is invalid: allowed >= 1 (0 = the engine's"),
+        (
+            ["--kv-cache-tokens", "16", "--page-size", "16"],
+            "kv_cache_tokens=16 is invalid: allowed 0 (derive) or >= 2",
+        ),
         (
             ["--max-seqs", "64", "--max-num-batched-tokens", "32"],
             "max_num_batched_tokens=32 is invalid: allowed >= max_seqs (64)",
@@ -86,7 +89,6 @@ def test_max_slots_is_another_spelling_of_max_seqs(tmp_path) -> None:
     assert serve_cfg("--max-slots", "3").max_seqs == 3
     assert serve_cfg("max_seqs=2", "max_slots=5").max_seqs == 5
     assert serve_cfg("max_slots=5", "--max-seqs", "2").max_seqs == 2
-    assert ServeConfig(max_seqs=4).max_slots == 4  # code reading the old name
     path = tmp_path / "old.yaml"
     path.write_text("max_slots: 6\n")
     assert serve_cfg(str(path)).max_seqs == 6
