@@ -147,7 +147,11 @@ def test_completions_stream_matches_unary_with_usage(server) -> None:
     chunks = list(client.completions.create(model="tandem", prompt=prompt, stop=["STOP"],
                                             stream=True,
                                             stream_options={"include_usage": True}))  # fmt: skip
-    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == full.usage.completion_tokens
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+    # the same prompt again: the engine's prefix cache served part of it, and usage says so
+    assert 0 < usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
     assert all(c.usage is None for c in chunks[:-1])
     # vLLM's continuous_usage_stats: each chunk carries its choice's usage so far
     options = {"include_usage": True, "continuous_usage_stats": True}
