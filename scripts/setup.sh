@@ -17,8 +17,8 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # Every package pinned (uv pip compile output; regenerate with scripts/lock.sh).
 .venv/bin/python -m pip install --quiet -r "$lock"
-# setuptools prints an "Editable installation" notice for every editable install that
-# maps packages (pyproject.toml's package-dir): it warns about folders named like the
-# package, and here the one such folder, tandem/, is the package itself.
+# setuptools prints an "Editable installation" notice for every flat-layout editable
+# install: it warns about folders named like the package, and here the one such folder,
+# tandem/, is the package itself.
 PYTHONWARNINGS="ignore:Editable installation" \
     .venv/bin/python -m pip install --quiet --no-deps -e .

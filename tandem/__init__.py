@@ -1,7 +1,6 @@
 """tandem: one JAX transformer, trained sharded over a device mesh and served over gRPC.
 
-Installed packages: `tandem.kernels` <- `tandem.model` <- `tandem.train`, `tandem.serve`
+Packages: `tandem.kernels` <- `tandem.model` <- `tandem.train`, `tandem.serve`
 (`tandem.proto` <- `tandem.serve`); `tandem.config` is the config layer every one of them
-uses and `tandem.cli` the `tandem` command. In the repository the packages keep their own
-top-level folders (pyproject.toml maps them); WORKSPACE.md is the map.
+uses and `tandem.cli` the `tandem` command. WORKSPACE.md is the map.
 """

@@ -10,20 +10,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# repo folder -> (its import name, the tandem packages it may import besides itself).
-# tandem/ holds the config leaf (imports nothing of tandem) and the CLI (imports the
-# subcommands by name, lazily); a package's __main__.py may also import the CLI.
-LAYERS: dict[str, tuple[str, set[str]]] = {
-    "tandem": ("tandem.config", {"tandem.cli"}),
-    "kernels": ("tandem.kernels", {"tandem.config"}),
-    "model": ("tandem.model", {"tandem.config", "tandem.kernels"}),
-    "train": ("tandem.train", {"tandem.config", "tandem.kernels", "tandem.model"}),
-    "serve": (
-        "tandem.serve",
-        {"tandem.config", "tandem.kernels", "tandem.model", "tandem.proto"},
-    ),
-    "proto": ("tandem.proto", set()),
+# package -> the tandem modules / packages it may import besides itself. The top-level
+# modules: tandem.config is the leaf every package uses, tandem.cli imports the
+# subcommands by name (lazily); a package's __main__.py may also import the CLI.
+LAYERS: dict[str, set[str]] = {
+    "tandem.kernels": {"tandem.config"},
+    "tandem.model": {"tandem.config", "tandem.kernels"},
+    "tandem.train": {"tandem.config", "tandem.kernels", "tandem.model"},
+    "tandem.serve": {"tandem.config", "tandem.kernels", "tandem.model", "tandem.proto"},
+    "tandem.proto": set(),
 }
+TOP_LEVEL = ("__init__.py", "__main__.py", "cli.py", "config.py")
 OLD_TOP_LEVEL = {"model", "kernels", "train", "serve", "proto", "benchmarks", "tandem_cli"}
 
 
@@ -44,8 +41,18 @@ def _python_files(*folders: str) -> list[Path]:
     return sorted(p for folder in folders for p in (REPO / folder).rglob("*.py"))
 
 
+def _tandem_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, tandem.<module or package>) for each first-party import of `path`."""
+    out = []
+    for line, name in _imports(path):
+        parts = name.split(".")
+        if parts[0] == "tandem" and len(parts) >= 2:
+            out.append((line, ".".join(parts[:2])))
+    return out
+
+
 def test_first_party_code_is_imported_through_the_tandem_namespace() -> None:
-    files = _python_files(*LAYERS, "benchmarks", "tests")
+    files = _python_files("tandem", "benchmarks", "tests")
     assert len(files) > 50
     bad = [
         f"{path.relative_to(REPO)}:{line} imports {name}"
@@ -56,17 +63,21 @@ def test_first_party_code_is_imported_through_the_tandem_namespace() -> None:
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("folder", sorted(LAYERS))
-def test_dependencies_point_one_way(folder: str) -> None:
-    own, allowed = LAYERS[folder]
+@pytest.mark.parametrize("package", sorted(LAYERS))
+def test_dependencies_point_one_way(package: str) -> None:
+    allowed = LAYERS[package]
     bad = []
-    for path in _python_files(folder):
+    for path in _python_files(package.replace(".", "/")):
         entry_point = {"tandem.cli"} if path.name == "__main__.py" else set()
-        for line, name in _imports(path):
-            parts = name.split(".")
-            if parts[0] != "tandem" or len(parts) < 2:
-                continue
-            package = ".".join(parts[:2])
-            if package != own and package not in allowed | entry_point:
+        for line, name in _tandem_imports(path):
+            if name != package and name not in allowed | entry_point:
                 bad.append(f"{path.relative_to(REPO)}:{line} imports {name}")
-    assert not bad, f"{own} may import only {sorted(allowed)}:\n" + "\n".join(bad)
+    assert not bad, f"{package} may import only {sorted(allowed)}:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("module", TOP_LEVEL)
+def test_the_top_level_modules_import_no_package(module: str) -> None:
+    allowed = {"tandem.cli"} if module == "__main__.py" else set()
+    path = REPO / "tandem" / module
+    bad = [f"{line}: {name}" for line, name in _tandem_imports(path) if name not in allowed]
+    assert not bad, f"tandem/{module} imports {bad}"

@@ -107,3 +107,11 @@ def test_installed_wheel_runs_beside_a_users_model_and_train_py(
     train_help = run(str(python), "-m", "tandem.train", "--help")
     assert train_help.returncode == 0, train_help.stderr
     assert "run_dir" in train_help.stdout
+
+
+def test_no_folder_of_the_repo_shadows_another_distribution() -> None:
+    """A tool started from the repo's root (MaxText, vLLM) has the root on sys.path: only
+    `tandem` and `tests` may be regular packages there, or a `kernels/` or `proto/` folder
+    would hide the distributions of those names."""
+    packages = sorted(d.name for d in REPO.iterdir() if (d / "__init__.py").is_file())
+    assert packages == ["tandem", "tests"]

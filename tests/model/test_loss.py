@@ -1,4 +1,4 @@
-"""The vocabulary-chunked cross-entropy (model/loss.py) against optax's plain loss on full
+"""The vocabulary-chunked cross-entropy (tandem/model/loss.py) against optax's plain loss on full
 logits: values and gradients in f32 (same math, other summation order) and in bf16 (the
 backward's GEMMs in bf16); the model's `hidden_states` + `head_weight` path against its
 logits; and the compiled memory: no [B, T, V] f32 buffer.

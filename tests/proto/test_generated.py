@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PROTO_DIR = REPO / "proto/tandem/v1"
+PROTO_DIR = REPO / "tandem/proto/v1"
 GENERATED = ("generate_pb2.py", "generate_pb2.pyi", "generate_pb2_grpc.py")
 
 

@@ -298,7 +298,7 @@ def test_tensor_parallel_matches_single_device(model, engine, tokenizer) -> None
 
 
 def test_int8_bundle_serves_its_own_greedy(model, tokenizer, tmp_path) -> None:
-    """An int8 bundle (model/quant.py) is served as is: greedy equals the quantized model's
+    """An int8 bundle (tandem/model/quant.py) is served as is: greedy equals the quantized model's
     own forward, loaded from the same bundle."""
     from tandem.model.bundle import Bundle, flat_params, write_bundle
     from tandem.model.quant import quantize_tensors
@@ -327,7 +327,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_python_m_serve_bundle_end_to_end(model, tokenizer, tmp_path, reference_greedy) -> None:
-    """`python -m tandem.serve --bundle` on a bundle from model/bundle.py: health, a greedy
+    """`python -m tandem.serve --bundle` on a bundle from tandem/model/bundle.py: health, a greedy
     stream equal to the model's own decode, metrics, SIGTERM drains and exits 0."""
     import urllib.request
 

@@ -1,4 +1,4 @@
-"""Multi-host start-up without a cluster: the launch paths of `train/mesh.py` with the
+"""Multi-host start-up without a cluster: the launch paths of `tandem/train/mesh.py` with the
 environment a TPU pod slice (GKE or a queued resource), a multislice job, SLURM or Open
 MPI sets, and jax's own cluster detection given the same TPU environment. The two-process
 run that goes through jax's TPU auto-detection for real is in test_resume.py."""

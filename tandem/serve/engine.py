@@ -1,4 +1,4 @@
-"""The JAX engine: model.Transformer behind the step contract (serve/engine_api.py), over a
+"""The JAX engine: model.Transformer behind the step contract (tandem/serve/engine_api.py), over a
 paged KV cache.
 
 Device state is the cache alone: per layer a pool of `num_pages` pages of `page_size`
@@ -22,7 +22,7 @@ activations and XLA's workspace); on CPU, where memory is the host's and shared,
 pages for `max_seqs` sequences of `max_len` (what the slot engine reserved), capped at
 CPU_KV_CACHE_MEMORY_FRACTION of the host's available memory.
 
-With several devices the params are sharded tensor-parallel (model/sharding.py rules on a
+With several devices the params are sharded tensor-parallel (tandem/model/sharding.py rules on a
 (1, 1, tp) mesh over ("data", "fsdp", "tensor")) and the page pools over kv heads when
 they divide; tp = the largest divisor of the device count that divides heads, kv heads,
 d_ff and vocab (or ServeConfig.tensor_parallel).
@@ -194,7 +194,7 @@ class JaxEngine(Engine):
         self._width = pages_for(scfg.max_len, scfg.page_size)  # page-table columns
         # Serving holds each layer's weights as separate arrays (slicing them out of the
         # stacked [L, ...] params inside the step made XLA copy them on every call; see
-        # model/transformer.py); the module keeps the rest (embedding, norms, head).
+        # tandem/model/transformer.py); the module keeps the rest (embedding, norms, head).
         model = nnx.merge(graphdef, params)
         layers = model.unstack_layers()
         del model.layers  # drop this module's references to the stacked copies

@@ -1,7 +1,7 @@
 """The device time of one serving decode step, beside the TPOT the serving benchmark saw.
 
 One decode step of `--slots` running sequences as the engine runs it on device: its
-compiled step (serve/engine.py: `Transformer.step` over the paged cache, the per-row
+compiled step (tandem/serve/engine.py: `Transformer.step` over the paged cache, the per-row
 sampler, the packed output) on a plan of one token per sequence, the sequences holding
 `--context` +- 50 % cached tokens (prefilled through the engine first). The median step
 time is the floor under a token's latency; `--serve-jsonl` reads the TPOT p50 of a
@@ -25,8 +25,6 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
 from tandem.config import load_config
 from tandem.model.config import ModelConfig

@@ -23,16 +23,12 @@ import argparse
 import datetime as dt
 import functools
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
 from tandem.kernels.decode_attention import ragged_decode_attention
 from tandem.kernels.reference import decode_attention_reference

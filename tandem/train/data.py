@@ -64,7 +64,7 @@ def embedded_corpus_files() -> list[Path]:
 class _DocRef:
     path: str
     offset: int = -1  # byte offset of the line for .jsonl; -1 = whole file
-    kind: RecordFormat = "text"  # a .jsonl file's record shape (train/sft.py)
+    kind: RecordFormat = "text"  # a .jsonl file's record shape (tandem/train/sft.py)
 
 
 class DocumentSource:

@@ -1,7 +1,7 @@
 """The engine contract the serving loop drives: one step of a scheduler plan at a time.
 
 An engine owns device memory: the model's params and the paged KV cache (a pool of
-`serve_cfg.num_pages` pages). The scheduler (serve/scheduler.py) owns everything about
+`serve_cfg.num_pages` pages). The scheduler (tandem/serve/scheduler.py) owns everything about
 requests and pages; the engine only runs what it is told:
 
     engine.warmup()                   # compiles every shape it will ever run

@@ -27,11 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tandem.benchmarks.train_bench import SHAPES  # noqa: E402  (after the path insert)
-from tandem.model.config import ModelConfig  # noqa: E402
+from tandem.benchmarks.train_bench import SHAPES
+from tandem.model.config import ModelConfig
 
 # tandem ModelConfig.remat -> MaxText remat_policy ("minimal" saves the matmul outputs).
 REMAT = {"none": "none", "dots": "minimal", "full": "full"}
@@ -106,9 +103,9 @@ def run_maxtext(
 
 def run_tandem(preset: str, steps: int) -> dict:
     out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/train_bench.py"), "--presets", preset,
+        [sys.executable, "-m", "tandem.benchmarks.train_bench", "--presets", preset,
          "--steps", str(steps), "--warmup", "2"],
-        capture_output=True, text=True, check=True, cwd=REPO, env=CPU_ENV,
+        capture_output=True, text=True, check=True, env=CPU_ENV,
     ).stdout  # fmt: skip
     line = json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
     return {

@@ -189,7 +189,9 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float):
-                    self._tb.add_scalar(f"train/{k}" if not k.startswith("eval") else k, v, step)
+                    self._tb.add_scalar(
+                        f"tandem/train/{k}" if not k.startswith("eval") else k, v, step
+                    )
         if self._progress is not None:
             info = f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  mfu {record['mfu']:.1%}"
             self._progress.update(self._task, completed=step, info=info)

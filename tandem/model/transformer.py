@@ -73,8 +73,8 @@ def init_cache(cfg: ModelConfig, slots: int, max_len: int, dtype=None) -> KVCach
 
 class PagedKVCache(NamedTuple):
     """The serving cache: per layer a pool of P pages of Ps positions (tuples of L), in
-    the layout of kernels/paged_reference.py. Which page holds which sequence's tokens is
-    the host's business (serve/kv_cache.py); `Transformer.step` is told where to write
+    the layout of tandem/kernels/paged_reference.py. Which page holds which sequence's tokens is
+    the host's business (tandem/serve/kv_cache.py); `Transformer.step` is told where to write
     (`StepMetadata.slot_mapping`) and what each row reads (`page_indices`)."""
 
     k: tuple[jax.Array, ...]  # L x [K, P, Ps, H]
@@ -94,7 +94,7 @@ def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=Non
 class StepMetadata(NamedTuple):
     """Where one ragged step's T tokens (R rows packed row after row) write their K/V and
     what each row attends to: the arguments of `kernels.paged_attention` and
-    `kernels.write_pages` (serve/scheduler.py's `SchedulerOutput` builds them)."""
+    `kernels.write_pages` (tandem/serve/scheduler.py's `SchedulerOutput` builds them)."""
 
     slot_mapping: jax.Array  # [T] int32: page * Ps + offset of each token; -1 = padding
     kv_lens: jax.Array  # [R] int32: the row's tokens in the cache, this step's included

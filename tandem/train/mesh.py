@@ -10,7 +10,7 @@
 On CPU the gloo collectives are selected so multi-process CPU runs (tests) work.
 
 The mesh is always 3-D with axes `model.sharding.MESH_AXES` = (data, fsdp, tensor); the batch
-is sharded over (data, fsdp), params by the logical rules in `model/sharding.py`. Across TPU
+is sharded over (data, fsdp), params by the logical rules in `tandem/model/sharding.py`. Across TPU
 slices (multislice, `mesh.dcn_data`) the data axis is outermost and spans the slices, so
 only its gradient reductions travel over the data-center network.
 """

@@ -1,7 +1,7 @@
 """The sharded train step and the training run around it.
 
 `Trainer` owns the compiled pieces: params and AdamW state laid out by the logical rules in
-`model/sharding.py`, the batch over (data, fsdp), one `jax.jit` step with explicit in/out
+`tandem/model/sharding.py`, the batch over (data, fsdp), one `jax.jit` step with explicit in/out
 shardings and the state donated. Gradient accumulation is a `lax.scan` over microbatches
 inside that one step; compute dtype and remat come from the model config.
 
@@ -113,7 +113,7 @@ def _opt_shardings(opt_abstract: Any, param_shard: Any, mesh: Mesh) -> Any:
 
 
 class Trainer:
-    """Compiled train/eval steps for one config on one mesh. State is a dict pytree:
+    """Compiled tandem/train/eval steps for one config on one mesh. State is a dict pytree:
     params (pure dict), opt_state (optax), step (int32 []), rng (uint32 key data [2])."""
 
     def __init__(self, cfg: TrainConfig, mesh: Mesh):
@@ -169,7 +169,7 @@ class Trainer:
 
     def _loss_sums(self, params: Any, b: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Sum of the weighted per-token cross-entropies and of the weights. A bf16 model
-        takes the vocabulary-chunked loss (model/loss.py): its [B, T, V] f32 logits and
+        takes the vocabulary-chunked loss (tandem/model/loss.py): its [B, T, V] f32 logits and
         their f32 cotangent would dominate the step's memory and the head's backward."""
         model = nnx.merge(self.graphdef, params)
         mcfg = self.cfg.model

@@ -62,9 +62,8 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _process(cmd: list[str], log_path: Path, env: dict[str, str] | None = None):
-    """A server subprocess in its own process group, always terminated (then killed). It
-    runs in the log's directory: in the repo, its top-level folders (`kernels/` ...) would
-    shadow packages of the same name that vLLM's dependencies import."""
+    """A server subprocess in its own process group, always terminated (then killed), run
+    in its log's directory (whatever it writes beside its log stays there)."""
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent,

@@ -74,7 +74,7 @@ class TrainConfig:
     # --- run ---
     run_dir: str = "runs/default"
     # Pretrained weights to start from when run_dir holds no checkpoint: a HF model dir,
-    # a bundle or another run's checkpoint dir (train/init_from.py); "" = random init.
+    # a bundle or another run's checkpoint dir (tandem/train/init_from.py); "" = random init.
     init_from: str = ""
     steps: int = 300  # total optimizer steps
     seed: int = 0

@@ -248,7 +248,7 @@ def export(cfg: ExportConfig) -> tuple[Path, dict]:
     if cfg.format == "hf":
         write_hf_dir(out, serving_cfg, tokenizer, params.items(), overwrite=cfg.overwrite)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            # Validate what a HF consumer would load: re-import it through model/hf.py.
+            # Validate what a HF consumer would load: re-import it through tandem/model/hf.py.
             try:
                 bundle = import_hf(out, Path(tmp) / "bundle", dtype=cfg.dtype)
                 report = _validate(cfg, source_cfg, params, Bundle.load(bundle))

@@ -4,7 +4,7 @@ A Pallas call is opaque to XLA's SPMD partitioner, which would all-gather its sh
 operands and compute the whole batch on every device. Attention is independent per batch
 row and per kv-head group, so `per_shard` maps the kernel over the shards with
 `jax.shard_map` instead. Which mesh axes split the batch and the heads is the model's
-rule table's decision (model/sharding.py builds the `MeshAxes` it passes); this module
+rule table's decision (tandem/model/sharding.py builds the `MeshAxes` it passes); this module
 only applies it, so the dispatcher can wrap every kernel call in one place.
 """
 

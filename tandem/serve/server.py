@@ -1,5 +1,5 @@
 """The gRPC API layer (grpc.aio): translates tandem.v1 messages to orchestrator calls.
-`TandemServer` also runs the OpenAI-compatible HTTP API (serve/http_server.py) on the same
+`TandemServer` also runs the OpenAI-compatible HTTP API (tandem/serve/http_server.py) on the same
 orchestrator, metrics and health when `http_port` is set.
 
 It owns no scheduling: it validates and converts requests, streams `Output`s back, maps

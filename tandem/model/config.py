@@ -54,7 +54,7 @@ class ModelConfig:
     Qwen3 an RMSNorm over each head's q and k before RoPE (`qk_norm`), Mistral v0.3 is
     Llama under another name. `family` only records which HF config to write back; the
     transformer reads the switches, so a combination no HF family has (e.g. both on) still
-    trains and serves, and only `--format hf` refuses it (model/hf.py)."""
+    trains and serves, and only `--format hf` refuses it (tandem/model/hf.py)."""
 
     vocab_size: int = 2048
     d_model: int = 256

@@ -51,7 +51,7 @@ def _mesh_axes(name: str) -> tuple[str, ...]:
     return (target,) if isinstance(target, str) else tuple(target or ())
 
 
-# How attention kernels split over the mesh (kernels/sharding.py: `per_shard`): batch rows
+# How attention kernels split over the mesh (tandem/kernels/sharding.py: `per_shard`): batch rows
 # as activations are split, query and kv heads as their weights are. A query head must
 # share a device with its kv head, so the two rules must agree.
 assert _RULES[HEADS] == _RULES[KV_HEADS]

@@ -35,7 +35,7 @@ and no gRPC or client (like `vllm bench throughput`): the ceiling of engine + sc
 that the served modes are measured against. With --hf-compare
 it also runs Hugging Face `transformers` `generate` (static batches of --hf-batch-size,
 left-padded, greedy, each batch decoding to its longest requested output) on the SAME
-weights: a random LlamaForCausalLM built locally and imported with model/hf.py (or
+weights: a random LlamaForCausalLM built locally and imported with tandem/model/hf.py (or
 --hf-dir), so both stacks serve identical parameters. HF has no streaming here, so its
 line reports throughput and e2e only (every request arrives at t=0 in that run).
 """

@@ -21,7 +21,7 @@ the reference with one logged warning per (kernel, reason): a slower answer, nev
 wrong one. `pallas_interpret` applies the same shape rules as compiled `pallas`, so CPU
 tests exercise exactly what an accelerator would compile.
 
-With `mesh_axes` (the model passes its rule table's, model/sharding.py) a kernel runs per
+With `mesh_axes` (the model passes its rule table's, tandem/model/sharding.py) a kernel runs per
 mesh shard (sharding.py: `per_shard`); the reference is left to XLA's partitioner.
 
 The decision is taken in Python on static shapes, i.e. once per trace under `jax.jit`.
