@@ -7,9 +7,10 @@ server-sent events with `"stream": true`, ending in `data: [DONE]`), `GET /v1/mo
 draining) and `GET /metrics` (the replica's Prometheus registry). It is a translation
 layer like the gRPC one: requests become `SamplingParams` submitted to the one
 `Orchestrator`, `Output`s come back over the same batched thread hand-off, and the
-server's `ready` event is its health. `n > 1` is served as n independent submissions
-with seeds seed, seed+1, ... (each a sequence of its own; the prefix cache of the paged
-engine makes their shared prompt nearly free).
+server's `ready` event is its health. `n > 1` is served as n submissions with seeds
+seed, seed+1, ... (each a sequence of its own); the scheduler makes the later ones wait
+for the first to publish the prompt's full pages, so the prompt is prefilled once (all
+but its last, partial page; with prefix caching on).
 
 Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a
 bad parameter (named in `param`, including unknown fields and parameters whose feature

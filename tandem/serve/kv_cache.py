@@ -48,10 +48,14 @@ class SequenceLike(Protocol):
 
 
 class PrefixHit(NamedTuple):
-    """The cached leading pages of a sequence (`lookup`): `num_tokens` = pages x page_size."""
+    """The cached leading pages of a sequence (`lookup`): `num_tokens` = pages x page_size.
+
+    `num_pending_tokens`: the tokens of the full pages right after the hit that another
+    running sequence is computing now (same hashes, not yet published)."""
 
     pages: tuple[int, ...]
     num_tokens: int
+    num_pending_tokens: int = 0
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:
@@ -84,6 +88,8 @@ class KVCacheManager:
         self._pages: dict[str, list[int]] = {}  # request id -> its pages, in token order
         self._hashes: dict[str, list[bytes]] = {}  # request id -> hashes of its full pages
         self._published: dict[str, int] = {}  # request id -> leading pages already examined
+        # hash -> id of the sequence computing that full page now (admitted, not published)
+        self._computing: dict[bytes, str] = {}
         self.prefix_queries = 0  # tokens of admitted sequences looked up (prometheus counter)
         self.prefix_hits = 0  # of those, tokens found cached
 
@@ -122,13 +128,20 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return PrefixHit((), 0)
         most = (len(request.all_token_ids) - 1) // self.page_size
+        hashes = self._page_hashes(request, most)
         pages = []
-        for h in self._page_hashes(request, most):
+        for h in hashes:
             page = self._cached.get(h)
             if page is None:
                 break
             pages.append(page)
-        return PrefixHit(tuple(pages), len(pages) * self.page_size)
+        pending = 0
+        for h in hashes[len(pages) :]:
+            if h not in self._computing:
+                break
+            pending += 1
+        size = self.page_size
+        return PrefixHit(tuple(pages), len(pages) * size, pending * size)
 
     def cache_pages(self, request: SequenceLike, num_computed_tokens: int) -> None:
         """Publishes the sequence's full pages among its first `num_computed_tokens` tokens,
@@ -142,6 +155,8 @@ class KVCacheManager:
             return
         pages, hashes = self._pages[rid], self._page_hashes(request, end)
         for i in range(start, end):
+            if self._computing.get(hashes[i]) == rid:
+                del self._computing[hashes[i]]
             if hashes[i] not in self._cached:
                 assert self._hash[pages[i]] is None, "a fresh page carries no hash"
                 self._cached[hashes[i]] = pages[i]
@@ -193,7 +208,17 @@ class KVCacheManager:
         if hit is not None and self.enable_prefix_caching:
             self.prefix_queries += len(request.all_token_ids)
             self.prefix_hits += hit.num_tokens
+            self._mark_computing(request, len(hit_pages))
         return new
+
+    def _mark_computing(self, request: SequenceLike, start: int) -> None:
+        """Registers the full pages of a newly admitted sequence after its hit as being
+        computed by it, so `lookup` can tell a sibling to wait for them rather than compute
+        the same prefix again (n choices of one prompt; a burst sharing a system prompt)."""
+        rid = request.request_id
+        most = (len(request.all_token_ids) - 1) // self.page_size
+        for h in self._page_hashes(request, most)[start:]:
+            self._computing.setdefault(h, rid)
 
     def _take_free_page(self) -> int:
         if self._empty:
@@ -209,7 +234,9 @@ class KVCacheManager:
         """Releases the sequence's pages (finished, aborted or preempted). Published pages
         keep their content and become evictable; the rest are empty again."""
         rid = request.request_id
-        self._hashes.pop(rid, None)
+        for h in self._hashes.pop(rid, ()):
+            if self._computing.get(h) == rid:
+                del self._computing[h]
         self._published.pop(rid, None)
         for page in reversed(self._pages.pop(rid, ())):  # tail first: evicted first
             self._ref[page] -= 1

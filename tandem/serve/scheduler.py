@@ -10,7 +10,11 @@ leading tokens whose K/V are in the cache) and the step catches them up with its
      decode);
   3. waiting requests in arrival order, each starting after its longest cached prefix
      (serve.kv_cache), as many as the admission policy, `max_seqs` and the budget allow
-     (several short prompts share one step; the last may get only a first chunk).
+     (several short prompts share one step; the last may get only a first chunk). A
+     request whose next full pages another running sequence is computing right now waits
+     (keeping its place) until they are published, then starts after them: a prefix
+     shared by requests that arrive together (the n choices of one prompt, a burst with
+     one system prompt) is computed once, not once per request.
 Running sequences are visited in admission order, as vLLM does, and that alone puts every
 decode first: only the last request admitted can be left mid-prompt, and the budget (at
 least `max_seqs`) always holds a token for each running sequence.
@@ -386,12 +390,16 @@ class Scheduler:
                 place(request, n)
         if not preempted:  # 3. waiting requests
             limit = self._admit_limit()
+            deferred: list[Request] = []
             while self.waiting and budget > 0 and len(self.running) < self.cfg.max_seqs:
                 request = self.waiting[0]
                 resumed = request.status == RequestStatus.PREEMPTED
                 if not resumed and limit == 0:
                     break
                 hit = self.kv.lookup(request)
+                if hit.num_pending_tokens:  # its next pages are being computed: wait for
+                    deferred.append(self.waiting.popleft())  # them rather than compute
+                    continue  # them twice (n choices of one prompt, a shared system prompt)
                 n = min(request.num_tokens - hit.num_tokens, budget)
                 if self.kv.allocate(request, n, hit) is None:
                     break  # wait for pages to free up
@@ -403,6 +411,7 @@ class Scheduler:
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
                 place(request, n)
+            self.waiting.extendleft(reversed(deferred))  # their places in the queue
         plan = self._plan(rows, preempted)
         for request, n in rows:
             request.num_computed_tokens += n

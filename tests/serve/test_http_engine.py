@@ -35,8 +35,9 @@ from tests.serve.test_engine import greedy_reference
 
 REPO = Path(__file__).resolve().parents[2]
 SCFG = ServeConfig(
-    max_seqs=4, max_len=80, max_prompt_len=48, tensor_parallel=1, port=0, http_port=0
-)
+    max_seqs=4, max_len=80, max_prompt_len=48, page_size=16, tensor_parallel=1, port=0,
+    http_port=0, metrics_port=0,
+)  # fmt: skip
 PROMPTS = ["Hello, how are you?", "def greet(name):", "The"]
 CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -133,6 +134,26 @@ def test_n_choices_are_the_seeds_seed_plus_i(served) -> None:
         ]  # fmt: skip
     assert [c.text for c in r.choices] == want
     assert len(set(want)) > 1  # sampled: the seeds differ, so do the texts
+
+
+def _prefix_hits(served) -> float:
+    with urllib.request.urlopen(f"{served.base_url.removesuffix('/v1')}/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("tandem_prefix_cache_hits_total "):
+                return float(line.split()[1])
+    raise AssertionError("no tandem_prefix_cache_hits_total in /metrics")
+
+
+def test_n_choices_prefill_the_prompt_once(served) -> None:
+    """The 2 full pages (16 tokens each) of a 40-token prompt are computed by the first
+    choice and found cached by the other three, which wait for them."""
+    client = openai.OpenAI(base_url=served.base_url, api_key="none", max_retries=0)
+    prompt = list(range(100, 140))
+    before = _prefix_hits(served)
+    r = client.completions.create(model="tiny-qwen", prompt=prompt, n=4, seed=3, max_tokens=4,
+                                  temperature=1.0, extra_body={"ignore_eos": True})  # fmt: skip
+    assert len(r.choices) == 4
+    assert _prefix_hits(served) - before == 3 * 32
 
 
 def _free_port() -> int:

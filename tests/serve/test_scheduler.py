@@ -244,6 +244,46 @@ def test_cached_prompt_tokens_are_reported_per_request() -> None:
     assert plan.num_tokens == 2 and int(plan.num_computed_tokens[0]) == 16
 
 
+def test_requests_arriving_together_with_one_prompt_compute_it_once() -> None:
+    """The n choices of a prompt (or a burst sharing a system prompt): the first computes
+    the shared full pages, the others wait for them to be published and then start after
+    them; outputs are what each would produce alone."""
+    rng = random.Random(11)
+    prompt = [rng.randrange(1, VOCAB) for _ in range(42)]  # 10 full pages of 4, then 2
+    specs = {f"c{i}": Spec(prompt, 12, seed=100 + i) for i in range(4)}
+    specs["other"] = Spec([rng.randrange(1, VOCAB) for _ in range(9)], 12, seed=5)
+    on = simulate(serve_cfg(), specs)
+    check_against_reference(on, specs, 256)
+    first = on.plans[0]
+    assert [r.request_id for r in first.requests] == ["c0", "other"]  # siblings wait, others not
+    shared = 40  # (42 - 1) // 4 full pages
+    assert on.scheduler.kv.prefix_hits == 3 * shared
+    off = simulate(serve_cfg(enable_prefix_caching=False), specs)
+    assert on.outputs == off.outputs
+    assert on.computed_tokens == off.computed_tokens - 3 * shared
+
+
+def test_a_waiting_sibling_follows_a_chunked_prefill_page_by_page() -> None:
+    """A prompt longer than the budget: its sibling waits while the first computes it in
+    chunks, then reuses every published page; a later unrelated request is not held up."""
+    cfg = serve_cfg(max_num_batched_tokens=16)
+    sched, model = Scheduler(cfg), PagedFakeModel(cfg)
+    prompt = list(range(1, 41))  # 40 tokens: 3 steps of 16
+    a, b = make_request("a", Spec(prompt, 2)), make_request("b", Spec(prompt, 2))
+    c = make_request("c", Spec([7, 8, 9], 2))
+    for request in (a, b, c):
+        sched.add_request(request)
+    admitted = []
+    while b.status == RequestStatus.WAITING:
+        plan = sched.schedule()
+        admitted.append([r.request_id for r in plan.requests])
+        sched.update_from_output(plan, model.run(plan))
+    # a's chunks fill the first two steps; in the third, b still waits for a's last
+    # page but c, behind it in the queue, starts; b starts after it
+    assert admitted == [["a"], ["a"], ["a", "c"], ["a", "c", "b"]]
+    assert b.num_cached_tokens == 36  # (40 - 1) // 4 full pages, all computed by a
+
+
 def test_a_long_prompt_is_chunked_while_16_streams_keep_decoding() -> None:
     cfg = serve_cfg(max_len=2100, kv_cache_tokens=8192, max_seqs=32, max_num_batched_tokens=256)
     rng = random.Random(3)
