@@ -48,6 +48,7 @@ from tandem.kernels._common import (
     next_pow2,
 )
 from tandem.kernels.paged_reference import (
+    check_row_arrays,
     pack_query_blocks,
     query_blocks,
     ragged_paged_attention_reference,
@@ -200,16 +201,7 @@ def ragged_paged_attention(
     )
     if reason:
         raise ValueError(f"ragged_paged_attention: {reason}")
-    n_rows = kv_lens.shape[0] if kv_lens.ndim == 1 else -1
-    if page_indices.ndim != 2 or page_indices.shape[0] != n_rows:
-        raise ValueError(
-            f"page_indices has shape {page_indices.shape}, expected [R, Pr] with "
-            f"R = len(kv_lens) = {n_rows}"
-        )
-    if cu_q_lens.shape != (n_rows + 1,):
-        raise ValueError(f"cu_q_lens has shape {cu_q_lens.shape}, expected [R + 1]=({n_rows + 1},)")
-    if num_rows.shape != ():
-        raise ValueError(f"num_rows has shape {num_rows.shape}, expected a scalar")
+    check_row_arrays(kv_lens, page_indices, cu_q_lens, num_rows)
     page_size = k_pages.shape[2]
     group = n_heads // n_kv
     padded_group = next_pow2(group)

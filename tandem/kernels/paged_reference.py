@@ -57,6 +57,23 @@ def write_pages(
     return scatter(k_pages, k), scatter(v_pages, v)
 
 
+def check_row_arrays(
+    kv_lens: jax.Array, page_indices: jax.Array, cu_q_lens: jax.Array, num_rows: jax.Array
+) -> None:
+    """ValueError unless the per-row arrays of a ragged step agree in shape ([R], [R, Pr],
+    [R + 1], a scalar): what the kernels check before they build their blocks."""
+    n_rows = kv_lens.shape[0] if kv_lens.ndim == 1 else -1
+    if page_indices.ndim != 2 or page_indices.shape[0] != n_rows:
+        raise ValueError(
+            f"page_indices has shape {page_indices.shape}, expected [R, Pr] with "
+            f"R = len(kv_lens) = {n_rows}"
+        )
+    if cu_q_lens.shape != (n_rows + 1,):
+        raise ValueError(f"cu_q_lens has shape {cu_q_lens.shape}, expected [R + 1]=({n_rows + 1},)")
+    if num_rows.shape != ():
+        raise ValueError(f"num_rows has shape {num_rows.shape}, expected a scalar")
+
+
 class QueryBlocks(NamedTuple):
     """The step's query tokens cut into blocks of `block_q` tokens of one row each (the
     unit of work of the Pallas kernel and of the CPU chunk loop). Per block, padded to
