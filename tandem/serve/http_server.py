@@ -55,6 +55,7 @@ from starlette.routing import Route
 from tandem.model.tokenizer import Tokenizer
 from tandem.serve import openai_protocol as api
 from tandem.serve.config import ServeConfig
+from tandem.serve.handoff import Handoff
 from tandem.serve.metrics import ServeMetrics
 from tandem.serve.orchestrator import Orchestrator, Output, RequestError, merge_outputs
 from tandem.serve.sampling import SamplingParams
@@ -203,33 +204,6 @@ def _not_yet(req: api.CompletionRequest | api.ChatCompletionRequest) -> None:
         )
 
 
-class _Handoff:
-    """Orchestrator thread -> event loop: the outputs of one step for many streams cross
-    with ONE wake-up (a parked list drained by one scheduled callback), as in the gRPC
-    layer; a wake-up per token and stream would cost more than the token."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._pending: list[tuple[asyncio.Queue, Any]] = []
-        self._lock = threading.Lock()
-        self._scheduled = False
-
-    def put(self, queue: asyncio.Queue, index: int, out: Output) -> None:
-        with self._lock:
-            self._pending.append((queue, (index, out)))
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self._loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-            self._scheduled = False
-        for queue, item in pending:
-            queue.put_nowait(item)
-
-
 @dataclasses.dataclass
 class _Run:
     """The sequences of one HTTP request (prompts x n) and the queue their outputs reach
@@ -350,11 +324,11 @@ class OpenAIService:
         self.ready = ready
         self.model_name = served_model_name(cfg)
         self.created = int(time.time())
-        self._handoff: _Handoff | None = None  # bound to the event loop by `bind`
+        self._handoff: Handoff | None = None  # bound to the event loop by `bind`
         self._token_text: dict[int, str] = {}
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._handoff = _Handoff(loop)
+        self._handoff = Handoff(loop)
 
     # ---- request parsing ----------------------------------------------------------------
 

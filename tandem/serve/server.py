@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -38,9 +40,16 @@ from grpc_reflection.v1alpha import reflection
 from tandem.proto.v1 import generate_pb2 as pb
 from tandem.serve.config import ServeConfig
 from tandem.serve.engine_api import Engine
+from tandem.serve.handoff import Handoff
 from tandem.serve.http_server import HttpServer, OpenAIService
 from tandem.serve.metrics import ServeMetrics
-from tandem.serve.orchestrator import Orchestrator, Output, RequestError, merge_outputs
+from tandem.serve.orchestrator import (
+    Orchestrator,
+    Output,
+    RequestError,
+    RequestHandle,
+    merge_outputs,
+)
 from tandem.serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -85,13 +94,14 @@ def _check_message(msg: Any) -> None:
         )
 
 
-def _to_response(out: Output, request_id: str) -> pb.GenerateResponse:
+def _to_response(out: Output, request_id: str, index: int = 0) -> pb.GenerateResponse:
     resp = pb.GenerateResponse(
         text=out.text,
         token_ids=out.token_ids,
         finish_reason=out.finish_reason,
         matched_stop=out.matched_stop,
         request_id=request_id,
+        index=index,
     )
     for st in out.logprobs:
         resp.logprobs.append(
@@ -123,33 +133,12 @@ class GenerationService:
         self.tokenizer = engine.tokenizer
         self.metrics = metrics
         self.ready = ready
-        self._pending: list[tuple[asyncio.Queue, Output]] = []
-        self._pending_lock = threading.Lock()
-        self._drain_scheduled = False
-
-    # ---- loop-thread -> event-loop handoff -----------------------------------------------
-
-    def _handoff(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, out: Output) -> None:
-        """Called on the orchestrator thread. Outputs of one decode step for many streams
-        cross to the event loop with ONE wake-up (not one per stream): they are parked in
-        a list that a single scheduled callback drains."""
-        with self._pending_lock:
-            self._pending.append((queue, out))
-            if self._drain_scheduled:
-                return
-            self._drain_scheduled = True
-        loop.call_soon_threadsafe(self._drain_pending)
-
-    def _drain_pending(self) -> None:
-        with self._pending_lock:
-            pending, self._pending = self._pending, []
-            self._drain_scheduled = False
-        for queue, out in pending:
-            queue.put_nowait(out)
+        self._handoff: Handoff | None = None  # bound to the event loop at the first request
 
     # ---- conversion -----------------------------------------------------------------
 
-    async def _parse(self, req: Any) -> tuple[list[int], SamplingParams]:
+    async def _parse(self, req: Any) -> tuple[list[int], list[SamplingParams]]:
+        """The prompt's ids and one SamplingParams per choice (n), all validated."""
         _check_message(req)
         if req.prompt and req.prompt_token_ids:
             raise _BadRequest("prompt is invalid: set prompt or prompt_token_ids, not both")
@@ -171,6 +160,12 @@ class GenerationService:
             raise _BadRequest(f"logprobs={req.logprobs} is invalid: must be >= 0")
         if not math.isfinite(req.temperature):
             raise _BadRequest(f"temperature={req.temperature} is invalid: must be finite")
+        n = max(req.n, 1)
+        if req.n < 0 or n > self.orch.cfg.max_queue:
+            raise _BadRequest(
+                f"n={req.n} is invalid: must be in [0, max_queue={self.orch.cfg.max_queue}] "
+                "(each choice is a sequence of its own)"
+            )
         fields: dict[str, Any] = {
             "max_tokens": req.max_tokens,
             "temperature": float(req.temperature),
@@ -187,69 +182,90 @@ class GenerationService:
             self.orch.validate(prompt_ids, params)
         except ValueError as e:
             raise _BadRequest(str(e)) from e
-        return prompt_ids, params
+        seed = params.seed
+        choices = [  # seed, seed+1, ...: the same 64-bit patterns as the HTTP API's n
+            dataclasses.replace(params, seed=None if seed is None else (seed + i) % 2**64)
+            for i in range(n)
+        ]
+        return prompt_ids, choices
 
     async def _reject(self, context: grpc.aio.ServicerContext, code: str, msg: str) -> None:
         if self.metrics:
             self.metrics.count_request(code)
         await context.abort(grpc.StatusCode[code], msg)
 
-    async def _start(self, req: Any, context: grpc.aio.ServicerContext):
+    async def _start(
+        self, req: Any, context: grpc.aio.ServicerContext, *, max_n: int
+    ) -> tuple[list[RequestHandle], asyncio.Queue[tuple[int, Output]]]:
+        """Submits the request's choices; their outputs arrive as (index, Output)."""
         if not self.ready.is_set():
             await self._reject(context, "UNAVAILABLE", "model is warming up; retry shortly")
         try:
-            prompt_ids, params = await self._parse(req)
+            prompt_ids, choices = await self._parse(req)
+            if len(choices) > max_n:
+                raise _BadRequest(
+                    f"n={req.n} is invalid: GenerateUnary returns one sequence; use the "
+                    "streaming Generate for n > 1"
+                )
         except _BadRequest as e:
             await self._reject(context, "INVALID_ARGUMENT", str(e))
-        queue: asyncio.Queue[Output] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def sink(out: Output) -> None:
-            self._handoff(loop, queue, out)
-
+        queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        if self._handoff is None:
+            self._handoff = Handoff(asyncio.get_running_loop())
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
+        handles: list[RequestHandle] = []
         try:
-            handle = self.orch.submit(prompt_ids, params, sink, deadline=deadline)
-        except ValueError as e:
-            await self._reject(context, "INVALID_ARGUMENT", str(e))
-        except RequestError as e:
+            for i, params in enumerate(choices):
+                sink = functools.partial(self._handoff.put, queue, i)
+                handles.append(self.orch.submit(prompt_ids, params, sink, deadline=deadline))
+        except (ValueError, RequestError) as e:
+            for handle in handles:  # all choices run, or none
+                handle.cancel()
+            if isinstance(e, ValueError):
+                await self._reject(context, "INVALID_ARGUMENT", str(e))
             await self._reject(context, e.code, e.message)
-        return handle, queue
+        return handles, queue
 
     # ---- RPCs -----------------------------------------------------------------------
 
     async def generate(self, req: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        handle, queue = await self._start(req, context)
-        finished = False
+        handles, queue = await self._start(req, context, max_n=self.orch.cfg.max_queue)
+        done: set[int] = set()
         try:
-            while not finished:
-                outs = [await queue.get()]
-                while not outs[-1].final and not queue.empty():
-                    outs.append(queue.get_nowait())
-                err = outs[-1].error
-                if err is not None:
-                    outs.pop()  # what was decoded before the error is still delivered
-                if outs:
-                    out = merge_outputs(outs)
-                    finished = out.final
-                    yield _to_response(out, req.request_id)
-                if err is not None:
-                    finished = True
-                    await context.abort(grpc.StatusCode[err.code], err.message)
+            while len(done) < len(handles):
+                # what has arrived, merged per choice: one message per choice and wake-up
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                per_choice: dict[int, list[Output]] = {}
+                for index, out in batch:
+                    per_choice.setdefault(index, []).append(out)
+                for index, outs in per_choice.items():
+                    err = outs[-1].error
+                    if err is not None:
+                        outs.pop()  # what was decoded before the error is still delivered
+                    if outs:
+                        out = merge_outputs(outs)
+                        if out.final:
+                            done.add(index)
+                        yield _to_response(out, req.request_id, index)
+                    if err is not None:
+                        await context.abort(grpc.StatusCode[err.code], err.message)
         finally:
-            if not finished:
-                handle.cancel()
+            for index, handle in enumerate(handles):
+                if index not in done:
+                    handle.cancel()
 
     async def generate_unary(self, req: Any, context: grpc.aio.ServicerContext) -> Any:
-        handle, queue = await self._start(req, context)
+        handles, queue = await self._start(req, context, max_n=1)
         outs: list[Output] = []
         try:
             while not outs or not outs[-1].final:
-                outs.append(await queue.get())
+                outs.append((await queue.get())[1])
         finally:
             if not outs or not outs[-1].final:
-                handle.cancel()
+                handles[0].cancel()
         if outs[-1].error is not None:
             await context.abort(grpc.StatusCode[outs[-1].error.code], outs[-1].error.message)
         return _to_response(merge_outputs(outs), req.request_id)

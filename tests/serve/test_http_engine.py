@@ -134,6 +134,12 @@ def test_n_choices_are_the_seeds_seed_plus_i(served) -> None:
         ]  # fmt: skip
     assert [c.text for c in r.choices] == want
     assert len(set(want)) > 1  # sampled: the seeds differ, so do the texts
+    with TandemClient(served.target) as grpc_client:  # gRPC's n: one stream, indexed
+        texts = ["", "", ""]
+        for chunk in grpc_client.generate("The", n=3, max_tokens=12, temperature=1.0, seed=11,
+                                          ignore_eos=True):  # fmt: skip
+            texts[chunk.index] += chunk.text
+    assert texts == want
 
 
 def _prefix_hits(served) -> float:
