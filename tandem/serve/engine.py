@@ -55,6 +55,7 @@ from tandem.serve.engine_api import Engine, StepOutput, TokenizerLike, pack_rows
 from tandem.serve.kv_cache import pages_for
 from tandem.serve.sampling import logprobs_of, sample, split_seed
 from tandem.serve.scheduler import SchedulerOutput
+from tandem.serve.structured import apply_bitmask, fill_bitmask
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class StepInputs(NamedTuple):
     top_p: np.ndarray  # [Rb] float32
     seeds: np.ndarray  # [Rb, 2] uint32
     logprobs: np.ndarray  # [Rb] bool: the row's request asked for logprobs
+    constrained: np.ndarray  # [Rb] bool: the row's request has a grammar
+    bitmask: np.ndarray  # [Rb, ceil(V / 32)] int32 allowed tokens (tandem/serve/structured.py)
 
 
 def default_page_size() -> int:
@@ -204,6 +207,7 @@ class JaxEngine(Engine):
         leaves, self._rest_treedef = jax.tree.flatten(rest)
         self._weights = (tuple(leaves), layers)
         self._compiled: dict[int, Any] = {}
+        self._open_masks: dict[int, np.ndarray] = {}  # rows -> an all-allowed bitmask
         self._init_cache: Any = None
         self._cache: PagedKVCache | None = None
         self.warmup_seconds: float | None = None
@@ -289,7 +293,11 @@ class JaxEngine(Engine):
         model, layers = self._model(weights)
         logits, cache = model.step(x.tokens, x.positions, cache, x.meta, x.logits_at, layers)
         positions = x.meta.kv_lens  # [Rb] where each row's next token sits
-        tokens = sample(logits, x.temperature, x.top_k, x.top_p, x.seeds, positions)
+        # Most steps hold no grammar row: the bitmask's unpacking over [Rb, V] is skipped.
+        allowed = jax.lax.cond(
+            jnp.any(x.constrained), lambda: apply_bitmask(logits, x.bitmask), lambda: logits
+        )  # [Rb, V]; logprobs stay the model's own (raw logits, as vLLM's default)
+        tokens = sample(allowed, x.temperature, x.top_k, x.top_p, x.seeds, positions)
         # log-softmax and top-n over the vocabulary are a measurable part of a CPU step
         # (docs/benchmarks.md); most steps hold no request that asked for logprobs.
         rows = tokens.shape[0]
@@ -335,6 +343,12 @@ class JaxEngine(Engine):
         top_p = np.ones(r_pad, np.float32)
         seeds = np.zeros((r_pad, 2), np.uint32)
         logprobs = np.zeros(r_pad, bool)
+        bitmask = fill_bitmask(plan, r_pad, self.cfg.vocab_size) if plan is not None else None
+        constrained = np.zeros(r_pad, bool)
+        if bitmask is None:
+            bitmask = self._open_mask(r_pad)
+        else:
+            constrained[:r] = [req.grammar is not None for req in plan.requests]
         if plan is not None:
             tokens[:t] = plan.token_ids
             positions[:t] = plan.positions
@@ -351,8 +365,17 @@ class JaxEngine(Engine):
         logits_at = np.maximum(cu[1:] - 1, 0)  # [Rb] padding rows: token 0
         meta = StepMetadata(slots, kv_lens, pages, cu, np.int32(r))
         return StepInputs(
-            tokens, positions, meta, logits_at, temperature, top_k, top_p, seeds, logprobs
-        )
+            tokens, positions, meta, logits_at, temperature, top_k, top_p, seeds, logprobs,
+            constrained, bitmask,
+        )  # fmt: skip
+
+    def _open_mask(self, rows: int) -> np.ndarray:  # [rows, W] int32, every token allowed
+        mask = self._open_masks.get(rows)
+        if mask is None:
+            mask = np.full((rows, (self.cfg.vocab_size + 31) // 32), -1, np.int32)
+            mask.flags.writeable = False
+            self._open_masks[rows] = mask
+        return mask
 
     # ---- compilation ------------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ emits EOS, so a test controls the exact token stream through the prompt alone (w
 tokenizer, every UTF-8 byte is its own token, which exercises split characters and stop
 strings that straddle tokens). It runs real scheduler plans: it checks that each row's
 tokens are its request's next ones, answers the rows that sample with the script's next
-token and packs a StepOutput, and counts steps and rows so tests can check continuous
+token (under a request's grammar: that token if the grammar allows it, else the lowest id
+it allows) and packs a StepOutput, and counts steps and rows so tests can check continuous
 batching, chunked prefill and preemption. It holds no cache, so any page table is fine.
 """
 
@@ -21,6 +22,7 @@ from tandem.serve.config import ServeConfig
 from tandem.serve.engine_api import Engine, StepOutput, TokenizerLike, pack_rows
 from tandem.serve.kv_cache import pages_for
 from tandem.serve.scheduler import SchedulerOutput
+from tandem.serve.structured import allows, fill_bitmask
 
 Script = Callable[[Sequence[int], int], int]  # (prompt ids, output index) -> token id
 
@@ -79,6 +81,7 @@ class FakeEngine(Engine):
         self.rows_history.append(plan.num_rows)
         self.tokens_history.append(plan.num_tokens)
         tokens = np.zeros(plan.num_rows, np.int32)
+        bitmask = fill_bitmask(plan, plan.num_rows, self.tokenizer.vocab_size)
         for r, request in enumerate(plan.requests):
             lo, hi = plan.cu_q_lens[r], plan.cu_q_lens[r + 1]
             start = int(plan.num_computed_tokens[r])
@@ -88,6 +91,9 @@ class FakeEngine(Engine):
                 raise RuntimeError(f"row {r} of the plan does not continue {request}")
             if plan.sample[r]:
                 tokens[r] = self.script(request.prompt_token_ids, request.num_output_tokens)
+                if request.grammar is not None and not allows(bitmask[r], int(tokens[r])):
+                    bits = np.unpackbits(bitmask[r].view(np.uint8), bitorder="little")
+                    tokens[r] = int(np.flatnonzero(bits)[0])
         n = np.arange(self.max_logprobs)
         rows = pack_rows(
             tokens,

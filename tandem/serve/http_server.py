@@ -59,6 +59,7 @@ from tandem.serve.handoff import Handoff
 from tandem.serve.metrics import ServeMetrics
 from tandem.serve.orchestrator import Orchestrator, Output, RequestError, merge_outputs
 from tandem.serve.sampling import SamplingParams
+from tandem.serve.structured import StructuredOutput
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +178,28 @@ def _validation_error(err: pydantic.ValidationError) -> ApiError:
     )  # fmt: skip
 
 
+def _structured_output(fmt: api.ResponseFormat | None) -> StructuredOutput | None:
+    """`response_format` as the grammar the output must match (None: free text)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutput("json_object")
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise ApiError(
+            400,
+            "response_format.json_schema.schema is invalid: type json_schema needs a schema",
+            param="response_format.json_schema.schema",
+            code="invalid_value",
+        )
+    return StructuredOutput("json_schema", json.dumps(fmt.json_schema.schema_))
+
+
 def _not_yet(req: api.CompletionRequest | api.ChatCompletionRequest) -> None:
     """Refuses a parameter whose feature tandem does not serve yet, unless it is off."""
     for name, off in api.NOT_YET.items():
         value = getattr(req, name, off)
         if value == off or (off is None and not value):
             continue  # None, [] and {} all mean "not used"
-        if name == "response_format" and value.type == "text":
-            continue
         shown = value.model_dump() if isinstance(value, pydantic.BaseModel) else value
         raise ApiError(
             400,
@@ -446,6 +461,8 @@ class OpenAIService:
                 code="invalid_value",
             )
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        structured = _structured_output(req.response_format)
+        renames = renames | {"json_schema": "response_format", "json_object": "response_format"}
         plan = []
         for ids in prompts:
             for j in range(req.n):
@@ -461,6 +478,7 @@ class OpenAIService:
                     # logprobs 0 means "the chosen token's only": the engine's 1, top dropped
                     "logprobs": 0 if logprobs is None else max(logprobs, 1),
                     "ignore_eos": req.ignore_eos,
+                    "structured_output": structured,
                 }
                 try:
                     params = self.orch.default_params(len(ids), **fields)

@@ -9,7 +9,7 @@ unchanged. Requests are strict where OpenAI-compatible servers are usually lax:
 - an unknown field is an error naming it (`extra="forbid"`), never silently ignored;
 - NaN and infinite numbers are refused (`allow_inf_nan=False`);
 - a known parameter whose feature tandem does not serve yet (`NOT_YET`: penalties, min_p,
-  logit_bias, echo, structured output, tools, ...) is accepted only at its default value,
+  logit_bias, echo, tools, ...) is accepted only at its default value,
   any other value is a 400 naming it (`not_yet_supported`).
 
 The bounds that depend on the served model (logprobs <= max_logprobs, top_k <= vocab, the
@@ -34,7 +34,6 @@ NOT_YET: dict[str, Any] = {
     "echo": False,
     "suffix": None,
     "prompt_logprobs": None,
-    "response_format": None,
     "tools": None,
 }
 
@@ -73,6 +72,18 @@ class _Sampling(_Request):
     logit_bias: dict[str, float] | None = None
 
 
+class JsonSchemaFormat(_Request):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced (strict or not)
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class CompletionRequest(_Sampling):
     # a text, a batch of texts, token ids, or a batch of token-id lists
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -81,6 +92,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     prompt_logprobs: int | None = None
+    response_format: ResponseFormat | None = None  # vLLM extension on completions
 
 
 class TextPart(_Request):
@@ -95,11 +107,6 @@ class ChatMessage(_Request):
     tool_calls: list[dict[str, Any]] | None = None  # history, handed to the template
     tool_call_id: str | None = None
     reasoning_content: str | None = None
-
-
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(_Sampling):

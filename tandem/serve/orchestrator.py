@@ -52,6 +52,7 @@ from tandem.serve.scheduler import (
     RequestStatus,
     Scheduler,
 )
+from tandem.serve.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,8 @@ class Orchestrator:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.peak_running = 0  # the most sequences one step ran (benchmarks report it)
+        self._grammars: GrammarCompiler | None = None  # built at the first grammar request
+        self._grammars_lock = threading.Lock()
         self._new_scheduler()
 
     def _new_scheduler(self) -> None:
@@ -218,6 +221,17 @@ class Orchestrator:
             )
         params.check_limits(vocab_size=vocab, max_logprobs=self.cfg.max_logprobs)
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)  # reads sizes only
+        if params.structured_output is not None:
+            self.grammars.check(params.structured_output)
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The grammar engine over the served tokenizer (built once: about a second for a
+        large vocabulary, paid by the first request that asks for structured output)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer)
+            return self._grammars
 
     def default_params(self, prompt_len: int, **fields: Any) -> SamplingParams:
         """SamplingParams with max_tokens defaulted to what fits (used when a request sends 0)."""
@@ -239,12 +253,14 @@ class Orchestrator:
         (RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when shutting down)."""
         self.validate(prompt_ids, params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        grammar = params.structured_output
         request = Request(
             str(next(self._ids)),
             prompt_ids,
             params,
             seed=seed,
             eos_token_ids=self.tokenizer.stop_ids,
+            grammar=None if grammar is None else self.grammars.matcher(grammar),
         )
         text = TextStream(self._detok(self.tokenizer), params.stop)
         buffer = OutputBuffer(self.cfg.stream_interval, merge_outputs)

@@ -17,6 +17,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from tandem.serve.structured import StructuredOutput
+
 _NEG_INF = -1e30
 
 
@@ -37,6 +39,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int = 0
     ignore_eos: bool = False
+    structured_output: StructuredOutput | None = None  # the grammar the output must match
 
     def __post_init__(self) -> None:
         _check(
@@ -79,6 +82,12 @@ class SamplingParams:
             _check(isinstance(s, str) and len(s) > 0, "stop", s, "non-empty strings")
         for t in self.stop_token_ids:
             _check(isinstance(t, int) and t >= 0, "stop_token_ids", t, "integers >= 0")
+        _check(
+            self.structured_output is None or isinstance(self.structured_output, StructuredOutput),
+            "structured_output",
+            self.structured_output,
+            "None or a StructuredOutput",
+        )
 
     @property
     def greedy(self) -> bool:

@@ -44,8 +44,10 @@ import abc
 import collections
 import dataclasses
 import enum
+import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -53,6 +55,11 @@ from tandem.config import require
 from tandem.serve.config import ServeConfig
 from tandem.serve.kv_cache import NULL_PAGE, KVCacheManager
 from tandem.serve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from tandem.serve.structured import GrammarMatcher
+
+log = logging.getLogger(__name__)
 
 
 class FinishReason(enum.StrEnum):
@@ -100,8 +107,12 @@ class Request:
         *,
         seed: int,
         eos_token_ids: Collection[int] = (),
+        grammar: GrammarMatcher | None = None,
     ) -> None:
         self.request_id = request_id
+        # advanced with each committed token; a preempted request keeps its tokens, so
+        # its matcher stays right through the recompute (tandem/serve/structured.py)
+        self.grammar = grammar
         self.sampling = sampling
         self.seed = seed  # resolved: the sampler's key is f(seed, position)
         self.max_tokens = sampling.max_tokens
@@ -144,8 +155,11 @@ class Request:
 def check_stop(request: Request, max_len: int) -> FinishReason | None:
     """Whether the request's last generated token ends it (a pure function; vLLM's
     `check_stop`): a stop token id (the model's EOS ids unless ignore_eos, and the request's
-    own), then max_tokens, then the per-sequence cap `max_len`."""
+    own) or a finished grammar (its EOS accepted, even with ignore_eos), then max_tokens,
+    then the per-sequence cap `max_len`."""
     if request.output_token_ids[-1] in request.stop_token_ids:
+        return FinishReason.STOP
+    if request.grammar is not None and request.grammar.finished:
         return FinishReason.STOP
     if request.num_output_tokens >= request.max_tokens or request.num_tokens >= max_len:
         return FinishReason.LENGTH
@@ -486,6 +500,14 @@ class Scheduler:
                 continue
             token = int(sampled_token_ids[row])
             request.append_output_token(token)
+            if request.grammar is not None and not request.grammar.accept(token):
+                log.error(  # the bitmask allows only what the grammar accepts
+                    "request %s: token %d outside its grammar (%s); ending it",
+                    request.request_id, token, request.grammar.error,
+                )  # fmt: skip
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+                outputs.append(RequestOutput(request, row, token, FinishReason.STOP))
+                continue
             reason = check_stop(request, self.max_len)
             if reason is not None:
                 self._finish(request, _STATUS_OF[reason])

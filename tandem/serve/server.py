@@ -51,6 +51,7 @@ from tandem.serve.orchestrator import (
     merge_outputs,
 )
 from tandem.serve.sampling import SamplingParams
+from tandem.serve.structured import StructuredOutput
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,17 @@ def _check_message(msg: Any) -> None:
             f"unknown field numbers {sorted(set(unknown))} in {type(msg).DESCRIPTOR.full_name}: "
             "the client speaks a different tandem.v1 revision"
         )
+
+
+def _structured_output(req: Any) -> StructuredOutput | None:
+    """The request's `structured_output` oneof (json_object=false is no constraint)."""
+    kind = req.WhichOneof("structured_output")
+    if kind is None or (kind == "json_object" and not req.json_object):
+        return None
+    try:
+        return StructuredOutput(kind, "" if kind == "json_object" else getattr(req, kind))
+    except ValueError as e:
+        raise _BadRequest(str(e)) from e
 
 
 def _to_response(out: Output, request_id: str, index: int = 0) -> pb.GenerateResponse:
@@ -176,6 +188,7 @@ class GenerationService:
             "stop_token_ids": tuple(req.stop_token_ids),
             "logprobs": req.logprobs,
             "ignore_eos": req.ignore_eos,
+            "structured_output": _structured_output(req),
         }
         try:
             params = self.orch.default_params(len(prompt_ids), **fields)
