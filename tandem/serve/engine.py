@@ -1,9 +1,10 @@
 """The JAX engine: model.Transformer behind the step contract (tandem/serve/engine_api.py), over a
 paged KV cache.
 
-Device state is the cache alone: per layer a pool of `num_pages` pages of `page_size`
-positions (`PagedKVCache`, L x [K, P, Ps, H] for keys and for values), donated to every
-step so its writes happen in place. Everything else a step needs comes from the plan, as
+Device state is the cache alone (`DeviceCache`): per layer a pool of `num_pages` pages of
+`page_size` positions (`PagedKVCache`, L x [K, P, Ps, H] for keys and for values), and
+beside it the token id of every cached position ([P, Ps], for the penalties:
+tandem/serve/logits_processors.py), donated to every step so its writes happen in place. Everything else a step needs comes from the plan, as
 small host arrays: the rows' tokens, positions, cache slots, page tables and sampling
 parameters.
 
@@ -53,6 +54,13 @@ from tandem.model.transformer import PagedKVCache, StepMetadata, Transformer, in
 from tandem.serve.config import ServeConfig
 from tandem.serve.engine_api import Engine, StepOutput, TokenizerLike, pack_rows
 from tandem.serve.kv_cache import pages_for
+from tandem.serve.logits_processors import (
+    ProcessorInputs,
+    banned_width,
+    process_logits,
+    processor_inputs,
+    write_token_ids,
+)
 from tandem.serve.sampling import logprobs_of, sample, split_seed
 from tandem.serve.scheduler import SchedulerOutput
 from tandem.serve.structured import apply_bitmask, fill_bitmask
@@ -82,6 +90,15 @@ class StepInputs(NamedTuple):
     logprobs: np.ndarray  # [Rb] bool: the row's request asked for logprobs
     constrained: np.ndarray  # [Rb] bool: the row's request has a grammar
     bitmask: np.ndarray  # [Rb, ceil(V / 32)] int32 allowed tokens (tandem/serve/structured.py)
+    min_p: np.ndarray  # [Rb] float32
+    processors: ProcessorInputs  # penalties, logit_bias, min_tokens
+
+
+class DeviceCache(NamedTuple):
+    """The device state a step donates and returns."""
+
+    kv: PagedKVCache
+    token_ids: jax.Array  # [P, Ps] int32: the token at each cached position
 
 
 def default_page_size() -> int:
@@ -208,8 +225,9 @@ class JaxEngine(Engine):
         self._weights = (tuple(leaves), layers)
         self._compiled: dict[int, Any] = {}
         self._open_masks: dict[int, np.ndarray] = {}  # rows -> an all-allowed bitmask
+        self._banned = banned_width(len(tokenizer.stop_ids))  # min_tokens ids per row
         self._init_cache: Any = None
-        self._cache: PagedKVCache | None = None
+        self._cache: DeviceCache | None = None
         self.warmup_seconds: float | None = None
 
     # ---- construction -------------------------------------------------------------------
@@ -269,13 +287,13 @@ class JaxEngine(Engine):
         tp = self.tensor_parallel
         return tp if self.cfg.n_kv_heads % tp == 0 else 1
 
-    def _cache_shardings(self) -> PagedKVCache | None:
+    def _cache_shardings(self) -> DeviceCache | None:
         if self.mesh is None:
             return None
         kv_axis = "tensor" if self._kv_shards() > 1 else None
         pool = NamedSharding(self.mesh, PartitionSpec(kv_axis, None, None, None))  # [K,P,Ps,H]
         layers = (pool,) * self.cfg.n_layers
-        return PagedKVCache(layers, layers)
+        return DeviceCache(PagedKVCache(layers, layers), NamedSharding(self.mesh, PartitionSpec()))
 
     # ---- the device function (traced once per bucket at warm-up) ------------------------
 
@@ -288,16 +306,21 @@ class JaxEngine(Engine):
         """The served per-layer weights (as placed on the devices)."""
         return self._weights[1]
 
-    def _step_fn(self, weights, cache: PagedKVCache, x: StepInputs):
+    def _step_fn(self, weights, cache: DeviceCache, x: StepInputs):
         """One plan -> (cache, packed [Rb, C] int32)."""
         model, layers = self._model(weights)
-        logits, cache = model.step(x.tokens, x.positions, cache, x.meta, x.logits_at, layers)
+        logits, kv = model.step(x.tokens, x.positions, cache.kv, x.meta, x.logits_at, layers)
+        token_ids = write_token_ids(cache.token_ids, x.tokens, x.meta.slot_mapping)
+        cache = DeviceCache(kv, token_ids)
         positions = x.meta.kv_lens  # [Rb] where each row's next token sits
+        adjusted = process_logits(
+            logits, token_ids, x.meta.page_indices, positions, x.processors
+        )  # [Rb, V]; logprobs below stay the model's own
         # Most steps hold no grammar row: the bitmask's unpacking over [Rb, V] is skipped.
         allowed = jax.lax.cond(
-            jnp.any(x.constrained), lambda: apply_bitmask(logits, x.bitmask), lambda: logits
-        )  # [Rb, V]; logprobs stay the model's own (raw logits, as vLLM's default)
-        tokens = sample(allowed, x.temperature, x.top_k, x.top_p, x.seeds, positions)
+            jnp.any(x.constrained), lambda: apply_bitmask(adjusted, x.bitmask), lambda: adjusted
+        )  # [Rb, V]
+        tokens = sample(allowed, x.temperature, x.top_k, x.top_p, x.min_p, x.seeds, positions)
         # log-softmax and top-n over the vocabulary are a measurable part of a CPU step
         # (docs/benchmarks.md); most steps hold no request that asked for logprobs.
         rows = tokens.shape[0]
@@ -313,9 +336,10 @@ class JaxEngine(Engine):
         )
         return cache, pack_rows(tokens, positions, chosen, top_ids, top_lps)
 
-    def _init_cache_fn(self) -> PagedKVCache:
+    def _init_cache_fn(self) -> DeviceCache:
         scfg = self.serve_cfg
-        return init_paged_cache(self.cfg, scfg.num_pages, scfg.page_size, self._cache_dtype)
+        kv = init_paged_cache(self.cfg, scfg.num_pages, scfg.page_size, self._cache_dtype)
+        return DeviceCache(kv, jnp.zeros((scfg.num_pages, scfg.page_size), jnp.int32))
 
     # ---- host side of a step -----------------------------------------------------------------
 
@@ -349,6 +373,7 @@ class JaxEngine(Engine):
             bitmask = self._open_mask(r_pad)
         else:
             constrained[:r] = [req.grammar is not None for req in plan.requests]
+        min_p = np.zeros(r_pad, np.float32)
         if plan is not None:
             tokens[:t] = plan.token_ids
             positions[:t] = plan.positions
@@ -362,11 +387,14 @@ class JaxEngine(Engine):
             top_p[:r] = [s.top_p for s, _ in params]
             seeds[:r] = [split_seed(seed) for _, seed in params]
             logprobs[:r] = [s.logprobs > 0 for s, _ in params]
+            min_p[:r] = [s.min_p for s, _ in params]
+        requests = plan.requests if plan is not None else ()
+        processors = processor_inputs(requests, r_pad, self._banned)
         logits_at = np.maximum(cu[1:] - 1, 0)  # [Rb] padding rows: token 0
         meta = StepMetadata(slots, kv_lens, pages, cu, np.int32(r))
         return StepInputs(
             tokens, positions, meta, logits_at, temperature, top_k, top_p, seeds, logprobs,
-            constrained, bitmask,
+            constrained, bitmask, min_p, processors,
         )  # fmt: skip
 
     def _open_mask(self, rows: int) -> np.ndarray:  # [rows, W] int32, every token allowed

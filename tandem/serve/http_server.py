@@ -148,6 +148,21 @@ def _bad_value(err: ValueError, renames: dict[str, str]) -> ApiError:
     return ApiError(400, message, param=field, code="invalid_value")
 
 
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias (token ids as JSON object keys) as SamplingParams takes it."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(
+                400, f"logit_bias={{{key!r:.40}: ...}} is invalid: keys must be token ids",
+                param="logit_bias", code="invalid_value",
+            ) from None  # fmt: skip
+        pairs.append((token, value))
+    return tuple(sorted(pairs))
+
+
 def _validation_error(err: pydantic.ValidationError) -> ApiError:
     """pydantic's complaint, naming the parameter as a JSON path (`messages[0].role`); of a
     union's complaints (one per member) the deepest, i.e. the member that matched furthest."""
@@ -166,7 +181,8 @@ def _validation_error(err: pydantic.ValidationError) -> ApiError:
         return ApiError(
             400,
             f"{param} is an unknown parameter (tandem serves OpenAI's parameters and vLLM's "
-            "top_k, ignore_eos, stop_token_ids, chat_template_kwargs, add_generation_prompt)",
+            "top_k, ignore_eos, stop_token_ids, repetition_penalty, min_p, min_tokens, "
+            "chat_template_kwargs, add_generation_prompt)",
             param=param,
             code="unknown_parameter",
         )
@@ -463,6 +479,7 @@ class OpenAIService:
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         structured = _structured_output(req.response_format)
         renames = renames | {"json_schema": "response_format", "json_object": "response_format"}
+        logit_bias = _logit_bias(req.logit_bias)
         plan = []
         for ids in prompts:
             for j in range(req.n):
@@ -479,6 +496,12 @@ class OpenAIService:
                     "logprobs": 0 if logprobs is None else max(logprobs, 1),
                     "ignore_eos": req.ignore_eos,
                     "structured_output": structured,
+                    "presence_penalty": req.presence_penalty,
+                    "frequency_penalty": req.frequency_penalty,
+                    "repetition_penalty": req.repetition_penalty,
+                    "min_p": req.min_p,
+                    "min_tokens": req.min_tokens,
+                    "logit_bias": logit_bias,
                 }
                 try:
                     params = self.orch.default_params(len(ids), **fields)

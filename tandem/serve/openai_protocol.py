@@ -2,18 +2,19 @@
 
 Field names, types and defaults follow OpenAI's `/v1/completions` and
 `/v1/chat/completions` (and vLLM's extensions `top_k`, `ignore_eos`, `stop_token_ids`,
-`chat_template_kwargs`, `add_generation_prompt`, `stream_options.continuous_usage_stats`), so the `openai` SDK, lm-eval's
+`repetition_penalty`, `min_p`, `min_tokens`, `chat_template_kwargs`, `add_generation_prompt`, `stream_options.continuous_usage_stats`), so the `openai` SDK, lm-eval's
 `local-completions` / `local-chat-completions` and `vllm bench serve` talk to tandem
 unchanged. Requests are strict where OpenAI-compatible servers are usually lax:
 
 - an unknown field is an error naming it (`extra="forbid"`), never silently ignored;
 - NaN and infinite numbers are refused (`allow_inf_nan=False`);
-- a known parameter whose feature tandem does not serve yet (`NOT_YET`: penalties, min_p,
-  logit_bias, echo, tools, ...) is accepted only at its default value,
+- a known parameter whose feature tandem does not serve yet (`NOT_YET`: echo, tools,
+  ...) is accepted only at its default value,
   any other value is a 400 naming it (`not_yet_supported`).
 
 The bounds that depend on the served model (logprobs <= max_logprobs, top_k <= vocab, the
-prompt and max_tokens fitting max_len) are checked by the orchestrator, as for gRPC.
+prompt and max_tokens fitting max_len) are checked by the orchestrator, as for gRPC; so are
+the ranges of the penalties, min_p, min_tokens and logit_bias (SamplingParams names them).
 """
 
 from __future__ import annotations
@@ -25,12 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field
 # Parameters OpenAI (or vLLM) defines whose feature tandem's sampler does not have yet,
 # with the value that means "off": any other value is refused, naming the parameter.
 NOT_YET: dict[str, Any] = {
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "min_p": 0.0,
-    "min_tokens": 0,
-    "logit_bias": None,
     "echo": False,
     "suffix": None,
     "prompt_logprobs": None,
@@ -63,13 +58,12 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # end-user id for the caller's own logs; unused
-    # accepted at their "off" value only (NOT_YET):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_p: float = 0.0
-    min_tokens: int = 0
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float = 1.0  # vLLM extension
+    min_p: float = 0.0  # vLLM extension
+    min_tokens: int = 0  # vLLM extension
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
 
 
 class JsonSchemaFormat(_Request):

@@ -2,7 +2,9 @@
 
 `SamplingParams` is validated on the host (errors name the offending field, which the gRPC
 layer turns into INVALID_ARGUMENT). The device side sees only per-slot vectors
-(temperature, top_k, top_p, seed) so one compiled `sample` serves every mix of requests.
+(temperature, top_k, top_p, min_p, seed) so one compiled `sample` serves every mix of
+requests; penalties, logit_bias and min_tokens adjust the logits before it
+(tandem/serve/logits_processors.py).
 
 Determinism: the random key for a token is derived from (request seed, the token's absolute
 position) and nothing else, so a seeded request gives the same tokens whatever else is in
@@ -20,14 +22,27 @@ import jax.numpy as jnp
 from tandem.serve.structured import StructuredOutput
 
 _NEG_INF = -1e30
+# Most logit_bias entries a request may send (OpenAI's documented limit): the engine passes
+# every row's entries as a fixed-width [rows, MAX_LOGIT_BIAS] array, so this is compiled in.
+MAX_LOGIT_BIAS = 300
+# With min_tokens, the most ids of a request's own stop_token_ids (the model's EOS ids come
+# on top): they are suppressed on the device through a fixed-width per-row list too.
+MAX_MIN_TOKENS_STOP_IDS = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How one request picks tokens and when it stops.
 
-    temperature 0 means greedy; top_k 0 and top_p 1 disable those filters; seed None means
-    the orchestrator draws one (the output is then not reproducible).
+    temperature 0 means greedy; top_k 0, top_p 1 and min_p 0 disable those filters; seed
+    None means the orchestrator draws one (the output is then not reproducible).
+    Penalties (vLLM's and OpenAI's semantics, 0 / 0 / 1 = off): presence_penalty and
+    frequency_penalty subtract from the logit of every token the request has generated (once,
+    and once per occurrence); repetition_penalty divides a positive logit (multiplies a
+    negative one) of every token in the prompt or the output. logit_bias ((token id, bias)
+    pairs) adds to the raw logits; min_tokens holds the stop ids (EOS unless ignore_eos,
+    and stop_token_ids) off until that many tokens were generated. All of them change greedy
+    output too; reported logprobs stay the model's raw distribution.
     """
 
     max_tokens: int = 16
@@ -40,6 +55,12 @@ class SamplingParams:
     logprobs: int = 0
     ignore_eos: bool = False
     structured_output: StructuredOutput | None = None  # the grammar the output must match
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check(
@@ -88,6 +109,49 @@ class SamplingParams:
             self.structured_output,
             "None or a StructuredOutput",
         )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_real(value) and -2.0 <= value <= 2.0, name, value, "a number in [-2, 2]")
+        _check(
+            _is_real(self.repetition_penalty) and self.repetition_penalty > 0.0,
+            "repetition_penalty",
+            self.repetition_penalty,
+            "a finite number > 0 (1 = off)",
+        )
+        _check(
+            _is_real(self.min_p) and 0.0 <= self.min_p <= 1.0,
+            "min_p",
+            self.min_p,
+            "a number in [0, 1] (0 = off)",
+        )
+        _check(
+            len(self.logit_bias) <= MAX_LOGIT_BIAS,
+            "logit_bias",
+            f"<{len(self.logit_bias)} entries>",
+            f"at most {MAX_LOGIT_BIAS} entries",
+        )
+        seen: set[int] = set()
+        for entry in self.logit_bias:
+            ok = isinstance(entry, tuple) and len(entry) == 2
+            _check(ok, "logit_bias", entry, "(token id, bias) pairs")
+            token, bias = entry
+            ok = isinstance(token, int) and not isinstance(token, bool) and token >= 0
+            _check(ok and token not in seen, "logit_bias", token, "distinct token ids >= 0")
+            seen.add(token)
+            ok = _is_real(bias) and -100.0 <= bias <= 100.0
+            _check(ok, "logit_bias", bias, f"biases in [-100, 100] (token {token})")
+        _check(
+            isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            self.min_tokens,
+            f"an integer in [0, max_tokens={self.max_tokens}]",
+        )
+        _check(
+            self.min_tokens == 0 or len(set(self.stop_token_ids)) <= MAX_MIN_TOKENS_STOP_IDS,
+            "stop_token_ids",
+            f"<{len(set(self.stop_token_ids))} ids>",
+            f"at most {MAX_MIN_TOKENS_STOP_IDS} ids when min_tokens is set",
+        )
 
     @property
     def greedy(self) -> bool:
@@ -104,6 +168,17 @@ class SamplingParams:
         )
         for t in self.stop_token_ids:
             _check(t < vocab_size, "stop_token_ids", t, f"ids < vocab_size ({vocab_size})")
+        for t, _ in self.logit_bias:
+            _check(t < vocab_size, "logit_bias", t, f"token ids < vocab_size ({vocab_size})")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty is on (the step then counts the sequence's tokens)."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
 
 
 def _is_real(x: object) -> bool:
@@ -149,12 +224,16 @@ def sample(
     temperature: jax.Array,  # [B] float32, 0 = greedy
     top_k: jax.Array,  # [B] int32, 0 = disabled
     top_p: jax.Array,  # [B] float32, 1 = disabled
+    min_p: jax.Array,  # [B] float32, 0 = disabled
     seed_words: jax.Array,  # [B, 2] uint32
     positions: jax.Array,  # [B] int32, absolute position of the token being sampled
 ) -> jax.Array:  # [B] int32
     """Samples one token per slot with that slot's own parameters (jit-friendly, fixed shapes).
 
-    Filters apply in vLLM's order: temperature, then top-k, then top-p over what top-k kept.
+    Filters apply in vLLM's order: temperature, then min-p, then top-k, then top-p over what
+    those kept. min_p keeps the tokens whose probability is >= min_p x the top one's, i.e.
+    whose scaled logit is >= the top logit + log(min_p): no softmax needed for it, and a
+    prefix of the sorted order like top-k's (min_p has no effect on greedy rows).
     """
     logits = logits.astype(jnp.float32)
     greedy_tokens = first_argmax(logits)  # [B]
@@ -168,6 +247,8 @@ def sample(
         ranks = jnp.arange(vocab)[None, :]  # [1, V]
         k = jnp.where(top_k > 0, top_k, vocab)  # [B]
         keep = ranks < k[:, None]  # [B, V]
+        floor = sorted_logits[:, :1] + jnp.log(min_p)[:, None]  # [B, 1]; log 0 = -inf
+        keep = keep & (sorted_logits >= floor)  # the top token always survives
         probs = jax.nn.softmax(jnp.where(keep, sorted_logits, _NEG_INF), axis=-1)  # [B, V]
         mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, V] mass of better tokens
         keep = keep & (mass_before < top_p[:, None])  # the top token always survives

@@ -189,7 +189,12 @@ class GenerationService:
             "logprobs": req.logprobs,
             "ignore_eos": req.ignore_eos,
             "structured_output": _structured_output(req),
+            "logit_bias": tuple(sorted(req.logit_bias.items())),
+            "min_tokens": req.min_tokens,
         }
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+            if req.HasField(name):
+                fields[name] = float(getattr(req, name))
         try:
             params = self.orch.default_params(len(prompt_ids), **fields)
             self.orch.validate(prompt_ids, params)

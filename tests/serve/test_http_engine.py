@@ -212,3 +212,62 @@ def test_tandem_serve_http_port_end_to_end(bundle, reference) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_penalties_over_http_equal_grpc(served, reference, monkeypatch) -> None:
+    """The official client's presence/frequency penalties and logit_bias (string keys), and
+    vLLM's repetition_penalty / min_p / min_tokens through extra_body, reach the sampler as
+    the same request over gRPC does, and act there."""
+    _, tok = reference
+    orch = served.server.orch
+    submitted = []
+    submit = orch.submit
+
+    def recording(ids, params, *args, **kw):
+        submitted.append(params)
+        return submit(ids, params, *args, **kw)
+
+    monkeypatch.setattr(orch, "submit", recording)
+    client = openai.OpenAI(base_url=served.base_url, api_key="none", max_retries=0)
+    stop_id = min(tok.stop_ids)
+    sampling = dict(max_tokens=16, presence_penalty=0.75, frequency_penalty=1.25)
+    extra = {"repetition_penalty": 1.5, "min_p": 0.25, "min_tokens": 4}
+    with TandemClient(served.target) as grpc_client:
+        for temperature, seed in ((0.0, None), (1.0, 5)):
+            seeded = {"seed": seed} if seed else {}
+            r = client.completions.create(
+                model="tiny-qwen", prompt="The", temperature=temperature, seed=seed,
+                logit_bias={str(stop_id): 100}, extra_body=extra, **sampling,
+            )  # fmt: skip
+            g = grpc_client.generate_text(
+                "The", temperature=temperature, **seeded, logit_bias={stop_id: 100.0}, **extra,
+                **sampling,
+            )  # fmt: skip
+            http_params, grpc_params = submitted[-2:]
+            assert http_params == grpc_params
+            assert (http_params.presence_penalty, http_params.frequency_penalty) == (0.75, 1.25)
+            assert (http_params.repetition_penalty, http_params.min_p) == (1.5, 0.25)
+            assert http_params.logit_bias == ((stop_id, 100.0),) and http_params.min_tokens == 4
+            # min_tokens held the (biased) stop id off for 4 tokens, then it came
+            assert list(g.token_ids)[4] == stop_id and len(g.token_ids) == 5
+            assert r.choices[0].text == g.text and r.choices[0].finish_reason == "stop"
+            assert r.usage.completion_tokens == 5
+        # min_p = 1 keeps only the top token: sampling at temperature 1 gives greedy output
+        greedy = client.completions.create(model="tiny-qwen", prompt="The", max_tokens=8,
+                                           temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+        top_only = client.completions.create(model="tiny-qwen", prompt="The", max_tokens=8,
+                                             temperature=1.0, seed=3,
+                                             extra_body={"ignore_eos": True, "min_p": 1.0})  # fmt: skip
+        assert top_only.choices[0].text == greedy.choices[0].text
+        # a token forced by logit_bias repeats; a strong repetition penalty stops it repeating
+        forced = tok.encode("!", add_special_tokens=False)[0]
+        chat = client.chat.completions.create(
+            model="tiny-qwen", messages=CHAT, max_tokens=6, temperature=0,
+            logit_bias={str(forced): 50},
+        )  # fmt: skip
+        assert chat.choices[0].message.content == "!" * 6
+        once = client.chat.completions.create(
+            model="tiny-qwen", messages=CHAT, max_tokens=6, temperature=0,
+            logit_bias={str(forced): 50}, extra_body={"repetition_penalty": 100.0},
+        )  # fmt: skip
+        assert once.choices[0].message.content.count("!") == 1

@@ -353,6 +353,19 @@ BAD_REQUESTS = [
     ("stream_options_unstreamed", C, {"prompt": "hi", "stream_options": {"include_usage": True}},
      400, "stream_options"),
     ("unknown_model", C, {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ("presence_penalty_above_two", C, {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("frequency_penalty_below_minus_two", C, {"prompt": "hi", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ("repetition_penalty_zero", C, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("repetition_penalty_nan", C, _raw('{"prompt": "hi", "repetition_penalty": NaN}'), 400, "repetition_penalty"),
+    ("min_p_above_one", C, {"prompt": "hi", "min_p": 1.5}, 400, "min_p"),
+    ("min_tokens_negative", C, {"prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
+    ("min_tokens_past_max_tokens", C, {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+    ("logit_bias_above_100", C, {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("logit_bias_key_not_an_id", C, {"prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("logit_bias_id_negative", C, {"prompt": "hi", "logit_bias": {"-1": 1}}, 400, "logit_bias"),
+    ("logit_bias_id_past_vocab", C, {"prompt": "hi", "logit_bias": {"100000": 1}}, 400, "logit_bias"),
+    ("logit_bias_too_many", C, {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
+    ("chat_presence_penalty_above_two", CH, {"messages": CHAT, "presence_penalty": 3}, 400, "presence_penalty"),
     ("chat_no_messages", CH, {"messages": []}, 400, "messages"),
     ("chat_bad_role", CH, {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
     ("chat_image_part", CH, {"messages": [{"role": "user", "content": [
@@ -370,11 +383,8 @@ BAD_REQUESTS = [
 ]  # fmt: skip
 # Known parameters whose feature is not served yet: refused unless at their "off" value.
 NOT_YET = [
-    (C, "presence_penalty", 0.5), (C, "frequency_penalty", -0.5), (C, "repetition_penalty", 1.2),
-    (C, "min_p", 0.1), (C, "min_tokens", 2), (C, "logit_bias", {"5": 1.0}), (C, "echo", True),
-    (C, "suffix", "x"), (C, "prompt_logprobs", 1), (C, "best_of", 2),
+    (C, "echo", True), (C, "suffix", "x"), (C, "prompt_logprobs", 1), (C, "best_of", 2),
     (CH, "tools", [{"type": "function"}]),
-    (CH, "presence_penalty", 1.0), (CH, "logit_bias", {"1": -100}),
 ]  # fmt: skip
 
 

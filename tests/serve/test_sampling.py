@@ -9,7 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tandem.serve.sampling import SamplingParams, first_argmax, sample, split_seed
+from tandem.serve.sampling import (
+    MAX_LOGIT_BIAS,
+    MAX_MIN_TOKENS_STOP_IDS,
+    SamplingParams,
+    first_argmax,
+    sample,
+    split_seed,
+)
 
 
 @pytest.mark.parametrize(
@@ -28,11 +35,37 @@ from tandem.serve.sampling import SamplingParams, first_argmax, sample, split_se
         ("logprobs", -1),
         ("stop", ("",)),
         ("stop_token_ids", (-1,)),
+        ("presence_penalty", 2.5),
+        ("presence_penalty", math.nan),
+        ("frequency_penalty", -2.1),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("repetition_penalty", math.inf),
+        ("min_p", -0.1),
+        ("min_p", 1.5),
+        ("logit_bias", ((5, 100.5),)),
+        ("logit_bias", ((5, math.nan),)),
+        ("logit_bias", ((-1, 1.0),)),
+        ("logit_bias", ((3, 1.0), (3, 2.0))),
+        ("logit_bias", tuple((i, 1.0) for i in range(MAX_LOGIT_BIAS + 1))),
+        ("logit_bias", ((3, 1.0, 2.0),)),
+        ("min_tokens", -1),
+        ("min_tokens", 17),  # > max_tokens (16)
     ],
 )
 def test_validation_names_the_field(field, value) -> None:
     with pytest.raises(ValueError, match=rf"^{field}="):
         SamplingParams(**{field: value})
+
+
+def test_min_tokens_caps_the_stop_ids_it_holds_off() -> None:
+    many = tuple(range(MAX_MIN_TOKENS_STOP_IDS + 1))
+    SamplingParams(stop_token_ids=many)  # fine without min_tokens
+    with pytest.raises(ValueError, match=r"^stop_token_ids=.*min_tokens"):
+        SamplingParams(stop_token_ids=many, min_tokens=1)
+    edge = SamplingParams(max_tokens=4, min_tokens=4, logit_bias=((0, -100.0), (1, 100)))
+    assert edge.min_tokens == 4 and not edge.penalized
+    assert SamplingParams(repetition_penalty=1.1).penalized
 
 
 def test_limits_against_model() -> None:
@@ -43,6 +76,10 @@ def test_limits_against_model() -> None:
         SamplingParams(logprobs=6).check_limits(vocab_size=259, max_logprobs=5)
     with pytest.raises(ValueError, match="stop_token_ids"):
         SamplingParams(stop_token_ids=(259,)).check_limits(vocab_size=259, max_logprobs=5)
+    with pytest.raises(ValueError, match=r"^logit_bias=259 .*vocab_size"):
+        SamplingParams(logit_bias=((3, 1.0), (259, 1.0))).check_limits(
+            vocab_size=259, max_logprobs=5
+        )
 
 
 def test_split_seed_covers_signed_and_unsigned() -> None:
@@ -54,8 +91,9 @@ _sample = jax.jit(sample)
 V = 16
 
 
-def _run(logits, temperature, top_k, top_p, seed, positions):
+def _run(logits, temperature, top_k, top_p, seed, positions, min_p=None):
     b = len(temperature)
+    min_p = np.zeros(b) if min_p is None else min_p
     seeds = np.asarray([split_seed(s) for s in seed], np.uint32)
     return np.asarray(
         _sample(
@@ -63,6 +101,7 @@ def _run(logits, temperature, top_k, top_p, seed, positions):
             jnp.asarray(temperature, jnp.float32),
             jnp.asarray(top_k, jnp.int32),
             jnp.asarray(top_p, jnp.float32),
+            jnp.asarray(min_p, jnp.float32),
             jnp.asarray(seeds),
             jnp.asarray(positions, jnp.int32).reshape(b),
         )
@@ -110,3 +149,29 @@ def test_key_depends_only_on_seed_and_position() -> None:
     # same row logits in another batch order: each row's token is unchanged
     b = _run(logits[::-1], [1.0] * 4, [0] * 4, [1.0] * 4, [7, 8, 7, 7], [4, 3, 3, 3])
     assert list(a) == list(b[::-1])
+
+
+def test_min_p_keeps_tokens_within_its_fraction_of_the_top_one() -> None:
+    n = 400
+    probs = np.asarray([0.4, 0.3, 0.15, 0.1, 0.05] + [1e-9] * (V - 5))
+    logits = np.log(np.tile(probs, (n, 1)))
+    out = _run(logits, [1.0] * n, [0] * n, [1.0] * n, [3] * n, np.arange(n), [0.3] * n)
+    assert set(out) == {0, 1, 2}  # 0.15 >= 0.3 * 0.4 = 0.12; 0.1 is not
+    # after temperature: at T = 0.5 the probabilities are ~ p^2, so 0.15 falls below
+    cold = _run(logits, [0.5] * n, [0] * n, [1.0] * n, [3] * n, np.arange(n), [0.3] * n)
+    assert set(cold) == {0, 1}
+    # min_p, then top_p over what min_p kept (vLLM's order): renormalised over tokens 0-2
+    # (0.85), tokens 0 and 1 hold 0.82 >= 0.8, so token 2 goes; top_p alone keeps it (the
+    # mass before it is 0.7), and so would top_p first, then min_p
+    nucleus = _run(logits, [1.0] * n, [0] * n, [0.8] * n, [3] * n, np.arange(n))
+    assert set(nucleus) == {0, 1, 2}
+    both = _run(logits, [1.0] * n, [0] * n, [0.8] * n, [3] * n, np.arange(n), [0.3] * n)
+    assert set(both) == {0, 1}
+    greedy = _run(logits[:4], [0.0] * 4, [0] * 4, [1.0] * 4, [3] * 4, np.arange(4), [1.0] * 4)
+    assert (greedy == 0).all()
+    # min_p = 1 keeps only the top token(s); 0 changes nothing
+    one = _run(logits, [1.0] * n, [0] * n, [1.0] * n, [3] * n, np.arange(n), [1.0] * n)
+    assert set(one) == {0}
+    off = _run(logits[:64], [1.0] * 64, [0] * 64, [1.0] * 64, [3] * 64, np.arange(64), [0.0] * 64)
+    same = _run(logits[:64], [1.0] * 64, [0] * 64, [1.0] * 64, [3] * 64, np.arange(64))
+    assert list(off) == list(same)
