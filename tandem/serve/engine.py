@@ -51,9 +51,9 @@ from tandem.model.config import ModelConfig
 from tandem.model.sharding import MESH_AXES, param_shardings
 from tandem.model.transformer import PagedKVCache, StepMetadata, Transformer, init_paged_cache
 from tandem.serve.config import ServeConfig
-from tandem.serve.engine_api import Engine, StepOutput, TokenizerLike, pack_rows
+from tandem.serve.engine_api import Engine, StepOutput, TokenizerLike, pack_rows, prompt_targets
 from tandem.serve.kv_cache import pages_for
-from tandem.serve.sampling import logprobs_of, sample, split_seed
+from tandem.serve.sampling import logprobs_of, prompt_logprobs_of, sample, split_seed
 from tandem.serve.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ CPU_KV_CACHE_MEMORY_FRACTION = 0.25  # at most, of the host's available memory
 # attention on CPU"); the GPU kernel loads pages as its key tiles and wants them small.
 PAGE_SIZE = {"cpu": 128}
 DEFAULT_PAGE_SIZE = 16
+# Tokens whose prompt logprobs one pass of the LM head computes: [block, V] float32 logits
+# at a time (a step's whole [Tb, V] would be 2 GiB for 4096 tokens of a 128k vocabulary).
+PROMPT_LOGPROBS_BLOCK = 256
 
 
 class StepInputs(NamedTuple):
@@ -79,6 +82,8 @@ class StepInputs(NamedTuple):
     top_p: np.ndarray  # [Rb] float32
     seeds: np.ndarray  # [Rb, 2] uint32
     logprobs: np.ndarray  # [Rb] bool: the row's request asked for logprobs
+    prompt_targets: np.ndarray  # [Tb] int32: the prompt token after each token whose
+    # request asked for prompt logprobs, else -1
 
 
 def default_page_size() -> int:
@@ -285,9 +290,10 @@ class JaxEngine(Engine):
         return self._weights[1]
 
     def _step_fn(self, weights, cache: PagedKVCache, x: StepInputs):
-        """One plan -> (cache, packed [Rb, C] int32)."""
+        """One plan -> (cache, packed [Rb, C] int32, prompt rows [Tb, C] int32)."""
         model, layers = self._model(weights)
-        logits, cache = model.step(x.tokens, x.positions, cache, x.meta, x.logits_at, layers)
+        hidden, cache = model.step_hidden(x.tokens, x.positions, cache, x.meta, layers)  # [Tb, D]
+        logits = model.logits(jnp.take(hidden, x.logits_at, axis=0)[None])[0]  # [Rb, V]
         positions = x.meta.kv_lens  # [Rb] where each row's next token sits
         tokens = sample(logits, x.temperature, x.top_k, x.top_p, x.seeds, positions)
         # log-softmax and top-n over the vocabulary are a measurable part of a CPU step
@@ -303,7 +309,14 @@ class JaxEngine(Engine):
                 jnp.zeros((rows, self.max_logprobs), jnp.float32),
             ),
         )
-        return cache, pack_rows(tokens, positions, chosen, top_ids, top_lps)
+        # Every token's next prompt token scored for the requests that asked (the blocks
+        # of tokens none asked for are skipped); read back only when a request asked.
+        block = min(PROMPT_LOGPROBS_BLOCK, x.tokens.shape[0])
+        lp, rank, ids, lps = prompt_logprobs_of(
+            model.logits, hidden, x.prompt_targets, self.max_logprobs, block
+        )
+        packed = pack_rows(tokens, positions, chosen, top_ids, top_lps)
+        return cache, packed, pack_rows(x.prompt_targets, rank, lp, ids, lps)
 
     def _init_cache_fn(self) -> PagedKVCache:
         scfg = self.serve_cfg
@@ -335,6 +348,7 @@ class JaxEngine(Engine):
         top_p = np.ones(r_pad, np.float32)
         seeds = np.zeros((r_pad, 2), np.uint32)
         logprobs = np.zeros(r_pad, bool)
+        targets = np.full(t_pad, -1, np.int32)
         if plan is not None:
             tokens[:t] = plan.token_ids
             positions[:t] = plan.positions
@@ -348,11 +362,15 @@ class JaxEngine(Engine):
             top_p[:r] = [s.top_p for s, _ in params]
             seeds[:r] = [split_seed(seed) for _, seed in params]
             logprobs[:r] = [s.logprobs > 0 for s, _ in params]
+            for row, req in enumerate(plan.requests):
+                if req.sampling.prompt_logprobs is not None:
+                    prompt_targets(req.prompt_token_ids, plan, row, targets)
         logits_at = np.maximum(cu[1:] - 1, 0)  # [Rb] padding rows: token 0
         meta = StepMetadata(slots, kv_lens, pages, cu, np.int32(r))
         return StepInputs(
-            tokens, positions, meta, logits_at, temperature, top_k, top_p, seeds, logprobs
-        )
+            tokens, positions, meta, logits_at, temperature, top_k, top_p, seeds, logprobs,
+            targets,
+        )  # fmt: skip
 
     # ---- compilation ------------------------------------------------------------------------
 
@@ -374,7 +392,7 @@ class JaxEngine(Engine):
                     cache,
                     cache_sh,
                 )
-            step = jit(self._step_fn, out_shardings=(cache_sh, rep), donate_argnums=(1,))
+            step = jit(self._step_fn, out_shardings=(cache_sh, rep, rep), donate_argnums=(1,))
             for bucket in self._buckets:
                 inputs = self._inputs(None, bucket)
                 self._compiled[bucket] = step.lower(self._weights, cache, inputs).compile()
@@ -388,7 +406,7 @@ class JaxEngine(Engine):
         self._compile()
         self._cache = self._init_cache()
         for bucket in self._buckets:
-            self._cache, out = self._compiled[bucket](
+            self._cache, out, _ = self._compiled[bucket](
                 self._weights, self._cache, self._inputs(None, bucket)
             )
         jax.block_until_ready(out)
@@ -424,10 +442,10 @@ class JaxEngine(Engine):
             f"<{plan.num_rows} rows>",
             f"at most max_seqs={self.max_seqs} rows",
         )
-        self._cache, out = self._compiled[bucket](
-            self._weights, self._cache, self._inputs(plan, bucket)
-        )
-        return StepOutput(out, self.max_logprobs)
+        inputs = self._inputs(plan, bucket)
+        self._cache, out, prompt = self._compiled[bucket](self._weights, self._cache, inputs)
+        asked = any(r.sampling.prompt_logprobs is not None for r in plan.requests)
+        return StepOutput(out, self.max_logprobs, prompt if asked else None)
 
     def reset(self) -> None:
         self._cache = self._init_cache()

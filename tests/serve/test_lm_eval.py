@@ -25,6 +25,24 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "lm_eval" / "greetings.jso
 TASK = "tandem_greetings"
 
 
+def tiny_qwen(root: Path) -> tuple[Path, Path]:
+    """A random Qwen2 model saved by transformers with a Qwen2.5-style tokenizer (HF dir)
+    and its float32 bundle (`tandem import-hf`): (hf_dir, bundle)."""
+    import torch
+    import transformers
+
+    hf_dir = root / "hf"
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, initializer_range=0.5,  # clear argmaxes: greedy is stable
+    )  # fmt: skip
+    transformers.Qwen2ForCausalLM(config).save_pretrained(hf_dir)
+    build_tokenizer_dir("qwen2.5", hf_dir)
+    return hf_dir, import_hf(hf_dir, root / "tiny-qwen", dtype="float32")
+
+
 def _task_dir(tmp_path: Path) -> Path:
     """The task's YAML, pointing at the shipped JSONL (datasets' local `json` builder)."""
     task = {
@@ -61,21 +79,9 @@ def _evaluate(model: str, model_args: dict, task_dir: Path) -> tuple[float, list
 
 @pytest.mark.slow
 def test_lm_eval_chat_scores_equal_the_hf_model_on_the_same_weights(tmp_path, monkeypatch):
-    import torch
-    import transformers
-
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hf_dir = tmp_path / "hf"
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, initializer_range=0.5,  # clear argmaxes: greedy is stable
-    )  # fmt: skip
-    transformers.Qwen2ForCausalLM(config).save_pretrained(hf_dir)
-    build_tokenizer_dir("qwen2.5", hf_dir)
-    bundle = import_hf(hf_dir, tmp_path / "tiny-qwen", dtype="float32")
+    hf_dir, bundle = tiny_qwen(tmp_path)
     task_dir = _task_dir(tmp_path)
 
     hf_score, hf_outputs = _evaluate(
