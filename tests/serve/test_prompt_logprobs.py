@@ -55,8 +55,11 @@ def hf_logprobs(weights):
     return run
 
 
-def _run(engine: JaxEngine, requests: list[tuple[list[int], SamplingParams]]) -> list[Output]:
-    """Each request's first message (the one that carries prompt logprobs), in order."""
+def _run(
+    engine: JaxEngine, requests: list[tuple[list[int], SamplingParams]]
+) -> tuple[list[Output], Orchestrator]:
+    """Each request's first message (the one that carries prompt logprobs), in order, and
+    the orchestrator that ran them."""
     orch = Orchestrator(engine, detokenizer_factory=None)
     firsts: dict[int, Output] = {}
     for i, (ids, params) in enumerate(requests):
@@ -97,7 +100,7 @@ def test_prompt_logprobs_equal_transformers_chunked_and_cache_warm(engine, hf_lo
     # The same prompt again in one orchestrator: the second request asking for prompt
     # logprobs must compute its whole prompt (no prefix hit), the one that does not reuses
     # the first's published pages.
-    (warm, again, reused), orch = _run(engine, [(ids, asked), (ids, asked), (ids, plain)])
+    (warm, again, _), orch = _run(engine, [(ids, asked), (ids, asked), (ids, plain)])
     for out in (warm, again):
         _check(out, ids, logp, TOP)
     assert orch.scheduler.kv.prefix_hits >= 36  # `reused` was served from the cache
