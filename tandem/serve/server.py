@@ -37,7 +37,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tandem.proto.v1 import generate_pb2 as pb
 from tandem.serve.config import ServeConfig
-from tandem.serve.engine_api import Engine
+from tandem.serve.engine_api import Engine, RowToken
 from tandem.serve.http_server import HttpServer, OpenAIService
 from tandem.serve.metrics import ServeMetrics
 from tandem.serve.orchestrator import Orchestrator, Output, RequestError, merge_outputs
@@ -85,6 +85,14 @@ def _check_message(msg: Any) -> None:
         )
 
 
+def _token_logprob(st: RowToken) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token_id=st.token,
+        logprob=st.logprob,
+        top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in st.top],
+    )
+
+
 def _to_response(out: Output, request_id: str) -> pb.GenerateResponse:
     resp = pb.GenerateResponse(
         text=out.text,
@@ -94,13 +102,9 @@ def _to_response(out: Output, request_id: str) -> pb.GenerateResponse:
         request_id=request_id,
     )
     for st in out.logprobs:
-        resp.logprobs.append(
-            pb.TokenLogprob(
-                token_id=st.token,
-                logprob=st.logprob,
-                top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in st.top],
-            )
-        )
+        resp.logprobs.append(_token_logprob(st))
+    for st in out.prompt_logprobs or ():
+        resp.prompt_logprobs.append(_token_logprob(st))
     if out.final:
         resp.usage.prompt_tokens = out.prompt_tokens
         resp.usage.completion_tokens = out.completion_tokens
@@ -181,6 +185,7 @@ class GenerationService:
             "stop_token_ids": tuple(req.stop_token_ids),
             "logprobs": req.logprobs,
             "ignore_eos": req.ignore_eos,
+            "prompt_logprobs": (req.prompt_logprobs if req.HasField("prompt_logprobs") else None),
         }
         try:
             params = self.orch.default_params(len(prompt_ids), **fields)
