@@ -218,8 +218,8 @@ def prompt_logprobs_of(
 
     The LM head and log-softmax run over blocks of `block` tokens one after another
     (`lax.map`), so at most [block, V] float32 logits exist at a time, and a block with no
-    target is skipped (`lax.cond`): a step where no request asked pays a few empty
-    branches. Returns (logprob [T], rank [T], top ids [T, top_n], top logprobs [T, top_n]);
+    target is skipped (`lax.cond`): a step where no request asked pays an empty branch
+    per block. Returns (logprob [T], rank [T], top ids [T, top_n], top logprobs [T, top_n]);
     a token without a target gets zeros.
     """
     t, d = hidden.shape
@@ -248,7 +248,10 @@ def prompt_logprobs_of(
 
         return jax.lax.cond(jnp.any(target >= 0), compute, skip)
 
-    chosen, rank, top_ids, top_lps = jax.lax.map(one_block, (hidden, targets))
+    if blocks == 1:  # a small step: one branch, no loop around it
+        chosen, rank, top_ids, top_lps = (a[None] for a in one_block((hidden[0], targets[0])))
+    else:
+        chosen, rank, top_ids, top_lps = jax.lax.map(one_block, (hidden, targets))
     return (
         chosen.reshape(-1)[:t],  # [T]
         rank.reshape(-1)[:t],  # [T]

@@ -9,7 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tandem.serve.sampling import SamplingParams, first_argmax, sample, split_seed
+from tandem.serve.sampling import (
+    SamplingParams,
+    first_argmax,
+    prompt_logprobs_of,
+    sample,
+    split_seed,
+)
 
 
 @pytest.mark.parametrize(
@@ -110,3 +116,28 @@ def test_key_depends_only_on_seed_and_position() -> None:
     # same row logits in another batch order: each row's token is unchanged
     b = _run(logits[::-1], [1.0] * 4, [0] * 4, [1.0] * 4, [7, 8, 7, 7], [4, 3, 3, 3])
     assert list(a) == list(b[::-1])
+
+
+@pytest.mark.parametrize("block", [4, 16])  # 3 padded blocks (one asks nothing), or one
+def test_prompt_logprobs_of_blocks_equal_one_log_softmax(block) -> None:
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(10, 8)), jnp.float32)  # [T, D]
+    weight = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)  # [D, V]
+    targets = jnp.asarray([3, 7, -1, 0, -1, -1, -1, -1, 49, 2], jnp.int32)  # tokens 4-7: none
+
+    def head(x):  # [1, t, D] -> [1, t, V]
+        return x @ weight
+
+    lp, rank, ids, lps = jax.jit(lambda h, t: prompt_logprobs_of(head, h, t, 3, block))(
+        hidden, targets
+    )
+    logp = np.asarray(jax.nn.log_softmax(hidden @ weight, axis=-1))  # [T, V]
+    for t, target in enumerate(np.asarray(targets)):
+        if target < 0:
+            continue
+        assert lp[t] == pytest.approx(logp[t, target], abs=1e-5)
+        assert rank[t] == 1 + np.sum(logp[t] > logp[t, target])
+        assert ids[t].tolist() == np.argsort(-logp[t])[:3].tolist()
+        np.testing.assert_allclose(lps[t], np.sort(logp[t])[::-1][:3], atol=1e-5)
+    if block == 4:  # the block with no target was skipped: zeros
+        assert not np.asarray(lp[4:8]).any() and not np.asarray(ids[4:8]).any()
