@@ -255,7 +255,7 @@ class Transformer(nnx.Module):
         segment_ids: jax.Array | None = None,  # [B, T] int32
     ) -> jax.Array:  # [B, T, V] float32
         """Training forward: causal attention, masked to `segment_ids` when packing."""
-        return self._logits(self._trunk(tokens, positions, segment_ids))
+        return self.logits(self._trunk(tokens, positions, segment_ids))
 
     def hidden_states(
         self,
@@ -307,9 +307,9 @@ class Transformer(nnx.Module):
             vs.append(v.swapaxes(1, 2))
         cache = KVCache(tuple(ks), tuple(vs))
         if logits_at is None:
-            return self._logits(x), cache
+            return self.logits(x), cache
         x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
-        return self._logits(x)[:, 0], cache
+        return self.logits(x)[:, 0], cache
 
     def decode(
         self,
@@ -345,7 +345,7 @@ class Transformer(nnx.Module):
             x = _layer_output(cfg, x, out[:, None], p)
             new_k.append(cache_k)
             new_v.append(cache_v)
-        return self._logits(x)[:, 0], KVCache(tuple(new_k), tuple(new_v))
+        return self.logits(x)[:, 0], KVCache(tuple(new_k), tuple(new_v))
 
     def step(
         self,
@@ -356,13 +356,27 @@ class Transformer(nnx.Module):
         logits_at: jax.Array,  # [R] int32: the token whose logits each row returns
         layers: Sequence[LayerWeights] | None = None,
     ) -> tuple[jax.Array, PagedKVCache]:  # [R, V] float32
-        """One serving step over a ragged batch: decode rows (one token) and prompt chunks
+        """One serving step over a ragged batch (`step_hidden`), with logits only for
+        `logits_at`, one token per row (the LM head over all T tokens would cost as much as
+        a layer)."""
+        x, cache = self.step_hidden(tokens, positions, cache, meta, layers)
+        return self.logits(jnp.take(x, logits_at, axis=0)[None])[0], cache
+
+    def step_hidden(
+        self,
+        tokens: jax.Array,  # [T] int32, the step's rows packed one after another
+        positions: jax.Array,  # [T] int32
+        cache: PagedKVCache,  # L x [K, P, Ps, H]
+        meta: StepMetadata,
+        layers: Sequence[LayerWeights] | None = None,
+    ) -> tuple[jax.Array, PagedKVCache]:  # [T, D]
+        """The layers of one serving step: decode rows (one token) and prompt chunks
         (several) in one forward. Each layer writes the step's K/V into the page pools
         (`slot_mapping`), then every token attends to its row's cached positions up to its
         own (`kernels.paged_attention`), so a chunk sees the chunks before it and a prefix
-        another sequence computed. Logits only for `logits_at`, one token per row (the LM
-        head over all T tokens would cost as much as a layer). Donate `cache` under jit so
-        the writes happen in place. `layers` as in `prefill`."""
+        another sequence computed. Returns every token's last hidden state (before the
+        final norm: `logits` applies it), for the caller to pick which tokens get logits.
+        Donate `cache` under jit so the writes happen in place. `layers` as in `prefill`."""
         cfg = self.cfg
         cos, sin = _rope_tables(cfg, positions[None])  # [1, T, H/2]
         x = self._embed(tokens[None])  # [1, T, D]
@@ -377,8 +391,7 @@ class Transformer(nnx.Module):
             x = _layer_output(cfg, x, out[None], p)
             new_k.append(k_pages)
             new_v.append(v_pages)
-        x = jnp.take(x, logits_at, axis=1)  # [1, R, D]
-        return self._logits(x)[0], PagedKVCache(tuple(new_k), tuple(new_v))
+        return x[0], PagedKVCache(tuple(new_k), tuple(new_v))
 
     def unstack_layers(self) -> tuple[dict[str, jax.Array], ...]:
         """Each layer's weights as separate arrays (copies when called outside jit), for
@@ -412,12 +425,13 @@ class Transformer(nnx.Module):
 
     def head_weight(self) -> jax.Array:  # [D, V] compute dtype
         """The LM head's matrix (the embedding's transpose when tied), unscaled: an int8
-        model's per-column scales are applied by `_logits`."""
+        model's per-column scales are applied by `logits`."""
         if self.cfg.tie_embeddings:
             return self.embed.get_value().astype(self.cfg.dtype).T
         return self.lm_head.get_value().astype(self.cfg.dtype)
 
-    def _logits(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
+    def logits(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
+        """The final norm and the LM head over last hidden states (`step_hidden`'s)."""
         cfg = self.cfg
         x = _rms_norm(x, self.final_norm.get_value(), cfg.norm_eps)
         logits = jnp.einsum(

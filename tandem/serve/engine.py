@@ -52,7 +52,7 @@ from tandem.model.config import ModelConfig
 from tandem.model.sharding import MESH_AXES, param_shardings
 from tandem.model.transformer import PagedKVCache, StepMetadata, Transformer, init_paged_cache
 from tandem.serve.config import ServeConfig
-from tandem.serve.engine_api import Engine, StepOutput, TokenizerLike, pack_rows
+from tandem.serve.engine_api import Engine, StepOutput, TokenizerLike, pack_rows, prompt_targets
 from tandem.serve.kv_cache import pages_for
 from tandem.serve.logits_processors import (
     ProcessorInputs,
@@ -61,7 +61,7 @@ from tandem.serve.logits_processors import (
     processor_inputs,
     write_token_ids,
 )
-from tandem.serve.sampling import logprobs_of, sample, split_seed
+from tandem.serve.sampling import logprobs_of, prompt_logprobs_of, sample, split_seed
 from tandem.serve.scheduler import SchedulerOutput
 from tandem.serve.structured import apply_bitmask, fill_bitmask
 
@@ -74,6 +74,9 @@ CPU_KV_CACHE_MEMORY_FRACTION = 0.25  # at most, of the host's available memory
 # attention on CPU"); the GPU kernel loads pages as its key tiles and wants them small.
 PAGE_SIZE = {"cpu": 128}
 DEFAULT_PAGE_SIZE = 16
+# Tokens whose prompt logprobs one pass of the LM head computes: [block, V] float32 logits
+# at a time (a step's whole [Tb, V] would be 2 GiB for 4096 tokens of a 128k vocabulary).
+PROMPT_LOGPROBS_BLOCK = 256
 
 
 class StepInputs(NamedTuple):
@@ -92,6 +95,8 @@ class StepInputs(NamedTuple):
     bitmask: np.ndarray  # [Rb, ceil(V / 32)] int32 allowed tokens (tandem/serve/structured.py)
     min_p: np.ndarray  # [Rb] float32
     processors: ProcessorInputs  # penalties, logit_bias, min_tokens
+    prompt_targets: np.ndarray  # [Tb] int32: the prompt token after each token whose
+    # request asked for prompt logprobs, else -1
 
 
 class DeviceCache(NamedTuple):
@@ -307,9 +312,10 @@ class JaxEngine(Engine):
         return self._weights[1]
 
     def _step_fn(self, weights, cache: DeviceCache, x: StepInputs):
-        """One plan -> (cache, packed [Rb, C] int32)."""
+        """One plan -> (cache, packed [Rb, C] int32, prompt rows [Tb, C] int32)."""
         model, layers = self._model(weights)
-        logits, kv = model.step(x.tokens, x.positions, cache.kv, x.meta, x.logits_at, layers)
+        hidden, kv = model.step_hidden(x.tokens, x.positions, cache.kv, x.meta, layers)  # [Tb, D]
+        logits = model.logits(jnp.take(hidden, x.logits_at, axis=0)[None])[0]  # [Rb, V]
         token_ids = write_token_ids(cache.token_ids, x.tokens, x.meta.slot_mapping)
         cache = DeviceCache(kv, token_ids)
         positions = x.meta.kv_lens  # [Rb] where each row's next token sits
@@ -334,7 +340,14 @@ class JaxEngine(Engine):
                 jnp.zeros((rows, self.max_logprobs), jnp.float32),
             ),
         )
-        return cache, pack_rows(tokens, positions, chosen, top_ids, top_lps)
+        # Every token's next prompt token scored for the requests that asked (the blocks
+        # of tokens none asked for are skipped); read back only when a request asked.
+        block = min(PROMPT_LOGPROBS_BLOCK, x.tokens.shape[0])
+        lp, rank, ids, lps = prompt_logprobs_of(
+            model.logits, hidden, x.prompt_targets, self.max_logprobs, block
+        )
+        packed = pack_rows(tokens, positions, chosen, top_ids, top_lps)
+        return cache, packed, pack_rows(x.prompt_targets, rank, lp, ids, lps)
 
     def _init_cache_fn(self) -> DeviceCache:
         scfg = self.serve_cfg
@@ -374,6 +387,7 @@ class JaxEngine(Engine):
         else:
             constrained[:r] = [req.grammar is not None for req in plan.requests]
         min_p = np.zeros(r_pad, np.float32)
+        targets = np.full(t_pad, -1, np.int32)
         if plan is not None:
             tokens[:t] = plan.token_ids
             positions[:t] = plan.positions
@@ -388,13 +402,16 @@ class JaxEngine(Engine):
             seeds[:r] = [split_seed(seed) for _, seed in params]
             logprobs[:r] = [s.logprobs > 0 for s, _ in params]
             min_p[:r] = [s.min_p for s, _ in params]
+            for row, req in enumerate(plan.requests):
+                if req.sampling.prompt_logprobs is not None:
+                    prompt_targets(req.prompt_token_ids, plan, row, targets)
         requests = plan.requests if plan is not None else ()
         processors = processor_inputs(requests, r_pad, self._banned)
         logits_at = np.maximum(cu[1:] - 1, 0)  # [Rb] padding rows: token 0
         meta = StepMetadata(slots, kv_lens, pages, cu, np.int32(r))
         return StepInputs(
             tokens, positions, meta, logits_at, temperature, top_k, top_p, seeds, logprobs,
-            constrained, bitmask, min_p, processors,
+            constrained, bitmask, min_p, processors, targets,
         )  # fmt: skip
 
     def _open_mask(self, rows: int) -> np.ndarray:  # [rows, W] int32, every token allowed
@@ -425,7 +442,7 @@ class JaxEngine(Engine):
                     cache,
                     cache_sh,
                 )
-            step = jit(self._step_fn, out_shardings=(cache_sh, rep), donate_argnums=(1,))
+            step = jit(self._step_fn, out_shardings=(cache_sh, rep, rep), donate_argnums=(1,))
             for bucket in self._buckets:
                 inputs = self._inputs(None, bucket)
                 self._compiled[bucket] = step.lower(self._weights, cache, inputs).compile()
@@ -439,7 +456,7 @@ class JaxEngine(Engine):
         self._compile()
         self._cache = self._init_cache()
         for bucket in self._buckets:
-            self._cache, out = self._compiled[bucket](
+            self._cache, out, _ = self._compiled[bucket](
                 self._weights, self._cache, self._inputs(None, bucket)
             )
         jax.block_until_ready(out)
@@ -475,10 +492,10 @@ class JaxEngine(Engine):
             f"<{plan.num_rows} rows>",
             f"at most max_seqs={self.max_seqs} rows",
         )
-        self._cache, out = self._compiled[bucket](
-            self._weights, self._cache, self._inputs(plan, bucket)
-        )
-        return StepOutput(out, self.max_logprobs)
+        inputs = self._inputs(plan, bucket)
+        self._cache, out, prompt = self._compiled[bucket](self._weights, self._cache, inputs)
+        asked = any(r.sampling.prompt_logprobs is not None for r in plan.requests)
+        return StepOutput(out, self.max_logprobs, prompt if asked else None)
 
     def reset(self) -> None:
         self._cache = self._init_cache()

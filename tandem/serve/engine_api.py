@@ -24,6 +24,14 @@ float32 bit patterns):
     [token, position, logprob, top_ids[0:n], top_logprobs[0:n]]   n = max_logprobs
 `position` is where `token` sits in its sequence (= the row's kv_len). A row's logprob
 columns are meaningless unless its request asked for logprobs (an engine may skip them).
+
+Prompt logprobs (a request's `SamplingParams.prompt_logprobs`) come as a second array,
+one row per plan TOKEN, that the engine returns only for a plan with such a request
+(`StepOutput.prompt_rows`; it stays on the device otherwise):
+    [target, rank, logprob, top_ids[0:n], top_logprobs[0:n]]
+`target` is the prompt token after that token (the one scored, at the token's position
++ 1) and `rank` its rank in the vocabulary (1 = the most likely); a token whose request
+did not ask, or whose next token is not a prompt token, has meaningless columns.
 """
 
 from __future__ import annotations
@@ -73,6 +81,16 @@ def pack_rows(
     return xp.concatenate([*cols, top_ids.astype(xp.int32), bits(top_logprobs)], axis=1)
 
 
+def prompt_targets(prompt: list[int], plan: SchedulerOutput, row: int, targets: np.ndarray) -> None:
+    """Writes into `targets` [Tb] the prompt token after each of the row's tokens (where
+    that token is still in the prompt): the token whose logprob the step scores there. A
+    chunk's last token scores the first token of the next chunk, which the host knows."""
+    lo, hi = plan.cu_q_lens[row], plan.cu_q_lens[row + 1]
+    after = plan.positions[lo:hi] + 1  # [n] positions of the tokens scored
+    inside = after < len(prompt)
+    targets[lo:hi][inside] = np.asarray(prompt, np.int32)[after[inside]]
+
+
 class TokenizerLike(Protocol):
     """What serving needs from a tokenizer (model.tokenizer.Tokenizer satisfies it)."""
 
@@ -94,41 +112,55 @@ class RowToken:
     position: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+    rank: int = 0  # of a prompt token: its rank in the vocabulary (1 = most likely)
 
 
 class StepOutput:
     """One packed step, int32 [R, row_width(max_logprobs)] (see the module docstring),
     R >= the plan's rows (an engine may return padding rows after them).
 
-    Built from a device array it starts the device->host copy at once; `data` waits."""
+    `prompt_rows`: the prompt-logprob rows of the plan's tokens (module docstring), or
+    None when no request of the plan asked for them.
 
-    def __init__(self, rows: Any, max_logprobs: int) -> None:
+    Built from device arrays it starts the device->host copies at once; `data` waits."""
+
+    def __init__(self, rows: Any, max_logprobs: int, prompt_rows: Any = None) -> None:
         self._rows = rows
+        self._prompt_rows = prompt_rows
         self.max_logprobs = max_logprobs
-        start_copy = getattr(rows, "copy_to_host_async", None)
-        if start_copy is not None:
-            start_copy()
+        for array in (rows, prompt_rows):
+            start_copy = getattr(array, "copy_to_host_async", None)
+            if start_copy is not None:
+                start_copy()
 
     @functools.cached_property
     def data(self) -> np.ndarray:
         return np.asarray(self._rows)
+
+    @functools.cached_property
+    def prompt_data(self) -> np.ndarray:
+        assert self._prompt_rows is not None, "the plan asked for no prompt logprobs"
+        return np.asarray(self._prompt_rows)
+
+    def prompt_token(self, t: int, position: int, top_n: int = 0) -> RowToken:
+        """Token t of the plan's prompt-logprob rows: the prompt token at `position` (the
+        plan token's position + 1), its logprob and rank, and top_n alternatives."""
+        target, rank, logprob, top = self._unpack(self.prompt_data[t], top_n)
+        return RowToken(token=target, position=position, logprob=logprob, top=top, rank=rank)
 
     def tokens(self, num_rows: int) -> list[int]:
         """The first `num_rows` rows' tokens (what `Scheduler.update_from_output` takes)."""
         return self.data[:num_rows, TOKEN].tolist()
 
     def row(self, r: int, top_n: int = 0) -> RowToken:
-        row = self.data[r]
+        token, position, logprob, top = self._unpack(self.data[r], top_n)
+        return RowToken(token=token, position=position, logprob=logprob, top=top)
+
+    def _unpack(self, row: np.ndarray, top_n: int) -> tuple[int, int, float, tuple]:
         n = self.max_logprobs
         floats = row.view(np.float32)
-        top_n = min(top_n, n)
-        top = tuple((int(row[TOP + i]), float(floats[TOP + n + i])) for i in range(top_n))
-        return RowToken(
-            token=int(row[TOKEN]),
-            position=int(row[POSITION]),
-            logprob=float(floats[LOGPROB]),
-            top=top,
-        )
+        top = tuple((int(row[TOP + i]), float(floats[TOP + n + i])) for i in range(min(top_n, n)))
+        return int(row[TOKEN]), int(row[POSITION]), float(floats[LOGPROB]), top
 
 
 class Engine(abc.ABC):

@@ -6,7 +6,8 @@ tokenizer, every UTF-8 byte is its own token, which exercises split characters a
 strings that straddle tokens). It runs real scheduler plans: it checks that each row's
 tokens are its request's next ones, answers the rows that sample with the script's next
 token (under a request's grammar: that token if the grammar allows it, else the lowest id
-it allows) and packs a StepOutput, and counts steps and rows so tests can check continuous
+it allows) and packs a StepOutput (with prompt logprobs, each prompt token scored -0.25 and
+ranked first, when a request asked), and counts steps and rows so tests can check continuous
 batching, chunked prefill and preemption. It holds no cache, so any page table is fine.
 """
 
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from tandem.serve.config import ServeConfig
-from tandem.serve.engine_api import Engine, StepOutput, TokenizerLike, pack_rows
+from tandem.serve.engine_api import Engine, StepOutput, TokenizerLike, pack_rows, prompt_targets
 from tandem.serve.kv_cache import pages_for
 from tandem.serve.scheduler import SchedulerOutput
 from tandem.serve.structured import allows, fill_bitmask
@@ -102,7 +103,21 @@ class FakeEngine(Engine):
             (tokens[:, None] + n) % self.tokenizer.vocab_size,
             np.broadcast_to(-0.5 - n, (plan.num_rows, self.max_logprobs)),
         )
-        return StepOutput(rows, self.max_logprobs)
+        prompt_rows = None
+        if any(r.sampling.prompt_logprobs is not None for r in plan.requests):
+            targets = np.full(plan.num_tokens, -1, np.int32)
+            for r, request in enumerate(plan.requests):
+                if request.sampling.prompt_logprobs is not None:
+                    prompt_targets(request.prompt_token_ids, plan, r, targets)
+            t = plan.num_tokens  # each prompt token scored -0.25, rank 1 (and n after it)
+            prompt_rows = pack_rows(
+                targets,
+                np.ones(t, np.int32),
+                np.full(t, -0.25, np.float32),
+                (targets[:, None] + n) % self.tokenizer.vocab_size,
+                np.broadcast_to(-0.25 - n, (t, self.max_logprobs)),
+            )
+        return StepOutput(rows, self.max_logprobs, prompt_rows)
 
     def reset(self) -> None:
         pass

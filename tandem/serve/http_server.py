@@ -55,6 +55,7 @@ from starlette.routing import Route
 from tandem.model.tokenizer import Tokenizer
 from tandem.serve import openai_protocol as api
 from tandem.serve.config import ServeConfig
+from tandem.serve.engine_api import RowToken
 from tandem.serve.handoff import Handoff
 from tandem.serve.metrics import ServeMetrics
 from tandem.serve.orchestrator import Orchestrator, Output, RequestError, merge_outputs
@@ -462,6 +463,7 @@ class OpenAIService:
         max_tokens: int | None,
         logprobs: int | None,
         renames: dict[str, str],
+        prompt_logprobs: int | None = None,
     ) -> list[tuple[list[int], SamplingParams]]:
         """One (prompt ids, SamplingParams) per choice, every one validated against the
         served model before any is submitted."""
@@ -502,6 +504,7 @@ class OpenAIService:
                     "min_p": req.min_p,
                     "min_tokens": req.min_tokens,
                     "logit_bias": logit_bias,
+                    "prompt_logprobs": prompt_logprobs,
                 }
                 try:
                     params = self.orch.default_params(len(ids), **fields)
@@ -528,6 +531,10 @@ class OpenAIService:
 
     # ---- token strings and logprobs ----------------------------------------------------
 
+    def _decode(self, ids: list[int]) -> str:
+        """Token ids as text, special tokens spelled out (an echoed token prompt)."""
+        return self.tokenizer.hf.decode(ids, skip_special_tokens=False)
+
     def token_text(self, token: int) -> str:
         """A token's own text (special tokens spelled out), as OpenAI's logprobs show it."""
         text = self._token_text.get(token)
@@ -536,20 +543,63 @@ class OpenAIService:
             self._token_text[token] = text
         return text
 
-    def completion_logprobs(self, out: Output, top: int, offset: int) -> api.CompletionLogprobs:
+    def completion_logprobs(
+        self,
+        out: Output,
+        top: int,
+        offset: int,
+        echo: list[int] | None = None,
+        only_prompt: bool = False,
+    ) -> api.CompletionLogprobs:
+        """OpenAI's completion logprobs of `out`'s tokens, after those of the prompt `echo`
+        (its first token without a logprob, null, as OpenAI and vLLM show it; the others
+        from `out.prompt_logprobs`), and without the generated ones if `only_prompt`."""
         lp = api.CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
-        for st in out.logprobs:
-            token = self.token_text(st.token)
+        scored: list[tuple[int, RowToken | None]] = []
+        if echo is not None:
+            assert out.prompt_logprobs is not None, "echo with logprobs scores the prompt"
+            scored += zip(echo, [None, *out.prompt_logprobs], strict=True)
+        if not only_prompt:
+            scored += [(st.token, st) for st in out.logprobs]
+        for token_id, st in scored:
+            token = self.token_text(token_id)
             lp.text_offset.append(offset)
             offset += len(token)
             lp.tokens.append(token)
+            if st is None:
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+                continue
             lp.token_logprobs.append(max(st.logprob, MIN_LOGPROB))
-            # OpenAI: the top `logprobs` alternatives plus the sampled token
+            # OpenAI: the top `logprobs` alternatives plus the sampled (or prompt) token
             alts = {token: max(st.logprob, MIN_LOGPROB)}
             for t, v in st.top[:top]:
                 alts.setdefault(self.token_text(t), max(v, MIN_LOGPROB))
             lp.top_logprobs.append(alts)
         return lp
+
+    def prompt_logprobs(
+        self, ids: list[int], out: Output, top: int | None
+    ) -> list[dict[str, api.PromptLogprob] | None] | None:
+        """vLLM's `prompt_logprobs` of a choice: per prompt token {token id: logprob, rank,
+        decoded token} for the token itself then its `top` alternatives (None for the first
+        token); None when the prompt was not scored."""
+        if out.prompt_logprobs is None:
+            return None
+
+        def entry(token: int, logprob: float, rank: int) -> api.PromptLogprob:
+            return api.PromptLogprob(
+                logprob=max(logprob, MIN_LOGPROB), rank=rank, decoded_token=self.token_text(token)
+            )
+
+        scored: list[dict[str, api.PromptLogprob] | None] = [None]
+        for st in out.prompt_logprobs:
+            alts = {str(st.token): entry(st.token, st.logprob, st.rank)}
+            for k, (t, v) in enumerate(st.top[: top or 0]):
+                alts.setdefault(str(t), entry(t, v, k + 1))
+            scored.append(alts)
+        assert len(scored) == len(ids)
+        return scored
 
     def chat_logprobs(self, out: Output, top: int) -> api.ChatLogprobs:
         def entry(token: int, logprob: float) -> dict[str, Any]:
@@ -603,10 +653,11 @@ class OpenAIService:
         self,
         run: _Run,
         templates: _Templates,
-        logprobs: Callable[[int, Output], pydantic.BaseModel | None],
+        render: Callable[[int, Output], tuple[str, pydantic.BaseModel | None]],
     ) -> AsyncIterator[str]:
-        """The server-sent events of a streamed request: the outputs waiting for it merged
-        per choice into one chunk each (a slow reader gets fewer, larger chunks), then the
+        """The server-sent events of a streamed request (`render`: a choice's output as
+        its chunk's text and logprobs): the outputs waiting for it merged per choice into
+        one chunk each (a slow reader gets fewer, larger chunks), then the
         usage chunk if asked, then `[DONE]`. Leaving early (disconnect) cancels the rest."""
         choices = _Choices(run)
         tokens = [0] * run.size  # generated so far, per choice
@@ -633,10 +684,8 @@ class OpenAIService:
                         if out.token_ids or out.finish_reason:  # vLLM: a chunk per step,
                             # empty text too (a held-back UTF-8 or stop-string prefix)
                             usage = (len(run.prompts[i // run.n]), tokens[i])
-                            lp = logprobs(i, out)
-                            events.append(
-                                templates.chunk(i, out.text, lp, out.finish_reason, usage)
-                            )
+                            text, lp = render(i, out)
+                            events.append(templates.chunk(i, text, lp, out.finish_reason, usage))
                 if error is not None:
                     events.append(ApiError.from_request_error(error, counted=True).sse())
                     yield "".join(events) + "data: [DONE]\n\n"
@@ -670,25 +719,54 @@ class OpenAIService:
             prompts = [list(p) for p in prompt]
         else:
             prompts = [list(prompt)]
+        if req.max_tokens == 0 and not req.echo:
+            raise ApiError(400, "max_tokens=0 is invalid: must be >= 1 (0 only with echo, "
+                           "which then returns the prompt alone)", param="max_tokens",
+                           code="invalid_value")  # fmt: skip
+        only_prompt = req.max_tokens == 0  # vLLM: echo the prompt, generate one token unseen
+        # what the prompt positions are scored for: echo's logprobs and prompt_logprobs
+        scored = [req.prompt_logprobs, req.logprobs if req.echo else None]
         plan = self._plan(
-            prompts, req, max_tokens=req.max_tokens, logprobs=req.logprobs,
-            renames={"prompt_token_ids": "prompt"},
+            prompts, req, max_tokens=1 if only_prompt else req.max_tokens,
+            logprobs=req.logprobs, renames={"prompt_token_ids": "prompt"},
+            prompt_logprobs=max((n for n in scored if n is not None), default=None),
         )  # fmt: skip
         run = self._submit(prompts, req.n, plan)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         top = req.logprobs or 0
+        prompt_top = req.logprobs if req.prompt_logprobs is None else req.prompt_logprobs
+        # the echoed text: the prompt as sent, or its token ids decoded (vLLM's too)
+        texts: list[str] = []
+        if req.echo:
+            if isinstance(prompt, str):
+                texts = [prompt]
+            elif isinstance(prompt[0], str):
+                texts = list(prompt)
+            else:
+                texts = [self._decode(ids) for ids in prompts]
+
+        def render(i: int, out: Output, offset: int) -> tuple[str, api.CompletionLogprobs | None]:
+            """A choice's message as text and logprobs, `offset` characters of it sent
+            before (-1: this is its first message, which echo prefixes with the prompt)."""
+            ids = prompts[i // req.n] if req.echo and offset < 0 else None
+            text = "" if only_prompt else out.text
+            if ids is not None:
+                text = texts[i // req.n] + text
+            lp = None
+            if req.logprobs is not None:
+                lp = self.completion_logprobs(out, top, max(offset, 0), ids, only_prompt)
+            return text, lp
+
         if req.stream:
             templates = _Templates("completion", rid, created, self.model_name, req.stream_options)
-            offsets = [0] * run.size  # text sent so far per choice: logprobs' text_offset
+            offsets = [-1] * run.size  # text sent so far per choice (-1: none yet)
 
-            def logprobs(i: int, out: Output) -> api.CompletionLogprobs | None:
-                lp = None
-                if req.logprobs is not None:
-                    lp = self.completion_logprobs(out, top, offsets[i])
-                offsets[i] += len(out.text)
-                return lp
+            def render_chunk(i: int, out: Output) -> tuple[str, api.CompletionLogprobs | None]:
+                text, lp = render(i, out, offsets[i])
+                offsets[i] = max(offsets[i], 0) + len(text)
+                return text, lp
 
-            return _sse(self._events(run, templates, logprobs))
+            return _sse(self._events(run, templates, render_chunk))
         choices = await self._collect(run, request)
         body = api.CompletionResponse(
             id=rid,
@@ -697,13 +775,13 @@ class OpenAIService:
             choices=[
                 api.CompletionChoice(
                     index=i,
-                    text=out.text,
-                    logprobs=None
-                    if req.logprobs is None
-                    else self.completion_logprobs(out, top, 0),
+                    text=text,
+                    logprobs=lp,
                     finish_reason=out.finish_reason,
+                    prompt_logprobs=self.prompt_logprobs(prompts[i // req.n], out, prompt_top),
                 )
                 for i, out in enumerate(merge_outputs(outs) for outs in choices.outputs)
+                for text, lp in [render(i, out, -1)]
             ],
             usage=choices.usage(),
         )
@@ -733,10 +811,10 @@ class OpenAIService:
         if req.stream:
             templates = _Templates("chat", rid, created, self.model_name, req.stream_options)
 
-            def logprobs(i: int, out: Output) -> api.ChatLogprobs | None:
-                return self.chat_logprobs(out, top) if req.logprobs else None
+            def render(i: int, out: Output) -> tuple[str, api.ChatLogprobs | None]:
+                return out.text, self.chat_logprobs(out, top) if req.logprobs else None
 
-            return _sse(self._events(run, templates, logprobs))
+            return _sse(self._events(run, templates, render))
         choices = await self._collect(run, request)
         body = api.ChatCompletionResponse(
             id=rid,

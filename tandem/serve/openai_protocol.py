@@ -2,13 +2,14 @@
 
 Field names, types and defaults follow OpenAI's `/v1/completions` and
 `/v1/chat/completions` (and vLLM's extensions `top_k`, `ignore_eos`, `stop_token_ids`,
-`repetition_penalty`, `min_p`, `min_tokens`, `chat_template_kwargs`, `add_generation_prompt`, `stream_options.continuous_usage_stats`), so the `openai` SDK, lm-eval's
+`repetition_penalty`, `min_p`, `min_tokens`, `prompt_logprobs`,
+`chat_template_kwargs`, `add_generation_prompt`, `stream_options.continuous_usage_stats`), so the `openai` SDK, lm-eval's
 `local-completions` / `local-chat-completions` and `vllm bench serve` talk to tandem
 unchanged. Requests are strict where OpenAI-compatible servers are usually lax:
 
 - an unknown field is an error naming it (`extra="forbid"`), never silently ignored;
 - NaN and infinite numbers are refused (`allow_inf_nan=False`);
-- a known parameter whose feature tandem does not serve yet (`NOT_YET`: echo, tools,
+- a known parameter whose feature tandem does not serve yet (`NOT_YET`: suffix, tools,
   ...) is accepted only at its default value,
   any other value is a 400 naming it (`not_yet_supported`).
 
@@ -26,9 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # Parameters OpenAI (or vLLM) defines whose feature tandem's sampler does not have yet,
 # with the value that means "off": any other value is refused, naming the parameter.
 NOT_YET: dict[str, Any] = {
-    "echo": False,
     "suffix": None,
-    "prompt_logprobs": None,
     "tools": None,
 }
 
@@ -81,11 +80,12 @@ class ResponseFormat(_Request):
 class CompletionRequest(_Sampling):
     # a text, a batch of texts, token ids, or a batch of token-id lists
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: with echo, the prompt only (scored)
     logprobs: int | None = Field(None, ge=0)  # alternatives per token (None: no logprobs)
     best_of: int | None = Field(None, ge=1)  # accepted when equal to n
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion, in text and logprobs
     suffix: str | None = None
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = Field(None, ge=0)  # vLLM extension: top-n per prompt token
     response_format: ResponseFormat | None = None  # vLLM extension on completions
 
 
@@ -143,9 +143,17 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     text_offset: list[int]
-    token_logprobs: list[float]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
     tokens: list[str]
-    top_logprobs: list[dict[str, float]]
+    top_logprobs: list[dict[str, float] | None]
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob` of one prompt position's token or alternative."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
 
 
 class CompletionChoice(BaseModel):
@@ -153,6 +161,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    # vLLM's shape: per prompt token, {token id: PromptLogprob} (the token itself and the
+    # top prompt_logprobs), None for the first; present when prompt logprobs were computed
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

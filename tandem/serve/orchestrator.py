@@ -51,6 +51,7 @@ from tandem.serve.scheduler import (
     RequestOutput,
     RequestStatus,
     Scheduler,
+    SchedulerOutput,
 )
 from tandem.serve.structured import GrammarCompiler
 
@@ -85,6 +86,9 @@ class Output:
     text: str = ""
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[RowToken] = dataclasses.field(default_factory=list)
+    # With SamplingParams.prompt_logprobs, on the first message: prompt tokens 1..n-1 (the
+    # first has no logprob: nothing precedes it), each scored given the tokens before it.
+    prompt_logprobs: list[RowToken] | None = None
     finish_reason: str = ""  # "", "length" or "stop"
     matched_stop: str = ""
     prompt_tokens: int = 0
@@ -102,7 +106,7 @@ def merge_outputs(outs: Sequence[Output]) -> Output:
     last one's finish reason and usage)."""
     if len(outs) == 1:
         return outs[0]
-    merged = Output()
+    merged = Output(prompt_logprobs=outs[0].prompt_logprobs)
     for o in outs:
         merged.text += o.text
         merged.token_ids += o.token_ids
@@ -141,6 +145,7 @@ class _Stream:
         "created",
         "deadline",
         "first_token_time",
+        "prompt_logprobs",
         "request",
         "sink",
         "text",
@@ -155,6 +160,10 @@ class _Stream:
         self.created = now
         self.first_token_time: float | None = None
         self.cancelled = False
+        # prompt logprobs by position until the first message sends them (None: not asked
+        # or sent); by position, so a recompute after preemption adds nothing twice
+        asked = request.sampling.prompt_logprobs is not None
+        self.prompt_logprobs: dict[int, RowToken] | None = {} if asked else None
 
 
 class RequestHandle:
@@ -362,6 +371,7 @@ class Orchestrator:
         if plan.num_rows:
             out = self.engine.step(plan)
             self.steps += 1
+            self._collect_prompt_logprobs(plan, out)
             for output in self.scheduler.update_from_output(plan, out.tokens(plan.num_rows)):
                 self._on_token(output, out)
         self._num_waiting = sum(r.status == RequestStatus.WAITING for r in self.scheduler.waiting)
@@ -382,6 +392,19 @@ class Orchestrator:
             if reason is not None:
                 self._fail(stream, *reason)
 
+    def _collect_prompt_logprobs(self, plan: SchedulerOutput, out: StepOutput) -> None:
+        """Keeps the prompt logprobs a step computed for the requests that asked."""
+        for row, request in enumerate(plan.requests):
+            top_n = request.sampling.prompt_logprobs
+            stream = self._streams.get(request.request_id)
+            if top_n is None or stream is None or stream.prompt_logprobs is None:
+                continue
+            collected = stream.prompt_logprobs
+            for t in range(plan.cu_q_lens[row], plan.cu_q_lens[row + 1]):
+                after = int(plan.positions[t]) + 1  # the prompt token scored there
+                if after < request.num_prompt_tokens and after not in collected:
+                    collected[after] = out.prompt_token(t, after, top_n)
+
     def _on_token(self, output: RequestOutput, out: StepOutput) -> None:
         """Turns one sampled token into text and a message (or holds it back)."""
         request = output.request
@@ -399,6 +422,10 @@ class Orchestrator:
             [out.row(output.row, request.sampling.logprobs)] if request.sampling.logprobs else []
         )
         emit = Output(token_ids=[token], logprobs=logprobs)
+        if stream.prompt_logprobs is not None:
+            collected = stream.prompt_logprobs
+            emit.prompt_logprobs = [collected[p] for p in range(1, request.num_prompt_tokens)]
+            stream.prompt_logprobs = None
         if output.finish_reason == FinishReason.STOP:  # a stop token id
             emit.text = stream.text.finish()
             emit.finish_reason, emit.matched_stop = "stop", str(token)

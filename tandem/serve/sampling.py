@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,7 @@ class SamplingParams:
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
+    prompt_logprobs: int | None = None  # None: none; n: each prompt token's and the top n
 
     def __post_init__(self) -> None:
         _check(
@@ -98,6 +100,13 @@ class SamplingParams:
             "logprobs",
             self.logprobs,
             "an integer >= 0",
+        )
+        _check(
+            self.prompt_logprobs is None
+            or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0),
+            "prompt_logprobs",
+            self.prompt_logprobs,
+            "None or an integer >= 0",
         )
         for s in self.stop:
             _check(isinstance(s, str) and len(s) > 0, "stop", s, "non-empty strings")
@@ -164,6 +173,12 @@ class SamplingParams:
             self.logprobs <= max_logprobs,
             "logprobs",
             self.logprobs,
+            f"<= {max_logprobs} (the server's max_logprobs)",
+        )
+        _check(
+            (self.prompt_logprobs or 0) <= max_logprobs,
+            "prompt_logprobs",
+            self.prompt_logprobs,
             f"<= {max_logprobs} (the server's max_logprobs)",
         )
         for t in self.stop_token_ids:
@@ -278,3 +293,58 @@ def logprobs_of(
         return chosen, empty_i, jnp.zeros((logits.shape[0], 0), jnp.float32)
     top_lp, top_ids = jax.lax.top_k(logp, top_n)  # [B, top_n]
     return chosen, top_ids.astype(jnp.int32), top_lp
+
+
+def prompt_logprobs_of(
+    head: Callable[[jax.Array], jax.Array],  # [1, t, D] hidden -> [1, t, V] float32 logits
+    hidden: jax.Array,  # [T, D] every token's last hidden state
+    targets: jax.Array,  # [T] int32: the prompt token after each token, -1: not asked
+    top_n: int,
+    block: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Prompt logprobs: for each token the log-probability of the prompt token after it
+    (`targets`), that token's rank in the vocabulary (1 = the most likely) and the top_n
+    alternatives, under the model's raw distribution.
+
+    The LM head and log-softmax run over blocks of `block` tokens one after another
+    (`lax.map`), so at most [block, V] float32 logits exist at a time, and a block with no
+    target is skipped (`lax.cond`): a step where no request asked pays an empty branch
+    per block. Returns (logprob [T], rank [T], top ids [T, top_n], top logprobs [T, top_n]);
+    a token without a target gets zeros.
+    """
+    t, d = hidden.shape
+    blocks = -(-t // block)
+    pad = blocks * block - t
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(blocks, block, d)  # [Nb, b, D]
+    targets = jnp.pad(targets, (0, pad), constant_values=-1).reshape(blocks, block)  # [Nb, b]
+
+    def one_block(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
+        x, target = args  # [b, D], [b]
+
+        def compute() -> tuple[jax.Array, ...]:
+            logits = head(x[None])[0]  # [b, V] float32
+            chosen, top_ids, top_lps = logprobs_of(logits, jnp.maximum(target, 0), top_n)
+            target_logit = jnp.take_along_axis(logits, jnp.maximum(target, 0)[:, None], axis=-1)
+            rank = 1 + jnp.sum(logits > target_logit, axis=-1, dtype=jnp.int32)  # [b]
+            return chosen, rank, top_ids, top_lps
+
+        def skip() -> tuple[jax.Array, ...]:
+            return (
+                jnp.zeros((block,), jnp.float32),
+                jnp.zeros((block,), jnp.int32),
+                jnp.zeros((block, top_n), jnp.int32),
+                jnp.zeros((block, top_n), jnp.float32),
+            )
+
+        return jax.lax.cond(jnp.any(target >= 0), compute, skip)
+
+    if blocks == 1:  # a small step: one branch, no loop around it
+        chosen, rank, top_ids, top_lps = (a[None] for a in one_block((hidden[0], targets[0])))
+    else:
+        chosen, rank, top_ids, top_lps = jax.lax.map(one_block, (hidden, targets))
+    return (
+        chosen.reshape(-1)[:t],  # [T]
+        rank.reshape(-1)[:t],  # [T]
+        top_ids.reshape(-1, top_n)[:t],  # [T, top_n]
+        top_lps.reshape(-1, top_n)[:t],  # [T, top_n]
+    )

@@ -9,12 +9,14 @@ leading tokens whose K/V are in the cache) and the step catches them up with its
      (chunked prefill: a long prompt runs in pieces over several steps while the others
      decode);
   3. waiting requests in arrival order, each starting after its longest cached prefix
-     (serve.kv_cache), as many as the admission policy, `max_seqs` and the budget allow
-     (several short prompts share one step; the last may get only a first chunk). A
-     request whose next full pages another running sequence is computing right now waits
-     (keeping its place) until they are published, then starts after them: a prefix
-     shared by requests that arrive together (the n choices of one prompt, a burst with
-     one system prompt) is computed once, not once per request.
+     (serve.kv_cache; none for a request that asked for prompt logprobs: each prompt
+     position must be computed to be scored, though its pages are still published), as
+     many as the admission policy, `max_seqs` and the budget allow (several short
+     prompts share one step; the last may get only a first chunk). A request whose next
+     full pages another running sequence is computing right now waits (keeping its
+     place) until they are published, then starts after them: a prefix shared by
+     requests that arrive together (the n choices of one prompt, a burst with one system
+     prompt) is computed once, not once per request.
 Running sequences are visited in admission order, as vLLM does, and that alone puts every
 decode first: only the last request admitted can be left mid-prompt, and the budget (at
 least `max_seqs`) always holds a token for each running sequence.
@@ -53,7 +55,7 @@ import numpy as np
 
 from tandem.config import require
 from tandem.serve.config import ServeConfig
-from tandem.serve.kv_cache import NULL_PAGE, KVCacheManager
+from tandem.serve.kv_cache import NULL_PAGE, KVCacheManager, PrefixHit
 from tandem.serve.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -164,6 +166,9 @@ def check_stop(request: Request, max_len: int) -> FinishReason | None:
     if request.num_output_tokens >= request.max_tokens or request.num_tokens >= max_len:
         return FinishReason.LENGTH
     return None
+
+
+NO_HIT = PrefixHit((), 0)
 
 
 # ---- admission --------------------------------------------------------------------------
@@ -410,7 +415,10 @@ class Scheduler:
                 resumed = request.status == RequestStatus.PREEMPTED
                 if not resumed and limit == 0:
                     break
-                hit = self.kv.lookup(request)
+                # positions served from the prefix cache are never computed, so they would
+                # have no prompt logprobs (vLLM skips the cache for these requests too)
+                scored = request.sampling.prompt_logprobs is not None
+                hit = NO_HIT if scored else self.kv.lookup(request)
                 if hit.num_pending_tokens:  # its next pages are being computed: wait for
                     deferred.append(self.waiting.popleft())  # them rather than compute
                     continue  # them twice (n choices of one prompt, a shared system prompt)

@@ -39,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tandem.proto.v1 import generate_pb2 as pb
 from tandem.serve.config import ServeConfig
-from tandem.serve.engine_api import Engine
+from tandem.serve.engine_api import Engine, RowToken
 from tandem.serve.handoff import Handoff
 from tandem.serve.http_server import HttpServer, OpenAIService
 from tandem.serve.metrics import ServeMetrics
@@ -95,6 +95,14 @@ def _check_message(msg: Any) -> None:
         )
 
 
+def _token_logprob(st: RowToken) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token_id=st.token,
+        logprob=st.logprob,
+        top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in st.top],
+    )
+
+
 def _structured_output(req: Any) -> StructuredOutput | None:
     """The request's `structured_output` oneof (json_object=false is no constraint)."""
     kind = req.WhichOneof("structured_output")
@@ -116,13 +124,9 @@ def _to_response(out: Output, request_id: str, index: int = 0) -> pb.GenerateRes
         index=index,
     )
     for st in out.logprobs:
-        resp.logprobs.append(
-            pb.TokenLogprob(
-                token_id=st.token,
-                logprob=st.logprob,
-                top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in st.top],
-            )
-        )
+        resp.logprobs.append(_token_logprob(st))
+    for st in out.prompt_logprobs or ():
+        resp.prompt_logprobs.append(_token_logprob(st))
     if out.final:
         resp.usage.prompt_tokens = out.prompt_tokens
         resp.usage.completion_tokens = out.completion_tokens
@@ -191,6 +195,7 @@ class GenerationService:
             "structured_output": _structured_output(req),
             "logit_bias": tuple(sorted(req.logit_bias.items())),
             "min_tokens": req.min_tokens,
+            "prompt_logprobs": (req.prompt_logprobs if req.HasField("prompt_logprobs") else None),
         }
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
             if req.HasField(name):

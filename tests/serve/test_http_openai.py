@@ -214,6 +214,59 @@ def test_completion_logprobs(server, tokenizer) -> None:
     assert tokens == ["a", "b", "c", "<eos>"] and offsets == [0, 1, 2, 3]
 
 
+def test_completion_echo_scores_the_prompt(server, tokenizer) -> None:
+    """echo + logprobs as lm-eval's loglikelihood requests send it (token ids, max_tokens 1,
+    temperature 0), in OpenAI's and vLLM's shape: the prompt's tokens then the generated
+    ones, the first prompt token's logprob and top_logprobs null; and vLLM's
+    `prompt_logprobs` (the fake engine scores each prompt token -0.25, rank 1, with
+    alternatives token+1, token+2 ... at -1.25, -2.25 ...)."""
+    client = _client(server)
+    ids = tokenizer.encode("abc", add_special_tokens=False)
+    r = client.completions.create(
+        model="tandem", prompt=ids, max_tokens=1, logprobs=2, echo=True, temperature=0
+    )
+    choice = r.choices[0]
+    assert choice.text == "abca" and choice.finish_reason == "length"  # prompt + "a"
+    lp = choice.logprobs
+    assert lp.tokens == ["a", "b", "c", "a"] and lp.text_offset == [0, 1, 2, 3]
+    assert lp.token_logprobs == [None, -0.25, -0.25, -0.5]
+    assert lp.top_logprobs == [
+        None, {"b": -0.25, "c": -1.25}, {"c": -0.25, "d": -1.25}, {"a": -0.5, "b": -1.5}
+    ]  # fmt: skip
+    b, c, d = ids[1], ids[2], ids[2] + 1
+    assert choice.model_extra["prompt_logprobs"] == [
+        None,
+        {str(b): {"logprob": -0.25, "rank": 1, "decoded_token": "b"},
+         str(c): {"logprob": -1.25, "rank": 2, "decoded_token": "c"}},
+        {str(c): {"logprob": -0.25, "rank": 1, "decoded_token": "c"},
+         str(d): {"logprob": -1.25, "rank": 2, "decoded_token": "d"}},
+    ]  # fmt: skip
+    assert r.usage.prompt_tokens == 3 and r.usage.completion_tokens == 1
+    # max_tokens 0 with echo: the prompt alone, scored (vLLM generates one token unseen)
+    r = client.completions.create(model="tandem", prompt="abc", max_tokens=0, echo=True,
+                                  logprobs=0)  # fmt: skip
+    assert r.choices[0].text == "abc"  # the text as sent, the tokens as encoded (as vLLM)
+    assert r.choices[0].logprobs.tokens == ["<bos>", "a", "b", "c"]
+    assert r.choices[0].logprobs.token_logprobs == [None, -0.25, -0.25, -0.25]
+    # echo alone: the text only; prompt_logprobs alone: vLLM's field, no echo
+    r = client.completions.create(model="tandem", prompt="abc", echo=True)
+    assert r.choices[0].text == "abcabc" and r.choices[0].logprobs is None
+    assert r.choices[0].model_extra["prompt_logprobs"] is None
+    r = client.completions.create(model="tandem", prompt=ids, extra_body={"prompt_logprobs": 0})
+    assert r.choices[0].text == "abc" and r.choices[0].logprobs is None
+    assert [list(e) for e in r.choices[0].model_extra["prompt_logprobs"][1:]] == [
+        [str(b)], [str(c)]
+    ]  # fmt: skip
+    # streamed: the first chunk echoes the prompt, text and logprobs
+    chunks = list(client.completions.create(model="tandem", prompt=ids, logprobs=1, echo=True,
+                                            stream=True))  # fmt: skip
+    assert "".join(ch.choices[0].text for ch in chunks) == "abcabc"
+    tokens = [t for ch in chunks for t in ch.choices[0].logprobs.tokens]
+    offsets = [t for ch in chunks for t in ch.choices[0].logprobs.text_offset]
+    assert tokens == ["a", "b", "c", "a", "b", "c", "<eos>"] and offsets == list(range(7))
+    assert chunks[0].choices[0].logprobs.token_logprobs[:3] == [None, -0.25, -0.25]
+
+
 def test_n_choices_get_seeds_seed_plus_i(server, monkeypatch) -> None:
     orch = server.server.orch
     seeds = []
@@ -321,6 +374,10 @@ BAD_REQUESTS = [
     ("unknown_field", C, {"prompt": "hi", "bogus": 1}, 400, "bogus"),
     ("max_tokens_negative", C, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
     ("max_tokens_zero", C, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("prompt_logprobs_too_many", C, {"prompt": "hi", "prompt_logprobs": 50}, 400,
+     "prompt_logprobs"),
+    ("prompt_logprobs_negative", C, {"prompt": "hi", "prompt_logprobs": -1}, 400,
+     "prompt_logprobs"),
     ("max_tokens_huge", C, {"prompt": "hi", "max_tokens": 2**31 - 1}, 400, "max_tokens"),
     ("max_tokens_past_ctx", C, {"prompt": "hi", "max_tokens": MAX_LEN - 2}, 400, "max_tokens"),
     ("temperature_negative", C, {"prompt": "hi", "temperature": -0.5}, 400, "temperature"),
@@ -383,8 +440,7 @@ BAD_REQUESTS = [
 ]  # fmt: skip
 # Known parameters whose feature is not served yet: refused unless at their "off" value.
 NOT_YET = [
-    (C, "echo", True), (C, "suffix", "x"), (C, "prompt_logprobs", 1), (C, "best_of", 2),
-    (CH, "tools", [{"type": "function"}]),
+    (C, "suffix", "x"), (C, "best_of", 2), (CH, "tools", [{"type": "function"}]),
 ]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from tandem.serve.sampling import (
     MAX_MIN_TOKENS_STOP_IDS,
     SamplingParams,
     first_argmax,
+    prompt_logprobs_of,
     sample,
     split_seed,
 )
@@ -175,3 +176,28 @@ def test_min_p_keeps_tokens_within_its_fraction_of_the_top_one() -> None:
     off = _run(logits[:64], [1.0] * 64, [0] * 64, [1.0] * 64, [3] * 64, np.arange(64), [0.0] * 64)
     same = _run(logits[:64], [1.0] * 64, [0] * 64, [1.0] * 64, [3] * 64, np.arange(64))
     assert list(off) == list(same)
+
+
+@pytest.mark.parametrize("block", [4, 16])  # 3 padded blocks (one asks nothing), or one
+def test_prompt_logprobs_of_blocks_equal_one_log_softmax(block) -> None:
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(10, 8)), jnp.float32)  # [T, D]
+    weight = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)  # [D, V]
+    targets = jnp.asarray([3, 7, -1, 0, -1, -1, -1, -1, 49, 2], jnp.int32)  # tokens 4-7: none
+
+    def head(x):  # [1, t, D] -> [1, t, V]
+        return x @ weight
+
+    lp, rank, ids, lps = jax.jit(lambda h, t: prompt_logprobs_of(head, h, t, 3, block))(
+        hidden, targets
+    )
+    logp = np.asarray(jax.nn.log_softmax(hidden @ weight, axis=-1))  # [T, V]
+    for t, target in enumerate(np.asarray(targets)):
+        if target < 0:
+            continue
+        assert lp[t] == pytest.approx(logp[t, target], abs=1e-5)
+        assert rank[t] == 1 + np.sum(logp[t] > logp[t, target])
+        assert ids[t].tolist() == np.argsort(-logp[t])[:3].tolist()
+        np.testing.assert_allclose(lps[t], np.sort(logp[t])[::-1][:3], atol=1e-5)
+    if block == 4:  # the block with no target was skipped: zeros
+        assert not np.asarray(lp[4:8]).any() and not np.asarray(ids[4:8]).any()

@@ -62,6 +62,8 @@ BAD_REQUESTS = [
     ("top_k_above_vocab", GENERATE, _req(top_k=100000), "INVALID_ARGUMENT", "top_k"),
     ("logprobs_negative", GENERATE, _req(logprobs=-1), "INVALID_ARGUMENT", "logprobs"),
     ("logprobs_too_many", GENERATE, _req(logprobs=50), "INVALID_ARGUMENT", "logprobs"),
+    ("prompt_logprobs_negative", GENERATE, _req(prompt_logprobs=-1), "INVALID_ARGUMENT", "prompt_logprobs"),
+    ("prompt_logprobs_too_many", GENERATE, _req(prompt_logprobs=50), "INVALID_ARGUMENT", "prompt_logprobs"),
     ("stop_empty_string", GENERATE, _req(stop=[""]), "INVALID_ARGUMENT", "stop"),
     ("stop_one_empty", GENERATE, _req(stop=["ok", ""]), "INVALID_ARGUMENT", "stop"),
     ("stop_id_negative", GENERATE, _req(stop_token_ids=[-5]), "INVALID_ARGUMENT", "stop_token_ids"),
@@ -146,6 +148,24 @@ def test_stream_unary_tokenize_model_info(fake_server, tokenizer) -> None:
         assert info.max_slots == 4
         assert info.HasField("bos_id") and info.bos_id == tokenizer.bos_id
         assert list(info.stop_token_ids) == sorted(tokenizer.stop_ids)
+
+
+def test_prompt_logprobs_on_the_first_message(fake_server, tokenizer) -> None:
+    """prompt_logprobs (field 24): one entry per prompt token after the first, on the first
+    message only (the fake engine scores each -0.25, alternatives token+1 ... after it);
+    unset, none."""
+    ids = tokenizer.encode("abcd", add_special_tokens=False)
+    with TandemClient(fake_server.target) as client:
+        chunks = list(client.generate(ids, prompt_logprobs=2))
+        first = chunks[0].prompt_logprobs
+        assert [lp.token_id for lp in first] == ids[1:]
+        assert [lp.logprob for lp in first] == [-0.25] * 3
+        assert [[t.token_id for t in lp.top] for lp in first] == [[t, t + 1] for t in ids[1:]]
+        assert all(not c.prompt_logprobs for c in chunks[1:])
+        unary = client.generate_text(ids, prompt_logprobs=0)
+        assert [lp.token_id for lp in unary.prompt_logprobs] == ids[1:]
+        assert all(not lp.top for lp in unary.prompt_logprobs)
+        assert not client.generate_text(ids).prompt_logprobs
 
 
 def test_health_and_metrics(fake_server) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etandem/proto/v1/generate.proto\x12\ttandem.v1\"\xc4\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x10\n\x08logprobs\x18\t \x01(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\x05\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\t\n\x01n\x18\x13 \x01(\x05\x12\x15\n\x0bjson_schema\x18\x14 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x15 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x16 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x17 \x01(\tH\x00\x12\x1d\n\x10presence_penalty\x18\r \x01(\x02H\x03\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0e \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x10 \x01(\x02H\x06\x88\x01\x01\x12=\n\nlogit_bias\x18\x11 \x03(\x0b\x32).tandem.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x12 \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x13\n\x11structured_outputB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_p\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xcf\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\r\n\x05index\x18\t \x01(\x05\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\xb0\x02\n\x11ModelInfoResponse\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x11\n\tmax_slots\x18\x03 \x01(\x05\x12\x0f\n\x07max_len\x18\x04 \x01(\x05\x12\x16\n\x0emax_prompt_len\x18\x05 \x01(\x05\x12\x14\n\x0cmax_logprobs\x18\x06 \x01(\x05\x12\x0e\n\x06\x65os_id\x18\x07 \x01(\x05\x12\x13\n\x06\x62os_id\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rmanifest_json\x18\t \x01(\t\x12\x17\n\x0ftensor_parallel\x18\n \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\x12\x17\n\x0fprefill_buckets\x18\x0c \x03(\x05\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x42\t\n\x07_bos_id2\xaa\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12H\n\rGenerateUnary\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.tandem.v1.ModelInfoRequest\x1a\x1c.tandem.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etandem/proto/v1/generate.proto\x12\ttandem.v1\"\xf6\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x10\n\x08logprobs\x18\t \x01(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\x05\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\t\n\x01n\x18\x13 \x01(\x05\x12\x15\n\x0bjson_schema\x18\x14 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x15 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x16 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x17 \x01(\tH\x00\x12\x1d\n\x10presence_penalty\x18\r \x01(\x02H\x03\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0e \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x10 \x01(\x02H\x06\x88\x01\x01\x12=\n\nlogit_bias\x18\x11 \x03(\x0b\x32).tandem.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x12 \x01(\x05\x12\x1c\n\x0fprompt_logprobs\x18\x18 \x01(\x05H\x07\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x13\n\x11structured_outputB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\x12\n\x10_prompt_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x81\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\r\n\x05index\x18\t \x01(\x05\x12\x30\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\xb0\x02\n\x11ModelInfoResponse\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x11\n\tmax_slots\x18\x03 \x01(\x05\x12\x0f\n\x07max_len\x18\x04 \x01(\x05\x12\x16\n\x0emax_prompt_len\x18\x05 \x01(\x05\x12\x14\n\x0cmax_logprobs\x18\x06 \x01(\x05\x12\x0e\n\x06\x65os_id\x18\x07 \x01(\x05\x12\x13\n\x06\x62os_id\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rmanifest_json\x18\t \x01(\t\x12\x17\n\x0ftensor_parallel\x18\n \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\x12\x17\n\x0fprefill_buckets\x18\x0c \x03(\x05\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x42\t\n\x07_bos_id2\xaa\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12H\n\rGenerateUnary\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.tandem.v1.ModelInfoRequest\x1a\x1c.tandem.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=46
-  _globals['_GENERATEREQUEST']._serialized_end=754
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=590
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=638
-  _globals['_TOPLOGPROB']._serialized_start=756
-  _globals['_TOPLOGPROB']._serialized_end=803
-  _globals['_TOKENLOGPROB']._serialized_start=805
-  _globals['_TOKENLOGPROB']._serialized_end=890
-  _globals['_USAGE']._serialized_start=892
-  _globals['_USAGE']._serialized_end=979
-  _globals['_GENERATERESPONSE']._serialized_start=982
-  _globals['_GENERATERESPONSE']._serialized_end=1189
-  _globals['_TOKENIZEREQUEST']._serialized_start=1191
-  _globals['_TOKENIZEREQUEST']._serialized_end=1250
-  _globals['_TOKENIZERESPONSE']._serialized_start=1252
-  _globals['_TOKENIZERESPONSE']._serialized_end=1289
-  _globals['_MODELINFOREQUEST']._serialized_start=1291
-  _globals['_MODELINFOREQUEST']._serialized_end=1309
-  _globals['_MODELINFORESPONSE']._serialized_start=1312
-  _globals['_MODELINFORESPONSE']._serialized_end=1616
-  _globals['_GENERATION']._serialized_start=1619
-  _globals['_GENERATION']._serialized_end=1917
+  _globals['_GENERATEREQUEST']._serialized_end=804
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=620
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=668
+  _globals['_TOPLOGPROB']._serialized_start=806
+  _globals['_TOPLOGPROB']._serialized_end=853
+  _globals['_TOKENLOGPROB']._serialized_start=855
+  _globals['_TOKENLOGPROB']._serialized_end=940
+  _globals['_USAGE']._serialized_start=942
+  _globals['_USAGE']._serialized_end=1029
+  _globals['_GENERATERESPONSE']._serialized_start=1032
+  _globals['_GENERATERESPONSE']._serialized_end=1289
+  _globals['_TOKENIZEREQUEST']._serialized_start=1291
+  _globals['_TOKENIZEREQUEST']._serialized_end=1350
+  _globals['_TOKENIZERESPONSE']._serialized_start=1352
+  _globals['_TOKENIZERESPONSE']._serialized_end=1389
+  _globals['_MODELINFOREQUEST']._serialized_start=1391
+  _globals['_MODELINFOREQUEST']._serialized_end=1409
+  _globals['_MODELINFORESPONSE']._serialized_start=1412
+  _globals['_MODELINFORESPONSE']._serialized_end=1716
+  _globals['_GENERATION']._serialized_start=1719
+  _globals['_GENERATION']._serialized_end=2017
 # @@protoc_insertion_point(module_scope)
