@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     times = []
     for _ in range(args.iters):
         start = time.perf_counter()
-        engine._cache, out = run(engine._weights, engine._cache, inputs)
+        engine._cache, out, _ = run(engine._weights, engine._cache, inputs)  # _: prompt rows
         jax.block_until_ready(out)
         times.append(time.perf_counter() - start)
     step_ms = float(np.median(times)) * 1e3

@@ -195,8 +195,13 @@ def _validation_error(err: pydantic.ValidationError) -> ApiError:
     )  # fmt: skip
 
 
-def _structured_output(fmt: api.ResponseFormat | None) -> StructuredOutput | None:
-    """`response_format` as the grammar the output must match (None: free text)."""
+def _structured_output(
+    fmt: api.ResponseFormat | None, extension: api.StructuredOutputs | None
+) -> StructuredOutput | None:
+    """`response_format`, or vLLM's `structured_outputs`, as the grammar the output must
+    match (None: free text). A `choice` list becomes a grammar of its literal strings."""
+    if extension is not None:
+        return _structured_outputs(fmt, extension)
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
@@ -211,6 +216,31 @@ def _structured_output(fmt: api.ResponseFormat | None) -> StructuredOutput | Non
     return StructuredOutput("json_schema", json.dumps(fmt.json_schema.schema_))
 
 
+def _structured_outputs(
+    fmt: api.ResponseFormat | None, extension: api.StructuredOutputs
+) -> StructuredOutput:
+    if fmt is not None and fmt.type != "text":
+        raise ApiError(400, "structured_outputs is invalid: set it or response_format, not both",
+                       param="structured_outputs", code="invalid_value")  # fmt: skip
+    given = {k: v for k, v in extension.model_dump(by_alias=True).items() if v is not None}
+    if len(given) != 1:
+        raise ApiError(
+            400,
+            f"structured_outputs={given!r:.200} is invalid: set exactly one of json, regex, "
+            "choice, grammar",
+            param="structured_outputs",
+            code="invalid_value",
+        )
+    ((kind, value),) = given.items()
+    if kind == "json":
+        return StructuredOutput(
+            "json_schema", value if isinstance(value, str) else json.dumps(value)
+        )
+    if kind == "choice":
+        return StructuredOutput("grammar", "start: " + " | ".join(json.dumps(c) for c in value))
+    return StructuredOutput(kind, value)
+
+
 def _not_yet(req: api.CompletionRequest | api.ChatCompletionRequest) -> None:
     """Refuses a parameter whose feature tandem does not serve yet, unless it is off."""
     for name, off in api.NOT_YET.items():
@@ -220,8 +250,7 @@ def _not_yet(req: api.CompletionRequest | api.ChatCompletionRequest) -> None:
         shown = value.model_dump() if isinstance(value, pydantic.BaseModel) else value
         raise ApiError(
             400,
-            f"{name}={shown!r} is not supported yet (the device sampler gains it with the "
-            f"paged engine); leave it at {off!r}",
+            f"{name}={shown!r} is not supported by tandem yet; leave it at {off!r}",
             param=name,
             code="not_supported_yet",
         )
@@ -479,8 +508,11 @@ class OpenAIService:
                 code="invalid_value",
             )
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        structured = _structured_output(req.response_format)
-        renames = renames | {"json_schema": "response_format", "json_object": "response_format"}
+        structured = _structured_output(
+            getattr(req, "response_format", None), req.structured_outputs
+        )
+        where = "structured_outputs" if req.structured_outputs else "response_format"
+        renames = renames | dict.fromkeys(("json_schema", "json_object", "regex", "grammar"), where)
         logit_bias = _logit_bias(req.logit_bias)
         plan = []
         for ids in prompts:

@@ -2,7 +2,7 @@
 
 Field names, types and defaults follow OpenAI's `/v1/completions` and
 `/v1/chat/completions` (and vLLM's extensions `top_k`, `ignore_eos`, `stop_token_ids`,
-`repetition_penalty`, `min_p`, `min_tokens`, `prompt_logprobs`,
+`repetition_penalty`, `min_p`, `min_tokens`, `prompt_logprobs`, `structured_outputs`,
 `chat_template_kwargs`, `add_generation_prompt`, `stream_options.continuous_usage_stats`), so the `openai` SDK, lm-eval's
 `local-completions` / `local-chat-completions` and `vllm bench serve` talk to tandem
 unchanged. Requests are strict where OpenAI-compatible servers are usually lax:
@@ -41,6 +41,16 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # vLLM extension: each chunk with its choice's usage
 
 
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` extension (its `guided_*` fields' successor): exactly
+    one of a JSON schema, a regex, a list of choices or a Lark grammar."""
+
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+
+
 class _Sampling(_Request):
     """The parameters both generation endpoints share."""
 
@@ -63,6 +73,7 @@ class _Sampling(_Request):
     min_p: float = 0.0  # vLLM extension
     min_tokens: int = 0  # vLLM extension
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
+    structured_outputs: StructuredOutputs | None = None  # vLLM extension
 
 
 class JsonSchemaFormat(_Request):

@@ -294,6 +294,32 @@ def test_grpc_regex_and_grammar(served) -> None:
         }
 
 
+def test_vllm_structured_outputs_extension(served) -> None:
+    """vLLM's `structured_outputs` (extra_body): json, regex, choice and grammar, over both
+    endpoints; exactly one of them, and never with response_format."""
+    client, model = _client(served)
+
+    def complete(spec: dict, **kw) -> str:
+        out = client.completions.create(model=model, prompt="Answer:", max_tokens=30,
+                                        extra_body={"structured_outputs": spec, **kw})  # fmt: skip
+        return out.choices[0].text
+
+    assert complete({"choice": ['say "yes"', "naïve", "no"]}) in ('say "yes"', "naïve", "no")
+    assert re.fullmatch(r"[0-9]{2}", complete({"regex": "[0-9]{2}"}))
+    assert complete({"grammar": 'start: "a" | "b" "c"'}) in ("a", "bc")
+    schema = {"type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"],
+              "additionalProperties": False}  # fmt: skip
+    assert json.loads(complete({"json": schema}))["x"] in (1, 2)
+    chat = client.chat.completions.create(model=model, messages=CHAT, max_tokens=10,
+                                          extra_body={"structured_outputs": {"choice": ["up", "down"]}})  # fmt: skip
+    assert chat.choices[0].message.content in ("up", "down")
+    for spec, kw in [({"regex": "a", "choice": ["b"]}, {}), ({}, {}), ({"regex": "("}, {}),
+                     ({"regex": "a"}, {"response_format": {"type": "json_object"}})]:  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as err:
+            complete(spec, **kw)
+        assert err.value.body["param"] == "structured_outputs", err.value.body
+
+
 def test_mixed_batch_leaves_other_requests_alone(bundle) -> None:
     """Non-grammar requests give the same tokens beside grammar requests as alone (one
     orchestrator driven step by step, so all share every step)."""
