@@ -232,13 +232,16 @@ def ragged_paged_attention_blocked(
         def attend(b):
             query = jax.lax.dynamic_slice_in_dim(q_padded, blocks.first_token[b], CHUNK_BLOCK)
             pages = jax.lax.dynamic_slice(page_indices, (blocks.row[b], 0), (1, n_pages))[0]
-            k, v = read(k_pages, pages), read(v_pages, pages)  # [K, S, H]
-            qg = query.reshape(CHUNK_BLOCK, n_kv, group, head_dim)  # [Bq, K, G, H]
-            logits = jnp.einsum("qkgh,ksh->kgqs", qg, k, preferred_element_type=jnp.float32)
+            # in float32: XLA's CPU dot has no bf16 x bf16 -> f32 for these batched
+            # shapes (UNIMPLEMENTED at run time), and a CPU has no bf16 matmul to lose
+            k = read(k_pages, pages).astype(jnp.float32)  # [K, S, H]
+            v = read(v_pages, pages).astype(jnp.float32)
+            qg = query.reshape(CHUNK_BLOCK, n_kv, group, head_dim).astype(jnp.float32)
+            logits = jnp.einsum("qkgh,ksh->kgqs", qg, k)  # [K, G, Bq, S]
             seen = jnp.arange(k.shape[1])[None, :] <= (blocks.start[b] + offsets)[:, None]
             logits = jnp.where(seen, logits * scale, _MASKED)  # [K, G, Bq, S]
-            probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-            res = jnp.einsum("kgqs,ksh->qkgh", probs, v, preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(logits, axis=-1)
+            res = jnp.einsum("kgqs,ksh->qkgh", probs, v)
             return res.reshape(CHUNK_BLOCK, n_heads, head_dim).astype(q.dtype)
 
         return attend

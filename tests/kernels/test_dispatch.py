@@ -256,6 +256,18 @@ def test_paged_auto_on_cpu_is_the_blocked_reference(caplog: pytest.LogCaptureFix
     assert not _fallback_records(caplog)
 
 
+@pytest.mark.skipif(not ON_CPU, reason="the CPU path's dtype handling")
+def test_paged_auto_on_cpu_runs_in_bfloat16() -> None:
+    """A bf16 model served on CPU: decode rows and prompt chunks (XLA's CPU dot has no
+    bf16 x bf16 -> f32 for the chunk blocks' shapes; the path computes in f32)."""
+    step = paged_step(
+        3, _PAGED_ROWS, n_heads=4, n_kv=2, head_dim=32, page_size=16, dtype=jnp.bfloat16
+    )
+    got = np.asarray(_paged("auto")(*step), np.float32)
+    want = np.asarray(_paged_reference(*step), np.float32)
+    np.testing.assert_allclose(got, want, atol=3e-2, rtol=3e-2)
+
+
 def test_interpret_runs_the_paged_kernel() -> None:
     step = paged_step(
         8, _PAGED_ROWS, n_heads=8, n_kv=2, head_dim=32, page_size=8, dtype=jnp.float32
