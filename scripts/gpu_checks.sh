@@ -4,8 +4,7 @@
 #   2. compiled kernel tests (Triton kernels == references, forward and grads)
 #   3. ~1B serving vs transformers on the same bf16 weights (throughput, TTFT, TPOT)
 #   4. the serving decode step's device time beside that run's TPOT
-#   5. the decode-attention kernel benchmark (uniform and ragged lengths)
-#   6. the paged-attention kernel (`tandem bench paged`) against the slot cache
+#   5. the paged-attention kernel (`tandem bench paged`) per page size
 #
 #   WHEELS=.whl OUT=gpu-results bash scripts/gpu_checks.sh     # OUT defaults to gpu-results
 #
@@ -93,16 +92,7 @@ if t=$(stage 60 "4. decode step device time vs the served TPOT"); then
         | tee "$OUT/step_bench.jsonl"
 fi
 
-if t=$(stage 90 "5. decode-attention kernel benchmark"); then
-    timeout "$t" "$PYTHON" benchmarks/kernel_bench.py --batch 1 16 64 \
-        --context 2048 8192 32768 --iters 30 | tee "$OUT/kernel_bench.jsonl"
-    if t=$(stage 40 "5b. the same, ragged lengths"); then
-        timeout "$t" "$PYTHON" benchmarks/kernel_bench.py --batch 64 --context 8192 --ragged \
-            --iters 30 | tee -a "$OUT/kernel_bench.jsonl"
-    fi
-fi
-
-if t=$(stage 60 "6. paged attention kernel vs the slot cache (Llama-3-8B heads, bf16)"); then
+if t=$(stage 60 "5. paged attention kernel per page size (Llama-3-8B heads, bf16)"); then
     timeout "$t" "$PYTHON" benchmarks/paged_bench.py --impl pallas --dtype bfloat16 \
         --n-heads 32 --n-kv-heads 8 --head-dim 128 --page-sizes 16 32 64 128 \
         --decode-rows 64 --decode-len 1000 --max-rows 128 --max-len 2048 --rounds 20 \

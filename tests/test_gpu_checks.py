@@ -50,8 +50,6 @@ def test_every_stage_runs_in_order_with_its_figures(tmp_path: Path) -> None:
         "-m pytest tests/kernels -m gpu",
         "benchmarks/serve_bench.py --bundle /tmp/b1b --hf-compare",
         "benchmarks/step_bench.py --bundle /tmp/b1b",
-        "benchmarks/kernel_bench.py --batch 1 16 64",
-        "benchmarks/kernel_bench.py --batch 64 --context 8192 --ragged",
         "benchmarks/paged_bench.py --impl pallas",
     ]
     positions = [next(i for i, c in enumerate(calls) if c.startswith(s)) for s in stages]
@@ -59,7 +57,7 @@ def test_every_stage_runs_in_order_with_its_figures(tmp_path: Path) -> None:
     step = next(c for c in calls if c.startswith("benchmarks/step_bench.py"))
     assert f"--serve-jsonl {out}/serve_bench.jsonl" in step
     for name in ("versions.txt", "train_bench.jsonl", "gpu_tests.log", "serve_bench.jsonl",
-                 "step_bench.jsonl", "kernel_bench.jsonl", "paged_bench.jsonl"):  # fmt: skip
+                 "step_bench.jsonl", "paged_bench.jsonl"):  # fmt: skip
         assert (out / name).is_file(), name
     assert not (out / "skipped.txt").exists()
 
@@ -68,7 +66,7 @@ def test_stages_past_the_budget_are_skipped_and_said_so(tmp_path: Path) -> None:
     done, calls, out = _run(tmp_path, budget_s=20)  # under the 30 s a stage needs
     assert done.returncode == 0, done.stderr
     assert not any("bench.py" in c or "pytest" in c for c in calls)
-    assert len((out / "skipped.txt").read_text().splitlines()) == 6
+    assert len((out / "skipped.txt").read_text().splitlines()) == 5
 
 
 def test_step_bench_reports_the_device_share_of_the_tpot(tmp_path: Path, capsys) -> None:

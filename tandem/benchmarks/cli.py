@@ -1,4 +1,4 @@
-"""`tandem bench {serve,train,kernels,paged,step} ...`: the benchmarks behind one subcommand."""
+"""`tandem bench {serve,train,paged,step} ...`: the benchmarks behind one subcommand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import sys
 BENCHMARKS = {
     "serve": "tandem.benchmarks.serve_bench",
     "train": "tandem.benchmarks.train_bench",
-    "kernels": "tandem.benchmarks.kernel_bench",
     "paged": "tandem.benchmarks.paged_bench",
     "step": "tandem.benchmarks.step_bench",
 }

@@ -1,12 +1,10 @@
-"""Paged attention step time per page size, beside the slot cache doing the same work.
+"""Paged attention step time per page size.
 
 One decode-heavy engine step (default: 32 decode rows of 250-350 cached tokens plus one
 256-token prompt chunk, tiny-model heads N=4, K=2, H=64, float32, R=64 rows of capacity,
-max_len 1024) runs through `kernels.paged_attention` for each page size, and through
-today's slot path for the same work as the baseline: `kernels.decode_attention` over a
-[B, K, S, H] cache for the decode rows plus `kernels.attention` over the chunk's whole
-prompt. The implementations are timed round-robin (one call each per round), so load on
-a shared machine hits them alike; the JSON lines give the best and median of the rounds.
+max_len 1024) runs through `kernels.paged_attention` for each page size. The page sizes
+are timed round-robin (one call each per round), so load on a shared machine hits them
+alike; the JSON lines give the best and median of the rounds.
 
     python benchmarks/paged_bench.py                          # CPU: the XLA reference
     python benchmarks/paged_bench.py --impl pallas --dtype bfloat16   # a GPU
@@ -78,24 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = jax.jit(lambda *a: kernels.paged_attention(*a, impl=args.impl))
         fns[f"paged-ps{page_size}"] = lambda run=run, step=step: run(*step)
 
-    # The slot cache's way: decode rows against [B, K, S, H] rows, the prompt whole.
-    rng = np.random.default_rng(args.seed)
-    decode_lens = jnp.asarray([n for _, n in rows[:-1]], jnp.int32)
-    q = jnp.asarray(rng.standard_normal((len(decode_lens), args.n_heads, args.head_dim)), dtype)
-    cache = (args.max_rows, args.n_kv_heads, args.max_len, args.head_dim)
-    k_cache = jnp.asarray(rng.standard_normal(cache), dtype)
-    slots = jnp.arange(len(decode_lens), dtype=jnp.int32)
-    prompt = args.chunk_context + args.chunk
-    pq = jnp.asarray(rng.standard_normal((1, prompt, args.n_heads, args.head_dim)), dtype)
-    pk = jnp.asarray(rng.standard_normal((1, prompt, args.n_kv_heads, args.head_dim)), dtype)
-
-    @jax.jit
-    def slot_step(q, k_cache, lengths, slots, pq, pk):
-        decode = kernels.decode_attention(q, k_cache, k_cache, lengths, slots=slots, impl=args.impl)
-        return decode, kernels.attention(pq, pk, pk, impl=args.impl)
-
-    fns["slots"] = lambda: slot_step(q, k_cache, decode_lens, slots, pq, pk)
-
     times = _timings(fns, args.rounds)
     for name, ts in times.items():
         record = {
@@ -109,7 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dtype": args.dtype,
             "best_ms": round(min(ts) * 1e3, 3),
             "median_ms": round(float(np.median(ts)) * 1e3, 3),
-            "baseline_slots_median_ms": round(float(np.median(times["slots"])) * 1e3, 3),
         }
         print(json.dumps(record), flush=True)
     return 0

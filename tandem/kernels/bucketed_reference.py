@@ -1,11 +1,11 @@
 """Attention in XLA whose work follows the live lengths: what runs where no Pallas kernel
-does (CPU always; TPU; GPU shapes a kernel cannot take).
+does (CPU always; TPU and GPU shapes a kernel cannot take).
 
-The references (reference.py, paged_reference.py) read every cache position up to the
-capacity, while sequences are usually far shorter and of very different lengths. These
-variants compute the same thing over cache prefixes chosen on device with `lax.switch`
-over fixed sizes (buckets), so no shape depends on data and the reads follow the live
-lengths, not the capacity.
+The reference (paged_reference.py) gathers every query's whole page table, while
+sequences are usually far shorter and of very different lengths. This variant computes
+the same thing over page prefixes chosen on device with `lax.switch` over fixed sizes
+(buckets), so no shape depends on data and the reads follow the live lengths, not the
+capacity.
 """
 
 from __future__ import annotations
@@ -18,33 +18,15 @@ from tandem.kernels.reference import decode_attention_reference
 
 _MASKED = -1e30  # finite, as in the references
 
-# Slot-cache decode ([B, K, S, H] rows):
-#   * CPU: a loop over groups of up to 4 slots, each group reading the prefix of its
-#     longest slot (multiples of 64, then four sizes per octave). An iteration has a
-#     fixed cost there whatever it reads, so one slot per iteration paid it four times as
-#     often; a whole-batch prefix makes every short slot read the longest one's length
-#     (measured: docs/benchmarks.md, "Measurements behind code choices");
-#   * accelerators, where a loop of small ops is slow: one prefix for the whole batch,
-#     the shortest power of two (>= 128) that holds the longest slot.
-MIN_REFERENCE_DECODE_LEN = 128
-_PER_SLOT_MIN_LEN = 64
-
-
-def reference_length_buckets(max_len: int) -> tuple[int, ...]:
-    """Whole-batch prefix lengths: powers of two from MIN_REFERENCE_DECODE_LEN, then S."""
-    sizes = []
-    size = MIN_REFERENCE_DECODE_LEN
-    while size < max_len:
-        sizes.append(size)
-        size *= 2
-    return (*sizes, max_len)
+_MIN_BUCKET_LEN = 64
 
 
 def per_slot_length_buckets(max_len: int) -> tuple[int, ...]:
-    """Per-slot prefix lengths: multiples of 64 up to 512, then four per octave, then S
-    (at most 25 % more than a slot needs past 512; 24 branches for S = 8192)."""
+    """Prefix lengths a sequence may read: multiples of 64 up to 512, then four per
+    octave, then S (at most 25 % more than a sequence needs past 512; 24 branches for
+    S = 8192)."""
     sizes = []
-    size, step = _PER_SLOT_MIN_LEN, _PER_SLOT_MIN_LEN
+    size, step = _MIN_BUCKET_LEN, _MIN_BUCKET_LEN
     while size < max_len:
         sizes.append(size)
         if size >= 8 * step:
@@ -53,93 +35,19 @@ def per_slot_length_buckets(max_len: int) -> tuple[int, ...]:
     return (*sizes, max_len)
 
 
-def slot_group_size(batch: int) -> int:
-    """Slots per iteration of the CPU decode loop: 4, or the largest of 2, 1 that divides
-    the batch."""
-    return next(g for g in (4, 2, 1) if batch % g == 0)
-
-
 def bucket_index(sizes: tuple[int, ...], need: jax.Array) -> jax.Array:
     """Index of the first size >= need (the last one if none is)."""
     index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need)
     return jnp.minimum(index, len(sizes) - 1)
 
 
-def decode_attention_bucketed(
-    q: jax.Array,  # [B, N, H]
-    k_cache: jax.Array,  # [Bc, K, S, H]
-    v_cache: jax.Array,  # [Bc, K, S, H]
-    lengths: jax.Array,  # [B] int32
-    slots: jax.Array | None,  # [B] int32 cache row per query; None = row b (Bc = B)
-) -> jax.Array:  # [B, N, H]
-    """`decode_attention_reference` over length-bucketed cache prefixes."""
-    if jax.default_backend() == "cpu":  # the loop reads each query's row in place
-        return _slot_group_reference(q, k_cache, v_cache, lengths, slots)
-    if slots is not None:  # the whole-batch prefix reads row b for query b
-        k_cache, v_cache = k_cache[slots], v_cache[slots]
-    return _batch_prefix_reference(q, k_cache, v_cache, lengths)
-
-
-def _batch_prefix_reference(q, k_cache, v_cache, lengths) -> jax.Array:
-    sizes = reference_length_buckets(k_cache.shape[2])
-
-    def prefix(size: int):
-        def attend(q, k_cache, v_cache, lengths):
-            return decode_attention_reference(
-                q, k_cache[:, :, :size], v_cache[:, :, :size], lengths
-            )
-
-        return attend
-
-    if len(sizes) == 1:
-        return prefix(sizes[0])(q, k_cache, v_cache, lengths)
-    index = bucket_index(sizes, jnp.max(lengths))  # every slot must fit in the prefix
-    return jax.lax.switch(index, [prefix(s) for s in sizes], q, k_cache, v_cache, lengths)
-
-
-def _slot_group_reference(q, k_cache, v_cache, lengths, slots) -> jax.Array:
-    batch = q.shape[0]
-    _, n_kv, _, head_dim = k_cache.shape
-    group = slot_group_size(batch)
-    sizes = per_slot_length_buckets(k_cache.shape[2])
-    rows = jnp.arange(batch, dtype=jnp.int32) if slots is None else slots
-
-    def prefix(size: int):
-        def read(cache, first):  # [group, K, size, H]: each query's own cache row
-            return jnp.concatenate(
-                [
-                    jax.lax.dynamic_slice(
-                        cache, (rows[first + j], 0, 0, 0), (1, n_kv, size, head_dim)
-                    )
-                    for j in range(group)
-                ]
-            )
-
-        def attend(first):
-            query = jax.lax.dynamic_slice_in_dim(q, first, group)
-            length = jax.lax.dynamic_slice_in_dim(lengths, first, group)
-            k, v = read(k_cache, first), read(v_cache, first)
-            return decode_attention_reference(query, k, v, length)  # [group, N, H]
-
-        return attend
-
-    branches = [prefix(s) for s in sizes]
-    longest = jnp.max(lengths.reshape(batch // group, group), axis=1)  # [B / group]
-    indices = bucket_index(sizes, longest)  # once: not a search per loop iteration
-
-    def one_group(i, out):
-        first = i * group
-        return jax.lax.dynamic_update_slice_in_dim(
-            out, jax.lax.switch(indices[i], branches, first), first, 0
-        )
-
-    return jax.lax.fori_loop(0, batch // group, one_group, jnp.zeros_like(q))
-
-
 # Paged attention on CPU: two loops, each iteration reading only the pages its queries
 # can see (a page-count bucket of per_slot_length_buckets) and gathering them by index:
-#   * decode rows (one query token) in groups of DECODE_GROUP rows, as the slot loop
-#     above, each group reading the prefix of its longest row;
+#   * decode rows (one query token) in groups of DECODE_GROUP rows, each group reading
+#     the prefix of its longest row: an iteration has a fixed cost on CPU whatever it
+#     reads, so one row per iteration paid it four times as often, while one prefix for
+#     the whole batch made every short row read the longest one's length (measured:
+#     docs/benchmarks.md, "Measurements behind code choices");
 #   * the other rows' queries in blocks of CHUNK_BLOCK tokens (`query_blocks`), each
 #     block reading up to its last query's position (causality: a chunk's early blocks
 #     read less).
@@ -204,7 +112,7 @@ def ragged_paged_attention_blocked(
             query = jax.lax.dynamic_slice_in_dim(decode_q, first, DECODE_GROUP)  # [g, N, H]
             pages = jax.lax.dynamic_slice(decode_pages, (first, 0), (DECODE_GROUP, n_pages))
             # [K, g, S, H] -> [g, K, S, H]: XLA's CPU dots run about twice as fast on
-            # the slot layout as on the gathered one.
+            # the [rows, K, S, H] layout as on the gathered one.
             k = read(k_pages, pages).swapaxes(0, 1)
             v = read(v_pages, pages).swapaxes(0, 1)
             lengths = jax.lax.dynamic_slice_in_dim(length, first, DECODE_GROUP)  # [g]

@@ -1,10 +1,10 @@
 """Picks an attention implementation per backend; the model calls only these functions
-(`attention`, `decode_attention`, `paged_attention`) and nothing else of this package's.
+(`attention` for training, `paged_attention` for serving) and nothing else of this
+package's.
 
 Two kernel families, picked by the backend: the Mosaic kernels on TPU (`tpu_attention.py`,
 jax's splash attention; `tpu_paged_attention.py`, tandem's ragged paged kernel) and the
-Triton kernels everywhere else (`prefill_attention.py`, `decode_attention.py`,
-`paged_attention.py`).
+Triton kernels everywhere else (`prefill_attention.py`, `paged_attention.py`).
 
 `impl` values (also `ModelConfig.attention_impl`):
   auto              the backend's compiled kernels on GPU and TPU when the shape is
@@ -14,11 +14,9 @@ Triton kernels everywhere else (`prefill_attention.py`, `decode_attention.py`,
   pallas_interpret  the backend's family in interpret mode (the Triton kernels on CPU;
                     for tests)
 
-The slot cache (`decode_attention`) has no Mosaic kernel: on TPU it runs the reference
-(serving on TPU wants the paged cache, which has one). A shape a kernel cannot take
-(head_dim not a power of two >= 16, a length no tile size divides, ...) falls back to
-the reference with one logged warning per (kernel, reason): a slower answer, never a
-wrong one. `pallas_interpret` applies the same shape rules as compiled `pallas`, so CPU
+A shape a kernel cannot take (head_dim not a power of two >= 16, a length no tile size
+divides, ...) falls back to the reference with one logged warning per (kernel, reason): a
+slower answer, never a wrong one. `pallas_interpret` applies the same shape rules as compiled `pallas`, so CPU
 tests exercise exactly what an accelerator would compile.
 
 With `mesh_axes` (the model passes its rule table's, tandem/model/sharding.py) a kernel runs per
@@ -37,13 +35,7 @@ import jax
 
 from tandem.config import require
 from tandem.kernels._common import pick_block
-from tandem.kernels.bucketed_reference import (
-    decode_attention_bucketed,
-    ragged_paged_attention_blocked,
-)
-from tandem.kernels.decode_attention import DEFAULT_BLOCK_K as _DECODE_BLOCK_K
-from tandem.kernels.decode_attention import ragged_decode_attention
-from tandem.kernels.decode_attention import unsupported_reason as _decode_unsupported
+from tandem.kernels.bucketed_reference import ragged_paged_attention_blocked
 from tandem.kernels.paged_attention import DEFAULT_BLOCK_K as _PAGED_BLOCK_K
 from tandem.kernels.paged_attention import auto_block_q, ragged_paged_attention
 from tandem.kernels.paged_attention import unsupported_reason as _paged_unsupported
@@ -104,14 +96,6 @@ def kernel_mode(impl: str) -> KernelMode | None:
     return KernelMode(family, interpret=False) if backend in ("gpu", "tpu") else None  # auto
 
 
-def runs_pallas(impl: str) -> bool:
-    """Whether `decode_attention` (the slot cache) runs a Pallas kernel for `impl` on this
-    backend, compiled or interpreted: the serving engine shapes its decode step
-    differently for the kernel and the CPU loop. Only the Triton family has one."""
-    mode = kernel_mode(impl)
-    return mode is not None and mode.family == "triton"
-
-
 def _warn_fallback(kernel: str, reason: str) -> None:
     if (kernel, reason) not in _warned:
         _warned.add((kernel, reason))
@@ -158,44 +142,6 @@ def attention(
         return kernel(q, k, v, segment_ids=segment_ids)
 
     return per_shard(segmented, (q, k, v, segment_ids), ("BTNH", "BTKH", "BTKH", "BT"), mesh_axes)
-
-
-def decode_attention(
-    q: jax.Array,  # [B, N, H]
-    k_cache: jax.Array,  # [Bc, K, S, H]
-    v_cache: jax.Array,  # [Bc, K, S, H]
-    lengths: jax.Array,  # [B] int32
-    *,
-    slots: jax.Array | None = None,  # [B] int32 cache row per query; None = row b (Bc = B)
-    impl: str = "auto",
-    mesh_axes: MeshAxes | None = None,
-) -> jax.Array:  # [B, N, H]
-    """One query token per slot against the first `lengths[b]` entries of its cache row
-    (`slots[b]`, as in `decode_attention_reference`)."""
-    mode = kernel_mode(impl)
-    if mode is None:
-        return decode_attention_bucketed(q, k_cache, v_cache, lengths, slots)
-    if mode.family == "mosaic":
-        _warn_fallback("ragged_decode_attention", "no Mosaic (TPU) kernel for the slot cache")
-        return decode_attention_bucketed(q, k_cache, v_cache, lengths, slots)
-    max_len = k_cache.shape[2] if k_cache.ndim == 4 else 0
-    block_k = pick_block(max_len, _DECODE_BLOCK_K)
-    if block_k is None:
-        reason = f"max_len S={max_len} is not a multiple of 16"
-    else:
-        cache_shape = k_cache.shape if slots is None else (q.shape[0], *k_cache.shape[1:])
-        reason = _decode_unsupported(
-            q.shape, cache_shape, (q.dtype, k_cache.dtype, v_cache.dtype), block_k
-        )
-    if reason is not None:
-        _warn_fallback("ragged_decode_attention", reason)
-        return decode_attention_bucketed(q, k_cache, v_cache, lengths, slots)
-    if slots is not None:  # the kernel reads row b for query b
-        k_cache, v_cache = k_cache[slots], v_cache[slots]
-    kernel = functools.partial(ragged_decode_attention, block_k=block_k, interpret=mode.interpret)
-    return per_shard(
-        kernel, (q, k_cache, v_cache, lengths), ("BNH", "BKSH", "BKSH", "B"), mesh_axes
-    )
 
 
 def paged_attention(

@@ -1,7 +1,7 @@
 """Pure-JAX attention: the specification every kernel in this package is tested against.
 
 These are also what runs on CPU in production (XLA fuses them well there). Shapes use the
-letters from WORKSPACE.md: B batch/slots, T query length, S key length, N query heads,
+letters from WORKSPACE.md: B batch (rows), T query length, S key length, N query heads,
 K kv heads, G = N // K query heads per kv head, H head dim.
 """
 
@@ -44,22 +44,19 @@ def attention_reference(
 
 
 def decode_attention_reference(
-    q: jax.Array,  # [B, N, H]  one query token per slot
+    q: jax.Array,  # [B, N, H]  one query token per row
     k_cache: jax.Array,  # [B, K, S, H]
     v_cache: jax.Array,  # [B, K, S, H]
-    lengths: jax.Array,  # [B] int32: valid cache entries per slot (the new token included)
+    lengths: jax.Array,  # [B] int32: valid cache entries per row (the new token included)
     *,
-    slots: jax.Array | None = None,  # [B] int32: cache row of each query; None = row b
     scale: float | None = None,
 ) -> jax.Array:  # [B, N, H]
-    """One decode step of grouped-query attention against a slot KV cache.
+    """One decode token per row of grouped-query attention against that row's keys and
+    values, laid out [B, K, S, H] (the paged CPU path, bucketed_reference.py, gathers a
+    decode row's pages into this layout).
 
-    Query b attends to positions [0, lengths[b]) of cache row `slots[b]` (row b without
-    `slots`; with it the cache may hold more rows than there are queries, so a step can
-    run only the slots in use). A length of 0 (a free slot) yields zeros.
+    Query b attends to positions [0, lengths[b]) of row b. A length of 0 yields zeros.
     """
-    if slots is not None:
-        k_cache, v_cache = k_cache[slots], v_cache[slots]
     batch, n_heads, head_dim = q.shape
     n_kv, max_len = k_cache.shape[1], k_cache.shape[2]
     scale = head_dim**-0.5 if scale is None else scale

@@ -1,4 +1,4 @@
-"""Inputs and tolerances shared by the kernel tests and benchmarks/kernel_bench.py.
+"""Inputs and tolerances shared by the kernel tests and benchmarks/paged_bench.py.
 
 Inputs come from numpy's generator (no per-shape jax.random compile) so a sweep of many
 shapes spends its time in the kernels, not in building inputs.
@@ -33,23 +33,6 @@ def tolerance(dtype: jnp.dtype, *, gpu: bool = False) -> tuple[float, float]:
     return (GPU_TOLERANCES if gpu else TOLERANCES)[jnp.dtype(dtype).name]
 
 
-def decode_inputs(
-    seed: int,
-    batch: int,
-    n_heads: int,
-    n_kv: int,
-    max_len: int,
-    head_dim: int,
-    dtype: jnp.dtype,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q [B, N, H], k_cache [B, K, S, H], v_cache [B, K, S, H], standard normal."""
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((batch, n_heads, head_dim), np.float32)
-    k = rng.standard_normal((batch, n_kv, max_len, head_dim), np.float32)
-    v = rng.standard_normal((batch, n_kv, max_len, head_dim), np.float32)
-    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))  # type: ignore[return-value]
-
-
 def prefill_inputs(
     seed: int,
     batch: int,
@@ -65,21 +48,6 @@ def prefill_inputs(
     k = rng.standard_normal((batch, seq, n_kv, head_dim), np.float32)
     v = rng.standard_normal((batch, seq, n_kv, head_dim), np.float32)
     return tuple(jnp.asarray(x, dtype) for x in (q, k, v))  # type: ignore[return-value]
-
-
-def length_patterns(seed: int, batch: int, max_len: int) -> dict[str, jax.Array]:
-    """Named [B] int32 length vectors: empty, one entry, full, and random ragged."""
-    rng = np.random.default_rng(seed)
-    ragged = rng.integers(0, max_len + 1, size=batch)
-    ragged[0] = max(1, ragged[0])  # at least one non-empty slot
-    if batch > 2:  # a slot on each edge
-        ragged[1], ragged[2] = 0, max_len
-    return {
-        "zeros": jnp.zeros((batch,), jnp.int32),
-        "ones": jnp.ones((batch,), jnp.int32),
-        "full": jnp.full((batch,), max_len, jnp.int32),
-        "ragged": jnp.asarray(ragged, jnp.int32),
-    }
 
 
 def packed_segment_ids(seed: int, batch: int, seq: int, max_segments: int = 4) -> jax.Array:

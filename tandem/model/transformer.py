@@ -1,4 +1,4 @@
-"""The tandem transformer: one Flax NNX definition used for training, prefill and decode.
+"""The tandem transformer: one Flax NNX definition used for training and serving.
 
 Llama family: token embedding, RMSNorm, RoPE (optionally Llama-3 scaled), grouped-query
 attention, SwiGLU MLP, tied or untied output projection; q/k/v projection biases (Qwen2)
@@ -6,20 +6,19 @@ and per-head q/k RMSNorm (Qwen3) are config switches. The layers are *stacked*: 
 per-layer weight has a leading [L] axis and the forward pass is a `lax.scan` over it, so
 compile time does not grow with depth and checkpoints, bundles and HF import share one
 layout. A layer is split into `_attention_inputs` (norm, q/k/v, RoPE) and `_layer_output`
-(o-projection, MLP); the three modes only differ in how attention is done in between:
+(o-projection, MLP); the two modes only differ in how attention is done in between:
 
   __call__  full causal (segment-masked) attention          -> logits          (training)
-  prefill   full causal attention, K/V returned            -> logits, KVCache
-  decode    K/V written into the slot cache, then decode attention over it
-                                                            -> logits, KVCache
+  step      K/V written into the paged cache, then paged attention over it: one ragged
+            batch of decode rows and prompt chunks         -> logits, PagedKVCache (serving)
 
-Training scans the stacked layers; the two serving modes unroll them instead (what
-MaxText's unscanned inference checkpoints are for). The cache is one array per layer, so a
-layer's K/V write is an in-place update of a donated buffer that attention then reads
-directly, and the serving engine passes each layer's weights as separate arrays
-(`unstack_layers`, the `layers=` argument). Inside a scan, or when slicing layer i out of
-a stacked argument, XLA copies the cache and weight slices on every step (on CPU they
-cost more than the rest of a decode step: docs/benchmarks.md).
+Training scans the stacked layers; serving unrolls them instead (what MaxText's unscanned
+inference checkpoints are for). The cache is one array per layer, so a layer's K/V write
+is an in-place update of a donated buffer that attention then reads directly, and the
+serving engine passes each layer's weights as separate arrays (`unstack_layers`, the
+`layers=` argument). Inside a scan, or when slicing layer i out of a stacked argument, XLA
+copies the cache and weight slices on every step (on CPU they cost more than the rest of
+a decode step: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -50,25 +49,6 @@ from tandem.model.sharding import (
 )
 
 _ACTIVATION = (BATCH, LENGTH, EMBED)
-
-
-class KVCache(NamedTuple):
-    """Per-slot attention cache: one [B, K, S, H] array per layer (tuples of L), so a
-    decode step updates and reads each layer in place. [.., K, S, H] keeps a kv head's
-    history contiguous for the decode kernel."""
-
-    k: tuple[jax.Array, ...]  # L x [B, K, S, H]
-    v: tuple[jax.Array, ...]  # L x [B, K, S, H]
-
-
-def init_cache(cfg: ModelConfig, slots: int, max_len: int, dtype=None) -> KVCache:
-    shape = (slots, cfg.n_kv_heads, max_len, cfg.head_dim)  # [B, K, S, H]
-    dtype = jnp.dtype(dtype or cfg.dtype)
-    layers = range(cfg.n_layers)
-    return KVCache(
-        tuple(jnp.zeros(shape, dtype) for _ in layers),
-        tuple(jnp.zeros(shape, dtype) for _ in layers),
-    )
 
 
 class PagedKVCache(NamedTuple):
@@ -246,7 +226,7 @@ class Transformer(nnx.Module):
                     "lm_head", (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB)
                 )
 
-    # -- the three modes ---------------------------------------------------------------
+    # -- the two modes -----------------------------------------------------------------
 
     def __call__(
         self,
@@ -281,72 +261,6 @@ class Transformer(nnx.Module):
         x, _ = jax.lax.scan(_remat(cfg, layer), self._embed(tokens), self.layers.stacked())
         return x
 
-    def prefill(
-        self,
-        tokens: jax.Array,  # [B, T] int32, right-padded prompts
-        layers: Sequence[LayerWeights] | None = None,
-        logits_at: jax.Array | None = None,  # [B] int32: the one position whose logits to return
-    ) -> tuple[jax.Array, KVCache]:  # [B, T, V] (or [B, V]) float32, KVCache L x [B, K, T, H]
-        """Prompt forward from position 0 returning every position's K/V. Causality means
-        right-padding never changes the real positions' logits or K/V. `layers`: per-layer
-        weights to use instead of this module's stacked ones (see `unstack_layers`).
-        `logits_at` (a server wants only the last prompt token's logits) applies the LM head
-        to that position alone: [T, D] x [D, V] would otherwise cost as much as a layer or
-        more (a 128k vocabulary)."""
-        cfg = self.cfg
-        batch, seq = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        cos, sin = _rope_tables(cfg, positions)
-        x = self._embed(tokens)
-        ks, vs = [], []
-        for p in self._layer_weights(layers):
-            q, k, v = _attention_inputs(cfg, x, p, cos, sin)
-            out = _attention(cfg, q, k, v, None)
-            x = _layer_output(cfg, x, out, p)
-            ks.append(k.swapaxes(1, 2))  # [B, T, K, H] -> [B, K, T, H]: the cache layout
-            vs.append(v.swapaxes(1, 2))
-        cache = KVCache(tuple(ks), tuple(vs))
-        if logits_at is None:
-            return self.logits(x), cache
-        x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
-        return self.logits(x)[:, 0], cache
-
-    def decode(
-        self,
-        tokens: jax.Array,  # [B] int32, one per slot
-        cache: KVCache,  # L x [B, K, S, H]
-        lengths: jax.Array,  # [B] int32: tokens already cached per slot
-        layers: Sequence[LayerWeights] | None = None,
-        slots: jax.Array | None = None,  # [B] int32 distinct cache rows; None = row b
-    ) -> tuple[jax.Array, KVCache]:  # [B, V] float32
-        """One step for every slot: the token at position lengths[b] is written into the
-        cache at that index and attends to [0, lengths[b]]. Donate the cache under jit so
-        the writes happen in place. `layers` as in `prefill`. With `slots`, token b belongs
-        to cache row slots[b] and the cache may have more rows than there are tokens (a
-        step over only the slots in use)."""
-        cfg = self.cfg
-        rows = jnp.arange(tokens.shape[0]) if slots is None else slots
-        cos, sin = _rope_tables(cfg, lengths[:, None])  # [B, 1, H/2]
-        x = self._embed(tokens[:, None])
-        new_k, new_v = [], []
-        for p, cache_k, cache_v in zip(self._layer_weights(layers), *cache, strict=True):
-            q, k, v = _attention_inputs(cfg, x, p, cos, sin)  # k, v: [B, 1, K, H]
-            cache_k = cache_k.at[rows, :, lengths].set(k[:, 0].astype(cache_k.dtype))
-            cache_v = cache_v.at[rows, :, lengths].set(v[:, 0].astype(cache_v.dtype))
-            out = kernels.decode_attention(
-                q[:, 0],
-                cache_k,
-                cache_v,
-                lengths + 1,
-                slots=slots,
-                impl=cfg.attention_impl,
-                mesh_axes=ATTENTION_AXES,
-            )
-            x = _layer_output(cfg, x, out[:, None], p)
-            new_k.append(cache_k)
-            new_v.append(cache_v)
-        return self.logits(x)[:, 0], KVCache(tuple(new_k), tuple(new_v))
-
     def step(
         self,
         tokens: jax.Array,  # [T] int32, the step's rows packed one after another
@@ -376,7 +290,8 @@ class Transformer(nnx.Module):
         own (`kernels.paged_attention`), so a chunk sees the chunks before it and a prefix
         another sequence computed. Returns every token's last hidden state (before the
         final norm: `logits` applies it), for the caller to pick which tokens get logits.
-        Donate `cache` under jit so the writes happen in place. `layers` as in `prefill`."""
+        Donate `cache` under jit so the writes happen in place. `layers`: per-layer
+        weights to use instead of this module's stacked ones (`unstack_layers`)."""
         cfg = self.cfg
         cos, sin = _rope_tables(cfg, positions[None])  # [1, T, H/2]
         x = self._embed(tokens[None])  # [1, T, D]
@@ -395,7 +310,7 @@ class Transformer(nnx.Module):
 
     def unstack_layers(self) -> tuple[dict[str, jax.Array], ...]:
         """Each layer's weights as separate arrays (copies when called outside jit), for
-        the serving modes' `layers=` argument."""
+        the serving step's `layers=` argument."""
         return tuple(self._layer_weights(None))
 
     def _layer_weights(self, layers: Sequence[LayerWeights] | None) -> Sequence[LayerWeights]:
@@ -444,7 +359,7 @@ class Transformer(nnx.Module):
 
 
 def _attention(cfg: ModelConfig, q, k, v, segment_ids):
-    """Causal attention over whole sequences (training and prefill)."""
+    """Causal attention over whole sequences (training)."""
     return kernels.attention(
         q, k, v, segment_ids=segment_ids, impl=cfg.attention_impl, mesh_axes=ATTENTION_AXES
     )

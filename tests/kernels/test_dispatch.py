@@ -1,5 +1,6 @@
 """The dispatcher: impl selection per backend, fallbacks with one warning, and the model's
-prefill/decode paths giving the same answer through the kernels as through the reference."""
+training forward and serving step giving the same answer through the kernels as through
+the reference."""
 
 from __future__ import annotations
 
@@ -17,11 +18,10 @@ import pytest
 from tandem import kernels
 from tandem.kernels import bucketed_reference, dispatch
 from tandem.kernels.paged_reference import ragged_paged_attention_reference
-from tandem.kernels.reference import attention_reference, decode_attention_reference
-from tandem.kernels.testing import decode_inputs, packed_segment_ids, paged_step, prefill_inputs
+from tandem.kernels.reference import attention_reference
+from tandem.kernels.testing import packed_segment_ids, paged_step, prefill_inputs
 
 ON_CPU = jax.default_backend() == "cpu"
-_decode_reference = jax.jit(decode_attention_reference)  # one compile, not one per op
 _reference = jax.jit(attention_reference)
 _paged_reference = jax.jit(ragged_paged_attention_reference)
 _PAGED_ROWS = [(1, 20), (1, 1), (9, 30), (0, 0), (1, 47)]  # decode, a chunk, an idle row
@@ -46,9 +46,9 @@ def test_impls_are_the_contract() -> None:
 
 
 def test_unknown_impl_raises() -> None:
-    q, k, v = decode_inputs(0, 1, 2, 1, 16, 16, jnp.float32)
+    step = paged_step(0, [(1, 3)], n_heads=2, n_kv=1, head_dim=16, page_size=16, dtype=jnp.float32)
     with pytest.raises(ValueError, match="attention_impl='triton'"):
-        kernels.decode_attention(q, k, v, jnp.array([3], jnp.int32), impl="triton")
+        kernels.paged_attention(*step, impl="triton")
     q, k, v = prefill_inputs(0, 1, 16, 2, 1, 16, jnp.float32)
     with pytest.raises(ValueError, match="is invalid: allowed"):
         kernels.attention(q, k, v, impl="flash")
@@ -56,42 +56,19 @@ def test_unknown_impl_raises() -> None:
 
 @pytest.mark.skipif(not ON_CPU, reason="compiled pallas is allowed off CPU")
 def test_compiled_pallas_on_cpu_raises_with_the_fix() -> None:
-    q, k, v = decode_inputs(0, 1, 2, 1, 16, 16, jnp.float32)
-    with pytest.raises(ValueError, match="pallas_interpret"):
-        kernels.decode_attention(q, k, v, jnp.array([3], jnp.int32), impl="pallas")
     q, k, v = prefill_inputs(0, 1, 16, 2, 1, 16, jnp.float32)
-    with pytest.raises(ValueError, match="'reference'"):
+    with pytest.raises(ValueError, match="'pallas_interpret'.*'reference'"):
         kernels.attention(q, k, v, impl="pallas")
 
 
 @pytest.mark.skipif(not ON_CPU, reason="auto picks the kernel off CPU")
 def test_auto_on_cpu_is_the_reference(caplog: pytest.LogCaptureFixture) -> None:
-    q, k, v = decode_inputs(1, 2, 4, 2, 32, 16, jnp.float32)
-    lengths = jnp.array([3, 32], jnp.int32)
-    args = (q, k, v, lengths)
-    assert not _uses_pallas(lambda *a: kernels.decode_attention(*a, impl="auto"), *args)
-    np.testing.assert_array_equal(
-        np.asarray(jax.jit(kernels.decode_attention)(*args)), np.asarray(_decode_reference(*args))
-    )
     q, k, v = prefill_inputs(1, 1, 32, 4, 2, 16, jnp.float32)
     assert not _uses_pallas(lambda *a: kernels.attention(*a, impl="auto"), q, k, v)
-    assert not _fallback_records(caplog), "choosing the reference on CPU is not a fallback"
-
-
-def test_interpret_runs_the_decode_kernel() -> None:
-    q, k, v = decode_inputs(2, 3, 8, 2, 64, 32, jnp.float32)
-    lengths = jnp.array([0, 17, 64], jnp.int32)
-
-    def run(q, k, v, lengths):
-        return kernels.decode_attention(q, k, v, lengths, impl="pallas_interpret")
-
-    assert _uses_pallas(run, q, k, v, lengths)
-    np.testing.assert_allclose(
-        np.asarray(jax.jit(run)(q, k, v, lengths)),
-        np.asarray(_decode_reference(q, k, v, lengths)),
-        atol=2e-5,
-        rtol=2e-5,
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(kernels.attention)(q, k, v)), np.asarray(_reference(q, k, v))
     )
+    assert not _fallback_records(caplog), "choosing the reference on CPU is not a fallback"
 
 
 def test_interpret_runs_the_prefill_kernel() -> None:
@@ -110,119 +87,12 @@ def test_interpret_runs_the_prefill_kernel() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "lengths",
-    [
-        [0, 0, 0], [1, 0, 3], [64, 5, 1], [65, 2, 7], [300, 0, 1], [512, 512, 0],
-        [500, 70, 129],  # 3 slots: one per iteration
-        [1, 200, 70, 0, 512, 3],  # 6 slots: groups of 2
-        [5, 3, 64, 1, 130, 0, 0, 2],  # 8 slots: groups of 4
-    ],
-    ids=lambda n: f"{n}",
-)  # fmt: skip
-def test_cpu_reference_reads_only_each_groups_prefix_and_equals_the_spec(
-    lengths: list[int],
-) -> None:
-    # On CPU each group of slots reads the prefix (per_slot_length_buckets) of its longest
-    # slot; NaN past it proves the rest is never read (the spec masks, but would still see
-    # NaN * 0).
-    sizes = bucketed_reference.per_slot_length_buckets(512)
-    assert sizes == (64, 128, 192, 256, 320, 384, 448, 512)
-    group = bucketed_reference.slot_group_size(len(lengths))
-    assert group == {3: 1, 6: 2, 8: 4}[len(lengths)]
-    q, k, v = decode_inputs(3, len(lengths), 4, 2, 512, 16, jnp.float32)
-    n = jnp.asarray(lengths, jnp.int32)
-    poisoned_k, poisoned_v = k, v
-    for first in range(0, len(lengths), group):
-        longest = max(lengths[first : first + group])
-        prefix = next(size for size in sizes if size >= longest)
-        poisoned_k = poisoned_k.at[first : first + group, :, prefix:].set(jnp.nan)
-        poisoned_v = poisoned_v.at[first : first + group, :, prefix:].set(jnp.nan)
-    run = jax.jit(lambda q, k, v, n: kernels.decode_attention(q, k, v, n, impl="reference"))
-    out = np.asarray(run(q, poisoned_k, poisoned_v, n))
-    expected = np.asarray(_decode_reference(q, k, v, n))
-    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
-
-
-@pytest.mark.parametrize("impl", ["reference", "pallas_interpret"])
-@pytest.mark.parametrize(
-    ("rows", "slots", "lengths"),
-    [
-        (8, [6, 1, 3], [70, 0, 5]),  # groups of 1
-        (12, [11, 0, 7, 2, 9, 4, 5, 10], [3, 130, 64, 1, 0, 200, 65, 512]),  # groups of 4
-    ],
-    ids=["3-of-8", "8-of-12"],
-)
-def test_decode_with_slots_reads_only_the_named_rows(
-    impl: str, rows: int, slots: list[int], lengths: list[int]
-) -> None:
-    # Query b reads cache row slots[b]; every other row is NaN, so reading one would show.
-    q, _, _ = decode_inputs(5, len(slots), 4, 2, 512, 16, jnp.float32)
-    _, k, v = decode_inputs(6, rows, 4, 2, 512, 16, jnp.float32)
-    unused = np.setdiff1d(np.arange(rows), slots)
-    poisoned_k, poisoned_v = k.at[unused].set(jnp.nan), v.at[unused].set(jnp.nan)
-    index, n = jnp.asarray(slots, jnp.int32), jnp.asarray(lengths, jnp.int32)
-    run = jax.jit(lambda q, k, v, n, s: kernels.decode_attention(q, k, v, n, slots=s, impl=impl))
-    out = np.asarray(run(q, poisoned_k, poisoned_v, n, index))
-    expected = np.asarray(_decode_reference(q, k[index], v[index], n))
-    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
-
-
 def test_per_slot_buckets_grow_four_per_octave_past_512() -> None:
     sizes = bucketed_reference.per_slot_length_buckets(8192)
     assert sizes[:9] == (64, 128, 192, 256, 320, 384, 448, 512, 640)
     assert sizes[-1] == 8192 and list(sizes) == sorted(set(sizes))
     assert all(b / a <= 1.25 for a, b in itertools.pairwise(sizes[7:]))
     assert bucketed_reference.per_slot_length_buckets(100) == (64, 100)
-
-
-@pytest.mark.parametrize(
-    "lengths",
-    [[0, 0, 0], [1, 0, 3], [128, 5, 1], [129, 2, 7], [300, 0, 1], [512, 512, 0]],
-    ids=lambda n: f"max={max(n)}",
-)
-def test_accelerator_reference_reads_only_the_batch_prefix_and_equals_the_spec(
-    lengths: list[int],
-) -> None:
-    # Off CPU one prefix serves the whole batch: the power of two holding the longest slot.
-    assert bucketed_reference.reference_length_buckets(512) == (128, 256, 512)
-    q, k, v = decode_inputs(3, 3, 4, 2, 512, 16, jnp.float32)
-    n = jnp.asarray(lengths, jnp.int32)
-    bucket = next(size for size in (128, 256, 512) if size >= max(lengths))
-    poisoned_k, poisoned_v = k.at[:, :, bucket:].set(jnp.nan), v.at[:, :, bucket:].set(jnp.nan)
-    out = np.asarray(
-        jax.jit(bucketed_reference._batch_prefix_reference)(q, poisoned_k, poisoned_v, n)
-    )
-    expected = np.asarray(_decode_reference(q, k, v, n))
-    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
-
-
-@pytest.mark.parametrize(
-    ("shape", "reason"),
-    [
-        ({"head_dim": 24}, "head_dim=24"),
-        ({"max_len": 40}, "max_len S=40"),
-    ],
-    ids=["head_dim-24", "S-40"],
-)
-def test_decode_fallback_warns_once_and_is_exact(
-    shape: dict, reason: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    dims = {"max_len": 32, "head_dim": 16} | shape
-    q, k, v = decode_inputs(3, 2, 4, 2, dims["max_len"], dims["head_dim"], jnp.float32)
-    lengths = jnp.array([1, 20], jnp.int32)
-    ref = _decode_reference(q, k, v, lengths)
-
-    def run(q, k, v, lengths):
-        return kernels.decode_attention(q, k, v, lengths, impl="pallas_interpret")
-
-    with caplog.at_level(logging.WARNING, logger="tandem.kernels.dispatch"):
-        assert not _uses_pallas(run, q, k, v, lengths)  # trace 1
-        out = jax.jit(run)(q, k, v, lengths)  # trace 2: still one warning
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
-    records = _fallback_records(caplog)
-    assert len(records) == 1, [r.getMessage() for r in records]
-    assert reason in records[0].getMessage()
 
 
 def test_prefill_fallback_warns_once_per_reason(caplog: pytest.LogCaptureFixture) -> None:
@@ -324,34 +194,54 @@ def tiny_models():
     return cfg, ref, ker
 
 
-def test_model_decode_kernel_path_matches_reference(tiny_models) -> None:
-    from tandem.model.transformer import KVCache
+def test_model_step_kernel_path_matches_reference(tiny_models) -> None:
+    """A serving step over a paged cache holding earlier tokens' K/V (random here): a
+    decode row with no history, one three pages deep, a prompt chunk after cached
+    tokens, padding tokens and a padding row. Same logits, same cache writes."""
+    from tandem.model.transformer import StepMetadata, init_paged_cache
 
     cfg, ref, ker = tiny_models
-    slots, max_len = 3, 32
+    page_size, num_pages = 8, 12
     rng = np.random.default_rng(5)
-    shape = (slots, cfg.n_kv_heads, max_len, cfg.head_dim)  # [B, K, S, H] per layer
-    cache = KVCache(
-        *(
-            tuple(jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(cfg.n_layers))
-            for _ in "kv"
-        )
+    cache = jax.tree.map(
+        lambda pool: jnp.asarray(rng.standard_normal(pool.shape, np.float32)),
+        init_paged_cache(cfg, num_pages, page_size),
     )
-    tokens = jnp.asarray([5, 17, 63], jnp.int32)
-    lengths = jnp.asarray([0, 9, max_len - 1], jnp.int32)  # empty slot, ragged, last index
-    assert _uses_pallas(lambda t, c, n: ker.decode(t, c, n)[0], tokens, cache, lengths)
-    logits_ref, cache_ref = ref.decode(tokens, cache, lengths)
-    logits_ker, cache_ker = ker.decode(tokens, cache, lengths)
-    np.testing.assert_allclose(np.asarray(logits_ker), np.asarray(logits_ref), atol=1e-4, rtol=1e-4)
+    pages = [[4, 0, 0], [7, 2, 10], [5, 9, 0], [0, 0, 0]]  # the last row is padding
+    positions = [0, 20, *range(9, 15)]  # [T] of the rows in use: 1 + 1 + 6 tokens
+    rows = [0, 1, 2, 2, 2, 2, 2, 2]
+    slots = [
+        pages[r][p // page_size] * page_size + p % page_size
+        for r, p in zip(rows, positions, strict=True)
+    ]
+    pad = 4
+    meta = StepMetadata(
+        slot_mapping=jnp.asarray(slots + [-1] * pad, jnp.int32),
+        kv_lens=jnp.asarray([1, 21, 15, 0], jnp.int32),
+        page_indices=jnp.asarray(pages, jnp.int32),
+        cu_q_lens=jnp.asarray([0, 1, 2, 8, 8], jnp.int32),
+        num_rows=jnp.asarray(3, jnp.int32),
+    )
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, len(slots) + pad), jnp.int32)
+    positions = jnp.asarray(positions + [0] * pad, jnp.int32)
+    logits_at = jnp.asarray([0, 1, 7, 0], jnp.int32)
+    args = (tokens, positions, cache, meta, logits_at)
+    assert _uses_pallas(lambda *a: ker.step(*a)[0], *args)
+    logits_ref, cache_ref = jax.jit(ref.step)(*args)
+    logits_ker, cache_ker = jax.jit(ker.step)(*args)
+    np.testing.assert_allclose(
+        np.asarray(logits_ker)[:3], np.asarray(logits_ref)[:3], atol=1e-4, rtol=1e-4
+    )
     for a, b in zip(jax.tree.leaves(cache_ker), jax.tree.leaves(cache_ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
-def test_model_prefill_kernel_path_matches_reference(tiny_models) -> None:
+def test_model_forward_kernel_path_matches_reference(tiny_models) -> None:
     _, ref, ker = tiny_models
     tokens = jnp.asarray(np.random.default_rng(6).integers(0, 64, (2, 32)), jnp.int32)
-    logits_ref, _ = ref.prefill(tokens)
-    logits_ker, _ = ker.prefill(tokens)
+    positions = jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), tokens.shape)
+    logits_ref = ref(tokens, positions)
+    logits_ker = ker(tokens, positions)
     np.testing.assert_allclose(np.asarray(logits_ker), np.asarray(logits_ref), atol=1e-4, rtol=1e-4)
 
 
@@ -387,8 +277,6 @@ def test_kernel_mode_per_backend(backend: str, impl: str, monkeypatch: pytest.Mo
         return
     mode = dispatch.kernel_mode(impl)
     assert (mode and tuple(mode)) == expected
-    # Only the Triton family has a slot-cache decode kernel.
-    assert kernels.runs_pallas(impl) == (expected is not None and expected[0] == "triton")
 
 
 def _pallas_names(fn, *args) -> set[str]:
@@ -415,8 +303,7 @@ _TPU_PAGED_ROWS = [(1, 20), (1, 1), (9, 30), (0, 0), (1, 47), (17, 17)]
 
 def test_tpu_interpret_runs_the_mosaic_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """Posing as a TPU, `pallas_interpret` runs splash and the Mosaic paged kernel
-    (interpreted on this CPU) and both equal the reference; the slot-cache decode runs
-    the reference with one warning (no Mosaic kernel)."""
+    (interpreted on this CPU) and both equal the reference."""
     _pose_as(monkeypatch, "tpu")
     q, k, v = prefill_inputs(2, 2, 256, 4, 2, 64, jnp.float32)
     seg = packed_segment_ids(2, 2, 256)
@@ -448,10 +335,10 @@ def test_tpu_interpret_runs_the_mosaic_kernels(monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.parametrize("impl", ["auto", "pallas"])
 def test_tpu_compiled_impls_pick_the_mosaic_kernels(
-    impl: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    impl: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a TPU, `auto` and `pallas` trace to the Mosaic kernels (traced here, not run:
-    a compiled Mosaic call needs the chip), and the slot-cache decode to the reference."""
+    a compiled Mosaic call needs the chip)."""
     _pose_as(monkeypatch, "tpu")
     q, k, v = prefill_inputs(1, 1, 128, 4, 2, 64, jnp.bfloat16)
     assert _pallas_names(lambda *a: kernels.attention(*a, impl=impl), q, k, v) == {"splash_mha"}
@@ -460,13 +347,6 @@ def test_tpu_compiled_impls_pick_the_mosaic_kernels(
     )
     names = _pallas_names(lambda *a: kernels.paged_attention(*a, impl=impl), *step)
     assert names == {"tpu_ragged_paged_attention"}
-    q, kc, vc = decode_inputs(0, 2, 4, 2, 64, 128, jnp.bfloat16)
-    lengths = jnp.array([3, 64], jnp.int32)
-    with caplog.at_level(logging.WARNING, logger="tandem.kernels.dispatch"):
-        assert not _uses_pallas(
-            lambda *a: kernels.decode_attention(*a, impl=impl), q, kc, vc, lengths
-        )
-    assert "no Mosaic (TPU) kernel for the slot cache" in caplog.text
 
 
 def test_gpu_auto_picks_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,12 +15,9 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-from tandem.kernels.decode_attention import ragged_decode_attention
 from tandem.kernels.paged_attention import ragged_paged_attention
 from tandem.kernels.prefill_attention import flash_attention
 
-from .test_decode_attention import CASES as DECODE_CASES
-from .test_decode_attention import GPU_CASES as DECODE_GPU_CASES
 from .test_paged_attention import CASES as PAGED_CASES
 from .test_paged_attention import GPU_CASES as PAGED_GPU_CASES
 from .test_prefill_attention import CASES as PREFILL_CASES
@@ -37,17 +34,6 @@ def _triton_calls(fn, *specs: Spec) -> int:
         disabled_checks=[export.DisabledSafetyCheck.custom_call(_TRITON)],
     )(*specs)
     return exported.mlir_module().count(f"@{_TRITON}")
-
-
-@pytest.mark.parametrize("case", list(dict.fromkeys(DECODE_GPU_CASES)), ids=lambda c: c.id)
-def test_decode_lowers_to_triton(case) -> None:
-    dtype = jnp.dtype(case.dtype)
-    cache = Spec((case.batch, case.n_kv, case.max_len, case.head_dim), dtype)
-    fn = functools.partial(
-        ragged_decode_attention, block_k=case.block_k, num_splits=case.num_splits
-    )
-    q = Spec((case.batch, case.n_heads, case.head_dim), dtype)
-    assert _triton_calls(fn, q, cache, cache, Spec((case.batch,), jnp.int32)) == 1
 
 
 def _prefill_specs(case):
@@ -91,6 +77,5 @@ def test_paged_lowers_to_triton(case) -> None:
 
 def test_cases_cover_the_interpret_sweep() -> None:
     """Every shape the CPU tests check numerically is also checked to lower for CUDA."""
-    assert set(DECODE_CASES) <= set(DECODE_GPU_CASES)
     assert set(PREFILL_CASES) <= set(PREFILL_GPU_CASES)
     assert set(PAGED_CASES) <= set(PAGED_GPU_CASES)

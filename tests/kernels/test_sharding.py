@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tandem import kernels
 from tandem.kernels import sharding
 from tandem.kernels.paged_reference import ragged_paged_attention_reference
-from tandem.kernels.testing import decode_inputs, paged_step
+from tandem.kernels.testing import paged_step
 
 AXES = kernels.MeshAxes(batch=("data", "fsdp"), heads=("tensor",))
 _ROWS = [(1, 20), (7, 30), (1, 1), (0, 0), (1, 45)]
@@ -47,24 +47,6 @@ def test_paged_attention_on_a_mesh_splits_kv_heads(impl: str) -> None:
     if impl == "pallas_interpret":
         assert "all-gather" not in compiled.as_text()
         assert got.sharding.spec == PartitionSpec(None, "tensor", None)
-
-
-def test_decode_on_a_mesh_reads_the_named_rows() -> None:
-    """Rows gathered by `slots` before the shard_map: batch split over data x fsdp,
-    heads over tensor."""
-    q, _, _ = decode_inputs(12, 4, 4, 2, 32, 16, jnp.float32)
-    _, k, v = decode_inputs(13, 6, 4, 2, 32, 16, jnp.float32)
-    lengths, slots = jnp.array([3, 0, 32, 9], jnp.int32), jnp.array([5, 0, 2, 3], jnp.int32)
-    want = kernels.decode_attention(q, k, v, lengths, slots=slots, impl="reference")
-
-    def run(q, k, v, lengths, slots):
-        return kernels.decode_attention(
-            q, k, v, lengths, slots=slots, impl="pallas_interpret", mesh_axes=AXES
-        )
-
-    with jax.set_mesh(_mesh((2, 2, 2))):
-        got = jax.jit(run)(q, k, v, lengths, slots)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 
 def test_per_shard_specs(caplog: pytest.LogCaptureFixture, monkeypatch) -> None:

@@ -3,6 +3,7 @@ transformers, write_hf_dir -> transformers reload parity, refusals that name the
 switches in every mode of the one Transformer, and bundles written before the switches."""
 
 import json
+import random
 import shutil
 
 import jax
@@ -15,8 +16,17 @@ from tandem.model.bundle import Bundle, flat_params, model_from_tensors, write_b
 from tandem.model.config import ModelConfig
 from tandem.model.sharding import param_shardings
 from tandem.model.tokenizer import Tokenizer
-from tandem.model.transformer import Transformer
-from tests.model.test_transformer import SMALL, make, positions_for, run_prefill_then_decode
+from tandem.model.transformer import Transformer, init_paged_cache
+from tests.model.test_paged_step import (
+    NUM_PAGES,
+    PAGE_SIZE,
+    TOL,
+    full_logits,
+    jitted_step,
+    run_schedule,
+    scenario,
+)
+from tests.model.test_transformer import SMALL, make, positions_for
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -350,7 +360,9 @@ def test_switch_params_have_their_shapes_and_shardings():
     assert cfg.num_params == sum(v.size for _, v in flat_params(params))
 
 
-def test_switches_change_the_model_and_all_modes_agree():
+def test_switches_change_the_model_and_both_modes_agree():
+    """Training forward and serving step (prompt chunks and decode rows over the paged
+    cache, as in test_paged_step.py) give the same logits with the switches on."""
     cfg, model = make(SWITCHES)
     model = randomized(model)
     tokens = jax.random.randint(jax.random.key(1), (3, 14), 0, cfg.vocab_size)
@@ -361,12 +373,13 @@ def test_switches_change_the_model_and_all_modes_agree():
     params = dict(flat_params(nnx.state(model, nnx.Param)))
     base = model_from_tensors(plain, {k: v for k, v in params.items() if k not in switch_params})
     assert np.max(np.abs(base(tokens, positions_for(tokens)) - full)) > 0.1
-    prompt_lens = [5, 9, 3]
-    prefill_logits, decoded = run_prefill_then_decode(model, cfg, tokens, prompt_lens, 16)
-    for b, plen in enumerate(prompt_lens):
-        np.testing.assert_allclose(prefill_logits[b, :plen], full[b, :plen], atol=1e-5, rtol=0)
-    for (b, pos), logits in decoded.items():
-        np.testing.assert_allclose(logits, full[b, pos], atol=1e-5, rtol=0)
+    seqs, schedule = scenario(random.Random(0), cfg.vocab_size)
+    graphdef, params = nnx.split(model, nnx.Param)
+    cache = init_paged_cache(cfg, NUM_PAGES, PAGE_SIZE)
+    got = run_schedule(jitted_step(graphdef), params, cache, seqs, schedule)
+    want = [full_logits(model, seq.tokens) for seq in seqs]
+    for i, pos, logits in got:
+        np.testing.assert_allclose(logits, want[i][pos], **TOL)
 
 
 @pytest.mark.parametrize("impl", ["reference", "pallas_interpret"])

@@ -1,4 +1,6 @@
-"""The three uses of the one model agree with each other, and sharding changes nothing."""
+"""The training forward: packing, remat and sharding change nothing; the Pallas kernels on a
+mesh give the single-device reference's numbers (the serving step's own parity with the
+full forward: test_paged_step.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,9 @@ from flax import nnx
 from tandem.config import load_config
 from tandem.model.config import ModelConfig
 from tandem.model.sharding import param_shardings
-from tandem.model.transformer import Transformer, init_cache
+from tandem.model.transformer import Transformer, init_paged_cache
+
+from .test_paged_step import NUM_PAGES, PAGE_SIZE, Seq, make_step
 
 SMALL = [
     "vocab_size=300",
@@ -29,82 +33,6 @@ def make(overrides=(), seed=0):
 
 def positions_for(tokens):
     return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-
-
-def run_prefill_then_decode(model, cfg, tokens, prompt_lens, max_len):
-    """Prefill each slot's prompt (right-padded to a common length), then decode the rest
-    of `tokens` one step at a time; returns the logits at every decoded position."""
-    batch, total = tokens.shape
-    graphdef, params = nnx.split(model, nnx.Param)
-    prefill = jax.jit(lambda p, t: nnx.merge(graphdef, p).prefill(t))
-    decode = jax.jit(lambda p, *args: nnx.merge(graphdef, p).decode(*args))
-    pad_to = max(prompt_lens)
-    padded = jnp.where(
-        jnp.arange(pad_to)[None] < jnp.array(prompt_lens)[:, None], tokens[:, :pad_to], 0
-    )
-    prefill_logits, kv = prefill(params, padded)
-    cache = init_cache(cfg, batch, max_len)
-    cache = jax.tree.map(lambda layer, prefix: layer.at[:, :, :pad_to].set(prefix), cache, kv)
-    lengths = jnp.array(prompt_lens, jnp.int32)
-    decoded = {}
-    for _ in range(total - min(prompt_lens)):
-        active = lengths < total
-        step_tokens = tokens[jnp.arange(batch), jnp.minimum(lengths, total - 1)]
-        logits, cache = decode(params, step_tokens, cache, lengths)
-        for b in range(batch):
-            if active[b]:
-                decoded[(b, int(lengths[b]))] = logits[b]
-        lengths = lengths + active
-    return prefill_logits, decoded
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_prefill_and_decode_reproduce_the_full_forward(dtype):
-    cfg, model = make([f"dtype={dtype}"])
-    tokens = jax.random.randint(jax.random.key(1), (3, 14), 0, cfg.vocab_size)
-    full = jax.jit(lambda t: model(t, positions_for(t)))(tokens)
-    prompt_lens = [5, 9, 3]  # ragged: slots sit at different positions in the cache
-    prefill_logits, decoded = run_prefill_then_decode(model, cfg, tokens, prompt_lens, 16)
-    tol = 1e-5 if dtype == "float32" else 0.1
-    for b, plen in enumerate(prompt_lens):
-        np.testing.assert_allclose(prefill_logits[b, :plen], full[b, :plen], atol=tol, rtol=0)
-    assert len(decoded) == sum(14 - p for p in prompt_lens)
-    for (b, pos), logits in decoded.items():
-        np.testing.assert_allclose(logits, full[b, pos], atol=tol, rtol=0)
-
-
-def test_decode_over_some_slots_equals_their_rows_of_a_full_step():
-    """What serving runs when few slots are in use: tokens for cache rows [3, 0] only."""
-    cfg, model = make()
-    graphdef, params = nnx.split(model, nnx.Param)
-    decode = jax.jit(lambda p, *args: nnx.merge(graphdef, p).decode(*args))
-    cache = jax.tree.map(
-        lambda layer: jax.random.normal(jax.random.key(layer.size), layer.shape),
-        init_cache(cfg, 4, 16),
-    )
-    tokens = jnp.array([7, 8, 9, 10], jnp.int32)
-    lengths = jnp.array([5, 2, 9, 7], jnp.int32)
-    full_logits, full_cache = decode(params, tokens, cache, lengths)
-    slots = jnp.array([3, 0], jnp.int32)
-    logits, cache_after = decode(params, tokens[slots], cache, lengths[slots], None, slots)
-    np.testing.assert_allclose(logits, full_logits[slots], atol=1e-5, rtol=0)
-    leaves = [jax.tree.leaves(c) for c in (cache, full_cache, cache_after)]
-    for before, full, after in zip(*leaves, strict=True):
-        np.testing.assert_array_equal(after[slots], full[slots])
-        np.testing.assert_array_equal(after[1:3], before[1:3])  # rows not stepped: untouched
-
-
-def test_prefill_logits_at_returns_those_positions_only():
-    """What the server asks for: each prompt's last-token logits, same K/V as without."""
-    cfg, model = make()
-    tokens = jax.random.randint(jax.random.key(4), (3, 12), 0, cfg.vocab_size)
-    last = jnp.array([4, 11, 0], jnp.int32)
-    all_logits, kv = jax.jit(lambda t: model.prefill(t))(tokens)
-    at_last, kv_at = jax.jit(lambda t, i: model.prefill(t, logits_at=i))(tokens, last)
-    assert at_last.shape == (3, cfg.vocab_size)
-    np.testing.assert_allclose(at_last, all_logits[jnp.arange(3), last], atol=1e-5, rtol=0)
-    for a, b in zip(jax.tree.leaves(kv), jax.tree.leaves(kv_at), strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_segment_ids_keep_packed_documents_apart():
@@ -173,9 +101,9 @@ AUTO = jax.sharding.AxisType.Auto
 
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 2, 4)], ids=["tp2", "tp4-kv-whole"])
 def test_sharded_pallas_attention_equals_single_device(mesh_shape):
-    """The Pallas kernels run per shard on a mesh (forward, grads, decode) and give the
-    single-device reference's numbers. tp4: 2 kv heads do not split 4 ways, so heads stay
-    whole while the batch is still split."""
+    """The Pallas kernels run per shard on a mesh (forward, grads, serving step) and give
+    the single-device reference's numbers. tp4: 2 kv heads do not split 4 ways, so heads
+    stay whole while the training batch is still split."""
     cfg, ref_model = make()
     _, model = make(["attention_impl=pallas_interpret"])
     tokens = jax.random.randint(jax.random.key(6), (4, 16), 0, cfg.vocab_size)
@@ -197,12 +125,27 @@ def test_sharded_pallas_attention_equals_single_device(mesh_shape):
     np.testing.assert_allclose(got_logits, want_logits, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got_grads, want_grads)
 
-    cache = init_cache(cfg, 4, 32)
-    lengths = jnp.array([3, 0, 7, 1], jnp.int32)
-    step = tokens[:, 0]
-    want, _ = jax.jit(lambda p: nnx.merge(ref_graphdef, p).decode(step, cache, lengths))(params)
+    # A serving step: two decode rows and a prompt chunk over a paged cache holding earlier
+    # tokens' K/V (random here). A step's rows are never split; the kv heads are.
+    cache = jax.tree.map(
+        lambda pool: jax.random.normal(jax.random.key(pool.size), pool.shape),
+        init_paged_cache(cfg, NUM_PAGES, PAGE_SIZE),
+    )
+    rows = [
+        (Seq(list(range(1, 31)), [5, 9, 2, 7, 11, 3, 30, 4], done=20), 1),
+        (Seq(list(range(40, 47)), [12, 13], done=0), 7),
+        (Seq(list(range(100, 113)), [20, 21, 22, 23], done=12), 1),
+    ]
+    inputs = make_step(rows)
+
+    def serve_step(graphdef, params, cache, inputs):
+        tokens, positions, meta, logits_at = inputs
+        return nnx.merge(graphdef, params).step(tokens, positions, cache, meta, logits_at)[0]
+
+    step = jax.jit(serve_step, static_argnums=0)
+    want = step(ref_graphdef, params, cache, inputs)[: len(rows)]
     with jax.set_mesh(mesh):
-        got, _ = jax.jit(lambda p: nnx.merge(graphdef, p).decode(step, cache, lengths))(sharded)
+        got = step(graphdef, sharded, cache, inputs)[: len(rows)]
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
