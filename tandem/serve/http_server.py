@@ -484,7 +484,7 @@ class OpenAIService:
             ) from None
         return await self._encode(text, add_special_tokens=False, param="messages")
 
-    def _plan(
+    async def _plan(
         self,
         prompts: list[list[int]],
         req: api.CompletionRequest | api.ChatCompletionRequest,
@@ -513,6 +513,13 @@ class OpenAIService:
         )
         where = "structured_outputs" if req.structured_outputs else "response_format"
         renames = renames | dict.fromkeys(("json_schema", "json_object", "regex", "grammar"), where)
+        if structured is not None:  # compiling a grammar takes ms (the first: ~1 s): off
+            try:  # the event loop, which serves every other stream meanwhile
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.orch.grammars.check, structured
+                )
+            except ValueError as err:
+                raise _bad_value(err, renames) from None
         logit_bias = _logit_bias(req.logit_bias)
         plan = []
         for ids in prompts:
@@ -758,7 +765,7 @@ class OpenAIService:
         only_prompt = req.max_tokens == 0  # vLLM: echo the prompt, generate one token unseen
         # what the prompt positions are scored for: echo's logprobs and prompt_logprobs
         scored = [req.prompt_logprobs, req.logprobs if req.echo else None]
-        plan = self._plan(
+        plan = await self._plan(
             prompts, req, max_tokens=1 if only_prompt else req.max_tokens,
             logprobs=req.logprobs, renames={"prompt_token_ids": "prompt"},
             prompt_logprobs=max((n for n in scored if n is not None), default=None),
@@ -831,7 +838,7 @@ class OpenAIService:
             req.messages, req.add_generation_prompt, req.chat_template_kwargs
         )
         top = req.top_logprobs or 0
-        plan = self._plan(
+        plan = await self._plan(
             [ids], req,
             max_tokens=req.max_completion_tokens or req.max_tokens,
             logprobs=top if req.logprobs else None,

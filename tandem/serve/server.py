@@ -182,6 +182,14 @@ class GenerationService:
                 f"n={req.n} is invalid: must be in [0, max_queue={self.orch.cfg.max_queue}] "
                 "(each choice is a sequence of its own)"
             )
+        structured = _structured_output(req)
+        if structured is not None:  # compiling a grammar takes ms (the first: ~1 s): off
+            try:  # the event loop, which serves every other stream meanwhile
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.orch.grammars.check, structured
+                )
+            except ValueError as e:
+                raise _BadRequest(str(e)) from e
         fields: dict[str, Any] = {
             "max_tokens": req.max_tokens,
             "temperature": float(req.temperature),
@@ -192,7 +200,7 @@ class GenerationService:
             "stop_token_ids": tuple(req.stop_token_ids),
             "logprobs": req.logprobs,
             "ignore_eos": req.ignore_eos,
-            "structured_output": _structured_output(req),
+            "structured_output": structured,
             "logit_bias": tuple(sorted(req.logit_bias.items())),
             "min_tokens": req.min_tokens,
             "prompt_logprobs": (req.prompt_logprobs if req.HasField("prompt_logprobs") else None),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -181,6 +182,46 @@ def test_grpc_bad_regex_is_invalid_argument(fake_http) -> None:
         assert "regex" in err.value.details()
         ok = list(call(pb.GenerateRequest(prompt="hi").SerializeToString(), timeout=10))
         assert "".join(pb.GenerateResponse.FromString(r).text for r in ok) == "hi"
+
+
+def test_grammars_compile_off_the_event_loop(fake_http, monkeypatch) -> None:
+    """While a request's grammar compiles (held here until released), both APIs keep
+    answering other requests: the compile runs on a worker thread, not the event loop."""
+    client, model = _client(fake_http)
+    compiler = fake_http.server.orch.grammars
+    entered, release = threading.Event(), threading.Event()
+    check = compiler.check
+
+    def held(output):
+        entered.set()
+        assert release.wait(30)
+        return check(output)
+
+    monkeypatch.setattr(compiler, "check", held)
+    results = []
+    pending = [
+        threading.Thread(target=lambda: results.append(client.completions.create(
+            model=model, prompt="x", max_tokens=8, extra_body={"structured_outputs": {"regex": "ab"}},
+        ).choices[0].text)),
+        threading.Thread(target=lambda: results.append("".join(
+            pb.GenerateResponse.FromString(r).text for r in grpc.insecure_channel(
+                fake_http.target).unary_stream(GENERATE)(
+                pb.GenerateRequest(prompt="y", regex="ab").SerializeToString(), timeout=30)
+        ))),
+    ]  # fmt: skip
+    for thread in pending:
+        entered.clear()
+        thread.start()
+        assert entered.wait(10)
+        fast = openai.OpenAI(base_url=fake_http.base_url, api_key="none", max_retries=0,
+                             timeout=10)  # fmt: skip
+        assert (
+            fast.completions.create(model=model, prompt="ok", max_tokens=4).choices[0].text == "ok"
+        )
+        release.set()
+        thread.join(30)
+        release.clear()
+    assert results == ["ab", "ab"]
 
 
 def test_whitespace_loving_model_still_closes_the_object(make_fake_server, tokenizer) -> None:
