@@ -678,7 +678,18 @@ def test_http_and_grpc_share_one_orchestrator_and_metrics(server) -> None:
     status, body = _get(server, "/metrics")
     assert status == 200 and b'tandem_requests_total{status="OK"} 2.0' in body
     side = server.server.bound_metrics_port
-    assert urllib.request.urlopen(f"http://127.0.0.1:{side}/metrics", timeout=5).read() == body
+    other = urllib.request.urlopen(f"http://127.0.0.1:{side}/metrics", timeout=5).read()
+
+    def samples(text: bytes) -> dict[str, str]:  # sample (name and labels) -> value
+        lines = text.decode().splitlines()
+        return dict(line.rsplit(" ", 1) for line in lines if line and not line.startswith("#"))
+
+    # the same registry: the same samples, and the same counts (gauges and timings may
+    # move between two scrapes while the loop runs)
+    one, two = samples(body), samples(other)
+    assert one.keys() == two.keys()
+    counts = [k for k in one if k.startswith("tandem_requests_total")]
+    assert counts and all(one[k] == two[k] for k in counts)
 
 
 def test_taken_http_port_fails_start_and_frees_the_grpc_port(tokenizer) -> None:
