@@ -25,6 +25,7 @@ FLAGS = (
     Flag("--max-slots", "max_seqs", "= --max-seqs (older name)"),
     Flag("--max-len", "max_len", "positions per sequence (prompt + output)"),
     Flag("--kv-cache-tokens", "kv_cache_tokens", "KV-cache pool in tokens (0 = derive)"),
+    Flag("--kv-cache-memory", "kv_cache_memory", "KV-cache pool in GiB per device (0 = derive)"),
     Flag("--page-size", "page_size", "tokens per KV-cache page"),
     Flag("--max-num-batched-tokens", "max_num_batched_tokens", "tokens one step runs"),
     Flag("--no-prefix-caching", "enable_prefix_caching", switch="false"),

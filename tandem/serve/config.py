@@ -48,6 +48,8 @@ class ServeConfig:
     # --- paged KV cache and the token-budget step (tandem/serve/kv_cache.py, tandem/serve/scheduler.py) ---
     kv_cache_tokens: int = 0  # KV-cache pool in tokens (pages x page_size); 0 = the engine
     # derives it from free device memory
+    kv_cache_memory: float = 0.0  # or the pool's size in GiB of each device's memory
+    # (instead of kv_cache_tokens; the engine converts it to whole pages)
     page_size: int = 0  # tokens per KV-cache page; 0 = the engine's default for its device
     max_num_batched_tokens: int = 512  # tokens one step runs: decodes + prompt chunks
     enable_prefix_caching: bool = True  # share cached full pages of equal prefixes
@@ -111,6 +113,12 @@ class ServeConfig:
             "kv_cache_tokens",
             self.kv_cache_tokens,
             f"0 (derive) or >= 2 pages ({2 * self.page_size}): page 0 is the engine's null page",
+        )
+        require(
+            self.kv_cache_memory >= 0 and not (self.kv_cache_memory and self.kv_cache_tokens),
+            "kv_cache_memory",
+            self.kv_cache_memory,
+            "GiB >= 0, and 0 when kv_cache_tokens is set (one size, not two)",
         )
         require(
             self.max_num_batched_tokens >= self.max_seqs,

@@ -17,7 +17,7 @@ rows read nothing (`num_rows`), so only the bucket decides the cost of the matmu
 are `jax.stages.Compiled` executables: a shape not compiled at warm-up is an error, never
 a silent recompile.
 
-Cache size (`kv_cache_tokens`; 0 = derive it): on an accelerator, KV_CACHE_MEMORY_FRACTION
+Cache size (`kv_cache_tokens`, or `kv_cache_memory` GiB per device; 0 = derive it): on an accelerator, KV_CACHE_MEMORY_FRACTION
 of the device memory still free once the weights are placed (the rest is for the step's
 activations and XLA's workspace); on CPU, where memory is the host's and shared, enough
 pages for `max_seqs` sequences of `max_len` (what the slot engine reserved), capped at
@@ -152,7 +152,10 @@ def derive_kv_cache_tokens(
     """The pool size for kv_cache_tokens=0 (module docstring), in whole pages."""
     per_token = kv_bytes_per_token(cfg, dtype) // kv_shards  # on each device
     stats = devices[0].memory_stats() or {}
-    if "bytes_limit" in stats:
+    if scfg.kv_cache_memory:
+        tokens = int(scfg.kv_cache_memory * 2**30) // per_token
+        where = f"kv_cache_memory {scfg.kv_cache_memory} GiB per device"
+    elif "bytes_limit" in stats:
         free = min(
             d.memory_stats()["bytes_limit"] - d.memory_stats()["bytes_in_use"] for d in devices
         )
@@ -165,12 +168,17 @@ def derive_kv_cache_tokens(
         tokens = min(pages * scfg.page_size, cap)
         where = f"max_seqs x max_len, at most {CPU_KV_CACHE_MEMORY_FRACTION:.0%} of host memory"
     tokens -= tokens % scfg.page_size
+    field, value = (
+        ("kv_cache_memory", scfg.kv_cache_memory)
+        if scfg.kv_cache_memory
+        else ("kv_cache_tokens", 0)
+    )
     require(
         tokens >= 2 * scfg.page_size,
-        "kv_cache_tokens",
-        0,
-        f"an explicit size: only {tokens} tokens fit ({where}); lower max_len or use a "
-        "smaller model",
+        field,
+        value,
+        f"a larger size: only {tokens} tokens fit ({where}), fewer than 2 pages; lower "
+        "max_len or use a smaller model",
     )
     log.info("KV cache: %d tokens (%s, %d bytes each)", tokens, where, per_token)
     return tokens
@@ -213,7 +221,7 @@ class JaxEngine(Engine):
             tokens = derive_kv_cache_tokens(
                 cfg, scfg, self._cache_dtype, devices, self._kv_shards()
             )
-            scfg = dataclasses.replace(scfg, kv_cache_tokens=tokens)
+            scfg = dataclasses.replace(scfg, kv_cache_tokens=tokens, kv_cache_memory=0.0)
         self.serve_cfg = scfg
         self._buckets = token_buckets(scfg.max_num_batched_tokens)
         self._width = pages_for(scfg.max_len, scfg.page_size)  # page-table columns

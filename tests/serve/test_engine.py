@@ -275,6 +275,20 @@ def test_kv_cache_size_derived_on_cpu(engine) -> None:
         dataclasses.replace(SCFG, kv_cache_tokens=40),
     )  # fmt: skip
     assert explicit.serve_cfg.kv_cache_tokens == 40
+    # or in GiB of memory per device: 0.0001 GiB / 512 bytes a token, whole pages
+    by_memory = JaxEngine.from_model(
+        Transformer(CFG, rngs=nnx.Rngs(0)), engine.tokenizer,
+        dataclasses.replace(SCFG, kv_cache_memory=0.0001),
+    )  # fmt: skip
+    page = by_memory.serve_cfg.page_size
+    assert by_memory.serve_cfg.kv_cache_tokens == int(0.0001 * 2**30) // 512 // page * page
+    with pytest.raises(ValueError, match="kv_cache_memory=1e-06"):  # under 2 pages
+        JaxEngine.from_model(
+            Transformer(CFG, rngs=nnx.Rngs(0)), engine.tokenizer,
+            dataclasses.replace(SCFG, kv_cache_memory=1e-6),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="kv_cache_memory"):  # one size, not two
+        dataclasses.replace(SCFG, kv_cache_memory=1.0, kv_cache_tokens=64)
 
 
 def test_pick_tensor_parallel() -> None:
