@@ -51,7 +51,7 @@ from tandem.kernels._common import (
     head_dim_reason,
     is_pow2,
 )
-from tandem.kernels.reference import attention_reference
+from tandem.kernels.reference import attention_reference, attention_shape_reason
 
 __all__ = [
     "DEFAULT_BLOCK_K",
@@ -73,14 +73,9 @@ def unsupported_reason(
     block_k: int,
 ) -> str | None:
     """Why the kernel cannot take these shapes (None when it can)."""
-    if len(q_shape) != 4 or len(kv_shape) != 4:
-        return f"rank: q {q_shape} must be [B, T, N, H] and k/v {kv_shape} [B, T, K, H]"
-    batch, seq, n_heads, head_dim = q_shape
-    if (batch, seq, head_dim) != (kv_shape[0], kv_shape[1], kv_shape[3]):
-        return f"q {q_shape} and k/v {kv_shape} disagree on B, T or H"
-    n_kv = kv_shape[2]
-    if n_kv == 0 or n_heads % n_kv:
-        return f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}"
+    if reason := attention_shape_reason(q_shape, kv_shape):
+        return reason
+    _, seq, _, head_dim = q_shape
     if reason := head_dim_reason(head_dim):
         return reason
     if reason := dtype_reason(*dtypes):

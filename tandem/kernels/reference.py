@@ -71,3 +71,20 @@ def decode_attention_reference(
     )  # [B, K, G, H]
     out = jnp.where((lengths > 0)[:, None, None, None], out, 0.0)
     return out.reshape(batch, n_heads, head_dim).astype(q.dtype)
+
+
+def attention_shape_reason(
+    q_shape: tuple[int, ...],  # [B, T, N, H]
+    kv_shape: tuple[int, ...],  # [B, T, K, H]
+) -> str | None:
+    """Why q and k/v shapes break `attention_reference`'s contract (None when they keep it):
+    the check every attention kernel makes before its own tile rules."""
+    if len(q_shape) != 4 or len(kv_shape) != 4:
+        return f"rank: q {q_shape} must be [B, T, N, H] and k/v {kv_shape} [B, T, K, H]"
+    batch, seq, n_heads, head_dim = q_shape
+    if (batch, seq, head_dim) != (kv_shape[0], kv_shape[1], kv_shape[3]):
+        return f"q {q_shape} and k/v {kv_shape} disagree on B, T or H"
+    n_kv = kv_shape[2]
+    if n_kv == 0 or n_heads % n_kv:
+        return f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}"
+    return None

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-from tandem.kernels.reference import attention_reference
+from tandem.kernels.reference import attention_reference, attention_shape_reason
 
 __all__ = [
     "BLOCK_SIZES",
@@ -56,14 +56,9 @@ def unsupported_reason(
     block: int | None,
 ) -> str | None:
     """Why splash cannot take these shapes (None when it can)."""
-    if len(q_shape) != 4 or len(kv_shape) != 4:
-        return f"rank: q {q_shape} must be [B, T, N, H] and k/v {kv_shape} [B, T, K, H]"
-    batch, seq, n_heads, head_dim = q_shape
-    if (batch, seq, head_dim) != (kv_shape[0], kv_shape[1], kv_shape[3]):
-        return f"q {q_shape} and k/v {kv_shape} disagree on B, T or H"
-    n_kv = kv_shape[2]
-    if n_kv == 0 or n_heads % n_kv:
-        return f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}"
+    if reason := attention_shape_reason(q_shape, kv_shape):
+        return reason
+    _, seq, _, head_dim = q_shape
     names = [jnp.dtype(dt) for dt in dtypes]
     if any(dt not in _DTYPES for dt in names) or len(set(names)) != 1:
         return f"dtypes {[dt.name for dt in names]} (supported: all float32 or all bfloat16)"
