@@ -6,8 +6,6 @@ shape rules. On a TPU the `tpu`-marked class runs the same cases compiled."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,40 +16,9 @@ from tandem.kernels.reference import attention_reference
 from tandem.kernels.testing import PagedStep, paged_step, tolerance
 from tandem.kernels.tpu_paged_attention import ragged_paged_attention_tpu
 
-from .test_paged_attention import _padding_tokens, _poison_unseen, layout
+from .test_paged_attention import Case, _padding_tokens, _poison_unseen, layout
 
 _reference = jax.jit(ragged_paged_attention_reference)
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    n_heads: int
-    n_kv: int
-    head_dim: int
-    page_size: int
-    block_k: int
-    block_q: int | None  # None: auto_block_q
-    dtype: str
-    rows: str = "mixed"
-
-    @property
-    def id(self) -> str:
-        return (
-            f"N{self.n_heads}K{self.n_kv}-G{self.n_heads // self.n_kv}-H{self.head_dim}"
-            f"-ps{self.page_size}-bk{self.block_k}-bq{self.block_q or 'auto'}-{self.dtype}"
-            f"-{self.rows}"
-        )
-
-    def step(self, seed: int = 0) -> PagedStep:
-        return paged_step(
-            seed,
-            layout(self.rows, self.page_size),
-            n_heads=self.n_heads,
-            n_kv=self.n_kv,
-            head_dim=self.head_dim,
-            page_size=self.page_size,
-            dtype=jnp.dtype(self.dtype),
-        )
 
 
 # GQA 1/2/3/4/8, H 128/256, page sizes 8 (f32) / 16 / 32 / 128, one- and several-page
