@@ -36,10 +36,11 @@ from tandem.serve.scheduler import Request, Scheduler
 
 
 def _engine(args: argparse.Namespace) -> JaxEngine:
-    # A budget of one token per sequence: the engine compiles only the decode buckets.
-    cfg = ServeConfig(
-        max_seqs=args.slots, max_len=args.max_len, max_num_batched_tokens=max(args.slots, 8)
-    )
+    # A budget of one token per sequence would prefill the prompts a few tokens a step
+    # beside the decodes, so the first sequences would finish before the last started; at
+    # four mean contexts per step every sequence is decoding long before any ends.
+    budget = max(args.slots, 8, 4 * args.context)
+    cfg = ServeConfig(max_seqs=args.slots, max_len=args.max_len, max_num_batched_tokens=budget)
     if args.bundle:
         return JaxEngine.from_bundle(args.bundle, cfg)
     from tandem.model.tokenizer import Tokenizer
