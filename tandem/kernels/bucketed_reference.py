@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from tandem.kernels.paged_reference import query_blocks, step_rows
-from tandem.kernels.reference import decode_attention_reference
 
 _MASKED = -1e30  # finite, as in the references
 
@@ -56,6 +55,7 @@ def bucket_index(sizes: tuple[int, ...], need: jax.Array) -> jax.Array:
 # The trip counts are the live decode groups and chunk blocks, so padding rows and
 # tokens cost nothing. The plain reference instead gathers every query's whole page table.
 DECODE_GROUP = 4
+PREFIX_ROWS = 16  # decode rows per GEMM over their common prefix (a multiple of DECODE_GROUP)
 CHUNK_BLOCK = 64
 
 
@@ -63,6 +63,45 @@ def page_buckets(pages_per_seq: int, page_size: int) -> tuple[int, ...]:
     """Page counts to read: per_slot_length_buckets in whole pages, up to the table."""
     sizes = per_slot_length_buckets(pages_per_seq * page_size)
     return tuple(sorted({-(-size // page_size) for size in sizes}))
+
+
+def common_prefix_pages(
+    page_indices: jax.Array,  # [R, Pr] int32
+    kv_lens: jax.Array,  # [R] int32
+    is_decode: jax.Array,  # [R] bool
+    page_size: int,
+) -> jax.Array:  # [] int32
+    """How many leading page-table columns hold the same page in every decode row, all of
+    it before each row's new token (0 with fewer than two decode rows): the positions the
+    decode rows can read once for all of them. Prefix caching makes them common (a shared
+    system prompt, n choices of one prompt); as a page's id is its content, equal ids are
+    enough."""
+    n_cols = page_indices.shape[1]
+    first = jnp.argmax(is_decode)
+    same = jnp.all((page_indices == page_indices[first]) | ~is_decode[:, None], axis=0)  # [Pr]
+    run = jnp.sum(jnp.cumprod(same.astype(jnp.int32)))
+    full = jnp.min(jnp.where(is_decode, (kv_lens - 1) // page_size, n_cols))
+    return jnp.where(jnp.sum(is_decode) >= 2, jnp.minimum(run, full), 0).astype(jnp.int32)
+
+
+def _attend(logits: jax.Array, v: jax.Array, spec: str) -> tuple[jax.Array, jax.Array]:
+    """Softmax over the last axis of `logits`, then `einsum(spec, probs, v)`: the
+    normalized output (float32) and each query's log-sum-exp, for `_merge`."""
+    top = logits.max(axis=-1, keepdims=True)
+    probs = jnp.exp(logits - top)
+    total = probs.sum(axis=-1, keepdims=True)
+    out = jnp.einsum(spec, probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out / total, (top + jnp.log(total))[..., 0]
+
+
+def _merge(
+    out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array
+) -> jax.Array:  # [..., N, H]
+    """Attention over two disjoint sets of positions, combined into attention over both."""
+    top = jnp.maximum(lse_a, lse_b)
+    weight_a, weight_b = jnp.exp(lse_a - top), jnp.exp(lse_b - top)  # [..., N]
+    both = out_a * weight_a[..., None] + out_b * weight_b[..., None]
+    return both / (weight_a + weight_b)[..., None]
 
 
 def ragged_paged_attention_blocked(
@@ -92,33 +131,86 @@ def ragged_paged_attention_blocked(
         gathered = pool[:, pages]  # [K, ..., n, Ps, H]
         return gathered.reshape(*gathered.shape[:-3], -1, head_dim)
 
-    # -- decode rows, DECODE_GROUP per iteration --
+    # -- decode rows: their common prefix once, then DECODE_GROUP rows per iteration --
     is_decode = q_len == 1  # [R]
+    n_decode = jnp.sum(is_decode)
+    common = common_prefix_pages(page_indices, kv_lens, is_decode, page_size)  # []
+    shared = common * page_size  # [] positions every decode row reads through the same pages
     # Decode rows first, shortest first, so each group of DECODE_GROUP rows holds similar
     # lengths and its page bucket (its longest row) wastes little on the others.
     key = jnp.where(is_decode, kv_lens, jnp.iinfo(jnp.int32).max)  # [R]
     order = jnp.argsort(key, stable=True).astype(jnp.int32)
-    n_groups = -(-n_rows // DECODE_GROUP)
-    order = jnp.pad(order, (0, n_groups * DECODE_GROUP - n_rows))  # [Rg]
-    in_use = jnp.arange(order.shape[0]) < jnp.sum(is_decode)  # [Rg]
+    n_entries = -(-n_rows // PREFIX_ROWS) * PREFIX_ROWS
+    order = jnp.pad(order, (0, n_entries - n_rows))  # [Rg]
+    in_use = jnp.arange(n_entries) < n_decode  # [Rg]
     target = jnp.where(in_use, cu[order], n_tokens)  # [Rg] the token each entry is
-    length = jnp.where(in_use, kv_lens[order], 0)  # [Rg]
-    longest = length.reshape(n_groups, DECODE_GROUP).max(axis=1)  # [Rg / g]
+    own = jnp.where(in_use, kv_lens[order] - shared, 0)  # [Rg] positions past the prefix
+    longest = own.reshape(-1, DECODE_GROUP).max(axis=1)  # [Rg / g]
     decode_bucket = bucket_index(sizes, -(-longest // page_size))
-    # Per-row gathers once, outside the loop: an iteration only slices them.
+    # Per-row gathers once, outside the loops: an iteration only slices them. The tables
+    # get sizes[-1] more columns, so a group's slice from column `common` stays in range.
     decode_q = q_padded[target]  # [Rg, N, H]
-    decode_pages = page_indices[order]  # [Rg, Pr]
+    decode_pages = jnp.pad(page_indices[order], ((0, 0), (0, sizes[-1])))  # [Rg, Pr + Pr']
+
+    def prefix_branch(n_pages: int):
+        def attend(_):
+            pages = decode_pages[0, :n_pages]  # the first decode row's = every one's
+            k = read(k_pages, pages).astype(jnp.float32)  # [K, S, H]
+            v = read(v_pages, pages).astype(jnp.float32)
+            seen = jnp.arange(n_pages * page_size) < shared  # [S]
+
+            def rows(i, carry):  # PREFIX_ROWS decode rows' queries as one [M, H] matrix
+                first = i * PREFIX_ROWS
+                query = jax.lax.dynamic_slice_in_dim(decode_q, first, PREFIX_ROWS)
+                qm = query.reshape(PREFIX_ROWS, n_kv, group, head_dim).swapaxes(0, 1)
+                qm = qm.reshape(n_kv, PREFIX_ROWS * group, head_dim).astype(jnp.float32)
+                logits = jnp.einsum("kmh,ksh->kms", qm * scale, k)  # [K, M, S]
+                res, lse = _attend(jnp.where(seen, logits, _MASKED), v, "kms,ksh->kmh")
+                res = res.reshape(n_kv, PREFIX_ROWS, group, head_dim).swapaxes(0, 1)
+                lse = lse.reshape(n_kv, PREFIX_ROWS, group).swapaxes(0, 1)
+                res = res.reshape(PREFIX_ROWS, n_heads, head_dim)
+                lse = lse.reshape(PREFIX_ROWS, n_heads)
+                return (
+                    jax.lax.dynamic_update_slice_in_dim(carry[0], res, first, 0),
+                    jax.lax.dynamic_update_slice_in_dim(carry[1], lse, first, 0),
+                )
+
+            return jax.lax.fori_loop(0, -(-n_decode // PREFIX_ROWS), rows, no_prefix())
+
+        return attend
+
+    def no_prefix():  # attention over no positions: a weight of 0 in `_merge`
+        return (
+            jnp.zeros(decode_q.shape, jnp.float32),
+            jnp.full(decode_q.shape[:2], _MASKED, jnp.float32),
+        )
+
+    prefix_branches = [prefix_branch(n) for n in sizes]
+    prefix_out, prefix_lse = jax.lax.cond(
+        common > 0,
+        lambda: jax.lax.switch(bucket_index(sizes, common), prefix_branches, 0),
+        no_prefix,
+    )  # [Rg, N, H], [Rg, N]
 
     def decode_branch(n_pages: int):
         def attend(first):
             query = jax.lax.dynamic_slice_in_dim(decode_q, first, DECODE_GROUP)  # [g, N, H]
-            pages = jax.lax.dynamic_slice(decode_pages, (first, 0), (DECODE_GROUP, n_pages))
+            pages = jax.lax.dynamic_slice(decode_pages, (first, common), (DECODE_GROUP, n_pages))
             # [K, g, S, H] -> [g, K, S, H]: XLA's CPU dots run about twice as fast on
             # the [rows, K, S, H] layout as on the gathered one.
             k = read(k_pages, pages).swapaxes(0, 1)
             v = read(v_pages, pages).swapaxes(0, 1)
-            lengths = jax.lax.dynamic_slice_in_dim(length, first, DECODE_GROUP)  # [g]
-            return decode_attention_reference(query, k, v, lengths, scale=scale)
+            lengths = jax.lax.dynamic_slice_in_dim(own, first, DECODE_GROUP)  # [g]
+            qg = query.reshape(DECODE_GROUP, n_kv, group, head_dim)  # [g, K, G, H]
+            logits = jnp.einsum("bkgh,bksh->bkgs", qg, k, preferred_element_type=jnp.float32)
+            valid = jnp.arange(k.shape[2])[None, :] < lengths[:, None]  # [g, S]
+            logits = jnp.where(valid[:, None, None, :], logits * scale, _MASKED)
+            res, lse = _attend(logits, v, "bkgs,bksh->bkgh")  # [g, K, G, H], [g, K, G]
+            prefix = jax.lax.dynamic_slice_in_dim(prefix_out, first, DECODE_GROUP)
+            prefix_lse_ = jax.lax.dynamic_slice_in_dim(prefix_lse, first, DECODE_GROUP)
+            res = res.reshape(DECODE_GROUP, n_heads, head_dim)
+            lse = lse.reshape(DECODE_GROUP, n_heads)
+            return _merge(prefix, prefix_lse_, res, lse).astype(q.dtype)
 
         return attend
 
@@ -129,7 +221,7 @@ def ragged_paged_attention_blocked(
         res = jax.lax.switch(decode_bucket[i], decode_branches, first)  # [g, N, H]
         return jax.lax.dynamic_update_slice_in_dim(decode_out, res, first, 0)
 
-    live_groups = -(-jnp.sum(is_decode) // DECODE_GROUP)
+    live_groups = -(-n_decode // DECODE_GROUP)
     decode_out = jax.lax.fori_loop(0, live_groups, decode_group, jnp.zeros_like(decode_q))
     out = out.at[target].set(decode_out)  # entries not in use land past T
 

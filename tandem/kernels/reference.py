@@ -43,36 +43,6 @@ def attention_reference(
     return out.reshape(batch, seq, n_heads, head_dim).astype(q.dtype)
 
 
-def decode_attention_reference(
-    q: jax.Array,  # [B, N, H]  one query token per row
-    k_cache: jax.Array,  # [B, K, S, H]
-    v_cache: jax.Array,  # [B, K, S, H]
-    lengths: jax.Array,  # [B] int32: valid cache entries per row (the new token included)
-    *,
-    scale: float | None = None,
-) -> jax.Array:  # [B, N, H]
-    """One decode token per row of grouped-query attention against that row's keys and
-    values, laid out [B, K, S, H] (the paged CPU path, bucketed_reference.py, gathers a
-    decode row's pages into this layout).
-
-    Query b attends to positions [0, lengths[b]) of row b. A length of 0 yields zeros.
-    """
-    batch, n_heads, head_dim = q.shape
-    n_kv, max_len = k_cache.shape[1], k_cache.shape[2]
-    scale = head_dim**-0.5 if scale is None else scale
-    qg = q.reshape(batch, n_kv, n_heads // n_kv, head_dim)  # [B, K, G, H]
-    logits = jnp.einsum("bkgh,bksh->bkgs", qg, k_cache, preferred_element_type=jnp.float32)
-    logits = logits * scale  # [B, K, G, S]
-    valid = jnp.arange(max_len)[None, :] < lengths[:, None]  # [B, S]
-    logits = jnp.where(valid[:, None, None, :], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum(
-        "bkgs,bksh->bkgh", probs.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32
-    )  # [B, K, G, H]
-    out = jnp.where((lengths > 0)[:, None, None, None], out, 0.0)
-    return out.reshape(batch, n_heads, head_dim).astype(q.dtype)
-
-
 def attention_shape_reason(
     q_shape: tuple[int, ...],  # [B, T, N, H]
     kv_shape: tuple[int, ...],  # [B, T, K, H]

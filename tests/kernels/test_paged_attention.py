@@ -10,9 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tandem.kernels.bucketed_reference import page_buckets, ragged_paged_attention_blocked
+from tandem.kernels.bucketed_reference import (
+    common_prefix_pages,
+    page_buckets,
+    ragged_paged_attention_blocked,
+)
 from tandem.kernels.paged_attention import ragged_paged_attention
-from tandem.kernels.paged_reference import ragged_paged_attention_reference, write_pages
+from tandem.kernels.paged_reference import (
+    ragged_paged_attention_reference,
+    step_rows,
+    write_pages,
+)
 from tandem.kernels.reference import attention_reference
 from tandem.kernels.testing import PagedStep, paged_step, tolerance
 
@@ -193,6 +201,43 @@ def test_blocked_reads_only_its_buckets_and_equals_the_reference(
     seen = [next(s for s in sizes if s >= max(need)) for _ in need]
     _close(_blocked(*_poison_unseen(step, seen, stale_slots=False)), _reference(*step), dtype)
     assert page_buckets(64, 16) == (4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
+
+
+def test_common_prefix_pages_are_the_decode_rows_shared_full_pages() -> None:
+    """The leading table columns every decode row holds the same page in, each wholly
+    before the row's new token; prompt-chunk rows do not count, one decode row shares
+    nothing."""
+    table = jnp.array([[5, 6, 7, 9], [5, 6, 7, 8], [5, 6, 7, 0], [1, 2, 0, 0]], jnp.int32)
+    decode = jnp.array([True, True, True, False])
+
+    def common(kv_lens: list[int], is_decode: jax.Array = decode) -> int:
+        return int(common_prefix_pages(table, jnp.array(kv_lens, jnp.int32), is_decode, 16))
+
+    assert common([4 * 16, 4 * 16, 3 * 16 + 5, 30]) == 3
+    assert common([4 * 16, 4 * 16, 3 * 16, 30]) == 2  # row 2's new token is in page 7
+    assert common([4 * 16, 2 * 16 + 1, 3 * 16 + 5, 30]) == 2
+    assert common([4 * 16] * 4, jnp.array([True, True, True, True])) == 0  # row 3 differs
+    assert common([4 * 16] * 4, jnp.array([True, False, False, False])) == 0
+
+
+@pytest.mark.parametrize(("page_size", "dtype"), [(16, "float32"), (128, "bfloat16")])
+def test_blocked_decode_rows_sharing_a_prefix_equal_the_reference(
+    page_size: int, dtype: str
+) -> None:
+    """Decode rows whose tables start with the same pages (a system prompt shared through
+    prefix caching) attend to them in one pass for all of them, merged with each row's
+    own pages: the reference's result, beside a prompt chunk over the same prefix, with
+    more decode rows than one pass takes."""
+    ps = page_size
+    rows = [(1, 3 * ps + 1), (40, 3 * ps + 40), (1, 4 * ps), (1, 6 * ps + 7)]
+    rows += [(1, 3 * ps + 2 + i) for i in range(18)]
+    step = paged_step(4, rows, n_heads=4, n_kv=2, head_dim=64, page_size=ps, dtype=jnp.dtype(dtype))
+    table = np.array(step.page_indices)
+    table[: len(rows), :3] = table[0, :3]
+    step = step._replace(page_indices=jnp.asarray(table))
+    _, q_len = step_rows(step.cu_q_lens, step.num_rows)
+    assert int(common_prefix_pages(step.page_indices, step.kv_lens, q_len == 1, ps)) == 3
+    _close(_blocked(*step), _reference(*step), dtype)
 
 
 @pytest.mark.parametrize("impl", ["reference", "blocked", "kernel"])
