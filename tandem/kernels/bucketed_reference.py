@@ -55,7 +55,8 @@ def bucket_index(sizes: tuple[int, ...], need: jax.Array) -> jax.Array:
 # The trip counts are the live decode groups and chunk blocks, so padding rows and
 # tokens cost nothing. The plain reference instead gathers every query's whole page table.
 DECODE_GROUP = 4
-PREFIX_ROWS = 16  # decode rows per GEMM over their common prefix (a multiple of DECODE_GROUP)
+PREFIX_ROWS = 16  # decode rows per GEMM over their common prefix
+PREFIX_TOKENS = 256  # common-prefix positions per iteration of its loop (its granularity)
 CHUNK_BLOCK = 64
 
 
@@ -134,8 +135,12 @@ def ragged_paged_attention_blocked(
     # -- decode rows: their common prefix once, then DECODE_GROUP rows per iteration --
     is_decode = q_len == 1  # [R]
     n_decode = jnp.sum(is_decode)
-    common = common_prefix_pages(page_indices, kv_lens, is_decode, page_size)  # []
-    shared = common * page_size  # [] positions every decode row reads through the same pages
+    # The common prefix in whole slices of PREFIX_TOKENS positions (its loop's unit; the
+    # rest of it each row reads as its own pages): [] pages, [] positions.
+    slice_pages = max(1, PREFIX_TOKENS // page_size)
+    common = common_prefix_pages(page_indices, kv_lens, is_decode, page_size)
+    common = common // slice_pages * slice_pages
+    shared = common * page_size
     # Decode rows first, shortest first, so each group of DECODE_GROUP rows holds similar
     # lengths and its page bucket (its longest row) wastes little on the others.
     key = jnp.where(is_decode, kv_lens, jnp.iinfo(jnp.int32).max)  # [R]
@@ -148,49 +153,63 @@ def ragged_paged_attention_blocked(
     longest = own.reshape(-1, DECODE_GROUP).max(axis=1)  # [Rg / g]
     decode_bucket = bucket_index(sizes, -(-longest // page_size))
     # Per-row gathers once, outside the loops: an iteration only slices them. The tables
-    # get sizes[-1] more columns, so a group's slice from column `common` stays in range.
+    # get more columns, so a slice from column `common` (or a prefix slice) stays in range.
     decode_q = q_padded[target]  # [Rg, N, H]
-    decode_pages = jnp.pad(page_indices[order], ((0, 0), (0, sizes[-1])))  # [Rg, Pr + Pr']
+    extra = max(sizes[-1], PREFIX_TOKENS // page_size)
+    decode_pages = jnp.pad(page_indices[order], ((0, 0), (0, extra)))  # [Rg, Pr + extra]
 
-    def prefix_branch(n_pages: int):
-        def attend(_):
-            pages = decode_pages[0, :n_pages]  # the first decode row's = every one's
-            k = read(k_pages, pages).astype(jnp.float32)  # [K, S, H]
-            v = read(v_pages, pages).astype(jnp.float32)
-            seen = jnp.arange(n_pages * page_size) < shared  # [S]
+    # The common prefix: an online softmax over its slices (one loop body, not a branch
+    # per page bucket: each branch is compile time), each slice gathered once and attended
+    # by PREFIX_ROWS decode rows' queries at a time as one [M, H] matrix per kv head.
+    # Carried per (kv head, decode row x group member).
+    rows_m = PREFIX_ROWS * group
+    prefix_q = decode_q.reshape(n_entries, n_kv, group, head_dim).swapaxes(0, 1)
+    prefix_q = prefix_q.reshape(n_kv, n_entries * group, head_dim).astype(jnp.float32) * scale
 
-            def rows(i, carry):  # PREFIX_ROWS decode rows' queries as one [M, H] matrix
-                first = i * PREFIX_ROWS
-                query = jax.lax.dynamic_slice_in_dim(decode_q, first, PREFIX_ROWS)
-                qm = query.reshape(PREFIX_ROWS, n_kv, group, head_dim).swapaxes(0, 1)
-                qm = qm.reshape(n_kv, PREFIX_ROWS * group, head_dim).astype(jnp.float32)
-                logits = jnp.einsum("kmh,ksh->kms", qm * scale, k)  # [K, M, S]
-                res, lse = _attend(jnp.where(seen, logits, _MASKED), v, "kms,ksh->kmh")
-                res = res.reshape(n_kv, PREFIX_ROWS, group, head_dim).swapaxes(0, 1)
-                lse = lse.reshape(n_kv, PREFIX_ROWS, group).swapaxes(0, 1)
-                res = res.reshape(PREFIX_ROWS, n_heads, head_dim)
-                lse = lse.reshape(PREFIX_ROWS, n_heads)
-                return (
-                    jax.lax.dynamic_update_slice_in_dim(carry[0], res, first, 0),
-                    jax.lax.dynamic_update_slice_in_dim(carry[1], lse, first, 0),
-                )
+    def prefix_slice(c, carry):
+        pages = jax.lax.dynamic_slice_in_dim(decode_pages[0], c * slice_pages, slice_pages)
+        k = read(k_pages, pages).astype(jnp.float32)  # [K, S, H]: every row's pages
+        v = read(v_pages, pages).astype(jnp.float32)
 
-            return jax.lax.fori_loop(0, -(-n_decode // PREFIX_ROWS), rows, no_prefix())
+        def rows(i, carry):
+            acc, top, total = carry  # [K, Rg * G, H], [K, Rg * G], [K, Rg * G]
+            first = i * rows_m
+            query = jax.lax.dynamic_slice_in_dim(prefix_q, first, rows_m, axis=1)
+            logits = jnp.einsum("kmh,ksh->kms", query, k)  # [K, M, S], all of it shared
+            old_top = jax.lax.dynamic_slice_in_dim(top, first, rows_m, axis=1)
+            new_top = jnp.maximum(old_top, logits.max(axis=-1))  # [K, M]
+            probs = jnp.exp(logits - new_top[..., None])
+            decay = jnp.exp(old_top - new_top)
+            old_total = jax.lax.dynamic_slice_in_dim(total, first, rows_m, axis=1)
+            old_acc = jax.lax.dynamic_slice_in_dim(acc, first, rows_m, axis=1)
+            new_acc = old_acc * decay[..., None] + jnp.einsum("kms,ksh->kmh", probs, v)
+            return (
+                jax.lax.dynamic_update_slice_in_dim(acc, new_acc, first, 1),
+                jax.lax.dynamic_update_slice_in_dim(top, new_top, first, 1),
+                jax.lax.dynamic_update_slice_in_dim(
+                    total, old_total * decay + probs.sum(axis=-1), first, 1
+                ),
+            )
 
-        return attend
+        return jax.lax.fori_loop(0, -(-n_decode // PREFIX_ROWS), rows, carry)
 
-    def no_prefix():  # attention over no positions: a weight of 0 in `_merge`
-        return (
-            jnp.zeros(decode_q.shape, jnp.float32),
-            jnp.full(decode_q.shape[:2], _MASKED, jnp.float32),
-        )
-
-    prefix_branches = [prefix_branch(n) for n in sizes]
-    prefix_out, prefix_lse = jax.lax.cond(
-        common > 0,
-        lambda: jax.lax.switch(bucket_index(sizes, common), prefix_branches, 0),
-        no_prefix,
-    )  # [Rg, N, H], [Rg, N]
+    acc, top, total = jax.lax.fori_loop(
+        0,
+        common // slice_pages,  # 0 when the decode rows share less than a slice
+        prefix_slice,
+        (
+            jnp.zeros(prefix_q.shape, jnp.float32),
+            jnp.full(prefix_q.shape[:2], _MASKED, jnp.float32),
+            jnp.zeros(prefix_q.shape[:2], jnp.float32),
+        ),
+    )
+    attended = total > 0  # [K, Rg * G]; else no position: a weight of 0 in `_merge`
+    prefix_out = jnp.where(attended[..., None], acc / jnp.where(attended, total, 1)[..., None], 0)
+    prefix_lse = jnp.where(attended, top + jnp.log(jnp.where(attended, total, 1)), _MASKED)
+    prefix_out = prefix_out.reshape(n_kv, n_entries, group, head_dim).swapaxes(0, 1)
+    prefix_out = prefix_out.reshape(n_entries, n_heads, head_dim)  # [Rg, N, H]
+    prefix_lse = prefix_lse.reshape(n_kv, n_entries, group).swapaxes(0, 1)
+    prefix_lse = prefix_lse.reshape(n_entries, n_heads)  # [Rg, N]
 
     def decode_branch(n_pages: int):
         def attend(first):

@@ -48,6 +48,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tandem.config import require
+from tandem.kernels.bucketed_reference import DECODE_GROUP, page_buckets
 from tandem.model.config import ModelConfig
 from tandem.model.sharding import MESH_AXES, param_shardings
 from tandem.model.transformer import PagedKVCache, StepMetadata, Transformer, init_paged_cache
@@ -61,8 +62,14 @@ from tandem.serve.logits_processors import (
     processor_inputs,
     write_token_ids,
 )
-from tandem.serve.sampling import logprobs_of, prompt_logprobs_of, sample, split_seed
-from tandem.serve.scheduler import SchedulerOutput
+from tandem.serve.sampling import (
+    SamplingParams,
+    logprobs_of,
+    prompt_logprobs_of,
+    sample,
+    split_seed,
+)
+from tandem.serve.scheduler import Request, SchedulerOutput
 from tandem.serve.structured import apply_bitmask, fill_bitmask
 
 log = logging.getLogger(__name__)
@@ -79,6 +86,58 @@ DEFAULT_PAGE_SIZE = 16
 # Tokens whose prompt logprobs one pass of the LM head computes: [block, V] float32 logits
 # at a time (a step's whole [Tb, V] would be 2 GiB for 4096 tokens of a 128k vocabulary).
 PROMPT_LOGPROBS_BLOCK = 256
+
+
+def warmup_plans(
+    tokens: int, rows: int, width: int, page_size: int, num_pages: int
+) -> list[SchedulerOutput]:
+    """Steps of at most `tokens` tokens and `rows` rows that write nothing (every slot -1)
+    and together run each context-length branch of the CPU paged attention once (its
+    decode groups and prompt-chunk blocks at every page-count bucket, `page_buckets`) and
+    its common-prefix pass. XLA's CPU runtime sets a branch up the first time it runs
+    (a few ms per layer, docs/benchmarks.md): unpaid at warm-up, that lands on the first
+    requests to reach each length, as a stall of every stream in their step."""
+    sizes = page_buckets(width, page_size)
+    # (q_len, kv_len, shares its table with the plan's other rows): a decode group of
+    # rows per size, and a 2-token chunk per size
+    group = min(rows, DECODE_GROUP)
+    unshared = [(1, s * page_size, False) for s in sizes for _ in range(group)]
+    unshared += [(2, s * page_size, False) for s in sizes]
+    capacity = rows // group * group  # whole groups per plan
+    plans: list[list[tuple[int, int, bool]]] = [[]]
+    for row in unshared:
+        plan = plans[-1]
+        if len(plan) == capacity or sum(q for q, _, _ in plan) + row[0] > tokens:
+            plans.append(plan := [])
+        plan.append(row)
+    if rows >= 2 and width >= 2:  # two decode rows sharing their pages: the prefix pass
+        plans.append([(1, (width - 1) * page_size + 1, True)] * 2)
+    return [_write_nothing_plan(plan, width, num_pages) for plan in plans]
+
+
+def _write_nothing_plan(
+    rows: list[tuple[int, int, bool]], width: int, num_pages: int
+) -> SchedulerOutput:
+    q_lens = np.array([q for q, _, _ in rows], np.int32)
+    kv_lens = np.array([kv for _, kv, _ in rows], np.int32)
+    cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    # a row's own page (any page but the null one), repeated; shared rows all read page 1
+    own = [1 + r % max(num_pages - 1, 1) for r in range(len(rows))]
+    pages = [1 if shared else own[r] for r, (_, _, shared) in enumerate(rows)]
+    positions = np.concatenate([np.arange(kv - q, kv) for q, kv, _ in rows]).astype(np.int32)
+    params = SamplingParams(max_tokens=1)
+    return SchedulerOutput(
+        requests=tuple(Request(f"warmup-{r}", [0], params, seed=r) for r in range(len(rows))),
+        token_ids=np.zeros(len(positions), np.int32),
+        positions=positions,
+        cu_q_lens=cu_q_lens,
+        num_computed_tokens=kv_lens - q_lens,
+        kv_lens=kv_lens,
+        page_indices=np.repeat(np.array(pages, np.int32)[:, None], width, axis=1),
+        slot_mapping=np.full(len(positions), -1, np.int32),
+        sample=np.ones(len(rows), bool),
+        preempted=(),
+    )
 
 
 class StepInputs(NamedTuple):
@@ -458,20 +517,24 @@ class JaxEngine(Engine):
                 self._compiled[bucket] = step.lower(self._weights, cache, inputs).compile()
 
     def warmup(self) -> None:
-        """Compiles the step for every token bucket, then runs each once on padding only
-        (so first-call costs such as allocation are paid here too)."""
+        """Compiles the step for every token bucket, then runs each on padding only and on
+        `warmup_plans` (so first-call costs such as allocation and the CPU attention's
+        lazily set-up branches are paid here, not by the first requests)."""
         if self.warmup_seconds is not None:
             return
         t0 = time.perf_counter()
         self._compile()
         self._cache = self._init_cache()
-        for bucket in self._buckets:
-            self._cache, out, _ = self._compiled[bucket](
-                self._weights, self._cache, self._inputs(None, bucket)
-            )
-        jax.block_until_ready(out)
-        self.warmup_seconds = time.perf_counter() - t0
         scfg = self.serve_cfg
+        for bucket in self._buckets:
+            rows = min(bucket, self.max_seqs)
+            plans = [None, *warmup_plans(bucket, rows, self._width, scfg.page_size, scfg.num_pages)]
+            for plan in plans:
+                self._cache, out, _ = self._compiled[bucket](
+                    self._weights, self._cache, self._inputs(plan, bucket)
+                )
+                jax.block_until_ready(out)
+        self.warmup_seconds = time.perf_counter() - t0
         log.info(
             "engine warm: steps of %s tokens, KV cache %d pages x %d tokens, %d seqs x %d "
             "positions, tp=%d, %.1f s",

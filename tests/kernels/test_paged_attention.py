@@ -220,23 +220,27 @@ def test_common_prefix_pages_are_the_decode_rows_shared_full_pages() -> None:
     assert common([4 * 16] * 4, jnp.array([True, False, False, False])) == 0
 
 
-@pytest.mark.parametrize(("page_size", "dtype"), [(16, "float32"), (128, "bfloat16")])
+@pytest.mark.parametrize(
+    ("page_size", "shared", "dtype"),
+    [(16, 18, "float32"), (128, 5, "bfloat16"), (16, 3, "float32")],
+)
 def test_blocked_decode_rows_sharing_a_prefix_equal_the_reference(
-    page_size: int, dtype: str
+    page_size: int, shared: int, dtype: str
 ) -> None:
     """Decode rows whose tables start with the same pages (a system prompt shared through
-    prefix caching) attend to them in one pass for all of them, merged with each row's
-    own pages: the reference's result, beside a prompt chunk over the same prefix, with
-    more decode rows than one pass takes."""
-    ps = page_size
-    rows = [(1, 3 * ps + 1), (40, 3 * ps + 40), (1, 4 * ps), (1, 6 * ps + 7)]
-    rows += [(1, 3 * ps + 2 + i) for i in range(18)]
+    prefix caching) attend to them in one pass for all of them (in whole slices of
+    PREFIX_TOKENS positions; less than a slice is read row by row), merged with each
+    row's own pages: the reference's result, beside a prompt chunk over the same prefix,
+    with more decode rows than one pass takes."""
+    ps, n = page_size, shared
+    rows = [(1, n * ps + 1), (40, n * ps + 40), (1, (n + 1) * ps), (1, (n + 3) * ps + 7)]
+    rows += [(1, n * ps + 2 + i) for i in range(18)]
     step = paged_step(4, rows, n_heads=4, n_kv=2, head_dim=64, page_size=ps, dtype=jnp.dtype(dtype))
     table = np.array(step.page_indices)
-    table[: len(rows), :3] = table[0, :3]
+    table[: len(rows), :n] = table[0, :n]
     step = step._replace(page_indices=jnp.asarray(table))
     _, q_len = step_rows(step.cu_q_lens, step.num_rows)
-    assert int(common_prefix_pages(step.page_indices, step.kv_lens, q_len == 1, ps)) == 3
+    assert int(common_prefix_pages(step.page_indices, step.kv_lens, q_len == 1, ps)) == n
     _close(_blocked(*step), _reference(*step), dtype)
 
 

@@ -22,10 +22,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tandem.kernels.bucketed_reference import page_buckets
 from tandem.model.config import ModelConfig
 from tandem.model.transformer import Transformer
 from tandem.serve.config import ServeConfig
-from tandem.serve.engine import JaxEngine, kv_bytes_per_token, pick_tensor_parallel, token_buckets
+from tandem.serve.engine import (
+    JaxEngine,
+    kv_bytes_per_token,
+    pick_tensor_parallel,
+    token_buckets,
+    warmup_plans,
+)
 from tandem.serve.orchestrator import Orchestrator
 from tandem.serve.sampling import SamplingParams
 from tandem.serve.scheduler import Request, Scheduler
@@ -132,6 +139,33 @@ def test_token_buckets() -> None:
     assert token_buckets(32) == (8, 16, 32)
     assert token_buckets(512) == (8, 16, 32, 64, 128, 256, 512)
     assert token_buckets(100) == (8, 16, 32, 64, 100)
+
+
+@pytest.mark.parametrize(("tokens", "rows"), [(8, 8), (64, 32), (512, 64), (8, 2), (16, 1)])
+def test_warmup_plans_fit_their_bucket_write_nothing_and_reach_every_length(
+    tokens: int, rows: int
+) -> None:
+    """The warm-up steps of a token bucket stay within it, write no KV slot, and hold
+    decode rows and prompt chunks at every page-count bucket the CPU attention branches
+    on, and decode rows sharing their pages."""
+    width, page_size = 32, 64
+    plans = warmup_plans(tokens, rows, width, page_size, num_pages=100)
+    lengths: dict[str, set[int]] = {"decode": set(), "chunk": set()}
+    for plan in plans:
+        assert plan.num_tokens <= tokens and plan.num_rows <= rows
+        assert (plan.slot_mapping == -1).all()
+        for q_len, kv_len in zip(np.diff(plan.cu_q_lens), plan.kv_lens, strict=True):
+            lengths["decode" if q_len == 1 else "chunk"].add(int(kv_len) // page_size)
+    assert lengths["decode"] >= set(page_buckets(width, page_size))
+    assert lengths["chunk"] == set(page_buckets(width, page_size))
+    shared = [p for p in plans if p.num_rows >= 2 and (p.page_indices == p.page_indices[0]).all()]
+    assert (rows >= 2) == bool(shared)
+
+
+def test_warmup_writes_nothing_to_the_cache(model, tokenizer) -> None:
+    eng = JaxEngine.from_model(model, tokenizer, dataclasses.replace(SCFG, max_seqs=2))
+    eng.warmup()
+    assert not any(np.asarray(pool).any() for pool in (*eng._cache.kv.k, *eng._cache.kv.v))
 
 
 def test_greedy_matches_model_forward_with_batching(engine, tokenizer, reference_greedy) -> None:
