@@ -73,7 +73,7 @@ def common_prefix_pages(
     page_size: int,
 ) -> jax.Array:  # [] int32
     """How many leading page-table columns hold the same page in every decode row, all of
-    it before each row's new token (0 with fewer than two decode rows): the positions the
+    it before each row's new token (0 with fewer than two decode rows): the pages the
     decode rows can read once for all of them. Prefix caching makes them common (a shared
     system prompt, n choices of one prompt); as a page's id is its content, equal ids are
     enough."""
