@@ -16,8 +16,8 @@ Triton kernels everywhere else (`prefill_attention.py`, `paged_attention.py`).
 
 A shape a kernel cannot take (head_dim not a power of two >= 16, a length no tile size
 divides, ...) falls back to the reference with one logged warning per (kernel, reason): a
-slower answer, never a wrong one. `pallas_interpret` applies the same shape rules as compiled `pallas`, so CPU
-tests exercise exactly what an accelerator would compile.
+slower answer, never a wrong one. `pallas_interpret` applies the same shape rules as
+compiled `pallas`, so CPU tests exercise exactly what an accelerator would compile.
 
 With `mesh_axes` (the model passes its rule table's, tandem/model/sharding.py) a kernel runs per
 mesh shard (sharding.py: `per_shard`); the reference is left to XLA's partitioner.

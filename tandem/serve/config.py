@@ -45,7 +45,7 @@ class ServeConfig:
     stream_interval: int = 1  # tokens per streamed message (vLLM/SGLang's stream interval);
     # the first token and the final message are never held back
 
-    # --- paged KV cache and the token-budget step (tandem/serve/kv_cache.py, tandem/serve/scheduler.py) ---
+    # --- paged KV cache and the token-budget step (tandem/serve/kv_cache.py, scheduler.py) ---
     kv_cache_tokens: int = 0  # KV-cache pool in tokens (pages x page_size); 0 = the engine
     # derives it from free device memory
     kv_cache_memory: float = 0.0  # or the pool's size in GiB of each device's memory

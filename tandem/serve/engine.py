@@ -1,12 +1,12 @@
-"""The JAX engine: model.Transformer behind the step contract (tandem/serve/engine_api.py), over a
-paged KV cache.
+"""The JAX engine: model.Transformer behind the step contract (tandem/serve/engine_api.py),
+over a paged KV cache.
 
 Device state is the cache alone (`DeviceCache`): per layer a pool of `num_pages` pages of
 `page_size` positions (`PagedKVCache`, L x [K, P, Ps, H] for keys and for values), and
 beside it the token id of every cached position ([P, Ps], for the penalties:
-tandem/serve/logits_processors.py), donated to every step so its writes happen in place. Everything else a step needs comes from the plan, as
-small host arrays: the rows' tokens, positions, cache slots, page tables and sampling
-parameters.
+tandem/serve/logits_processors.py), donated to every step so its writes happen in place.
+Everything else a step needs comes from the plan, as small host arrays: the rows' tokens,
+positions, cache slots, page tables and sampling parameters.
 
 One compiled function runs a plan (`Transformer.step` over the ragged rows, then the
 per-row sampler and the packed output), compiled ahead of time at `warmup()` for every
@@ -17,11 +17,12 @@ rows read nothing (`num_rows`), so only the bucket decides the cost of the matmu
 are `jax.stages.Compiled` executables: a shape not compiled at warm-up is an error, never
 a silent recompile.
 
-Cache size (`kv_cache_tokens`, or `kv_cache_memory` GiB per device; 0 = derive it): on an accelerator, KV_CACHE_MEMORY_FRACTION
-of the device memory still free once the weights are placed (the rest is for the step's
-activations and XLA's workspace); on CPU, where memory is the host's and shared, enough
-pages for `max_seqs` sequences of `max_len` (what the slot engine reserved), capped at
-CPU_KV_CACHE_MEMORY_FRACTION of the host's available memory.
+Cache size (`kv_cache_tokens`, or `kv_cache_memory` GiB per device; 0 = derive it): on
+an accelerator, KV_CACHE_MEMORY_FRACTION of the device memory still free once the weights
+are placed (the rest is for the step's activations and XLA's workspace); on CPU, where
+memory is the host's and shared, enough pages for `max_seqs` sequences of `max_len` (what
+the slot engine reserved), capped at CPU_KV_CACHE_MEMORY_FRACTION of the host's available
+memory.
 
 With several devices the params are sharded tensor-parallel (tandem/model/sharding.py rules on a
 (1, 1, tp) mesh over ("data", "fsdp", "tensor")) and the page pools over kv heads when

@@ -513,11 +513,9 @@ class OpenAIService:
         )
         where = "structured_outputs" if req.structured_outputs else "response_format"
         renames = renames | dict.fromkeys(("json_schema", "json_object", "regex", "grammar"), where)
-        if structured is not None:  # compiling a grammar takes ms (the first: ~1 s): off
-            try:  # the event loop, which serves every other stream meanwhile
-                await asyncio.get_running_loop().run_in_executor(
-                    None, self.orch.grammars.check, structured
-                )
+        if structured is not None:
+            try:
+                await self.orch.grammars.check_off_loop(structured)
             except ValueError as err:
                 raise _bad_value(err, renames) from None
         logit_bias = _logit_bias(req.logit_bias)

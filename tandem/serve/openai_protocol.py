@@ -3,9 +3,10 @@
 Field names, types and defaults follow OpenAI's `/v1/completions` and
 `/v1/chat/completions` (and vLLM's extensions `top_k`, `ignore_eos`, `stop_token_ids`,
 `repetition_penalty`, `min_p`, `min_tokens`, `prompt_logprobs`, `structured_outputs`,
-`chat_template_kwargs`, `add_generation_prompt`, `stream_options.continuous_usage_stats`), so the `openai` SDK, lm-eval's
-`local-completions` / `local-chat-completions` and `vllm bench serve` talk to tandem
-unchanged. Requests are strict where OpenAI-compatible servers are usually lax:
+`chat_template_kwargs`, `add_generation_prompt`, `stream_options.continuous_usage_stats`),
+so the `openai` SDK, lm-eval's `local-completions` / `local-chat-completions` and `vllm
+bench serve` talk to tandem unchanged. Requests are strict where OpenAI-compatible servers
+are usually lax:
 
 - an unknown field is an error naming it (`extra="forbid"`), never silently ignored;
 - NaN and infinite numbers are refused (`allow_inf_nan=False`);

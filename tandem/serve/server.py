@@ -183,11 +183,9 @@ class GenerationService:
                 "(each choice is a sequence of its own)"
             )
         structured = _structured_output(req)
-        if structured is not None:  # compiling a grammar takes ms (the first: ~1 s): off
-            try:  # the event loop, which serves every other stream meanwhile
-                await asyncio.get_running_loop().run_in_executor(
-                    None, self.orch.grammars.check, structured
-                )
+        if structured is not None:
+            try:
+                await self.orch.grammars.check_off_loop(structured)
             except ValueError as e:
                 raise _BadRequest(str(e)) from e
         fields: dict[str, Any] = {

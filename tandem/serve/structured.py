@@ -27,6 +27,7 @@ ask for more).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import json
@@ -117,6 +118,11 @@ class GrammarCompiler:
         """Raises ValueError naming the field if `output` does not compile."""
         with self._lock:
             self._check(output)
+
+    async def check_off_loop(self, output: StructuredOutput) -> None:
+        """`check` on the default executor: a compile takes ms (the first ~1 s, building
+        llguidance's tokenizer), while the event loop serves every other stream."""
+        await asyncio.get_running_loop().run_in_executor(None, self.check, output)
 
     def matcher(self, output: StructuredOutput) -> GrammarMatcher:
         with self._lock:
