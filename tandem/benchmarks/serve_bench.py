@@ -27,8 +27,8 @@ One run compares scheduling modes on the SAME warmed engine (default: continuous
 static batching; `no-prefix-cache` is continuous with prefix caching off), printing one
 JSON line per mode and comparison lines. `--apis grpc,openai` drives each served mode
 through both APIs of the same server, one after the other with the same requests (the
-OpenAI path: streamed /v1/completions, token-id prompts, continuous usage stats; the
-shared-prefix workload's conversations go over gRPC only), and adds an
+OpenAI path: streamed /v1/completions, token-id prompts, continuous usage stats), and
+adds an
 `openai_vs_grpc_<mode>` line: output throughput ratio, TTFT p50 added (ms), TPOT p50 ratio. Mode `offline`
 drives the continuous-batching orchestrator in-process with every request queued at t=0
 and no gRPC or client (like `vllm bench throughput`): the ceiling of engine + scheduler
@@ -314,7 +314,7 @@ async def _openai_one(
 
 async def run_load(
     target: str,
-    requests: list[BenchRequest],
+    requests: list[BenchRequest] | list[list[BenchRequest]],
     *,
     request_rate: float,
     max_concurrency: int | None,
@@ -324,14 +324,20 @@ async def run_load(
     model: str = "",
 ) -> tuple[list[RequestResult], float]:
     """Open-loop load on `target` (host:port) through tandem's gRPC API or an
-    OpenAI-compatible HTTP API (`api="openai"`, tandem's or vLLM's, naming `model`)."""
+    OpenAI-compatible HTTP API (`api="openai"`, tandem's or vLLM's, naming `model`).
+
+    Items are requests, or conversations (lists of turns, each turn sent when the one
+    before it has finished). An item starts at its first request's `arrival` when it has
+    one, else at Poisson times of `request_rate` items per second (inf = all at once). One
+    asyncio task per item on one thread: the same client for every server, and one that
+    does not starve when a server holds every core (a thread per request did)."""
     import grpc
 
     from tandem.proto.v1 import generate_pb2 as pb
     from tandem.proto.v1 import generate_pb2_grpc as pb_grpc
 
     rng = np.random.default_rng(seed)
-    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
     async with contextlib.AsyncExitStack() as stack:
         if api == "grpc":
             channel = await stack.enter_async_context(grpc.aio.insecure_channel(target))
@@ -340,54 +346,20 @@ async def run_load(
             host, port = target.rsplit(":", 1)
             one = functools.partial(_openai_one, host, int(port), model)
 
-        async def limited(req: BenchRequest) -> RequestResult:
-            if sem is None:
-                return await one(req, timeout)
-            async with sem:
-                return await one(req, timeout)
-
-        t0 = time.perf_counter()
-        tasks = []
-        for req in requests:
-            if req.arrival is not None:
-                await asyncio.sleep(max(0.0, t0 + req.arrival - time.perf_counter()))
-            tasks.append(asyncio.create_task(limited(req)))
-            if req.arrival is None and math.isfinite(request_rate):
-                await asyncio.sleep(rng.exponential(1.0 / request_rate))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - t0
-    return list(results), duration
-
-
-async def run_conversations(
-    target: str,
-    conversations: list[list[BenchRequest]],
-    *,
-    request_rate: float,
-    seed: int,
-    timeout: float = 600.0,
-) -> tuple[list[RequestResult], float]:
-    """Conversations starting at Poisson times (`request_rate` of them per second; inf = all
-    at once), each sending its turns one after the other."""
-    import grpc
-
-    from tandem.proto.v1 import generate_pb2 as pb
-    from tandem.proto.v1 import generate_pb2_grpc as pb_grpc
-
-    rng = np.random.default_rng(seed)
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.GenerationStub(channel)
-
         async def converse(turns: list[BenchRequest]) -> list[RequestResult]:
-            return [await _one(stub, pb, req, timeout) for req in turns]
+            async with sem:
+                return [await one(req, timeout) for req in turns]
 
         t0 = time.perf_counter()
         tasks = []
-        for conv in conversations:
-            tasks.append(asyncio.create_task(converse(conv)))
-            if math.isfinite(request_rate):
+        for item in requests:
+            turns = item if isinstance(item, list) else [item]
+            if turns[0].arrival is not None:
+                await asyncio.sleep(max(0.0, t0 + turns[0].arrival - time.perf_counter()))
+            tasks.append(asyncio.create_task(converse(turns)))
+            if turns[0].arrival is None and math.isfinite(request_rate):
                 await asyncio.sleep(rng.exponential(1.0 / request_rate))
-        results = [r for conv in await asyncio.gather(*tasks) for r in conv]
+        results = [r for turns in await asyncio.gather(*tasks) for r in turns]
         duration = time.perf_counter() - t0
     return results, duration
 
@@ -401,12 +373,7 @@ def _load_process(
     api: str = "grpc",
     model: str = "",
 ) -> tuple[list[RequestResult], float]:
-    """Entry point of the client process: one open-loop run (of conversations, when
-    `requests` holds lists of turns: gRPC only)."""
-    if requests and isinstance(requests[0], list):
-        return asyncio.run(
-            run_conversations(target, requests, request_rate=request_rate, seed=seed)
-        )
+    """Entry point of the client process: one open-loop run."""
     return asyncio.run(
         run_load(
             target, requests, request_rate=request_rate, max_concurrency=max_concurrency,
@@ -781,8 +748,6 @@ def main(argv: list[str] | None = None) -> int:
     apis = [a.strip() for a in args.apis.split(",") if a.strip()]
     if not apis or set(apis) - {"grpc", "openai"}:
         parser.error(f"--apis={args.apis!r} is invalid: allowed grpc, openai (comma list)")
-    if "openai" in apis and args.workload == "shared-prefix":
-        parser.error("--apis openai: the shared-prefix workload's conversations run over gRPC")
     from tandem.serve.config import ServeConfig
     from tandem.serve.server import BackgroundServer, TandemServer
 

@@ -5,9 +5,9 @@ vLLM OpenAI server (`--vllm-python` interpreter, or an already running one at --
 the Hugging Face export of the SAME weights, one at a time so they never share the CPU. Both
 get the SAME requests: serve_bench's synthetic dataset (token-id prompts, outputs forced to
 length with ignore_eos, greedy, streamed) and the same Poisson arrival times; tandem is
-measured over its OpenAI API with the SAME client as vLLM (`openai_load`) and over gRPC with
-serve_bench's (--tandem-apis); all with serve_bench's metrics (TTFT, TPOT, ITL, e2e,
-throughput), each measured pass after an unrecorded warm-up pass at the same rate on other
+measured over its OpenAI API with the SAME client as vLLM (serve_bench's asyncio
+`run_load`) and over gRPC (--tandem-apis); all with serve_bench's metrics (TTFT, TPOT, ITL,
+e2e, throughput), each measured pass after an unrecorded warm-up pass at the same rate on other
 prompts (--no-warmup: none). Prints a line per (system, api, rate[, slots]) and a comparison
 line tandem/vLLM per (rate, slots), tandem over the first of --tandem-apis.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -38,15 +37,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tandem.benchmarks.serve_bench import (
     WORKLOADS,
-    BenchRequest,
-    RequestResult,
     _range,
     interference_requests,
-    run_conversations,
     run_load,
     shared_prefix_conversations,
     summarize,
@@ -110,83 +104,10 @@ def _vllm_ready(url: str) -> bool:
         return r.status == 200
 
 
-def _openai_one(url: str, model: str, req: BenchRequest, timeout: float) -> RequestResult:
-    """One streamed /v1/completions request to an OpenAI-compatible server (vLLM's, or
-    tandem's --http-port), timed like serve_bench's gRPC client."""
-    body = {
-        "model": model,
-        "prompt": list(req.prompt_ids),
-        "max_tokens": req.output_len,
-        "ignore_eos": True,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-    }
-    http = urllib.request.Request(
-        f"{url}/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    start = time.perf_counter()
-    res = RequestResult(ok=False, start=start, prompt_tokens=len(req.prompt_ids), tag=req.tag)
-    last, seen = start, 0
-    try:
-        with urllib.request.urlopen(http, timeout=timeout) as resp:
-            for raw in resp:
-                line = raw.strip()
-                if not line.startswith(b"data:") or line == b"data: [DONE]":
-                    continue
-                now = time.perf_counter()
-                chunk = json.loads(line[5:])
-                total = (chunk.get("usage") or {}).get("completion_tokens", seen)
-                if total > seen:  # this message carried new tokens
-                    if seen == 0:
-                        res.ttft = now - start
-                    else:
-                        res.itl.append(now - last)
-                        res.itl_at.append(now)
-                    seen, last = total, now
-                details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}
-                res.cached_tokens = details.get("cached_tokens", res.cached_tokens)
-        res.output_tokens = seen
-        res.e2e = last - start
-        res.ok = seen == req.output_len
-    except Exception as e:
-        res.error = type(e).__name__
-    return res
-
-
-def openai_load(
-    url: str, model: str, requests: list[Any], rate: float, seed: int
-) -> tuple[list[RequestResult], float]:
-    """Open loop with serve_bench's arrival times (same rng, same draws, or the requests'
-    own), one thread each; conversations (lists of turns) send their turns in order."""
-    rng = np.random.default_rng(seed)
-
-    def send(item: Any) -> list[RequestResult]:
-        turns = item if isinstance(item, list) else [item]
-        return [_openai_one(url, model, req, 600.0) for req in turns]
-
-    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-        t0 = time.perf_counter()
-        futures = []
-        for item in requests:
-            arrival = getattr(item, "arrival", None)
-            if arrival is not None:
-                time.sleep(max(0.0, t0 + arrival - time.perf_counter()))
-            futures.append(pool.submit(send, item))
-            if arrival is None and math.isfinite(rate):
-                time.sleep(rng.exponential(1.0 / rate))
-        results = [r for f in futures for r in f.result()]
-    return results, time.perf_counter() - t0
-
-
-def tandem_load(target: str, requests: list[Any], rate: float, seed: int):
-    """serve_bench's client over gRPC: requests, or conversations (lists of turns)."""
-    if requests and isinstance(requests[0], list):
-        return asyncio.run(run_conversations(target, requests, request_rate=rate, seed=seed))
+def _load(target: str, api: str, model: str, requests: list[Any], rate: float, seed: int):
+    """serve_bench's asyncio client, the same for both servers: requests or conversations."""
     return asyncio.run(run_load(target, requests, request_rate=rate, max_concurrency=None,
-                                seed=seed))  # fmt: skip
+                                seed=seed, api=api, model=model))  # fmt: skip
 
 
 def _vllm_check(python: str) -> None:
@@ -322,11 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                                   log_path)  # fmt: skip
             for rate in rates:
                 for api in apis:  # over the OpenAI API: the same client as vLLM's
-                    if api == "openai":
-                        url = f"http://127.0.0.1:{http_port}"
-                        load = functools.partial(openai_load, url, "tandem")
-                    else:
-                        load = functools.partial(tandem_load, target)
+                    where = f"127.0.0.1:{http_port}" if api == "openai" else target
+                    load = functools.partial(_load, where, api, "tandem")
                     if rate in warm:
                         load(warm[rate], rate, args.seed)
                     results, duration = load(workload[rate], rate, args.seed)
@@ -350,10 +268,11 @@ def main(argv: list[str] | None = None) -> int:
             startup = _wait_ready(proc, lambda: _vllm_ready(url), args.startup_timeout, log_path)
         with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
             model = json.load(r)["data"][0]["id"]
+        load = functools.partial(_load, url.removeprefix("http://"), "openai", model)
         for rate in rates:
             if rate in warm:
-                openai_load(url, model, warm[rate], rate, args.seed)
-            results, duration = openai_load(url, model, workload[rate], rate, args.seed)
+                load(warm[rate], rate, args.seed)
+            results, duration = load(workload[rate], rate, args.seed)
             emit(_line("vllm", rate, results, duration, api="openai", startup_s=startup,
                        workload=args.workload))  # fmt: skip
 

@@ -145,13 +145,18 @@ def test_shared_prefix_workload_with_and_without_prefix_caching(tmp_path: Path) 
             "--modes", "continuous,no-prefix-cache", "--num-requests", "4", "--turns", "2",
             "--system-len", "40", "--input-len", "2:6", "--output-len", "3:5",
             "--max-seqs", "4", "--page-size", "8", "--max-num-batched-tokens", "32",
-            "--out", str(out),
+            "--apis", "grpc,openai", "--out", str(out),
         ]
     )  # fmt: skip
     assert rc == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    modes = {x["mode"]: x for x in lines if "mode" in x}
+    modes = {x["mode"]: x for x in lines if x.get("api") == "grpc"}
     on, off = modes["continuous"], modes["no-prefix-cache"]
+    # the same conversations over the OpenAI API: every turn completes, and the cached
+    # prompt tokens it reports (usage.prompt_tokens_details) count as hits
+    http = [x for x in lines if x.get("api") == "openai"]
+    assert len(http) == 2 and all(x["completed"] == 8 and x["failed"] == 0 for x in http)
+    assert {x["mode"]: x for x in http}["continuous"]["prefix_hit_rate"] > 0.4
     assert on["completed"] == off["completed"] == 8
     assert off["prefix_hit_rate"] == 0.0
     assert on["prefix_hit_rate"] > 0.4  # 40 shared tokens of ~50 in turn 1; more in turn 2
