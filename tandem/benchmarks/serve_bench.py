@@ -720,6 +720,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=ServeConfig.page_size)
     p.add_argument("--max-num-batched-tokens", type=int, default=ServeConfig.max_num_batched_tokens)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--async-scheduling", action="store_true", help="as tandem serve's")
     p.add_argument("--static-batch-wait-s", type=float, default=0.05)
     p.add_argument(
         "--stream-interval", type=int, default=1, help="tokens per streamed message (server)"
@@ -759,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         page_size=args.page_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
+        async_scheduling=args.async_scheduling,
         max_queue=max(64, args.num_requests),
         static_batch_wait_s=args.static_batch_wait_s,
         stream_interval=args.stream_interval,
@@ -838,6 +840,7 @@ def main(argv: list[str] | None = None) -> int:
                         "max_seqs": engine.max_seqs,
                         "peak_running": bg.server.orch.peak_running,
                         "serve_config": {k: getattr(engine.serve_cfg, k) for k in SIZES},
+                        "async_scheduling": engine.serve_cfg.async_scheduling,
                         "input_len": [list(c) for c in args.input_len],
                         "output_len": [list(c) for c in args.output_len],
                         "model": engine.info().get("config", {}),

@@ -29,6 +29,7 @@ FLAGS = (
     Flag("--page-size", "page_size", "tokens per KV-cache page"),
     Flag("--max-num-batched-tokens", "max_num_batched_tokens", "tokens one step runs"),
     Flag("--no-prefix-caching", "enable_prefix_caching", switch="false"),
+    Flag("--async-scheduling", "async_scheduling", switch="true"),
     Flag("--max-prompt-len", "max_prompt_len"),
     Flag("--max-queue", "max_queue", "waiting requests before RESOURCE_EXHAUSTED"),
     Flag("--tensor-parallel", "tensor_parallel", "0 = all devices that fit"),

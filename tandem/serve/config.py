@@ -53,6 +53,8 @@ class ServeConfig:
     page_size: int = 0  # tokens per KV-cache page; 0 = the engine's default for its device
     max_num_batched_tokens: int = 512  # tokens one step runs: decodes + prompt chunks
     enable_prefix_caching: bool = True  # share cached full pages of equal prefixes
+    async_scheduling: bool = False  # plan step N+1 while step N runs (its decode inputs
+    # taken on device from N's samples; vLLM's --async-scheduling); grammar rows wait a step
 
     KEY_ALIASES: ClassVar[Mapping[str, str]] = {"max_slots": "max_seqs"}  # old key -> key
 

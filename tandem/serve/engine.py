@@ -2,9 +2,11 @@
 over a paged KV cache.
 
 Device state is the cache alone (`DeviceCache`): per layer a pool of `num_pages` pages of
-`page_size` positions (`PagedKVCache`, L x [K, P, Ps, H] for keys and for values), and
-beside it the token id of every cached position ([P, Ps], for the penalties:
-tandem/serve/logits_processors.py), donated to every step so its writes happen in place.
+`page_size` positions (`PagedKVCache`, L x [K, P, Ps, H] for keys and for values), beside
+it the token id of every cached position ([P, Ps], for the penalties:
+tandem/serve/logits_processors.py) and the last step's sampled token per row ([max_seqs],
+the inputs of a step planned before that one was committed: async scheduling), donated to
+every step so its writes happen in place.
 Everything else a step needs comes from the plan, as small host arrays: the rows' tokens,
 positions, cache slots, page tables and sampling parameters.
 
@@ -130,6 +132,7 @@ def _write_nothing_plan(
     return SchedulerOutput(
         requests=tuple(Request(f"warmup-{r}", [0], params, seed=r) for r in range(len(rows))),
         token_ids=np.zeros(len(positions), np.int32),
+        token_sources=np.full(len(positions), -1, np.int32),
         positions=positions,
         cu_q_lens=cu_q_lens,
         num_computed_tokens=kv_lens - q_lens,
@@ -145,6 +148,8 @@ class StepInputs(NamedTuple):
     """One plan padded to a bucket: Tb tokens, Rb rows (numpy on the host)."""
 
     tokens: np.ndarray  # [Tb] int32
+    token_sources: np.ndarray  # [Tb] int32: -1, or the previous step's row whose sample
+    # this token is (SchedulerOutput.token_sources)
     positions: np.ndarray  # [Tb] int32
     meta: StepMetadata  # slot_mapping [Tb], kv_lens [Rb], page_indices [Rb, W], ...
     logits_at: np.ndarray  # [Rb] int32: each row's last token
@@ -166,6 +171,7 @@ class DeviceCache(NamedTuple):
 
     kv: PagedKVCache
     token_ids: jax.Array  # [P, Ps] int32: the token at each cached position
+    sampled: jax.Array  # [max_seqs] int32: the last step's token per row (async scheduling)
 
 
 def default_page_size() -> int:
@@ -368,7 +374,8 @@ class JaxEngine(Engine):
         kv_axis = "tensor" if self._kv_shards() > 1 else None
         pool = NamedSharding(self.mesh, PartitionSpec(kv_axis, None, None, None))  # [K,P,Ps,H]
         layers = (pool,) * self.cfg.n_layers
-        return DeviceCache(PagedKVCache(layers, layers), NamedSharding(self.mesh, PartitionSpec()))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return DeviceCache(PagedKVCache(layers, layers), replicated, replicated)
 
     # ---- the device function (traced once per bucket at warm-up) ------------------------
 
@@ -384,10 +391,13 @@ class JaxEngine(Engine):
     def _step_fn(self, weights, cache: DeviceCache, x: StepInputs):
         """One plan -> (cache, packed [Rb, C] int32, prompt rows [Tb, C] int32)."""
         model, layers = self._model(weights)
-        hidden, kv = model.step_hidden(x.tokens, x.positions, cache.kv, x.meta, layers)  # [Tb, D]
+        # tokens planned before the step that samples them finished: read on device
+        inputs = jnp.where(
+            x.token_sources >= 0, cache.sampled[jnp.maximum(x.token_sources, 0)], x.tokens
+        )  # [Tb]
+        hidden, kv = model.step_hidden(inputs, x.positions, cache.kv, x.meta, layers)  # [Tb, D]
         logits = model.logits(jnp.take(hidden, x.logits_at, axis=0)[None])[0]  # [Rb, V]
-        token_ids = write_token_ids(cache.token_ids, x.tokens, x.meta.slot_mapping)
-        cache = DeviceCache(kv, token_ids)
+        token_ids = write_token_ids(cache.token_ids, inputs, x.meta.slot_mapping)
         positions = x.meta.kv_lens  # [Rb] where each row's next token sits
         adjusted = process_logits(
             logits, token_ids, x.meta.page_indices, positions, x.processors
@@ -397,6 +407,7 @@ class JaxEngine(Engine):
             jnp.any(x.constrained), lambda: apply_bitmask(adjusted, x.bitmask), lambda: adjusted
         )  # [Rb, V]
         tokens = sample(allowed, x.temperature, x.top_k, x.top_p, x.min_p, x.seeds, positions)
+        cache = DeviceCache(kv, token_ids, cache.sampled.at[: tokens.shape[0]].set(tokens))
         # log-softmax and top-n over the vocabulary are a measurable part of a CPU step
         # (docs/benchmarks.md); most steps hold no request that asked for logprobs.
         rows = tokens.shape[0]
@@ -422,7 +433,8 @@ class JaxEngine(Engine):
     def _init_cache_fn(self) -> DeviceCache:
         scfg = self.serve_cfg
         kv = init_paged_cache(self.cfg, scfg.num_pages, scfg.page_size, self._cache_dtype)
-        return DeviceCache(kv, jnp.zeros((scfg.num_pages, scfg.page_size), jnp.int32))
+        token_ids = jnp.zeros((scfg.num_pages, scfg.page_size), jnp.int32)
+        return DeviceCache(kv, token_ids, jnp.zeros((scfg.max_seqs,), jnp.int32))
 
     # ---- host side of a step -----------------------------------------------------------------
 
@@ -440,6 +452,7 @@ class JaxEngine(Engine):
         r_pad = min(t_pad, self.max_seqs)
         t, r = (plan.num_tokens, plan.num_rows) if plan is not None else (0, 0)
         tokens = np.zeros(t_pad, np.int32)
+        sources = np.full(t_pad, -1, np.int32)
         positions = np.zeros(t_pad, np.int32)
         slots = np.full(t_pad, -1, np.int32)
         cu = np.full(r_pad + 1, t, np.int32)
@@ -460,6 +473,7 @@ class JaxEngine(Engine):
         targets = np.full(t_pad, -1, np.int32)
         if plan is not None:
             tokens[:t] = plan.token_ids
+            sources[:t] = plan.token_sources
             positions[:t] = plan.positions
             slots[:t] = plan.slot_mapping
             cu[: r + 1] = plan.cu_q_lens
@@ -480,8 +494,8 @@ class JaxEngine(Engine):
         logits_at = np.maximum(cu[1:] - 1, 0)  # [Rb] padding rows: token 0
         meta = StepMetadata(slots, kv_lens, pages, cu, np.int32(r))
         return StepInputs(
-            tokens, positions, meta, logits_at, temperature, top_k, top_p, seeds, logprobs,
-            constrained, bitmask, min_p, processors, targets,
+            tokens, sources, positions, meta, logits_at, temperature, top_k, top_p, seeds,
+            logprobs, constrained, bitmask, min_p, processors, targets,
         )  # fmt: skip
 
     def _open_mask(self, rows: int) -> np.ndarray:  # [rows, W] int32, every token allowed

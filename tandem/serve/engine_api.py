@@ -200,7 +200,9 @@ class Engine(abc.ABC):
     def step(self, plan: SchedulerOutput) -> StepOutput:
         """Runs one plan (at least one row): writes its K/V into the pages it names and
         samples one token per row. The output may still be being computed (`StepOutput`
-        waits when read)."""
+        waits when read). A token whose `plan.token_sources` entry is a row r is the token
+        the previous step sampled for its row r (async scheduling: that step was not yet
+        committed when this one was planned)."""
 
     @abc.abstractmethod
     def reset(self) -> None:

@@ -87,11 +87,14 @@ class FakeEngine(Engine):
             lo, hi = plan.cu_q_lens[r], plan.cu_q_lens[r + 1]
             start = int(plan.num_computed_tokens[r])
             self.prompt_starts += start == 0
-            expected = request.all_token_ids[start : start + hi - lo]
-            if plan.token_ids[lo:hi].tolist() != expected:
+            known = request.all_token_ids[start : start + hi - lo]  # the rest: in flight
+            if plan.token_ids[lo : lo + len(known)].tolist() != known or any(
+                plan.token_sources[lo + len(known) : hi] < 0
+            ):
                 raise RuntimeError(f"row {r} of the plan does not continue {request}")
-            if plan.sample[r]:
-                tokens[r] = self.script(request.prompt_token_ids, request.num_output_tokens)
+            if plan.sample[r]:  # its index among the outputs: those before it, in flight too
+                index = request.num_output_tokens + request.num_output_placeholders - 1
+                tokens[r] = self.script(request.prompt_token_ids, index)
                 if request.grammar is not None and not allows(bitmask[r], int(tokens[r])):
                     bits = np.unpackbits(bitmask[r].view(np.uint8), bitorder="little")
                     tokens[r] = int(np.flatnonzero(bits)[0])

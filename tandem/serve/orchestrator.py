@@ -12,9 +12,12 @@ Each iteration:
      and max_len end requests there, `check_stop`); the loop then detokenizes each new
      token, matches stop strings (ending the request through `finish_requests`) and
      sends the caller its text, `stream_interval` tokens per message (`OutputBuffer`).
-The scheduler is synchronous (a decode row's input is the token the previous step
-sampled), so the host work of step 4 sits between two device steps; it is a few tens of
-microseconds per token (docs/benchmarks.md), small beside a step.
+By default step 4 follows step 3 before the next iteration plans anything (a decode row's
+input is the token the previous step sampled), so the host work of steps 1-4 sits between
+two device steps. With `async_scheduling` (ServeConfig) the engine call returns once the
+step is queued, and the loop commits the previous step (4) while this one runs: the
+host's work overlaps the device's, each token reaches its caller one planning later
+(docs/benchmarks.md measures both; tandem/serve/scheduler.py says what changes).
 
 Callers talk to it from any thread: `submit` (bad input or a request that could never fit
 -> ValueError naming the field, i.e. INVALID_ARGUMENT; a full queue -> RESOURCE_EXHAUSTED;
@@ -215,6 +218,8 @@ class Orchestrator:
 
     def _new_scheduler(self) -> None:
         self.scheduler = Scheduler(self.cfg, cache_key=self.engine.cache_key, clock=self._clock)
+        # async scheduling: the step the engine runs while the next one is planned
+        self._in_flight: tuple[SchedulerOutput, StepOutput] | None = None
         self._counted = (0, 0, 0)  # prefix queries, hits, preemptions already in metrics
 
     # ---- caller side (any thread) -------------------------------------------------------
@@ -339,6 +344,7 @@ class Orchestrator:
     def _has_work(self, now: float) -> bool:
         return (
             bool(self._inbox)
+            or self._in_flight is not None
             or self.scheduler.ready()
             or any(self._retire_reason(s, now) for s in self._streams.values())
         )
@@ -358,7 +364,7 @@ class Orchestrator:
                 self._abort_running("INTERNAL", "engine step failed")
 
     def step(self) -> bool:
-        """One iteration (module docstring). Returns whether a step ran."""
+        """One iteration (module docstring). Returns whether a step ran or was committed."""
         with self._cv:
             new, self._inbox = self._inbox, []
             self.scheduler.draining = not self._accepting
@@ -368,15 +374,27 @@ class Orchestrator:
         self._retire(self._clock())
         plan = self.scheduler.schedule()
         self.peak_running = max(self.peak_running, self.scheduler.num_running)
+        done: tuple[SchedulerOutput, StepOutput] | None = None
         if plan.num_rows:
-            out = self.engine.step(plan)
+            out = self.engine.step(plan)  # returns once the step is queued on the device
             self.steps += 1
-            self._collect_prompt_logprobs(plan, out)
-            for output in self.scheduler.update_from_output(plan, out.tokens(plan.num_rows)):
-                self._on_token(output, out)
+            if self.cfg.async_scheduling:  # commit the previous step while this one runs
+                done, self._in_flight = self._in_flight, (plan, out)
+            else:
+                done = (plan, out)
+        else:
+            done, self._in_flight = self._in_flight, None
+        if done is not None:
+            self._commit(*done)
         self._num_waiting = sum(r.status == RequestStatus.WAITING for r in self.scheduler.waiting)
         self._set_gauges()
-        return plan.num_rows > 0
+        return plan.num_rows > 0 or done is not None
+
+    def _commit(self, plan: SchedulerOutput, out: StepOutput) -> None:
+        """Step 4 of the module docstring for one step that ran."""
+        self._collect_prompt_logprobs(plan, out)
+        for output in self.scheduler.update_from_output(plan, out.tokens(plan.num_rows)):
+            self._on_token(output, out)
 
     @staticmethod
     def _retire_reason(stream: _Stream, now: float) -> tuple[str, str] | None:

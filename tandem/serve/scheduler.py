@@ -34,10 +34,16 @@ that does not reach the end of the prompt does not). `update_from_output` commit
 step: it publishes the pages the step completed, appends each sampled token, applies
 `check_stop` and frees what finished.
 
-Synchronous by design: schedule, run the plan, `update_from_output`, then the next
-schedule (a decode row's input is the token the previous step sampled). Not thread-safe:
-the serving loop owns it; stop *strings* stay with the detokenizer (serve.detok), which
-ends a request through `finish_requests`.
+A sampled token is in flight from the `schedule()` that plans it to the
+`update_from_output` that commits it (`Request.num_output_placeholders`). The serving loop
+commits each step before planning the next, unless async scheduling (ServeConfig) has it
+plan step N+1 while step N runs, as vLLM's `--async-scheduling` does: then a request whose
+token N samples continues in N+1 from that token's plan row (`token_sources`; the engine
+reads it on device), never past its max_tokens or max_len, and not at all while it has a
+grammar (its next bitmask needs the token). A request that N's commit ends (a stop token,
+a stop string) or that N+1's planning preempts has its N+1 row ignored: that work is lost,
+never its output. Not thread-safe: the serving loop owns it; stop *strings* stay with the
+detokenizer (serve.detok), which ends a request through `finish_requests`.
 """
 
 from __future__ import annotations
@@ -127,6 +133,11 @@ class Request:
         self.all_token_ids = list(prompt_token_ids)  # prompt + output; appended to only
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # tokens planned steps sample that `update_from_output` has not committed yet (at
+        # most 2: async scheduling plans step N+1 before committing N); `sample_row` is
+        # the row of the newest plan that samples one
+        self.num_output_placeholders = 0
+        self.sample_row = -1
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.num_preemptions = 0
         self.arrival_time = 0.0  # set by Scheduler.add_request
@@ -134,6 +145,23 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_planned(self) -> int:
+        """num_tokens plus the tokens in flight: what the next step continues from."""
+        return len(self.all_token_ids) + self.num_output_placeholders
+
+    def may_continue(self, max_len: int) -> bool:
+        """Whether a step may be planned past its tokens in flight: not once they reach
+        max_tokens or max_len (it ends there), nor for a grammar, whose next bitmask needs
+        the token in flight."""
+        if not self.num_output_placeholders:
+            return True
+        return (
+            self.grammar is None
+            and self.num_output_tokens + self.num_output_placeholders < self.max_tokens
+            and self.num_tokens_planned < max_len
+        )
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -236,6 +264,9 @@ class SchedulerOutput:
 
     requests: tuple[Request, ...]  # [R] the row's request (sampling params, seed)
     token_ids: np.ndarray  # [T] int32
+    # [T] int32: -1, or the row of the previous plan whose sampled token this is (its id
+    # in token_ids is 0: async scheduling planned this step before committing that one)
+    token_sources: np.ndarray
     positions: np.ndarray  # [T] int32
     cu_q_lens: np.ndarray  # [R + 1] int32
     num_computed_tokens: np.ndarray  # [R] int32: cached before this step
@@ -402,9 +433,9 @@ class Scheduler:
             budget -= num_new_tokens
 
         for request in list(self.running):  # 1 and 2: running sequences, oldest first
-            if request.status != RequestStatus.RUNNING:
-                continue  # preempted by an older one in this loop
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.status != RequestStatus.RUNNING or not request.may_continue(self.max_len):
+                continue  # preempted by an older one in this loop, or ending in flight
+            n = min(request.num_tokens_planned - request.num_computed_tokens, budget)
             if n > 0 and self._allocate_or_preempt(request, n, in_step, preempted):
                 place(request, n)
         if not preempted:  # 3. waiting requests
@@ -435,8 +466,11 @@ class Scheduler:
                 place(request, n)
             self.waiting.extendleft(reversed(deferred))  # their places in the queue
         plan = self._plan(rows, preempted)
-        for request, n in rows:
+        for row, (request, n) in enumerate(rows):
             request.num_computed_tokens += n
+            if plan.sample[row]:
+                request.num_output_placeholders += 1
+                request.sample_row = row
         return plan
 
     def _allocate_or_preempt(
@@ -457,6 +491,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0  # its token in flight is dropped: recomputed
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)  # the newest goes first, so older ones end up ahead
@@ -465,11 +500,16 @@ class Scheduler:
         # Python lists, converted once: per-row numpy calls would cost more than the lists
         # for the many one-token decode rows of a typical step.
         size = self.page_size
-        tables, tokens, positions, slots = [], [], [], []
+        tables, tokens, sources, positions, slots = [], [], [], [], []
         for request, n in rows:
             pages, start = self.kv.pages_of(request.request_id), request.num_computed_tokens
             tables.append(pages)
-            tokens += request.all_token_ids[start : start + n]
+            known = request.all_token_ids[start : start + n]
+            tokens += known
+            sources += [-1] * len(known)
+            if len(known) < n:  # the token in flight: the previous plan samples it
+                tokens.append(0)
+                sources.append(request.sample_row)
             span = range(start, start + n)
             positions += span
             slots += [pages[p // size] * size + p % size for p in span]
@@ -482,13 +522,16 @@ class Scheduler:
         return SchedulerOutput(
             requests=tuple(r for r, _ in rows),
             token_ids=np.array(tokens, np.int32),  # [T]
+            token_sources=np.array(sources, np.int32),  # [T]
             positions=np.array(positions, np.int32),  # [T]
             cu_q_lens=cu_q_lens,
             num_computed_tokens=computed,
             kv_lens=computed + q_lens,
             page_indices=np.array(padded, np.int32).reshape(len(rows), width),  # [R, W]
             slot_mapping=np.array(slots, np.int32),  # [T]
-            sample=np.array([r.num_computed_tokens + n == r.num_tokens for r, n in rows], bool),
+            sample=np.array(
+                [r.num_computed_tokens + n == r.num_tokens_planned for r, n in rows], bool
+            ),
             preempted=tuple(preempted),
         )
 
@@ -507,6 +550,7 @@ class Scheduler:
             if not sample[row]:
                 continue
             token = int(sampled_token_ids[row])
+            request.num_output_placeholders -= 1
             request.append_output_token(token)
             if request.grammar is not None and not request.grammar.accept(token):
                 log.error(  # the bitmask allows only what the grammar accepts

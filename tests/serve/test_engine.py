@@ -33,7 +33,7 @@ from tandem.serve.engine import (
     token_buckets,
     warmup_plans,
 )
-from tandem.serve.orchestrator import Orchestrator
+from tandem.serve.orchestrator import Orchestrator, Output, merge_outputs
 from tandem.serve.sampling import SamplingParams
 from tandem.serve.scheduler import Request, Scheduler
 
@@ -119,18 +119,24 @@ def _generate(engine, tokenizer, requests, *, neighbours: int = 0):
     return [[t for o in r for t in o.token_ids] for r in outs], outs
 
 
-def drive(engine, requests: list[tuple[list[int], SamplingParams]], **cfg):
+def drive(engine, requests: list[tuple[list[int], SamplingParams]], *, ahead: bool = False, **cfg):
     """The scheduler (with `cfg` overrides of the engine's config) and the engine, with no
-    serving loop: returns each request's tokens and the scheduler."""
+    serving loop: returns each request's tokens and the scheduler. `ahead`: async
+    scheduling's order (step N+1 planned and run before step N is committed)."""
     sched = Scheduler(dataclasses.replace(engine.serve_cfg, **cfg), cache_key=engine.cache_key)
     for i, (ids, params) in enumerate(requests):
         sched.add_request(Request(str(i), ids, params, seed=params.seed or 0))
     reqs = list(sched.requests.values())
+    in_flight = None
     for _ in range(1000):
-        if not sched.has_unfinished_requests():
+        if not sched.has_unfinished_requests() and in_flight is None:
             break
         plan = sched.schedule()
-        sched.update_from_output(plan, engine.step(plan).tokens(plan.num_rows))
+        done = (plan, engine.step(plan)) if plan.num_rows else None
+        if ahead:
+            done, in_flight = in_flight, done
+        if done is not None:
+            sched.update_from_output(done[0], done[1].tokens(done[0].num_rows))
     assert not sched.has_unfinished_requests() and sched.kv.usage == 0.0
     return [r.output_token_ids for r in reqs], sched
 
@@ -217,6 +223,71 @@ def test_preemption_under_exhaustion_loses_nothing(engine, tokenizer) -> None:
     tight, tight_sched = drive(engine, requests, kv_cache_tokens=10 * 4)  # 9 usable pages
     assert roomy_sched.num_preemptions == 0 and tight_sched.num_preemptions > 0
     assert tight == roomy
+
+
+def _ending_requests(tokenizer) -> list[tuple[list[int], SamplingParams]]:
+    """Sampled requests that end on stop ids within max_tokens, penalized ones, and ones
+    whose stop ids min_tokens holds off while a logit_bias makes them all but certain (so
+    each ends on exactly its (min_tokens + 1)-th token): what async scheduling must not
+    change, beside the greedy and seeded requests of `_mixed_requests`."""
+    stops = tuple(range(3, 256, 16))  # 16 ids, the most min_tokens allows
+    requests = _mixed_requests(tokenizer)
+    for i in range(6):
+        held = i % 2 == 1
+        params = SamplingParams(
+            max_tokens=12, temperature=1.0, seed=200 + i, stop_token_ids=stops,
+            min_tokens=2 + i if held else 0,
+            logit_bias=tuple((t, 20.0) for t in stops) if held else (),
+            presence_penalty=0.5 * (i % 3 == 0), repetition_penalty=1.3 if i % 3 == 2 else 1.0,
+        )  # fmt: skip
+        requests.append((tokenizer.encode(f"request {i} wants to stop"), params))
+    return requests
+
+
+@pytest.mark.parametrize("tight", [False, True], ids=["roomy", "preempting"])
+def test_async_scheduling_gives_the_outputs_of_sync(engine, tokenizer, tight) -> None:
+    requests = _ending_requests(tokenizer)
+    cfg = {"kv_cache_tokens": 10 * 4} if tight else {}  # 9 usable pages of 4
+    sync, sync_sched = drive(engine, requests, **cfg)
+    ahead, ahead_sched = drive(engine, requests, ahead=True, **cfg)
+    assert ahead == sync
+    ending = [(out, p) for out, (_, p) in zip(sync, requests, strict=True) if p.stop_token_ids]
+    assert any(len(out) < 12 for out, p in ending if not p.min_tokens)  # stop ids ended some
+    assert all(len(out) == p.min_tokens + 1 for out, p in ending if p.min_tokens)
+    assert (sync_sched.num_preemptions > 0) == (ahead_sched.num_preemptions > 0) == tight
+
+
+def test_async_scheduling_serving_loop_streams_what_sync_streams(engine, tokenizer) -> None:
+    """Through the orchestrator: stop strings (matched on text, after the next step was
+    planned), logprobs and finish reasons equal the synchronous loop's."""
+    stopping = [
+        SamplingParams(max_tokens=10, temperature=0.8, seed=i, logprobs=2, stop=("$", "@"))
+        for i in range(len(PROMPTS))
+    ]
+    requests = [
+        (tokenizer.encode(p), params) for p, params in zip(PROMPTS, stopping, strict=True)
+    ] + _mixed_requests(tokenizer)
+
+    def run(async_scheduling: bool) -> list[tuple]:
+        cfg = dataclasses.replace(engine.serve_cfg, async_scheduling=async_scheduling)
+        orch = Orchestrator(engine, cfg)
+        results: list[list[Output]] = [[] for _ in requests]
+        for (ids, params), sink in zip(requests, results, strict=True):
+            orch.submit(ids, params, sink.append)
+        for _ in range(500):
+            if not orch.step():
+                break
+        assert orch.scheduler.kv.usage == 0.0 and not orch.scheduler.has_unfinished_requests()
+        merged = [merge_outputs(r) for r in results]
+        return [
+            (m.token_ids, m.text, m.finish_reason, m.matched_stop,
+             [(t.token, round(t.logprob, 5)) for t in m.logprobs])
+            for m in merged
+        ]  # fmt: skip
+
+    sync = run(False)
+    assert run(True) == sync
+    assert any(matched for _, _, _, matched, _ in sync)  # a stop string ended one
 
 
 def test_logprobs_match_model(engine, tokenizer, reference_greedy) -> None:

@@ -37,6 +37,10 @@ class Collector:
         return self.outputs[-1]
 
 
+# the loop's two orders: each step committed before the next is planned, or after (async)
+ASYNC = pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+
+
 def _orch(tokenizer, *, clock=None, **cfg) -> tuple[Orchestrator, FakeEngine]:
     """A fake engine and its loop, both with ServeConfig(**cfg) (4 sequences, prompts of
     up to 64 tokens and max_len 128 unless cfg says otherwise)."""
@@ -59,8 +63,9 @@ def _drain(orch, limit: int = 1000) -> None:
     raise AssertionError("orchestrator did not go idle")
 
 
-def test_echo_generation_and_usage(tokenizer) -> None:
-    orch, _ = _orch(tokenizer)
+@ASYNC
+def test_echo_generation_and_usage(tokenizer, async_scheduling) -> None:
+    orch, _ = _orch(tokenizer, async_scheduling=async_scheduling)
     sink, _ = _submit(orch, tokenizer, "héllo")
     _drain(orch)
     assert sink.text == "héllo"
@@ -71,23 +76,26 @@ def test_echo_generation_and_usage(tokenizer) -> None:
     assert orch.active_slots == 0
 
 
-def test_max_tokens_finishes_with_length(tokenizer) -> None:
-    orch, _ = _orch(tokenizer)
+@ASYNC
+def test_max_tokens_finishes_with_length(tokenizer, async_scheduling) -> None:
+    orch, _ = _orch(tokenizer, async_scheduling=async_scheduling)
     sink, _ = _submit(orch, tokenizer, "abcdef", max_tokens=3)
     _drain(orch)
     assert (sink.text, sink.last.finish_reason, sink.last.completion_tokens) == ("abc", "length", 3)
 
 
-def test_max_tokens_one_finishes_with_its_prompt_step(tokenizer) -> None:
-    orch, engine = _orch(tokenizer)
+@ASYNC
+def test_max_tokens_one_finishes_with_its_prompt_step(tokenizer, async_scheduling) -> None:
+    orch, engine = _orch(tokenizer, async_scheduling=async_scheduling)
     sink, _ = _submit(orch, tokenizer, "abc", max_tokens=1)
     _drain(orch)
     assert sink.tokens == [ord("a")] and engine.step_calls == 1 and orch.active_slots == 0
     assert orch.scheduler.kv.usage == 0.0
 
 
-def test_stop_string_across_tokens_not_emitted(tokenizer) -> None:
-    orch, _ = _orch(tokenizer)
+@ASYNC
+def test_stop_string_across_tokens_not_emitted(tokenizer, async_scheduling) -> None:
+    orch, _ = _orch(tokenizer, async_scheduling=async_scheduling)
     sink, _ = _submit(orch, tokenizer, "one two STOP three", stop=("STOP",))
     _drain(orch)
     assert sink.text == "one two "
@@ -95,8 +103,9 @@ def test_stop_string_across_tokens_not_emitted(tokenizer) -> None:
     assert sink.last.matched_stop == "STOP"
 
 
-def test_stop_token_ids_and_ignore_eos(tokenizer) -> None:
-    orch, _ = _orch(tokenizer)
+@ASYNC
+def test_stop_token_ids_and_ignore_eos(tokenizer, async_scheduling) -> None:
+    orch, _ = _orch(tokenizer, async_scheduling=async_scheduling)
     a, _ = _submit(orch, tokenizer, "abcd", stop_token_ids=(ord("c"),))
     b, _ = _submit(orch, tokenizer, "ab", ignore_eos=True, max_tokens=5)
     _drain(orch)
@@ -158,8 +167,9 @@ def test_finished_slot_refilled_while_others_run(tokenizer) -> None:
     assert engine.rows_history[:20] == [2] * 20  # 5 x 4 tokens, never a step with one row
 
 
-def test_cancel_running_frees_its_pages_within_one_step(tokenizer) -> None:
-    orch, _ = _orch(tokenizer, max_seqs=1)
+@ASYNC
+def test_cancel_running_frees_its_pages_within_one_step(tokenizer, async_scheduling) -> None:
+    orch, _ = _orch(tokenizer, async_scheduling=async_scheduling, max_seqs=1)
     sink, handle = _submit(orch, tokenizer, "x" * 50)
     waiting, _ = _submit(orch, tokenizer, "ok")
     for _ in range(3):
@@ -316,11 +326,13 @@ def test_engine_failure_fails_running_requests(tokenizer) -> None:
 # ---- the paged cache through the loop -----------------------------------------------------
 
 
-def test_preempted_requests_are_recomputed_not_dropped(tokenizer) -> None:
+@ASYNC
+def test_preempted_requests_are_recomputed_not_dropped(tokenizer, async_scheduling) -> None:
     # 15 usable pages of 4 for 4 sequences of up to 49 tokens: the pool runs out mid-run
     orch, engine = _orch(
-        tokenizer, page_size=4, kv_cache_tokens=16 * 4, enable_prefix_caching=False
-    )
+        tokenizer, page_size=4, kv_cache_tokens=16 * 4, enable_prefix_caching=False,
+        async_scheduling=async_scheduling,
+    )  # fmt: skip
     texts = [f"request {i}: " + "xyz"[i % 3] * (3 + 2 * i) for i in range(6)]
     sinks = [_submit(orch, tokenizer, t, max_tokens=25)[0] for t in texts]
     _drain(orch)
@@ -331,8 +343,11 @@ def test_preempted_requests_are_recomputed_not_dropped(tokenizer) -> None:
     assert orch.scheduler.kv.usage == 0.0
 
 
-def test_a_long_prompt_is_chunked_while_others_stream(tokenizer) -> None:
-    orch, engine = _orch(tokenizer, max_num_batched_tokens=16, max_prompt_len=100)
+@ASYNC
+def test_a_long_prompt_is_chunked_while_others_stream(tokenizer, async_scheduling) -> None:
+    orch, engine = _orch(
+        tokenizer, async_scheduling=async_scheduling, max_num_batched_tokens=16, max_prompt_len=100
+    )
     streams = [_submit(orch, tokenizer, "s" * 20)[0] for _ in range(2)]
     for _ in range(4):
         orch.step()

@@ -70,6 +70,7 @@ class PagedFakeModel:
     def __init__(self, cfg: ServeConfig) -> None:
         self.page_size = cfg.page_size
         self.cache = np.zeros(cfg.num_pages * cfg.page_size, np.uint64)  # one value a slot
+        self.sampled = np.zeros(cfg.max_seqs, np.int64)  # the last run's, as the engine keeps
 
     def run(self, plan: SchedulerOutput) -> np.ndarray:  # [R] sampled tokens
         ps = self.page_size
@@ -88,12 +89,15 @@ class PagedFakeModel:
             assert (plan.slot_mapping[lo:hi] == table[pos // ps] * ps + pos % ps).all()
             prev = int(self.cache[table[(start - 1) // ps] * ps + (start - 1) % ps]) if start else 0
             for t in range(lo, hi):
-                prev = mix(prev, int(plan.token_ids[t]), int(plan.positions[t]))
+                src = int(plan.token_sources[t])  # async scheduling: the last run's sample
+                token = int(self.sampled[src]) if src >= 0 else int(plan.token_ids[t])
+                prev = mix(prev, token, int(plan.positions[t]))
                 self.cache[plan.slot_mapping[t]] = prev
             if plan.sample[r]:
                 every = np.arange(end)
                 values = self.cache[table[every // ps] * ps + every % ps]
                 sampled[r] = next_token(values, request.seed, end)
+        self.sampled[: plan.num_rows] = sampled
         return sampled
 
 
@@ -133,12 +137,17 @@ def make_request(rid: str, spec: Spec) -> Request:
     )  # fmt: skip
 
 
-def simulate(cfg: ServeConfig, specs: dict[str, Spec], *, max_steps: int = 10_000) -> Run:
+def simulate(
+    cfg: ServeConfig, specs: dict[str, Spec], *, ahead: bool = False, max_steps: int = 10_000
+) -> Run:
+    """Runs the requests to the end; `ahead`: async scheduling's order (each step planned
+    and run before the previous one is committed)."""
     sched = Scheduler(cfg)
     model = PagedFakeModel(cfg)
     outputs: dict[str, list[int]] = {rid: [] for rid in specs}
     finish: dict[str, FinishReason] = {}
     plans = []
+    in_flight = None
     for step in range(max_steps):
         for rid, spec in specs.items():
             if spec.arrival == step:
@@ -150,9 +159,14 @@ def simulate(cfg: ServeConfig, specs: dict[str, Spec], *, max_steps: int = 10_00
         if plan.preempted:  # a step that preempts admits nobody new
             assert {r.request_id for r in plan.requests} <= running_before
         check_pages_not_shared_while_written(sched, plan)
-        if plan.num_rows:
-            plans.append(plan)
-            for out in sched.update_from_output(plan, model.run(plan)):
+        for r in plan.requests:  # no step past a request's end, even one planned ahead
+            assert r.num_output_tokens + r.num_output_placeholders <= r.max_tokens, r
+        done = (plan, model.run(plan)) if plan.num_rows else None
+        if ahead:
+            done, in_flight = in_flight, done
+        if done is not None:
+            plans.append(done[0])
+            for out in sched.update_from_output(*done):
                 outputs[out.request.request_id].append(out.token)
                 if out.finish_reason is not None:
                     finish[out.request.request_id] = out.finish_reason
@@ -196,13 +210,15 @@ def random_specs(rng: random.Random, n: int, *, prompt=(5, 40), out=(5, 60), arr
 # ---- correctness under memory pressure, prefix caching, chunking -------------------------
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("seed", range(3))
-def test_preemption_under_exhaustion_loses_nothing(seed: int) -> None:
+def test_preemption_under_exhaustion_loses_nothing(seed: int, ahead: bool) -> None:
     """A pool far smaller than the load: requests are preempted and recomputed, and every
-    one produces exactly what an unconstrained run produces."""
+    one produces exactly what an unconstrained run produces (also with async scheduling:
+    a request preempted, ended or finished while its next step is in flight)."""
     specs = random_specs(random.Random(seed), 16)
-    roomy = simulate(serve_cfg(), specs)
-    tight = simulate(serve_cfg(kv_cache_tokens=25 * 4), specs)  # 24 usable pages of 4
+    roomy = simulate(serve_cfg(), specs, ahead=ahead)
+    tight = simulate(serve_cfg(kv_cache_tokens=25 * 4), specs, ahead=ahead)  # 24 pages of 4
     assert roomy.scheduler.num_preemptions == 0
     assert tight.scheduler.num_preemptions > 0
     assert tight.outputs == roomy.outputs and tight.finish == roomy.finish
@@ -353,6 +369,41 @@ def test_random_soak_with_aborts_leaks_no_page() -> None:
     assert aborted and not sched.has_unfinished_requests() and sched.num_preemptions > 0
     assert sched.kv.usage == 0.0 and sched.kv.num_free_pages == sched.kv.num_usable_pages
     assert all(sched.kv.ref_count(p) == 0 for p in range(sched.kv.num_pages))
+
+
+class _AnyToken:
+    """A grammar that accepts every token and never finishes."""
+
+    finished = False
+
+    def accept(self, token: int) -> bool:
+        return True
+
+
+def test_a_step_planned_ahead_reads_its_decode_tokens_from_the_step_before() -> None:
+    """Async scheduling's order: a step planned before the previous one is committed takes
+    each sampled-but-uncommitted token from that step's row (token_sources), and plans
+    nothing past max_tokens nor for a grammar (its bitmask needs the token)."""
+    sched = Scheduler(serve_cfg())
+    free = make_request("free", Spec([5, 6, 7], max_tokens=4))
+    last = make_request("last", Spec([8, 9], max_tokens=1))
+    grammar = Request("grammar", [5, 6], SamplingParams(max_tokens=4), seed=0, grammar=_AnyToken())
+    for request in (free, last, grammar):
+        sched.add_request(request)
+    first = sched.schedule()
+    assert [r.request_id for r in first.requests] == ["free", "last", "grammar"]
+    assert (first.token_sources == -1).all() and first.sample.all()
+    ahead = sched.schedule()  # before `first` is committed
+    assert [r.request_id for r in ahead.requests] == ["free"]
+    assert ahead.token_sources.tolist() == [0] and ahead.positions.tolist() == [3]
+    outputs = sched.update_from_output(first, np.array([11, 12, 13]))
+    assert [(o.request.request_id, o.token, o.finish_reason) for o in outputs] == [
+        ("free", 11, None), ("last", 12, FinishReason.LENGTH), ("grammar", 13, None)
+    ]  # fmt: skip
+    assert free.output_token_ids == [11] and free.num_output_placeholders == 1
+    after = sched.schedule()  # `ahead` still in flight: free continues from its row 0
+    assert [r.request_id for r in after.requests] == ["free", "grammar"]
+    assert after.token_sources.tolist() == [0, -1] and after.token_ids[1] == 13
 
 
 # ---- the plan, admission and limits ------------------------------------------------------
