@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                         load(warm[rate], rate, args.seed)
                     results, duration = load(workload[rate], rate, args.seed)
                     emit(_line("tandem", rate, results, duration, api=api, max_seqs=n_slots,
-                               startup_s=startup, workload=args.workload))  # fmt: skip
+                               startup_s=startup, workload=args.workload,
+                               tandem_set=args.tandem_set))  # fmt: skip
 
     with contextlib.ExitStack() as stack:
         url, startup = args.vllm_url, math.nan

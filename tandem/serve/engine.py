@@ -446,10 +446,14 @@ class JaxEngine(Engine):
             f"plan of {num_tokens} tokens exceeds max_num_batched_tokens {self._buckets[-1]}"
         )
 
+    def _rows(self, tokens_bucket: int) -> int:
+        """The rows a bucket's step has: a row holds at least one token."""
+        return min(tokens_bucket, self.max_seqs)
+
     def _inputs(self, plan: SchedulerOutput | None, tokens_bucket: int) -> StepInputs:
         """The plan padded to `tokens_bucket` (None: a step of padding only)."""
         t_pad = tokens_bucket
-        r_pad = min(t_pad, self.max_seqs)
+        r_pad = self._rows(t_pad)
         t, r = (plan.num_tokens, plan.num_rows) if plan is not None else (0, 0)
         tokens = np.zeros(t_pad, np.int32)
         sources = np.full(t_pad, -1, np.int32)
@@ -542,7 +546,7 @@ class JaxEngine(Engine):
         self._cache = self._init_cache()
         scfg = self.serve_cfg
         for bucket in self._buckets:
-            rows = min(bucket, self.max_seqs)
+            rows = self._rows(bucket)
             plans = [None, *warmup_plans(bucket, rows, self._width, scfg.page_size, scfg.num_pages)]
             for plan in plans:
                 self._cache, out, _ = self._compiled[bucket](
@@ -575,7 +579,7 @@ class JaxEngine(Engine):
             raise RuntimeError("engine not warmed up: call warmup() first")
         bucket = self._bucket(plan.num_tokens)
         require(
-            plan.num_rows <= min(bucket, self.max_seqs),
+            plan.num_rows <= self._rows(bucket),
             "plan",
             f"<{plan.num_rows} rows>",
             f"at most max_seqs={self.max_seqs} rows",

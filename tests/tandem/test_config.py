@@ -100,11 +100,11 @@ def test_max_slots_is_another_spelling_of_max_seqs(tmp_path) -> None:
 def test_paged_cache_keys_and_flags() -> None:
     cfg = serve_cfg(
         "--kv-cache-tokens", "4096", "--page-size", "32", "--max-num-batched-tokens", "256",
-        "--no-prefix-caching",
+        "--no-prefix-caching", "--async-scheduling",
     )  # fmt: skip
     assert (cfg.kv_cache_tokens, cfg.page_size, cfg.max_num_batched_tokens) == (4096, 32, 256)
-    assert (cfg.enable_prefix_caching, cfg.num_pages) == (False, 128)
-    assert ServeConfig().enable_prefix_caching
+    assert (cfg.enable_prefix_caching, cfg.num_pages, cfg.async_scheduling) == (False, 128, True)
+    assert ServeConfig().enable_prefix_caching and not ServeConfig().async_scheduling
 
 
 def test_unknown_flag_is_a_usage_error(capsys) -> None:
