@@ -507,7 +507,8 @@ class Scheduler:
             known = request.all_token_ids[start : start + n]
             tokens += known
             sources += [-1] * len(known)
-            if len(known) < n:  # the token in flight: the previous plan samples it
+            if len(known) < n:  # the one token in flight: the previous plan samples it
+                # (every older step is committed before this plan is made)
                 tokens.append(0)
                 sources.append(request.sample_row)
             span = range(start, start + n)
