@@ -1,7 +1,7 @@
 """The JAX engine on a tiny random model: exact greedy parity with the model's own forward,
 chunked prefill, prefix caching, preemption and async scheduling that change no output, no
-compile after warm-up, seeded sampling independent of batch neighbours, tensor parallel, and serving a
-bundle through `python -m tandem.serve`."""
+compile after warm-up, seeded sampling independent of batch neighbours, tensor parallel,
+and serving a bundle through `python -m tandem.serve`."""
 
 from __future__ import annotations
 
