@@ -1,15 +1,18 @@
 """tandem vs vLLM, same weights, same machine, same workload, one run.
 
-Starts `python -m tandem.serve --bundle B --http-port H` once per --max-seqs value and the
-vLLM OpenAI server (`--vllm-python` interpreter, or an already running one at --vllm-url) on
-the Hugging Face export of the SAME weights, one at a time so they never share the CPU. Both
-get the SAME requests: serve_bench's synthetic dataset (token-id prompts, outputs forced to
-length with ignore_eos, greedy, streamed) and the same Poisson arrival times; tandem is
-measured over its OpenAI API with the SAME client as vLLM (serve_bench's asyncio
+Starts the vLLM OpenAI server (`--vllm-python` interpreter, or uses a running one at
+--vllm-url) on the Hugging Face export of the SAME weights, then `python -m tandem.serve
+--bundle B --http-port H` once per --max-seqs value beside it. Both get the SAME requests:
+serve_bench's synthetic dataset (token-id prompts, outputs forced to length with
+ignore_eos, greedy, streamed) or its other workloads, and the same Poisson arrival times;
+tandem is measured over its OpenAI API with the SAME client as vLLM (serve_bench's asyncio
 `run_load`) and over gRPC (--tandem-apis); all with serve_bench's metrics (TTFT, TPOT, ITL,
-e2e, throughput), each measured pass after an unrecorded warm-up pass at the same rate on other
-prompts (--no-warmup: none). Prints a line per (system, api, rate[, slots]) and a comparison
-line tandem/vLLM per (rate, slots), tandem over the first of --tandem-apis.
+e2e, throughput). Per rate, after an unrecorded warm-up pass of each system on other
+prompts (--no-warmup: none), the systems' measured passes alternate --repeats times, each
+pass on prompts neither has seen: only one system works at a time (the other idles), and
+a drift of the shared host's speed lands on both. Prints a line per pass and a comparison
+line tandem/vLLM per (rate, slots) of the medians over the repeats, tandem over the first
+of --tandem-apis.
 
     python benchmarks/vllm_compare.py --bundle bundles/demo-fp32 --hf-dir bundles/demo-hf \
         --vllm-python /tmp/vllm-venv/bin/python --request-rate inf,8 --max-seqs 8,32
@@ -36,6 +39,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from tandem.benchmarks.serve_bench import (
     WORKLOADS,
@@ -143,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=_range, default="16:64")
     p.add_argument("--output-len", type=_range, default="8:32@3,192:256@1")
     p.add_argument("--tandem-apis", default="openai,grpc",
-                   help="comma list: tandem measured over its OpenAI API (vLLM's client), gRPC")  # fmt: skip
+                   help="comma list: tandem over its OpenAI API (vLLM's client), gRPC")  # fmt: skip
     p.add_argument("--max-seqs", "--max-slots", default="8", dest="max_seqs",
                    help="comma list of tandem --max-seqs")  # fmt: skip
     p.add_argument("--max-len", type=int, default=512, help="tandem max-len = vLLM model len")
@@ -173,6 +178,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-output", type=int, default=512)
     p.add_argument("--long-prompt", type=int, default=2000)
     p.add_argument("--long-delay-s", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measured passes per rate and system, the systems alternating")  # fmt: skip
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="an unrecorded pass of each rate first (other prompts)")  # fmt: skip
     p.add_argument("--startup-timeout", type=float, default=600.0)
@@ -211,10 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         return [dataclasses.replace(r, output_len=min(r.output_len, cap - len(r.prompt_ids)))
                 for r in reqs]  # fmt: skip
 
-    # Fresh prompts for the warm-up and for each rate (the same for both systems), so
-    # neither prefix cache sees a prompt of another pass. The warm-up pass lets
-    # vLLM build its per-shape CPU kernels (tandem compiles every shape at start-up).
-    workload = {rate: dataset(args.num_requests, args.seed + i) for i, rate in enumerate(rates)}
+    # Fresh prompts for each warm-up and each measured pass (the same for both systems),
+    # so neither prefix cache sees a prompt twice. The warm-up pass lets vLLM build its
+    # per-shape CPU kernels (tandem compiles every shape at start-up).
+    workload = {
+        (j, rate, rep): dataset(args.num_requests, args.seed + 100 * i + 10 * j + rep)
+        for j in range(len(slots)) for i, rate in enumerate(rates) for rep in range(args.repeats)
+    }  # fmt: skip
     warm = {r: dataset(args.num_requests, args.seed + 1000 + i) for i, r in enumerate(rates)}
     if not args.warmup:
         warm = {}
@@ -229,31 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             with args.out.open("a") as f:
                 f.write(text + "\n")
 
-    for n_slots in slots:
-        port, http_port = _free_port(), _free_port()
-        target = f"127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "tandem.serve", "--bundle", str(args.bundle), "--port", str(port),
-               "--http-port", str(http_port), "--served-model-name", "tandem",
-               "--max-seqs", str(n_slots), "--max-len", str(args.max_len),
-               "--max-queue", str(max(64, args.num_requests)),
-               *[a for kv in args.tandem_set for a in ("--set", kv)]]  # fmt: skip
-        log_path = logs / f"tandem-{n_slots}.log"
-        with _process(cmd, log_path) as proc:
-            startup = _wait_ready(proc, lambda t=target: _tandem_ready(t), args.startup_timeout,
-                                  log_path)  # fmt: skip
-            for rate in rates:
-                for api in apis:  # over the OpenAI API: the same client as vLLM's
-                    where = f"127.0.0.1:{http_port}" if api == "openai" else target
-                    load = functools.partial(_load, where, api, "tandem")
-                    if rate in warm:
-                        load(warm[rate], rate, args.seed)
-                    results, duration = load(workload[rate], rate, args.seed)
-                    emit(_line("tandem", rate, results, duration, api=api, max_seqs=n_slots,
-                               startup_s=startup, workload=args.workload,
-                               tandem_set=args.tandem_set))  # fmt: skip
-
     with contextlib.ExitStack() as stack:
-        url, startup = args.vllm_url, math.nan
+        url, vllm_startup = args.vllm_url, math.nan
         if url is None:
             port = _free_port()
             url = f"http://127.0.0.1:{port}"
@@ -266,35 +253,82 @@ def main(argv: list[str] | None = None) -> int:
                    *args.vllm_arg]  # fmt: skip
             log_path = logs / "vllm.log"
             proc = stack.enter_context(_process(cmd, log_path, env))
-            startup = _wait_ready(proc, lambda: _vllm_ready(url), args.startup_timeout, log_path)
+            vllm_startup = _wait_ready(proc, lambda: _vllm_ready(url), args.startup_timeout,
+                                       log_path)  # fmt: skip
         with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
             model = json.load(r)["data"][0]["id"]
-        load = functools.partial(_load, url.removeprefix("http://"), "openai", model)
-        for rate in rates:
-            if rate in warm:
-                load(warm[rate], rate, args.seed)
-            results, duration = load(workload[rate], rate, args.seed)
-            emit(_line("vllm", rate, results, duration, api="openai", startup_s=startup,
-                       workload=args.workload))  # fmt: skip
+        vllm_load = functools.partial(_load, url.removeprefix("http://"), "openai", model)
+        vllm_warm = set(warm)  # rates vLLM has yet to warm up at
 
-    vllm = {line["request_rate"]: line for line in lines if line["system"] == "vllm"}
-    for t in [x for x in lines if x["system"] == "tandem" and x["api"] == apis[0]]:
-        v = vllm[t["request_rate"]]
-        emit({
-            "bench": "vllm_compare",
-            "comparison": "tandem_vs_vllm",
-            "tandem_api": t["api"],
-            "request_rate": t["request_rate"],
-            "max_seqs": t["max_seqs"],
-            "output_throughput_ratio": t["output_throughput"] / v["output_throughput"],
-            "ttft_p50_ratio": t["ttft_ms"]["p50"] / v["ttft_ms"]["p50"],
-            "tpot_p50_ratio": t["tpot_ms"]["p50"] / v["tpot_ms"]["p50"],
-            "e2e_p50_ratio": t["e2e_ms"]["p50"] / v["e2e_ms"]["p50"],
-            **({"p99_during_prefill_vs_median": {
-                "tandem": t["interference"]["p99_during_prefill_vs_median"],
-                "vllm": v["interference"]["p99_during_prefill_vs_median"]}}
-               if "interference" in t else {}),
-        })  # fmt: skip
+        for j, n_slots in enumerate(slots):
+            port, http_port = _free_port(), _free_port()
+            target = f"127.0.0.1:{port}"
+            cmd = [sys.executable, "-m", "tandem.serve", "--bundle", str(args.bundle),
+                   "--port", str(port), "--http-port", str(http_port),
+                   "--served-model-name", "tandem", "--max-seqs", str(n_slots),
+                   "--max-len", str(args.max_len), "--max-queue", str(max(64, args.num_requests)),
+                   *[a for kv in args.tandem_set for a in ("--set", kv)]]  # fmt: skip
+            log_path = logs / f"tandem-{n_slots}.log"
+            with _process(cmd, log_path) as proc:
+                startup = _wait_ready(proc, lambda t=target: _tandem_ready(t),
+                                      args.startup_timeout, log_path)  # fmt: skip
+                tandem_loads = {  # over the OpenAI API: the same client as vLLM's
+                    api: functools.partial(
+                        _load, f"127.0.0.1:{http_port}" if api == "openai" else target, api,
+                        "tandem",
+                    )
+                    for api in apis
+                }  # fmt: skip
+                for rate in rates:
+                    for load in tandem_loads.values():
+                        if rate in warm:
+                            load(warm[rate], rate, args.seed)
+                    if rate in vllm_warm:
+                        vllm_load(warm[rate], rate, args.seed)
+                        vllm_warm.discard(rate)
+                    # the systems' passes alternate, so a drift of the shared host's speed
+                    # lands on both
+                    for rep in range(args.repeats):
+                        requests = workload[j, rate, rep]
+                        for api, load in tandem_loads.items():
+                            results, duration = load(requests, rate, args.seed)
+                            emit(_line("tandem", rate, results, duration, api=api,
+                                       max_seqs=n_slots, repeat=rep, startup_s=startup,
+                                       workload=args.workload,
+                                       tandem_set=args.tandem_set))  # fmt: skip
+                        results, duration = vllm_load(requests, rate, args.seed)
+                        emit(_line("vllm", rate, results, duration, api="openai",
+                                   max_seqs=n_slots, repeat=rep, startup_s=vllm_startup,
+                                   workload=args.workload))  # fmt: skip
+
+    def median(system: str, api: str, n_slots: int, rate: Any, key: str, pct: str | None):
+        values = [x[key][pct] if pct else x[key] for x in lines
+                  if x.get("system") == system and x["api"] == api
+                  and x["max_seqs"] == n_slots and x["request_rate"] == rate]  # fmt: skip
+        return float(np.median(values))
+
+    for n_slots in slots:
+        for rate in rates:
+            rate_key = rate if math.isfinite(rate) else "inf"
+            t = functools.partial(median, "tandem", apis[0], n_slots, rate_key)
+            v = functools.partial(median, "vllm", "openai", n_slots, rate_key)
+            emit({
+                "bench": "vllm_compare",
+                "comparison": "tandem_vs_vllm",
+                "tandem_api": apis[0],
+                "request_rate": rate_key,
+                "max_seqs": n_slots,
+                "repeats": args.repeats,  # the ratios are of the medians over the repeats
+                "output_throughput_ratio": t("output_throughput", None)
+                / v("output_throughput", None),
+                "ttft_p50_ratio": t("ttft_ms", "p50") / v("ttft_ms", "p50"),
+                "tpot_p50_ratio": t("tpot_ms", "p50") / v("tpot_ms", "p50"),
+                "e2e_p50_ratio": t("e2e_ms", "p50") / v("e2e_ms", "p50"),
+                **({"p99_during_prefill_vs_median": {
+                    "tandem": t("interference", "p99_during_prefill_vs_median"),
+                    "vllm": v("interference", "p99_during_prefill_vs_median")}}
+                   if args.workload == "interference" else {}),
+            })  # fmt: skip
     print(f"server logs: {logs}", file=sys.stderr)
     return 0
 
