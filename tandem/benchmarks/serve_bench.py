@@ -28,12 +28,11 @@ static batching; `no-prefix-cache` is continuous with prefix caching off), print
 JSON line per mode and comparison lines. `--apis grpc,openai` drives each served mode
 through both APIs of the same server, one after the other with the same requests (the
 OpenAI path: streamed /v1/completions, token-id prompts, continuous usage stats), and
-adds an
-`openai_vs_grpc_<mode>` line: output throughput ratio, TTFT p50 added (ms), TPOT p50 ratio. Mode `offline`
-drives the continuous-batching orchestrator in-process with every request queued at t=0
-and no gRPC or client (like `vllm bench throughput`): the ceiling of engine + scheduler
-that the served modes are measured against. With --hf-compare
-it also runs Hugging Face `transformers` `generate` (static batches of --hf-batch-size,
+adds an `openai_vs_grpc_<mode>` line: output throughput ratio, TTFT p50 added (ms), TPOT
+p50 ratio. Mode `offline` drives the continuous-batching orchestrator in-process with
+every request queued at t=0 and no gRPC or client (like `vllm bench throughput`): the
+ceiling of engine + scheduler that the served modes are measured against. With
+--hf-compare it also runs Hugging Face `transformers` `generate` (static batches of --hf-batch-size,
 left-padded, greedy, each batch decoding to its longest requested output) on the SAME
 weights: a random LlamaForCausalLM built locally and imported with tandem/model/hf.py (or
 --hf-dir), so both stacks serve identical parameters. HF has no streaming here, so its

@@ -23,7 +23,6 @@ Exits with a clear message (status 1), before starting anything, when vLLM is no
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -44,9 +43,9 @@ import numpy as np
 
 from tandem.benchmarks.serve_bench import (
     WORKLOADS,
+    _load_process,
     _range,
     interference_requests,
-    run_load,
     shared_prefix_conversations,
     summarize,
     synthetic_dataset,
@@ -107,12 +106,6 @@ def _tandem_ready(target: str) -> bool:
 def _vllm_ready(url: str) -> bool:
     with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
         return r.status == 200
-
-
-def _load(target: str, api: str, model: str, requests: list[Any], rate: float, seed: int):
-    """serve_bench's asyncio client, the same for both servers: requests or conversations."""
-    return asyncio.run(run_load(target, requests, request_rate=rate, max_concurrency=None,
-                                seed=seed, api=api, model=model))  # fmt: skip
 
 
 def _vllm_check(python: str) -> None:
@@ -193,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     apis = [a.strip() for a in args.tandem_apis.split(",") if a.strip()]
     if not apis or set(apis) - {"openai", "grpc"}:
         raise SystemExit(f"--tandem-apis={args.tandem_apis!r}: allowed openai, grpc")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats={args.repeats}: allowed >= 1")
     if args.vllm_url is None:
         _vllm_check(args.vllm_python)
     rates = [float(r) for r in args.request_rate.split(",")]
@@ -257,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                                        log_path)  # fmt: skip
         with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
             model = json.load(r)["data"][0]["id"]
-        vllm_load = functools.partial(_load, url.removeprefix("http://"), "openai", model)
+        # serve_bench's client, run in this process (it only drives the load)
+        vllm_load = functools.partial(
+            _load_process, url.removeprefix("http://"), max_concurrency=None, api="openai",
+            model=model,
+        )  # fmt: skip
         vllm_warm = set(warm)  # rates vLLM has yet to warm up at
 
         for j, n_slots in enumerate(slots):
@@ -274,29 +273,29 @@ def main(argv: list[str] | None = None) -> int:
                                       args.startup_timeout, log_path)  # fmt: skip
                 tandem_loads = {  # over the OpenAI API: the same client as vLLM's
                     api: functools.partial(
-                        _load, f"127.0.0.1:{http_port}" if api == "openai" else target, api,
-                        "tandem",
+                        _load_process, f"127.0.0.1:{http_port}" if api == "openai" else target,
+                        max_concurrency=None, api=api, model="tandem",
                     )
                     for api in apis
                 }  # fmt: skip
                 for rate in rates:
                     for load in tandem_loads.values():
                         if rate in warm:
-                            load(warm[rate], rate, args.seed)
+                            load(warm[rate], rate, seed=args.seed)
                     if rate in vllm_warm:
-                        vllm_load(warm[rate], rate, args.seed)
+                        vllm_load(warm[rate], rate, seed=args.seed)
                         vllm_warm.discard(rate)
                     # the systems' passes alternate, so a drift of the shared host's speed
                     # lands on both
                     for rep in range(args.repeats):
                         requests = workload[j, rate, rep]
                         for api, load in tandem_loads.items():
-                            results, duration = load(requests, rate, args.seed)
+                            results, duration = load(requests, rate, seed=args.seed)
                             emit(_line("tandem", rate, results, duration, api=api,
                                        max_seqs=n_slots, repeat=rep, startup_s=startup,
                                        workload=args.workload,
                                        tandem_set=args.tandem_set))  # fmt: skip
-                        results, duration = vllm_load(requests, rate, args.seed)
+                        results, duration = vllm_load(requests, rate, seed=args.seed)
                         emit(_line("vllm", rate, results, duration, api="openai",
                                    max_seqs=n_slots, repeat=rep, startup_s=vllm_startup,
                                    workload=args.workload))  # fmt: skip

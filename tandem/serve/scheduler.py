@@ -466,9 +466,10 @@ class Scheduler:
                 place(request, n)
             self.waiting.extendleft(reversed(deferred))  # their places in the queue
         plan = self._plan(rows, preempted)
+        sampled = plan.sample.tolist()
         for row, (request, n) in enumerate(rows):
             request.num_computed_tokens += n
-            if plan.sample[row]:
+            if sampled[row]:
                 request.num_output_placeholders += 1
                 request.sample_row = row
         return plan
