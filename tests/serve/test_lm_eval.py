@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,28 @@ def tiny_qwen(root: Path) -> tuple[Path, Path]:
     transformers.Qwen2ForCausalLM(config).save_pretrained(hf_dir)
     build_tokenizer_dir("qwen2.5", hf_dir)
     return hf_dir, import_hf(hf_dir, root / "tiny-qwen", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def served_qwen(tmp_path_factory) -> Iterator[tuple[Path, BackgroundServer]]:
+    """`tiny_qwen`'s HF dir, and its bundle served with the OpenAI API: one model and one
+    warmed-up server for the module's tests. lm-eval and `datasets` stay offline."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_DATASETS_OFFLINE", "1")
+        env.setenv("HF_HUB_OFFLINE", "1")
+        hf_dir, bundle = tiny_qwen(tmp_path_factory.mktemp("lm_eval"))
+        cfg = ServeConfig(bundle=str(bundle), max_seqs=4, max_len=128, tensor_parallel=1,
+                          port=0, http_port=0)  # fmt: skip
+        engine = JaxEngine.from_bundle(bundle, cfg)
+        with BackgroundServer(TandemServer(engine, dataclasses.replace(engine.serve_cfg))) as bg:
+            yield hf_dir, bg
+
+
+def _ok_requests(bg: BackgroundServer) -> float:
+    """tandem_requests_total{status="OK"} from the server's /metrics."""
+    metrics = urllib.request.urlopen(bg.base_url.removesuffix("/v1") + "/metrics").read()
+    found = re.search(rb'^tandem_requests_total\{status="OK"\} (\S+)$', metrics, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 def _task_dir(tmp_path: Path) -> Path:
@@ -81,26 +105,20 @@ def _evaluate(model: str, model_args: dict, task_dir: Path) -> tuple[float, list
 
 
 @pytest.mark.slow
-def test_lm_eval_chat_scores_equal_the_hf_model_on_the_same_weights(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hf_dir, bundle = tiny_qwen(tmp_path)
+def test_lm_eval_chat_scores_equal_the_hf_model_on_the_same_weights(tmp_path, served_qwen):
+    hf_dir, bg = served_qwen
     task_dir = _task_dir(tmp_path)
 
     hf_score, hf_outputs = _evaluate(
         "hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu"}, task_dir
     )
-    cfg = ServeConfig(bundle=str(bundle), max_seqs=4, max_len=128, tensor_parallel=1, port=0,
-                      http_port=0)  # fmt: skip
-    engine = JaxEngine.from_bundle(bundle, cfg)
-    with BackgroundServer(TandemServer(engine, dataclasses.replace(engine.serve_cfg))) as bg:
-        args = {"model": "tiny-qwen", "base_url": f"{bg.base_url}/chat/completions",
-                "num_concurrent": 2, "max_retries": 1}  # fmt: skip
-        score, outputs = _evaluate("local-chat-completions", args, task_dir)
-        orch = bg.server.orch
-        assert orch.active_slots == 0 and orch.queue_depth == 0
-        metrics = urllib.request.urlopen(bg.base_url.removesuffix("/v1") + "/metrics").read()
-        assert b'tandem_requests_total{status="OK"} 8.0' in metrics  # lm-eval asked tandem
+    ok_before = _ok_requests(bg)
+    args = {"model": "tiny-qwen", "base_url": f"{bg.base_url}/chat/completions",
+            "num_concurrent": 2, "max_retries": 1}  # fmt: skip
+    score, outputs = _evaluate("local-chat-completions", args, task_dir)
+    orch = bg.server.orch
+    assert orch.active_slots == 0 and orch.queue_depth == 0
+    assert _ok_requests(bg) - ok_before == 8  # lm-eval asked tandem
 
     assert len(outputs) == len(DATA.read_text().splitlines()) == 8
     assert outputs == hf_outputs  # every generation, not only the score
@@ -143,28 +161,22 @@ def _loglikelihoods(model: str, model_args: dict, task_dir: Path) -> tuple[float
 
 
 @pytest.mark.slow
-def test_lm_eval_loglikelihood_equals_the_hf_model_on_the_same_weights(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hf_dir, bundle = tiny_qwen(tmp_path)
+def test_lm_eval_loglikelihood_equals_the_hf_model_on_the_same_weights(tmp_path, served_qwen):
+    hf_dir, bg = served_qwen
     task_dir = _choice_task_dir(tmp_path)
 
     hf_acc, hf_scores = _loglikelihoods(
         "hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu"}, task_dir
     )
-    cfg = ServeConfig(bundle=str(bundle), max_seqs=4, max_len=128, tensor_parallel=1, port=0,
-                      http_port=0)  # fmt: skip
-    engine = JaxEngine.from_bundle(bundle, cfg)
-    with BackgroundServer(TandemServer(engine, dataclasses.replace(engine.serve_cfg))) as bg:
-        args = {"model": "tiny-qwen", "base_url": f"{bg.base_url}/completions",
-                "tokenizer_backend": "huggingface", "tokenizer": str(hf_dir),
-                "num_concurrent": 2, "max_retries": 1}  # fmt: skip
-        acc, scores = _loglikelihoods("local-completions", args, task_dir)
-        orch = bg.server.orch
-        assert orch.active_slots == 0 and orch.queue_depth == 0
-        metrics = urllib.request.urlopen(bg.base_url.removesuffix("/v1") + "/metrics").read()
-        requests = sum(len(json.loads(line)["choices"]) for line in CHOICE_DATA.open())
-        assert f'tandem_requests_total{{status="OK"}} {requests}.0'.encode() in metrics
+    ok_before = _ok_requests(bg)
+    args = {"model": "tiny-qwen", "base_url": f"{bg.base_url}/completions",
+            "tokenizer_backend": "huggingface", "tokenizer": str(hf_dir),
+            "num_concurrent": 2, "max_retries": 1}  # fmt: skip
+    acc, scores = _loglikelihoods("local-completions", args, task_dir)
+    orch = bg.server.orch
+    assert orch.active_slots == 0 and orch.queue_depth == 0
+    requests = sum(len(json.loads(line)["choices"]) for line in CHOICE_DATA.open())
+    assert _ok_requests(bg) - ok_before == requests
 
     assert len(scores) == len(hf_scores) == 6
     for got, want in zip(scores, hf_scores, strict=True):
