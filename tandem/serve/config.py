@@ -39,6 +39,7 @@ class ServeConfig:
     default_max_tokens: int = 256  # when a request leaves max_tokens at 0
     tensor_parallel: int = 0  # devices per replica on the `tensor` axis; 0 = all that fit
     cache_dtype: Literal["", "float32", "bfloat16"] = ""  # "" = the model's compute dtype
+    # (float32 on CPU: tandem/serve/engine.py, default_cache_dtype)
     mode: Literal["continuous", "static"] = "continuous"  # static: benchmark baseline only
     static_batch_wait_s: float = 0.05  # static mode: wait this long to fill a batch
     max_prefills_per_step: int = 0  # continuous: prefills between two decode steps; 0 = any

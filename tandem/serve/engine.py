@@ -179,6 +179,16 @@ def default_page_size() -> int:
     return PAGE_SIZE.get(jax.default_backend(), DEFAULT_PAGE_SIZE)
 
 
+def default_cache_dtype(cfg: ModelConfig) -> str:
+    """ServeConfig.cache_dtype "" means this: the model's compute dtype, except float32 on
+    CPU. There XLA converts a bfloat16 page pool to float32 whole around each layer's
+    cache write and attention gathers, on every step (seen in the optimized HLO; a
+    bfloat16 model served a burst 7x slower with a bfloat16 pool than with a float32 one,
+    docs/benchmarks.md), while a float32 pool holds a bfloat16 model's keys and values
+    exactly, at twice the bytes per token."""
+    return "float32" if jax.default_backend() == "cpu" else cfg.dtype
+
+
 def token_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
     """Token counts a step is compiled for: powers of two from 8 up to
     max_num_batched_tokens (the last). Steps fall in two kinds: decode-only ones (as many
@@ -282,7 +292,14 @@ class JaxEngine(Engine):
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.manifest = manifest
-        self._cache_dtype = jnp.dtype(scfg.cache_dtype or cfg.dtype)
+        if scfg.cache_dtype == "bfloat16" and jax.default_backend() == "cpu":
+            log.warning(
+                "cache_dtype=bfloat16 on CPU: XLA converts the whole page pool to float32 "
+                "around every cache write and attention, several times slower than "
+                "float32 (the CPU default); see default_cache_dtype"
+            )
+        scfg = dataclasses.replace(scfg, cache_dtype=scfg.cache_dtype or default_cache_dtype(cfg))
+        self._cache_dtype = jnp.dtype(scfg.cache_dtype)
         self.cache_key = _cache_key(manifest, self._cache_dtype)
         if not scfg.kv_cache_tokens:
             devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]

@@ -396,6 +396,28 @@ def test_kv_cache_size_derived_on_cpu(engine) -> None:
         dataclasses.replace(SCFG, kv_cache_memory=1.0, kv_cache_tokens=64)
 
 
+def test_a_bfloat16_model_gets_a_float32_cache_on_cpu(tokenizer, caplog) -> None:
+    """On CPU the pages default to float32 whatever the model computes in (the engine's
+    `default_cache_dtype`): a float32 pool holds a bfloat16 model's K/V exactly, so greedy
+    outputs equal those of a bfloat16 pool; asking for one anyway works, with a warning."""
+    bf16 = dataclasses.replace(CFG, dtype="bfloat16", param_dtype="bfloat16")
+    model = Transformer(bf16, rngs=nnx.Rngs(0))
+    one_bucket = dataclasses.replace(SCFG, max_num_batched_tokens=8)  # one compile each
+    default = JaxEngine.from_model(model, tokenizer, one_bucket)
+    assert default.serve_cfg.cache_dtype == "float32"
+    with caplog.at_level(logging.WARNING, logger="tandem.serve.engine"):
+        asked = JaxEngine.from_model(
+            model, tokenizer, dataclasses.replace(one_bucket, cache_dtype="bfloat16")
+        )
+    assert asked.serve_cfg.cache_dtype == "bfloat16"
+    assert "cache_dtype=bfloat16 on CPU" in caplog.text
+    assert default.cache_key != asked.cache_key  # their pages are not interchangeable
+    default.warmup()
+    asked.warmup()
+    greedy = [(ids, params) for ids, params in _mixed_requests(tokenizer) if not params.top_k]
+    assert drive(default, greedy)[0] == drive(asked, greedy)[0]
+
+
 def test_pick_tensor_parallel() -> None:
     assert pick_tensor_parallel(CFG, 8) == 2  # kv heads = 2
     assert pick_tensor_parallel(CFG, 1) == 1
