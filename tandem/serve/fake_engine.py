@@ -92,9 +92,8 @@ class FakeEngine(Engine):
                 plan.token_sources[lo + len(known) : hi] < 0
             ):
                 raise RuntimeError(f"row {r} of the plan does not continue {request}")
-            if plan.sample[r]:  # its index among the outputs: those before it, in flight too
-                index = request.num_output_tokens + request.num_output_placeholders - 1
-                tokens[r] = self.script(request.prompt_token_ids, index)
+            if plan.sample[r]:
+                tokens[r] = self.script(request.prompt_token_ids, request.sampled_output_index)
                 if request.grammar is not None and not allows(bitmask[r], int(tokens[r])):
                     bits = np.unpackbits(bitmask[r].view(np.uint8), bitorder="little")
                     tokens[r] = int(np.flatnonzero(bits)[0])

@@ -68,10 +68,8 @@ def processor_inputs(requests: Sequence[Request], num_rows: int, banned: int) ->
         if s.logit_bias:
             n = len(s.logit_bias)
             bias_ids[r, :n], bias_values[r, :n] = zip(*s.logit_bias, strict=True)
-        # outputs before the one this step samples: committed, plus those in flight
-        # (this plan's own is counted in num_output_placeholders)
-        before = req.num_output_tokens + req.num_output_placeholders - 1
-        if before < s.min_tokens and req.stop_token_ids:
+        # outputs before the one this step samples, those in flight included
+        if req.sampled_output_index < s.min_tokens and req.stop_token_ids:
             ids = sorted(req.stop_token_ids)
             banned_ids[r, : len(ids)] = ids
     return ProcessorInputs(

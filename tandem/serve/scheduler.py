@@ -164,6 +164,13 @@ class Request:
         )
 
     @property
+    def sampled_output_index(self) -> int:
+        """Index among its outputs of the token its newest plan samples, i.e. how many
+        outputs come before it: those committed plus those in flight ahead of it (the
+        plan's own is one of `num_output_placeholders`)."""
+        return self.num_output_tokens + self.num_output_placeholders - 1
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
