@@ -53,7 +53,7 @@ def test_wheel_installs_one_namespace_and_a_lean_runtime(wheel: Path) -> None:
     top = {n.split("/")[0] for n in names}
     assert top == {"tandem", meta_name.split("/")[0]}, top
     for module in ("model/transformer.py", "train/loop.py", "serve/server.py",
-                   "kernels/dispatch.py", "proto/v1/generate_pb2_grpc.py",
+                   "kernels/dispatch.py", "kernels/cpu_decode_attention.cc", "proto/v1/generate_pb2_grpc.py",
                    "proto/v1/generate.proto", "benchmarks/serve_bench.py", "cli.py"):  # fmt: skip
         assert f"tandem/{module}" in names, module
     requires = metadata.get_all("Requires-Dist")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tandem.kernels import cpu_decode_attention
 from tandem.kernels.paged_reference import query_blocks, step_rows
 
 _MASKED = -1e30  # finite, as in the references
@@ -105,6 +106,66 @@ def _merge(
     return both / (weight_a + weight_b)[..., None]
 
 
+def _read(pool: jax.Array, pages: jax.Array) -> jax.Array:  # [..., n] -> [K, ..., n * Ps, H]
+    """The pages' positions of every kv head, gathered (copied) in table order."""
+    gathered = pool[:, pages]  # [K, ..., n, Ps, H]
+    return gathered.reshape(*gathered.shape[:-3], -1, pool.shape[-1])
+
+
+def _decode_groups(
+    decode_q: jax.Array,  # [Rg, N, H] decode rows, shortest first
+    k_pages: jax.Array,  # [K, P, Ps, H]
+    v_pages: jax.Array,
+    decode_pages: jax.Array,  # [Rg, Pr + extra] their page tables
+    own: jax.Array,  # [Rg] positions past the common prefix (0: entry not in use)
+    common: jax.Array,  # [] the common prefix's pages, which `own` starts after
+    prefix_out: jax.Array,  # [Rg, N, H] attention over the common prefix
+    prefix_lse: jax.Array,  # [Rg, N]
+    n_decode: jax.Array,  # [] decode rows in use
+    sizes: tuple[int, ...],  # page-count buckets
+    scale: float,
+) -> jax.Array:  # [Rg, N, H]
+    """The decode rows in XLA: DECODE_GROUP rows per iteration, each group reading its
+    longest row's page bucket past the common prefix, merged with the prefix's part."""
+    _, n_heads, head_dim = decode_q.shape
+    n_kv, _, page_size, _ = k_pages.shape
+    group = n_heads // n_kv
+    longest = own.reshape(-1, DECODE_GROUP).max(axis=1)  # [Rg / g]
+    decode_bucket = bucket_index(sizes, -(-longest // page_size))
+
+    def decode_branch(n_pages: int):
+        def attend(first):
+            query = jax.lax.dynamic_slice_in_dim(decode_q, first, DECODE_GROUP)  # [g, N, H]
+            pages = jax.lax.dynamic_slice(decode_pages, (first, common), (DECODE_GROUP, n_pages))
+            # [K, g, S, H] -> [g, K, S, H]: XLA's CPU dots run about twice as fast on
+            # the [rows, K, S, H] layout as on the gathered one.
+            k = _read(k_pages, pages).swapaxes(0, 1)
+            v = _read(v_pages, pages).swapaxes(0, 1)
+            lengths = jax.lax.dynamic_slice_in_dim(own, first, DECODE_GROUP)  # [g]
+            qg = query.reshape(DECODE_GROUP, n_kv, group, head_dim)  # [g, K, G, H]
+            logits = jnp.einsum("bkgh,bksh->bkgs", qg, k, preferred_element_type=jnp.float32)
+            valid = jnp.arange(k.shape[2])[None, :] < lengths[:, None]  # [g, S]
+            logits = jnp.where(valid[:, None, None, :], logits * scale, _MASKED)
+            res, lse = _attend(logits, v, "bkgs,bksh->bkgh")  # [g, K, G, H], [g, K, G]
+            prefix = jax.lax.dynamic_slice_in_dim(prefix_out, first, DECODE_GROUP)
+            prefix_lse_ = jax.lax.dynamic_slice_in_dim(prefix_lse, first, DECODE_GROUP)
+            res = res.reshape(DECODE_GROUP, n_heads, head_dim)
+            lse = lse.reshape(DECODE_GROUP, n_heads)
+            return _merge(prefix, prefix_lse_, res, lse).astype(decode_q.dtype)
+
+        return attend
+
+    decode_branches = [decode_branch(n) for n in sizes]
+
+    def decode_group(i, decode_out):
+        first = i * DECODE_GROUP
+        res = jax.lax.switch(decode_bucket[i], decode_branches, first)  # [g, N, H]
+        return jax.lax.dynamic_update_slice_in_dim(decode_out, res, first, 0)
+
+    live_groups = -(-n_decode // DECODE_GROUP)
+    return jax.lax.fori_loop(0, live_groups, decode_group, jnp.zeros_like(decode_q))
+
+
 def ragged_paged_attention_blocked(
     q: jax.Array,  # [T, N, H]
     k_pages: jax.Array,  # [K, P, Ps, H]
@@ -115,8 +176,12 @@ def ragged_paged_attention_blocked(
     num_rows: jax.Array,  # [] int32
     *,
     sm_scale: float | None = None,
+    native_decode: bool = False,
 ) -> jax.Array:  # [T, N, H]
-    """`ragged_paged_attention_reference`, reading only the pages each query can see."""
+    """`ragged_paged_attention_reference`, reading only the pages each query can see.
+
+    native_decode: the decode rows past their common prefix through the C++ kernel
+    (cpu_decode_attention.py; float32 pools, when `available()`), not `_decode_groups`."""
     n_tokens, n_heads, head_dim = q.shape
     n_kv, _, page_size, _ = k_pages.shape
     n_rows, pages_per_seq = page_indices.shape
@@ -127,10 +192,6 @@ def ragged_paged_attention_blocked(
     # Rows past T are where padding entries of a group or block write; sliced off below.
     out = jnp.zeros((n_tokens + CHUNK_BLOCK, n_heads, head_dim), q.dtype)
     q_padded = jnp.concatenate([q, jnp.zeros_like(out[n_tokens:])])
-
-    def read(pool: jax.Array, pages: jax.Array) -> jax.Array:  # [..., n] -> [K, ..., n * Ps, H]
-        gathered = pool[:, pages]  # [K, ..., n, Ps, H]
-        return gathered.reshape(*gathered.shape[:-3], -1, head_dim)
 
     # -- decode rows: their common prefix once, then DECODE_GROUP rows per iteration --
     is_decode = q_len == 1  # [R]
@@ -150,8 +211,6 @@ def ragged_paged_attention_blocked(
     in_use = jnp.arange(n_entries) < n_decode  # [Rg]
     target = jnp.where(in_use, cu[order], n_tokens)  # [Rg] the token each entry is
     own = jnp.where(in_use, kv_lens[order] - shared, 0)  # [Rg] positions past the prefix
-    longest = own.reshape(-1, DECODE_GROUP).max(axis=1)  # [Rg / g]
-    decode_bucket = bucket_index(sizes, -(-longest // page_size))
     # Per-row gathers once, outside the loops: an iteration only slices them. The tables
     # get more columns, so a slice from column `common` (or a prefix slice) stays in range.
     decode_q = q_padded[target]  # [Rg, N, H]
@@ -168,8 +227,8 @@ def ragged_paged_attention_blocked(
 
     def prefix_slice(c, carry):
         pages = jax.lax.dynamic_slice_in_dim(decode_pages[0], c * slice_pages, slice_pages)
-        k = read(k_pages, pages).astype(jnp.float32)  # [K, S, H]: every row's pages
-        v = read(v_pages, pages).astype(jnp.float32)
+        k = _read(k_pages, pages).astype(jnp.float32)  # [K, S, H]: every row's pages
+        v = _read(v_pages, pages).astype(jnp.float32)
 
         def rows(i, carry):
             acc, top, total = carry  # [K, Rg * G, H], [K, Rg * G], [K, Rg * G]
@@ -211,37 +270,16 @@ def ragged_paged_attention_blocked(
     prefix_lse = prefix_lse.reshape(n_kv, n_entries, group).swapaxes(0, 1)
     prefix_lse = prefix_lse.reshape(n_entries, n_heads)  # [Rg, N]
 
-    def decode_branch(n_pages: int):
-        def attend(first):
-            query = jax.lax.dynamic_slice_in_dim(decode_q, first, DECODE_GROUP)  # [g, N, H]
-            pages = jax.lax.dynamic_slice(decode_pages, (first, common), (DECODE_GROUP, n_pages))
-            # [K, g, S, H] -> [g, K, S, H]: XLA's CPU dots run about twice as fast on
-            # the [rows, K, S, H] layout as on the gathered one.
-            k = read(k_pages, pages).swapaxes(0, 1)
-            v = read(v_pages, pages).swapaxes(0, 1)
-            lengths = jax.lax.dynamic_slice_in_dim(own, first, DECODE_GROUP)  # [g]
-            qg = query.reshape(DECODE_GROUP, n_kv, group, head_dim)  # [g, K, G, H]
-            logits = jnp.einsum("bkgh,bksh->bkgs", qg, k, preferred_element_type=jnp.float32)
-            valid = jnp.arange(k.shape[2])[None, :] < lengths[:, None]  # [g, S]
-            logits = jnp.where(valid[:, None, None, :], logits * scale, _MASKED)
-            res, lse = _attend(logits, v, "bkgs,bksh->bkgh")  # [g, K, G, H], [g, K, G]
-            prefix = jax.lax.dynamic_slice_in_dim(prefix_out, first, DECODE_GROUP)
-            prefix_lse_ = jax.lax.dynamic_slice_in_dim(prefix_lse, first, DECODE_GROUP)
-            res = res.reshape(DECODE_GROUP, n_heads, head_dim)
-            lse = lse.reshape(DECODE_GROUP, n_heads)
-            return _merge(prefix, prefix_lse_, res, lse).astype(q.dtype)
-
-        return attend
-
-    decode_branches = [decode_branch(n) for n in sizes]
-
-    def decode_group(i, decode_out):
-        first = i * DECODE_GROUP
-        res = jax.lax.switch(decode_bucket[i], decode_branches, first)  # [g, N, H]
-        return jax.lax.dynamic_update_slice_in_dim(decode_out, res, first, 0)
-
-    live_groups = -(-n_decode // DECODE_GROUP)
-    decode_out = jax.lax.fori_loop(0, live_groups, decode_group, jnp.zeros_like(decode_q))
+    if native_decode:
+        res, lse = cpu_decode_attention.paged_decode_attention(
+            decode_q, k_pages, v_pages, decode_pages, own, common, sm_scale=scale
+        )
+        decode_out = _merge(prefix_out, prefix_lse, res, lse).astype(q.dtype)
+    else:
+        decode_out = _decode_groups(
+            decode_q, k_pages, v_pages, decode_pages, own, common,
+            prefix_out, prefix_lse, n_decode, sizes, scale,
+        )  # fmt: skip
     out = out.at[target].set(decode_out)  # entries not in use land past T
 
     # -- the other rows, CHUNK_BLOCK query tokens per iteration --
@@ -257,8 +295,8 @@ def ragged_paged_attention_blocked(
             pages = jax.lax.dynamic_slice(page_indices, (blocks.row[b], 0), (1, n_pages))[0]
             # in float32: XLA's CPU dot has no bf16 x bf16 -> f32 for these batched
             # shapes (UNIMPLEMENTED at run time), and a CPU has no bf16 matmul to lose
-            k = read(k_pages, pages).astype(jnp.float32)  # [K, S, H]
-            v = read(v_pages, pages).astype(jnp.float32)
+            k = _read(k_pages, pages).astype(jnp.float32)  # [K, S, H]
+            v = _read(v_pages, pages).astype(jnp.float32)
             # A block's queries of one kv head are the rows of one matrix, M = Bq * G
             # (query-major): two batched GEMMs over K, no transpose of the pages.
             qg = query.reshape(CHUNK_BLOCK, n_kv, group, head_dim).swapaxes(0, 1)

@@ -4,11 +4,14 @@ package's.
 
 Two kernel families, picked by the backend: the Mosaic kernels on TPU (`tpu_attention.py`,
 jax's splash attention; `tpu_paged_attention.py`, tandem's ragged paged kernel) and the
-Triton kernels everywhere else (`prefill_attention.py`, `paged_attention.py`).
+Triton kernels everywhere else (`prefill_attention.py`, `paged_attention.py`). On CPU,
+serving's decode rows run in C++ (`cpu_decode_attention.py`), the rest in XLA.
 
 `impl` values (also `ModelConfig.attention_impl`):
   auto              the backend's compiled kernels on GPU and TPU when the shape is
-                    supported, else the reference (always the reference on CPU)
+                    supported, else the reference; on CPU the reference with its decode
+                    rows in tandem's C++ kernel (cpu_decode_attention.py) for a float32
+                    cache, once a C++ compiler has built it
   reference         the XLA reference (bucketed_reference.py where one exists)
   pallas            the backend's compiled kernels (GPU, TPU; ValueError on CPU)
   pallas_interpret  the backend's family in interpret mode (the Triton kernels on CPU;
@@ -32,8 +35,10 @@ import logging
 from typing import Literal, NamedTuple, get_args
 
 import jax
+import jax.numpy as jnp
 
 from tandem.config import require
+from tandem.kernels import cpu_decode_attention
 from tandem.kernels._common import pick_block
 from tandem.kernels.bucketed_reference import ragged_paged_attention_blocked
 from tandem.kernels.paged_attention import DEFAULT_BLOCK_K as _PAGED_BLOCK_K
@@ -94,6 +99,17 @@ def kernel_mode(impl: str) -> KernelMode | None:
             )
         return KernelMode(family, interpret=False)
     return KernelMode(family, interpret=False) if backend in ("gpu", "tpu") else None  # auto
+
+
+def _native_decode(impl: str, cache_dtype: jax.typing.DTypeLike) -> bool:
+    """Whether the CPU path runs its decode rows in the C++ kernel: under `auto` on CPU,
+    for a float32 pool, once the kernel is built (cpu_decode_attention.py)."""
+    return (
+        impl == "auto"
+        and _backend() == "cpu"
+        and cache_dtype == jnp.float32
+        and cpu_decode_attention.available()
+    )
 
 
 def _warn_fallback(kernel: str, reason: str) -> None:
@@ -162,8 +178,15 @@ def paged_attention(
     the kernel runs per kv-head shard (a step's rows are ragged, so never split)."""
     mode = kernel_mode(impl)
     args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_rows)
+    specs = ("TNH", "KPSH", "KPSH", "R", "RP", "R", "")
     if mode is None:
-        return ragged_paged_attention_blocked(*args, sm_scale=sm_scale)
+        if not _native_decode(impl, k_pages.dtype):
+            return ragged_paged_attention_blocked(*args, sm_scale=sm_scale)
+        # An FFI call is opaque to XLA's partitioner, as a Pallas call is: per shard.
+        blocked = functools.partial(
+            ragged_paged_attention_blocked, sm_scale=sm_scale, native_decode=True
+        )
+        return per_shard(blocked, args, specs, mesh_axes)
     page_size = k_pages.shape[2] if k_pages.ndim == 4 else 1
     n_heads = q.shape[-2] if q.ndim == 3 else 1
     n_kv = k_pages.shape[0] if k_pages.ndim == 4 else 1
@@ -184,4 +207,4 @@ def paged_attention(
     kernel = functools.partial(
         fn, sm_scale=sm_scale, block_q=block_q, block_k=block_k, interpret=mode.interpret
     )
-    return per_shard(kernel, args, ("TNH", "KPSH", "KPSH", "R", "RP", "R", ""), mesh_axes)
+    return per_shard(kernel, args, specs, mesh_axes)

@@ -122,3 +122,33 @@ def paged_step(
         *(jnp.asarray(x, jnp.int32) for x in (kv_lens, table, cu)),
         jnp.asarray(len(rows), jnp.int32),
     )
+
+
+def poison_unseen(step: PagedStep, seen_pages: list[int], *, stale_slots: bool) -> PagedStep:
+    """NaN in every pool page a correct computation need not read: pages no row uses, and
+    the page-table entries of row r from `seen_pages[r]` on (pointed at a NaN page; the
+    entries between the row's own pages and those are pointed at a finite page); with
+    `stale_slots` also the slots past kv_len in a row's last page. The reference would
+    turn any NaN it reads into NaN outputs (0 * NaN)."""
+    k, v = np.array(step.k_pages, np.float32), np.array(step.v_pages, np.float32)
+    table = np.array(step.page_indices)
+    page_size = k.shape[2]
+    n_rows = int(step.num_rows)
+    kv_lens = np.asarray(step.kv_lens)
+    need = -(-kv_lens // page_size)
+    owned = {int(table[r, i]) for r in range(n_rows) for i in range(need[r])}
+    spare = sorted(set(range(k.shape[1])) - owned)
+    k[:, spare], v[:, spare] = np.nan, np.nan
+    for r in range(n_rows):
+        table[r, need[r] : seen_pages[r]] = min(owned)
+        table[r, seen_pages[r] :] = spare[0]
+        if stale_slots and kv_lens[r] % page_size:
+            last = table[r, (kv_lens[r] - 1) // page_size]
+            k[:, last, kv_lens[r] % page_size :] = np.nan
+            v[:, last, kv_lens[r] % page_size :] = np.nan
+    dtype = step.k_pages.dtype
+    return step._replace(
+        k_pages=jnp.asarray(k, dtype),
+        v_pages=jnp.asarray(v, dtype),
+        page_indices=jnp.asarray(table, jnp.int32),
+    )

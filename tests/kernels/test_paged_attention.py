@@ -22,7 +22,7 @@ from tandem.kernels.paged_reference import (
     write_pages,
 )
 from tandem.kernels.reference import attention_reference
-from tandem.kernels.testing import PagedStep, paged_step, tolerance
+from tandem.kernels.testing import PagedStep, paged_step, poison_unseen, tolerance
 
 _reference = jax.jit(ragged_paged_attention_reference)
 _blocked = jax.jit(ragged_paged_attention_blocked)
@@ -136,43 +136,13 @@ def test_kernel_matches_reference(case: Case) -> None:
     assert not np.asarray(out, np.float32)[_padding_tokens(step)].any()
 
 
-def _poison_unseen(step: PagedStep, seen_pages: list[int], *, stale_slots: bool) -> PagedStep:
-    """NaN in every pool page a correct computation need not read: pages no row uses, and
-    the page-table entries of row r from `seen_pages[r]` on (pointed at a NaN page; the
-    entries between the row's own pages and those are pointed at a finite page); with
-    `stale_slots` also the slots past kv_len in a row's last page. The reference would
-    turn any NaN it reads into NaN outputs (0 * NaN)."""
-    k, v = np.array(step.k_pages, np.float32), np.array(step.v_pages, np.float32)
-    table = np.array(step.page_indices)
-    page_size = k.shape[2]
-    n_rows = int(step.num_rows)
-    kv_lens = np.asarray(step.kv_lens)
-    need = -(-kv_lens // page_size)
-    owned = {int(table[r, i]) for r in range(n_rows) for i in range(need[r])}
-    spare = sorted(set(range(k.shape[1])) - owned)
-    k[:, spare], v[:, spare] = np.nan, np.nan
-    for r in range(n_rows):
-        table[r, need[r] : seen_pages[r]] = min(owned)
-        table[r, seen_pages[r] :] = spare[0]
-        if stale_slots and kv_lens[r] % page_size:
-            last = table[r, (kv_lens[r] - 1) // page_size]
-            k[:, last, kv_lens[r] % page_size :] = np.nan
-            v[:, last, kv_lens[r] % page_size :] = np.nan
-    dtype = step.k_pages.dtype
-    return step._replace(
-        k_pages=jnp.asarray(k, dtype),
-        v_pages=jnp.asarray(v, dtype),
-        page_indices=jnp.asarray(table, jnp.int32),
-    )
-
-
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=lambda c: c.id)
 def test_kernel_reads_nothing_past_each_row(case: Case) -> None:
     """With NaN in everything past each row's kv_len, the kernel's output equals the
     clean reference: it loads only the tiles its queries see and zeroes V past them."""
     step = case.step(seed=2)
     need = -(-np.asarray(step.kv_lens) // case.page_size)
-    poisoned = _poison_unseen(step, list(need), stale_slots=True)
+    poisoned = poison_unseen(step, list(need), stale_slots=True)
     out = ragged_paged_attention(
         *poisoned, block_q=case.block_q, block_k=case.block_k, interpret=True
     )
@@ -199,7 +169,7 @@ def test_blocked_reads_only_its_buckets_and_equals_the_reference(
     need = [-(-int(n) // page_size) for n in np.asarray(step.kv_lens)[: int(step.num_rows)]]
     # A decode group reads its longest row's bucket, so poison only past the largest.
     seen = [next(s for s in sizes if s >= max(need)) for _ in need]
-    _close(_blocked(*_poison_unseen(step, seen, stale_slots=False)), _reference(*step), dtype)
+    _close(_blocked(*poison_unseen(step, seen, stale_slots=False)), _reference(*step), dtype)
     assert page_buckets(64, 16) == (4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
 
 

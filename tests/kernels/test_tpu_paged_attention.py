@@ -13,10 +13,10 @@ import pytest
 
 from tandem.kernels.paged_reference import ragged_paged_attention_reference, write_pages
 from tandem.kernels.reference import attention_reference
-from tandem.kernels.testing import PagedStep, paged_step, tolerance
+from tandem.kernels.testing import PagedStep, paged_step, poison_unseen, tolerance
 from tandem.kernels.tpu_paged_attention import ragged_paged_attention_tpu
 
-from .test_paged_attention import Case, _padding_tokens, _poison_unseen, layout
+from .test_paged_attention import Case, _padding_tokens, layout
 
 _reference = jax.jit(ragged_paged_attention_reference)
 
@@ -86,7 +86,7 @@ def test_kernel_reads_nothing_past_each_row(case: Case) -> None:
     zeroed past the block's last position)."""
     step = case.step(seed=2)
     need = -(-np.asarray(step.kv_lens) // case.page_size)
-    poisoned = _poison_unseen(step, list(need), stale_slots=True)
+    poisoned = poison_unseen(step, list(need), stale_slots=True)
     _close(_run(case, poisoned), _reference(*step), case.dtype)
 
 
