@@ -55,6 +55,8 @@ def bucket_index(sizes: tuple[int, ...], need: jax.Array) -> jax.Array:
 #     context past 1,000 tokens: docs/benchmarks.md, "Measurements behind code choices").
 # The trip counts are the live decode groups and chunk blocks, so padding rows and
 # tokens cost nothing. The plain reference instead gathers every query's whole page table.
+# With `native_decode` (the dispatcher's choice on CPU) the decode rows go to the C++
+# kernel of cpu_decode_attention.py instead, which reads pages without gathering them.
 DECODE_GROUP = 4
 PREFIX_ROWS = 16  # decode rows per GEMM over their common prefix
 PREFIX_TOKENS = 256  # common-prefix positions per iteration of its loop (its granularity)
@@ -166,56 +168,32 @@ def _decode_groups(
     return jax.lax.fori_loop(0, live_groups, decode_group, jnp.zeros_like(decode_q))
 
 
-def ragged_paged_attention_blocked(
-    q: jax.Array,  # [T, N, H]
+def _decode_rows(
+    decode_q: jax.Array,  # [Rg, N, H] decode rows, shortest first
     k_pages: jax.Array,  # [K, P, Ps, H]
-    v_pages: jax.Array,  # [K, P, Ps, H]
-    kv_lens: jax.Array,  # [R] int32
-    page_indices: jax.Array,  # [R, Pr] int32
-    cu_q_lens: jax.Array,  # [R + 1] int32
-    num_rows: jax.Array,  # [] int32
-    *,
-    sm_scale: float | None = None,
-    native_decode: bool = False,
-) -> jax.Array:  # [T, N, H]
-    """`ragged_paged_attention_reference`, reading only the pages each query can see.
-
-    native_decode: the decode rows past their common prefix through the C++ kernel
-    (cpu_decode_attention.py; float32 pools, when `available()`), not `_decode_groups`."""
-    n_tokens, n_heads, head_dim = q.shape
+    v_pages: jax.Array,
+    tables: jax.Array,  # [Rg, Pr] their page tables
+    lengths: jax.Array,  # [Rg] their positions (0: entry not in use)
+    n_decode: jax.Array,  # [] decode rows in use
+    sizes: tuple[int, ...],  # page-count buckets
+    scale: float,
+) -> jax.Array:  # [Rg, N, H]
+    """The decode rows in XLA: the pages all of them share (`common_prefix_pages`), in
+    whole slices of PREFIX_TOKENS positions, attended once for all of them, then
+    `_decode_groups` over the rest."""
+    n_entries, n_heads, head_dim = decode_q.shape
     n_kv, _, page_size, _ = k_pages.shape
-    n_rows, pages_per_seq = page_indices.shape
     group = n_heads // n_kv
-    scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    sizes = page_buckets(pages_per_seq, page_size)
-    cu, q_len = step_rows(cu_q_lens, num_rows)
-    # Rows past T are where padding entries of a group or block write; sliced off below.
-    out = jnp.zeros((n_tokens + CHUNK_BLOCK, n_heads, head_dim), q.dtype)
-    q_padded = jnp.concatenate([q, jnp.zeros_like(out[n_tokens:])])
-
-    # -- decode rows: their common prefix once, then DECODE_GROUP rows per iteration --
-    is_decode = q_len == 1  # [R]
-    n_decode = jnp.sum(is_decode)
     # The common prefix in whole slices of PREFIX_TOKENS positions (its loop's unit; the
     # rest of it each row reads as its own pages): [] pages, [] positions.
     slice_pages = max(1, PREFIX_TOKENS // page_size)
-    common = common_prefix_pages(page_indices, kv_lens, is_decode, page_size)
+    common = common_prefix_pages(tables, lengths, lengths > 0, page_size)
     common = common // slice_pages * slice_pages
-    shared = common * page_size
-    # Decode rows first, shortest first, so each group of DECODE_GROUP rows holds similar
-    # lengths and its page bucket (its longest row) wastes little on the others.
-    key = jnp.where(is_decode, kv_lens, jnp.iinfo(jnp.int32).max)  # [R]
-    order = jnp.argsort(key, stable=True).astype(jnp.int32)
-    n_entries = -(-n_rows // PREFIX_ROWS) * PREFIX_ROWS
-    order = jnp.pad(order, (0, n_entries - n_rows))  # [Rg]
-    in_use = jnp.arange(n_entries) < n_decode  # [Rg]
-    target = jnp.where(in_use, cu[order], n_tokens)  # [Rg] the token each entry is
-    own = jnp.where(in_use, kv_lens[order] - shared, 0)  # [Rg] positions past the prefix
-    # Per-row gathers once, outside the loops: an iteration only slices them. The tables
-    # get more columns, so a slice from column `common` (or a prefix slice) stays in range.
-    decode_q = q_padded[target]  # [Rg, N, H]
+    own = jnp.where(lengths > 0, lengths - common * page_size, 0)  # [Rg] past the prefix
+    # The tables get more columns, so a slice from column `common` (or a prefix slice)
+    # stays in range.
     extra = max(sizes[-1], PREFIX_TOKENS // page_size)
-    decode_pages = jnp.pad(page_indices[order], ((0, 0), (0, extra)))  # [Rg, Pr + extra]
+    decode_pages = jnp.pad(tables, ((0, 0), (0, extra)))  # [Rg, Pr + extra]
 
     # The common prefix: an online softmax over its slices (one loop body, not a branch
     # per page bucket: each branch is compile time), each slice gathered once and attended
@@ -270,16 +248,60 @@ def ragged_paged_attention_blocked(
     prefix_lse = prefix_lse.reshape(n_kv, n_entries, group).swapaxes(0, 1)
     prefix_lse = prefix_lse.reshape(n_entries, n_heads)  # [Rg, N]
 
+    return _decode_groups(
+        decode_q, k_pages, v_pages, decode_pages, own, common,
+        prefix_out, prefix_lse, n_decode, sizes, scale,
+    )  # fmt: skip
+
+
+def ragged_paged_attention_blocked(
+    q: jax.Array,  # [T, N, H]
+    k_pages: jax.Array,  # [K, P, Ps, H]
+    v_pages: jax.Array,  # [K, P, Ps, H]
+    kv_lens: jax.Array,  # [R] int32
+    page_indices: jax.Array,  # [R, Pr] int32
+    cu_q_lens: jax.Array,  # [R + 1] int32
+    num_rows: jax.Array,  # [] int32
+    *,
+    sm_scale: float | None = None,
+    native_decode: bool = False,
+) -> jax.Array:  # [T, N, H]
+    """`ragged_paged_attention_reference`, reading only the pages each query can see.
+
+    native_decode: the decode rows through the C++ kernel (cpu_decode_attention.py;
+    float32 pools, when `available()`) instead of XLA's `_decode_rows`."""
+    n_tokens, n_heads, head_dim = q.shape
+    n_kv, _, page_size, _ = k_pages.shape
+    n_rows, pages_per_seq = page_indices.shape
+    group = n_heads // n_kv
+    scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    sizes = page_buckets(pages_per_seq, page_size)
+    cu, q_len = step_rows(cu_q_lens, num_rows)
+    # Rows past T are where padding entries of a group or block write; sliced off below.
+    out = jnp.zeros((n_tokens + CHUNK_BLOCK, n_heads, head_dim), q.dtype)
+    q_padded = jnp.concatenate([q, jnp.zeros_like(out[n_tokens:])])
+
+    # -- decode rows --
+    is_decode = q_len == 1  # [R]
+    n_decode = jnp.sum(is_decode)
+    # Decode rows first, shortest first, so each group of DECODE_GROUP rows holds similar
+    # lengths and its page bucket (its longest row) wastes little on the others.
+    key = jnp.where(is_decode, kv_lens, jnp.iinfo(jnp.int32).max)  # [R]
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    n_entries = -(-n_rows // PREFIX_ROWS) * PREFIX_ROWS
+    order = jnp.pad(order, (0, n_entries - n_rows))  # [Rg]
+    in_use = jnp.arange(n_entries) < n_decode  # [Rg]
+    target = jnp.where(in_use, cu[order], n_tokens)  # [Rg] the token each entry is
+    decode_q = q_padded[target]  # [Rg, N, H]
+    decode_lens = jnp.where(in_use, kv_lens[order], 0)  # [Rg]
     if native_decode:
-        res, lse = cpu_decode_attention.paged_decode_attention(
-            decode_q, k_pages, v_pages, decode_pages, own, common, sm_scale=scale
-        )
-        decode_out = _merge(prefix_out, prefix_lse, res, lse).astype(q.dtype)
+        decode_out = cpu_decode_attention.paged_decode_attention(
+            decode_q, k_pages, v_pages, page_indices[order], decode_lens, sm_scale=scale
+        ).astype(q.dtype)
     else:
-        decode_out = _decode_groups(
-            decode_q, k_pages, v_pages, decode_pages, own, common,
-            prefix_out, prefix_lse, n_decode, sizes, scale,
-        )  # fmt: skip
+        decode_out = _decode_rows(
+            decode_q, k_pages, v_pages, page_indices[order], decode_lens, n_decode, sizes, scale
+        )
     out = out.at[target].set(decode_out)  # entries not in use land past T
 
     # -- the other rows, CHUNK_BLOCK query tokens per iteration --

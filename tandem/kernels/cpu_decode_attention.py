@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -39,6 +40,7 @@ SOURCE = Path(__file__).with_name("cpu_decode_attention.cc")
 TARGET = "tandem_cpu_decode_attention"  # the FFI target's name
 _SYMBOL = "TandemCpuDecodeAttention"  # the handler's symbol in the library
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_loading = threading.Lock()  # two threads tracing at once build and register once
 
 
 class BuildError(RuntimeError):
@@ -104,9 +106,21 @@ def build(compiler: str, directory: Path) -> Path:
     return library
 
 
-@functools.cache
 def available() -> bool:
-    """Whether the kernel is built, loaded and registered with XLA (once per process)."""
+    """Whether the kernel is built, loaded and registered with XLA: `load()` once per
+    process."""
+    with _loading:
+        return _load_once()
+
+
+@functools.cache
+def _load_once() -> bool:
+    return load()
+
+
+def load() -> bool:
+    """Builds (unless cached), loads and registers the kernel; False, with a warning that
+    says why, when it cannot."""
     compiler = find_compiler()
     try:
         if compiler is None:
@@ -127,29 +141,21 @@ def paged_decode_attention(
     k_pages: jax.Array,  # [K, P, Ps, H] float32
     v_pages: jax.Array,  # [K, P, Ps, H] float32
     page_indices: jax.Array,  # [R, Pr] int32
-    lengths: jax.Array,  # [R] int32: positions each row attends to (0: none)
-    first_column: jax.Array,  # [] int32: the page-table column of position 0
+    lengths: jax.Array,  # [R] int32: positions each row attends to (0: none, zeros out)
     *,
     sm_scale: float,
-) -> tuple[jax.Array, jax.Array]:  # [R, N, H] float32, [R, N] float32 log-sum-exp
-    """Row r's queries attend to the `lengths[r]` positions held by its pages from column
-    `first_column` on: the normalized output, and each query's log-sum-exp (-1e30 for a
-    row with no position) for merging with attention over other positions. The caller
-    checks `available()` first. A page index outside the pool or a length past the table
-    is an error at run time, never a read out of bounds."""
-    rows, n_heads, head_dim = q.shape
-    return jax.ffi.ffi_call(
-        TARGET,
-        (
-            jax.ShapeDtypeStruct((rows, n_heads, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((rows, n_heads), jnp.float32),
-        ),
-    )(
+) -> jax.Array:  # [R, N, H] float32
+    """Row r's queries attend to its first `lengths[r]` positions. A page index outside
+    the pool or a length past the table is an error at run time, never a read out of
+    bounds. RuntimeError when the kernel is not `available()` (the dispatcher asks first
+    and runs XLA's path instead)."""
+    if not available():
+        raise RuntimeError("the native CPU decode attention could not be built (logged why)")
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q.astype(jnp.float32),
         k_pages,
         v_pages,
         page_indices.astype(jnp.int32),
         lengths.astype(jnp.int32),
-        jnp.asarray(first_column, jnp.int32),
         scale=np.float32(sm_scale),
     )
