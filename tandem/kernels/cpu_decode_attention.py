@@ -4,14 +4,14 @@ through XLA's FFI.
 Why a native kernel: XLA's CPU backend can only gather (copy) a row's pages before it
 attends over them, at 4-5 GB/s inside a serving step, and decode attention is most of that
 step's time; the C++ kernel reads each page where it lies, as vLLM's CPU attention does
-(docs/benchmarks.md, "native CPU decode attention"). Prompt chunks stay in XLA: they reuse
+(docs/benchmarks.md, "decode attention in C++ on CPU"). Prompt chunks stay in XLA: they reuse
 each page across many queries, where XLA's GEMMs win.
 
-The source is built on first use with the machine's C++ compiler (`$CXX`, else `c++` or
-`g++`) against the FFI headers jaxlib ships, for this CPU (`-march=native`), into a cache
-directory (`$TANDEM_CACHE_DIR`, else `$XDG_CACHE_HOME/tandem` or `~/.cache/tandem`) under a
-name keyed by everything the binary depends on, so a changed source, jaxlib, compiler or
-CPU builds anew. Without a compiler, or if the build fails, `available()` logs why once and
+The source is built on first use with the machine's C++ compiler (`$CXX`, else `c++`,
+`g++` or `clang++`) against the FFI headers jaxlib ships, for this CPU (`-march=native`),
+into a cache directory (`$TANDEM_CACHE_DIR`, else `$XDG_CACHE_HOME/tandem` or
+`~/.cache/tandem`) under a name keyed by everything the binary depends on, so a changed
+source, jaxlib, compiler or CPU builds anew. Without a compiler, or if the build fails, `available()` logs why once and
 returns False, and the XLA path runs instead: the same results, slower.
 """
 
