@@ -56,7 +56,7 @@ float Sum(Vec v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[
 using IVec = int32_t __attribute__((vector_size(32)));
 
 // exp of eight floats, x <= 0 (Cephes' expf: x = n ln 2 + r with |r| <= ln 2 / 2, a degree-6
-// polynomial for e^r, 2^n built in the exponent bits; within 2 ulp). glibc's vector expf is
+// polynomial for e^r, 2^n built in the exponent bits; NaN stays NaN). glibc's vector expf is
 // only declared under -ffast-math, whose finite-math assumptions this code does not make.
 Vec Exp(Vec x) {
   const Vec lowest = Vec{} - 87.33f;  // e^-87.33 is float's smallest normal
