@@ -136,6 +136,20 @@ def test_encode_is_autotokenizer(family):
     assert (tok.bos_id is None) == name.startswith("qwen")
 
 
+def test_streamed_text_is_transformers_decode(family):
+    """Token by token, each family's text (SentencePiece spaces and byte fallback for
+    Mistral, byte-level BPE for Llama 3 and Qwen, special tokens skipped) comes out as
+    transformers decodes the whole sequence, never with a broken character."""
+    name, directory, hf = family
+    tok = Tokenizer.from_dir(directory)
+    for text in PROMPTS:
+        ids = hf(text, add_special_tokens=False)["input_ids"]
+        detok = IncrementalDetokenizer(tok)
+        deltas = [detok.push(i) for i in ids] + [detok.flush()]
+        assert "".join(deltas) == hf.decode(ids, skip_special_tokens=True), (name, text)
+        assert all("\ufffd" not in d for d in deltas), (name, text)
+
+
 def test_stop_ids_are_eos_plus_generation_config(family):
     transformers = pytest.importorskip("transformers")
     name, directory, hf = family
