@@ -98,6 +98,7 @@ def build(compiler: str, directory: Path) -> Path:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise BuildError(f"{' '.join(command)} failed:\n{done.stderr.strip()}")
+        os.chmod(partial, 0o755)  # mkstemp's 0600 would keep others sharing the directory out
         os.replace(partial, library)
     except subprocess.SubprocessError as e:
         raise BuildError(f"{' '.join(command)}: {e}") from e
