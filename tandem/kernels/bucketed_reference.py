@@ -169,20 +169,34 @@ def _decode_groups(
 
 
 def _decode_rows(
-    decode_q: jax.Array,  # [Rg, N, H] decode rows, shortest first
+    q_padded: jax.Array,  # [T + CHUNK_BLOCK, N, H] the step's queries, zeros past T
+    target: jax.Array,  # [R] each decode row's token, T for the other rows
     k_pages: jax.Array,  # [K, P, Ps, H]
     v_pages: jax.Array,
-    tables: jax.Array,  # [Rg, Pr] their page tables
-    lengths: jax.Array,  # [Rg] their positions (0: entry not in use)
-    n_decode: jax.Array,  # [] decode rows in use
+    page_indices: jax.Array,  # [R, Pr]
+    lengths: jax.Array,  # [R] each decode row's positions, 0 for the other rows
     sizes: tuple[int, ...],  # page-count buckets
     scale: float,
-) -> jax.Array:  # [Rg, N, H]
+) -> tuple[jax.Array, jax.Array]:  # [Rg] the token of each output row, [Rg, N, H]
     """The decode rows in XLA: the pages all of them share (`common_prefix_pages`), in
     whole slices of PREFIX_TOKENS positions, attended once for all of them, then
     `_decode_groups` over the rest."""
-    n_entries, n_heads, head_dim = decode_q.shape
+    n_tokens = q_padded.shape[0] - CHUNK_BLOCK
+    n_rows = lengths.shape[0]
     n_kv, _, page_size, _ = k_pages.shape
+    n_decode = jnp.sum(lengths > 0)
+    # Decode rows first, shortest first, so each group of DECODE_GROUP rows holds similar
+    # lengths and its page bucket (its longest row) wastes little on the others.
+    key = jnp.where(lengths > 0, lengths, jnp.iinfo(jnp.int32).max)  # [R]
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    n_entries = -(-n_rows // PREFIX_ROWS) * PREFIX_ROWS
+    order = jnp.pad(order, (0, n_entries - n_rows))  # [Rg]
+    in_use = jnp.arange(n_entries) < n_decode  # [Rg]
+    target = jnp.where(in_use, target[order], n_tokens)  # [Rg] the token each entry is
+    decode_q = q_padded[target]  # [Rg, N, H]
+    lengths = jnp.where(in_use, lengths[order], 0)  # [Rg]
+    tables = page_indices[order]  # [Rg, Pr]
+    _, n_heads, head_dim = decode_q.shape
     group = n_heads // n_kv
     # The common prefix in whole slices of PREFIX_TOKENS positions (its loop's unit; the
     # rest of it each row reads as its own pages): [] pages, [] positions.
@@ -248,7 +262,7 @@ def _decode_rows(
     prefix_lse = prefix_lse.reshape(n_kv, n_entries, group).swapaxes(0, 1)
     prefix_lse = prefix_lse.reshape(n_entries, n_heads)  # [Rg, N]
 
-    return _decode_groups(
+    return target, _decode_groups(
         decode_q, k_pages, v_pages, decode_pages, own, common,
         prefix_out, prefix_lse, n_decode, sizes, scale,
     )  # fmt: skip
@@ -272,7 +286,7 @@ def ragged_paged_attention_blocked(
     float32 pools, when `available()`) instead of XLA's `_decode_rows`."""
     n_tokens, n_heads, head_dim = q.shape
     n_kv, _, page_size, _ = k_pages.shape
-    n_rows, pages_per_seq = page_indices.shape
+    pages_per_seq = page_indices.shape[1]
     group = n_heads // n_kv
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
     sizes = page_buckets(pages_per_seq, page_size)
@@ -283,26 +297,17 @@ def ragged_paged_attention_blocked(
 
     # -- decode rows --
     is_decode = q_len == 1  # [R]
-    n_decode = jnp.sum(is_decode)
-    # Decode rows first, shortest first, so each group of DECODE_GROUP rows holds similar
-    # lengths and its page bucket (its longest row) wastes little on the others.
-    key = jnp.where(is_decode, kv_lens, jnp.iinfo(jnp.int32).max)  # [R]
-    order = jnp.argsort(key, stable=True).astype(jnp.int32)
-    n_entries = -(-n_rows // PREFIX_ROWS) * PREFIX_ROWS
-    order = jnp.pad(order, (0, n_entries - n_rows))  # [Rg]
-    in_use = jnp.arange(n_entries) < n_decode  # [Rg]
-    target = jnp.where(in_use, cu[order], n_tokens)  # [Rg] the token each entry is
-    decode_q = q_padded[target]  # [Rg, N, H]
-    decode_lens = jnp.where(in_use, kv_lens[order], 0)  # [Rg]
+    target = jnp.where(is_decode, cu[:-1], n_tokens)  # [R] each decode row's token, or past T
+    lengths = jnp.where(is_decode, kv_lens, 0)  # [R] positions each decode row attends to
     if native_decode:
         decode_out = cpu_decode_attention.paged_decode_attention(
-            decode_q, k_pages, v_pages, page_indices[order], decode_lens, sm_scale=scale
-        ).astype(q.dtype)
-    else:
-        decode_out = _decode_rows(
-            decode_q, k_pages, v_pages, page_indices[order], decode_lens, n_decode, sizes, scale
+            q_padded[target], k_pages, v_pages, page_indices, lengths, sm_scale=scale
         )
-    out = out.at[target].set(decode_out)  # entries not in use land past T
+    else:
+        target, decode_out = _decode_rows(
+            q_padded, target, k_pages, v_pages, page_indices, lengths, sizes, scale
+        )
+    out = out.at[target].set(decode_out.astype(q.dtype))  # rows not decoding land past T
 
     # -- the other rows, CHUNK_BLOCK query tokens per iteration --
     blocks = query_blocks(cu, jnp.where(is_decode, 0, q_len), kv_lens, n_tokens, CHUNK_BLOCK)

@@ -11,8 +11,9 @@ The source is built on first use with the machine's C++ compiler (`$CXX`, else `
 `g++` or `clang++`) against the FFI headers jaxlib ships, for this CPU (`-march=native`),
 into a cache directory (`$TANDEM_CACHE_DIR`, else `$XDG_CACHE_HOME/tandem` or
 `~/.cache/tandem`) under a name keyed by everything the binary depends on, so a changed
-source, jaxlib, compiler or CPU builds anew. Without a compiler, or if the build fails, `available()` logs why once and
-returns False, and the XLA path runs instead: the same results, slower.
+source, jaxlib, compiler or CPU builds anew. Without a compiler, or if the build fails,
+`available()` logs why once and returns False, and the XLA path runs instead: the same
+results, slower.
 """
 
 from __future__ import annotations

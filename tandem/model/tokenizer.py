@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
 GENERATION_CONFIG = "generation_config.json"
-_REPLACEMENT = "\ufffd"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
