@@ -1,8 +1,9 @@
 """tandem vs vLLM, same weights, same machine, same workload, one run.
 
-Starts the vLLM OpenAI server (`--vllm-python` interpreter, or uses a running one at
---vllm-url) on the Hugging Face export of the SAME weights, then `python -m tandem.serve
---bundle B --http-port H` once per --max-seqs value beside it. Both get the SAME requests:
+Per --max-seqs value, starts the vLLM OpenAI server (`--vllm-python` interpreter, or uses a
+running one at --vllm-url) on the Hugging Face export of the SAME weights with the same
+concurrency cap (`--max-num-seqs`), and `python -m tandem.serve --bundle B --http-port H
+--max-seqs N` beside it. Both get the SAME requests:
 serve_bench's synthetic dataset (token-id prompts, outputs forced to length with
 ignore_eos, greedy, streamed) or its other workloads, and the same Poisson arrival times;
 tandem is measured over its OpenAI API with the SAME client as vLLM (serve_bench's asyncio
@@ -120,6 +121,45 @@ def _vllm_check(python: str) -> None:
         )
 
 
+def _vllm_server(
+    stack: contextlib.ExitStack, args: argparse.Namespace, n_slots: int, logs: Path
+) -> tuple[Any, float, int | None]:
+    """vLLM's load function, start-up seconds and concurrency cap for one --max-seqs value.
+
+    vLLM is started here with `--max-num-seqs` = tandem's `--max-seqs`, so both run at most
+    as many sequences at once (vLLM's CPU default is 128 per API server, which a burst
+    above tandem's cap would otherwise be measured against); a --vllm-arg=--max-num-seqs=N
+    overrides it. A running --vllm-url server keeps its own cap (None: unknown here)."""
+    url, startup, cap = args.vllm_url, math.nan, None
+    if url is None:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "VLLM_CACHE_ROOT": str(logs / "vllm-cache"),
+               "VLLM_CPU_KVCACHE_SPACE": "2"}  # fmt: skip
+        cap = n_slots
+        for i, arg in enumerate(args.vllm_arg):  # vLLM's parser: the last one wins
+            if arg == "--max-num-seqs" and i + 1 < len(args.vllm_arg):
+                cap = int(args.vllm_arg[i + 1])
+            elif arg.startswith("--max-num-seqs="):
+                cap = int(arg.split("=", 1)[1])
+        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", str(args.hf_dir.resolve()), "--dtype", "float32",
+               "--max-model-len", str(args.max_len), "--host", "127.0.0.1",
+               "--port", str(port), "--enable-prompt-tokens-details",
+               "--max-num-seqs", str(n_slots), *args.vllm_arg]  # fmt: skip
+        log_path = logs / f"vllm-{n_slots}.log"
+        proc = stack.enter_context(_process(cmd, log_path, env))
+        startup = _wait_ready(proc, lambda: _vllm_ready(url), args.startup_timeout, log_path)
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
+        model = json.load(r)["data"][0]["id"]
+    # serve_bench's client, run in this process (it only drives the load)
+    load = functools.partial(
+        _load_process, url.removeprefix("http://"), max_concurrency=None, api="openai",
+        model=model,
+    )  # fmt: skip
+    return load, startup, cap
+
+
 def _line(system: str, rate: float, results, duration: float, **extra) -> dict[str, Any]:
     return {
         "bench": "vllm_compare",
@@ -234,32 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             with args.out.open("a") as f:
                 f.write(text + "\n")
 
-    with contextlib.ExitStack() as stack:
-        url, vllm_startup = args.vllm_url, math.nan
-        if url is None:
-            port = _free_port()
-            url = f"http://127.0.0.1:{port}"
-            env = {**os.environ, "VLLM_CACHE_ROOT": str(logs / "vllm-cache"),
-                   "VLLM_CPU_KVCACHE_SPACE": "2"}  # fmt: skip
-            cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
-                   "--model", str(args.hf_dir.resolve()), "--dtype", "float32",
-                   "--max-model-len", str(args.max_len), "--host", "127.0.0.1",
-                   "--port", str(port), "--enable-prompt-tokens-details",
-                   *args.vllm_arg]  # fmt: skip
-            log_path = logs / "vllm.log"
-            proc = stack.enter_context(_process(cmd, log_path, env))
-            vllm_startup = _wait_ready(proc, lambda: _vllm_ready(url), args.startup_timeout,
-                                       log_path)  # fmt: skip
-        with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
-            model = json.load(r)["data"][0]["id"]
-        # serve_bench's client, run in this process (it only drives the load)
-        vllm_load = functools.partial(
-            _load_process, url.removeprefix("http://"), max_concurrency=None, api="openai",
-            model=model,
-        )  # fmt: skip
-        vllm_warm = set(warm)  # rates vLLM has yet to warm up at
-
-        for j, n_slots in enumerate(slots):
+    for j, n_slots in enumerate(slots):
+        with contextlib.ExitStack() as stack:
+            vllm_load, vllm_startup, vllm_seqs = _vllm_server(stack, args, n_slots, logs)
+            vllm_warm = set(warm)  # rates this vLLM server has yet to warm up at
             port, http_port = _free_port(), _free_port()
             target = f"127.0.0.1:{port}"
             cmd = [sys.executable, "-m", "tandem.serve", "--bundle", str(args.bundle),
@@ -298,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                         results, duration = vllm_load(requests, rate, seed=args.seed)
                         emit(_line("vllm", rate, results, duration, api="openai",
                                    max_seqs=n_slots, repeat=rep, startup_s=vllm_startup,
-                                   workload=args.workload))  # fmt: skip
+                                   workload=args.workload,
+                                   vllm_max_num_seqs=vllm_seqs,
+                                   vllm_arg=args.vllm_arg))  # fmt: skip
 
     def median(system: str, api: str, n_slots: int, rate: Any, key: str, pct: str | None):
         values = [x[key][pct] if pct else x[key] for x in lines
