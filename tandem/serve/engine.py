@@ -12,7 +12,7 @@ positions, cache slots, page tables and sampling parameters.
 
 One compiled function runs a plan (`Transformer.step` over the ragged rows, then the
 per-row sampler and the packed output), compiled ahead of time at `warmup()` for every
-token bucket `token_buckets(max_num_batched_tokens)`: a plan of T tokens runs in the
+token bucket `token_buckets(max_num_batched_tokens, max_seqs)`: a plan of T tokens runs in the
 smallest bucket Tb >= T, with min(Tb, max_seqs) rows (a row has at least one token) and
 page tables as wide as `max_len` needs. Padding tokens write nowhere (slot -1) and padding
 rows read nothing (`num_rows`), so only the bucket decides the cost of the matmuls. They
@@ -189,17 +189,27 @@ def default_cache_dtype(cfg: ModelConfig) -> str:
     return "float32" if jax.default_backend() == "cpu" else cfg.dtype
 
 
-def token_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
-    """Token counts a step is compiled for: powers of two from 8 up to
-    max_num_batched_tokens (the last). Steps fall in two kinds: decode-only ones (as many
-    tokens as running sequences), and ones the scheduler fills to the budget with prompt
-    chunks; only a prompt's last chunk lands in between, so finer buckets there would buy
-    little for their compile time (every bucket is a compiled executable)."""
-    buckets, size = [], 8
+def token_buckets(max_num_batched_tokens: int, max_seqs: int) -> tuple[int, ...]:
+    """Token counts a step is compiled for (every bucket is a compiled executable).
+
+    Steps fall in two kinds: decode-only ones, with as many tokens as running sequences
+    (anywhere from 1 to max_seqs), and ones the scheduler fills to the budget with prompt
+    chunks (only a prompt's last chunk lands in between). Up to max_seqs the buckets are
+    those of vLLM's CUDA graph sizes, 8 apart to 32, then four per doubling (40, 48, 56,
+    64, 80, ...): a decode step pads by at most a quarter of its tokens, where powers of
+    two padded the mixed workload's long-tail steps (33-40 running) to 64 (measured in
+    docs/benchmarks.md). Above max_seqs, powers of two up to max_num_batched_tokens (the
+    last)."""
+    buckets, size = set(), 8
+    while size < max_seqs:
+        buckets.add(size)
+        size += max(8, 1 << (size.bit_length() - 3))  # a quarter of the octave, >= 8
+    buckets.add(min(size, max_num_batched_tokens))  # the first that holds max_seqs rows
+    size = 8
     while size < max_num_batched_tokens:
-        buckets.append(size)
+        buckets.add(size)
         size *= 2
-    return (*buckets, max_num_batched_tokens)
+    return tuple(sorted(buckets | {max_num_batched_tokens}))
 
 
 def pick_tensor_parallel(cfg: ModelConfig, n_devices: int, requested: int = 0) -> int:
@@ -308,7 +318,7 @@ class JaxEngine(Engine):
             )
             scfg = dataclasses.replace(scfg, kv_cache_tokens=tokens, kv_cache_memory=0.0)
         self.serve_cfg = scfg
-        self._buckets = token_buckets(scfg.max_num_batched_tokens)
+        self._buckets = token_buckets(scfg.max_num_batched_tokens, scfg.max_seqs)
         self._width = pages_for(scfg.max_len, scfg.page_size)  # page-table columns
         # Serving holds each layer's weights as separate arrays (slicing them out of the
         # stacked [L, ...] params inside the step made XLA copy them on every call; see

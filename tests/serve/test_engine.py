@@ -143,9 +143,22 @@ def drive(engine, requests: list[tuple[list[int], SamplingParams]], *, ahead: bo
 
 
 def test_token_buckets() -> None:
-    assert token_buckets(32) == (8, 16, 32)
-    assert token_buckets(512) == (8, 16, 32, 64, 128, 256, 512)
-    assert token_buckets(100) == (8, 16, 32, 64, 100)
+    # powers of two up to the budget; finer up to max_seqs, where decode-only steps land
+    assert token_buckets(32, 4) == (8, 16, 32)
+    assert token_buckets(512, 8) == (8, 16, 32, 64, 128, 256, 512)
+    assert token_buckets(100, 8) == (8, 16, 32, 64, 100)
+    assert token_buckets(512, 64) == (8, 16, 24, 32, 40, 48, 56, 64, 128, 256, 512)
+    assert token_buckets(512, 50) == (8, 16, 24, 32, 40, 48, 56, 64, 128, 256, 512)
+    assert token_buckets(100, 100) == (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 100)
+    big = token_buckets(512, 256)
+    assert big[big.index(128) :] == (128, 160, 192, 224, 256, 512)
+    for budget, seqs in [(512, 64), (512, 50), (100, 100), (512, 256), (64, 64), (96, 3)]:
+        buckets = token_buckets(budget, seqs)
+        assert buckets == tuple(sorted(set(buckets))) and buckets[-1] == budget
+        # a decode step of n running sequences pads by at most a quarter (8 below 32)
+        for n in range(1, seqs + 1):
+            padded = next(b for b in buckets if b >= n)
+            assert padded - n < max(8, n // 4 + 1), (budget, seqs, n, padded)
 
 
 @pytest.mark.parametrize(("tokens", "rows"), [(8, 8), (64, 32), (512, 64), (8, 2), (16, 1)])
