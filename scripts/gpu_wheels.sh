@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-.whl}
 PACKAGES="grain array-record portpicker grpcio grpcio-health-checking grpcio-reflection
-protobuf optax orbax-checkpoint tensorboardx"
+protobuf optax orbax-checkpoint tensorboardx uvloop httptools"
 mkdir -p "$DIR"
 for name in $PACKAGES; do
     pin=$(grep -i "^${name}==" requirements.lock)

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import uvloop
 
 log = logging.getLogger("serve_bench")
 
@@ -372,8 +373,9 @@ def _load_process(
     api: str = "grpc",
     model: str = "",
 ) -> tuple[list[RequestResult], float]:
-    """Entry point of the client process: one open-loop run."""
-    return asyncio.run(
+    """Entry point of the client process: one open-loop run (on uvloop, as the servers
+    run: the client shares the host's cores with the server it measures)."""
+    return uvloop.run(
         run_load(
             target, requests, request_rate=request_rate, max_concurrency=max_concurrency,
             seed=seed, api=api, model=model,

@@ -9,8 +9,9 @@ tandem.v1.Generation on 127.0.0.1 by default (and the OpenAI-compatible HTTP API
 
 from __future__ import annotations
 
-import asyncio
 import sys
+
+import uvloop
 
 from tandem.config import Flag, parse_command_line
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from tandem.serve.server import TandemServer, serve_until_signal
 
     engine = JaxEngine.from_bundle(cfg.bundle, cfg)
-    asyncio.run(serve_until_signal(TandemServer(engine, engine.serve_cfg)))
+    uvloop.run(serve_until_signal(TandemServer(engine, engine.serve_cfg)))
     return 0
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import uvloop
 from google.protobuf import message as pb_message
 from google.protobuf import unknown_fields
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -523,7 +524,7 @@ class BackgroundServer:
 
     def __init__(self, server: TandemServer) -> None:
         self.server = server
-        self._loop = asyncio.new_event_loop()
+        self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     def start(self, *, wait_ready: bool = True, timeout: float = 600.0) -> BackgroundServer:
