@@ -282,6 +282,9 @@ def _stop_token_ids(directory: Path) -> list[int]:
     return ids
 
 
+MAX_HELD_TOKENS = 8  # valid text never holds this many: a character is at most 4 bytes
+
+
 class IncrementalDetokenizer:
     """Turns a token stream into text deltas that never split a character.
 
@@ -301,11 +304,57 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
-        text = self._stream.step(self._tokenizer.hf, int(token_id))
-        if text is None:
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return text
+        try:
+            text = self._stream.step(self._tokenizer.hf, int(token_id))
+        except Exception as err:  # tokenizers raises a bare Exception for this
+            if not str(err).startswith("Invalid prefix"):
+                raise
+            # A byte-fallback tokenizer (Mistral's) shows every byte of a run that is not
+            # UTF-8 as U+FFFD, so a stray byte can turn a character already streamed
+            # into U+FFFD; text sent stays sent: the stream restarts after it, as
+            # vLLM's detokenizer does.
+            return self._restart(self._read)
+        if text is not None:
+            self._prefix, self._read = self._read, len(self._ids)
+            return text
+        if len(self._ids) - self._read >= MAX_HELD_TOKENS:
+            return self._release_invalid()
+        return ""
+
+    def _release_invalid(self) -> str:
+        """The text of a long held-back window, but for its last few tokens.
+
+        `DecodeStream` holds every token back while its window's text ends in U+FFFD, and
+        decodes the whole window again at each step: a run of bytes that are not UTF-8 (a
+        model repeating a lone lead byte) made each token cost time in proportion to the
+        run. A character still incomplete began in the last three tokens (none spans more
+        than four bytes, each token brings at least one), so the window up to there is
+        released where its text is a prefix of the whole window's (no character split at
+        the cut), and the stream restarts after it."""
+        decode = self._tokenizer.decode
+        emitted = decode(self._ids[self._prefix : self._read])
+        window = decode(self._ids[self._prefix :])
+        for cut in range(len(self._ids) - 3, self._read, -1):
+            text = decode(self._ids[self._prefix : cut])
+            if window.startswith(text) and text.startswith(emitted):
+                self._prefix, self._read = self._read, cut
+                return text[len(emitted) :] + self._restart(cut)
+        return ""
+
+    def _restart(self, start: int) -> str:
+        """A new stream fed the tokens from `start` on; the text they release."""
+        # A stream primed with tokens whose text ends in U+FFFD holds them back again, so
+        # it is primed with a plain letter: context enough for a SentencePiece word's
+        # leading space, and nothing a byte joins with.
+        anchor = self._tokenizer.hf.encode("a", add_special_tokens=False).ids
+        self._stream = DecodeStream(ids=anchor, skip_special_tokens=True)
+        released = ""
+        for end in range(start + 1, len(self._ids) + 1):
+            piece = self._stream.step(self._tokenizer.hf, self._ids[end - 1])
+            if piece is not None:
+                released += piece
+                self._prefix, self._read = self._read, end
+        return released
 
     def flush(self) -> str:
         """The held-back remainder at the end of a stream (invalid bytes show as U+FFFD)."""

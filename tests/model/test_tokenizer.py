@@ -150,6 +150,49 @@ def test_streamed_text_is_transformers_decode(family):
         assert all("\ufffd" not in d for d in deltas), (name, text)
 
 
+def _byte_token(hf, byte: int) -> int:
+    """The id of the token that is this one byte: SentencePiece's byte fallback
+    (`<0xE0>`, Mistral) or byte-level BPE's printable stand-in (Llama 3, Qwen)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    for token in (f"<0x{byte:02X}>", bytes_to_unicode()[byte]):
+        if token in hf.get_vocab():
+            return hf.convert_tokens_to_ids(token)
+    raise AssertionError(f"no single-byte token for {byte:#x}")
+
+
+def test_invalid_bytes_stream_as_transformers_decodes(family):
+    """A model repeating bytes that are not UTF-8 (lone lead bytes) between real
+    characters: the text still comes out as transformers decodes the whole sequence, and
+    the garbage is released as it streams (DecodeStream alone holds it all back, decoding
+    the growing window again at each token), while a character split over tokens is
+    never broken."""
+    name, directory, hf = family
+    tok = Tokenizer.from_dir(directory)
+    lead, *chinese = [_byte_token(hf, b) for b in (0xE0, 0xE4, 0xB8, 0xAD)]  # 中 = E4 B8 AD
+    words = hf("ok 世界 ok", add_special_tokens=False)["input_ids"]
+    ids = [lead] * 30 + words + [lead] * 11 + words + [lead] * 13 + chinese
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.push(i) for i in ids]
+    assert "\ufffd" in "".join(deltas[:30]), name  # released before the stream ends
+    deltas.append(detok.flush())
+    assert "".join(deltas) == hf.decode(ids, skip_special_tokens=True), name
+
+
+def test_a_byte_that_garbles_streamed_text_does_not_stop_the_stream(family):
+    """Byte fallback (Mistral) shows every byte of a run that is not UTF-8 as U+FFFD, so
+    a stray byte after 中 turns it into U+FFFD in transformers' decode of the whole
+    sequence, after 中 was streamed (tokenizers' DecodeStream then raises "Invalid
+    prefix"): the stream goes on, and what follows comes out."""
+    name, directory, hf = family
+    tok = Tokenizer.from_dir(directory)
+    lead, *chinese = [_byte_token(hf, b) for b in (0xE0, 0xE4, 0xB8, 0xAD)]
+    words = hf("ok then", add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tok)
+    text = "".join(detok.push(i) for i in [*words, *chinese, lead, *words]) + detok.flush()
+    assert text.startswith("ok then中") and text.endswith("ok then"), (name, text)
+
+
 def test_stop_ids_are_eos_plus_generation_config(family):
     transformers = pytest.importorskip("transformers")
     name, directory, hf = family
