@@ -312,7 +312,8 @@ class IncrementalDetokenizer:
             # A byte-fallback tokenizer (Mistral's) shows every byte of a run that is not
             # UTF-8 as U+FFFD, so a stray byte can turn a character already streamed
             # into U+FFFD; text sent stays sent: the stream restarts after it, as
-            # vLLM's detokenizer does.
+            # vLLM's detokenizer does (and `flush` decodes only what was not sent).
+            self._prefix = self._read
             return self._restart(self._read)
         if text is not None:
             self._prefix, self._read = self._read, len(self._ids)
