@@ -1027,7 +1027,7 @@ class HttpServer:
             log_config=None,  # tandem.cli configures logging; uvicorn must not replace it
             access_log=False,
             ws="none",
-            http="httptools",  # the C parser: h11 (pure Python) is the fallback uvicorn picks
+            http="httptools",  # the C parser (without it uvicorn falls back to h11, in Python)
             ssl_certfile=cfg.tls_cert or None,
             ssl_keyfile=cfg.tls_key or None,
             timeout_graceful_shutdown=5,  # after the drain: only the last bytes to send
