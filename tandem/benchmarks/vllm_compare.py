@@ -11,7 +11,10 @@ tandem is measured over its OpenAI API with the SAME client as vLLM (serve_bench
 e2e, throughput). Per rate, after an unrecorded warm-up pass of each system on other
 prompts (--no-warmup: none), the systems' measured passes alternate --repeats times, each
 pass on prompts neither has seen: only one system works at a time (the other idles), and
-a drift of the shared host's speed lands on both. Prints a line per pass and a comparison
+a drift of the shared host's speed lands on both. Each pass starts on a quiet host
+(`wait_for_quiet_host`): after its last request vLLM's worker busy-polls its shared-memory
+queue for a second (`SpinCondition.busy_loop_s` in vllm/distributed/device_communicators/
+shm_broadcast.py), which would otherwise take a core from the pass that follows it. Prints a line per pass and a comparison
 line tandem/vLLM per (rate, slots) of the medians over the repeats, tandem over the first
 of --tandem-apis.
 
@@ -158,6 +161,37 @@ def _vllm_server(
         model=model,
     )  # fmt: skip
     return load, startup, cap
+
+
+def _host_busy_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole host so far (Linux /proc/stat), None elsewhere."""
+    try:
+        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_for_quiet_host(
+    *, busy_cores: float = 0.1, window_s: float = 0.5, limit_s: float = 10.0
+) -> float:
+    """Waits until the host's CPUs were busy less than `busy_cores` cores over the last
+    `window_s` (or `limit_s` passed: a shared host may never be that quiet). Returns the
+    seconds waited. Without /proc/stat it waits one window."""
+    tick = os.sysconf("SC_CLK_TCK")
+    t0 = time.perf_counter()
+    before = _host_busy_jiffies()
+    while True:
+        time.sleep(window_s)
+        after = _host_busy_jiffies()
+        if before is None or after is None:
+            return time.perf_counter() - t0
+        if (after[0] - before[0]) / tick / window_s < busy_cores:
+            return time.perf_counter() - t0
+        if time.perf_counter() - t0 >= limit_s:
+            return time.perf_counter() - t0
+        before = after
 
 
 def _line(system: str, rate: float, results, duration: float, **extra) -> dict[str, Any]:
@@ -308,15 +342,17 @@ def main(argv: list[str] | None = None) -> int:
                     for rep in range(args.repeats):
                         requests = workload[j, rate, rep]
                         for api, load in tandem_loads.items():
+                            quiet = wait_for_quiet_host()
                             results, duration = load(requests, rate, seed=args.seed)
                             emit(_line("tandem", rate, results, duration, api=api,
                                        max_seqs=n_slots, repeat=rep, startup_s=startup,
-                                       workload=args.workload,
+                                       workload=args.workload, quiet_wait_s=quiet,
                                        tandem_set=args.tandem_set))  # fmt: skip
+                        quiet = wait_for_quiet_host()
                         results, duration = vllm_load(requests, rate, seed=args.seed)
                         emit(_line("vllm", rate, results, duration, api="openai",
                                    max_seqs=n_slots, repeat=rep, startup_s=vllm_startup,
-                                   workload=args.workload,
+                                   workload=args.workload, quiet_wait_s=quiet,
                                    vllm_max_num_seqs=vllm_seqs,
                                    vllm_arg=args.vllm_arg))  # fmt: skip
 
