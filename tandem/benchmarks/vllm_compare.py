@@ -14,9 +14,9 @@ pass on prompts neither has seen: only one system works at a time (the other idl
 a drift of the shared host's speed lands on both. Each pass starts on a quiet host
 (`wait_for_quiet_host`): after its last request vLLM's worker busy-polls its shared-memory
 queue for a second (`SpinCondition.busy_loop_s` in vllm/distributed/device_communicators/
-shm_broadcast.py), which would otherwise take a core from the pass that follows it. Prints a line per pass and a comparison
-line tandem/vLLM per (rate, slots) of the medians over the repeats, tandem over the first
-of --tandem-apis.
+shm_broadcast.py), which would otherwise take a core from the pass that follows it.
+Prints a line per pass and a comparison line tandem/vLLM per (rate, slots) of the medians
+over the repeats, tandem over the first of --tandem-apis.
 
     python benchmarks/vllm_compare.py --bundle bundles/demo-fp32 --hf-dir bundles/demo-hf \
         --vllm-python /tmp/vllm-venv/bin/python --request-rate inf,8 --max-seqs 8,32
@@ -163,14 +163,13 @@ def _vllm_server(
     return load, startup, cap
 
 
-def _host_busy_jiffies() -> tuple[int, int] | None:
-    """(busy, total) CPU time of the whole host so far (Linux /proc/stat), None elsewhere."""
+def _host_busy_jiffies() -> int | None:
+    """CPU time the whole host has spent busy so far (Linux /proc/stat), None elsewhere."""
     try:
         fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
         return None
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
 
 
 def wait_for_quiet_host(
@@ -187,7 +186,7 @@ def wait_for_quiet_host(
         after = _host_busy_jiffies()
         if before is None or after is None:
             return time.perf_counter() - t0
-        if (after[0] - before[0]) / tick / window_s < busy_cores:
+        if (after - before) / tick / window_s < busy_cores:
             return time.perf_counter() - t0
         if time.perf_counter() - t0 >= limit_s:
             return time.perf_counter() - t0
