@@ -52,7 +52,8 @@ class ServeConfig:
     kv_cache_memory: float = 0.0  # or the pool's size in GiB of each device's memory
     # (instead of kv_cache_tokens; the engine converts it to whole pages)
     page_size: int = 0  # tokens per KV-cache page; 0 = the engine's default for its device
-    max_num_batched_tokens: int = 512  # tokens one step runs: decodes + prompt chunks
+    max_num_batched_tokens: int = 2048  # tokens one step runs: decodes + prompt chunks
+    # (vLLM's default for its OpenAI server on CPU; docs/benchmarks.md measures 512 too)
     enable_prefix_caching: bool = True  # share cached full pages of equal prefixes
     async_scheduling: bool = False  # plan step N+1 while step N runs (its decode inputs
     # taken on device from N's samples; vLLM's --async-scheduling); grammar rows wait a step
