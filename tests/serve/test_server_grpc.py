@@ -144,7 +144,8 @@ def test_stream_unary_tokenize_model_info(fake_server, tokenizer) -> None:
         assert client.tokenize("hé", add_special_tokens=True) == tokenizer.encode("hé")
         info = client.model_info()
         assert (info.max_prompt_len, info.max_len, info.vocab_size) == (64, 128, 259)
-        assert info.eos_id == tokenizer.eos_id and list(info.prefill_buckets) == [512]
+        budget = ServeConfig().max_num_batched_tokens  # the fake engine's one bucket
+        assert info.eos_id == tokenizer.eos_id and list(info.prefill_buckets) == [budget]
         assert info.max_slots == 4
         assert info.HasField("bos_id") and info.bos_id == tokenizer.bos_id
         assert list(info.stop_token_ids) == sorted(tokenizer.stop_ids)
