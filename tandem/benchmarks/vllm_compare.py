@@ -184,12 +184,11 @@ def wait_for_quiet_host(
     while True:
         time.sleep(window_s)
         after = _host_busy_jiffies()
-        if before is None or after is None:
-            return time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        if before is None or after is None or waited >= limit_s:
+            return waited
         if (after - before) / tick / window_s < busy_cores:
-            return time.perf_counter() - t0
-        if time.perf_counter() - t0 >= limit_s:
-            return time.perf_counter() - t0
+            return waited
         before = after
 
 
