@@ -1,9 +1,9 @@
 """tandem vs vLLM, same weights, same machine, same workload, one run.
 
 Per --max-seqs value, starts the vLLM OpenAI server (`--vllm-python` interpreter, or uses a
-running one at --vllm-url) on the Hugging Face export of the SAME weights with the same
-concurrency cap (`--max-num-seqs`), and `python -m tandem.serve --bundle B --http-port H
---max-seqs N` beside it. Both get the SAME requests:
+running one at --vllm-url) on the Hugging Face export of the SAME weights, in the bundle's
+dtype (`vllm_dtype`), with the same concurrency cap (`--max-num-seqs`), and `python -m
+tandem.serve --bundle B --http-port H --max-seqs N` beside it. Both get the SAME requests:
 serve_bench's synthetic dataset (token-id prompts, outputs forced to length with
 ignore_eos, greedy, streamed) or its other workloads, and the same Poisson arrival times;
 tandem is measured over its OpenAI API with the SAME client as vLLM (serve_bench's asyncio
@@ -54,6 +54,7 @@ from tandem.benchmarks.serve_bench import (
     summarize,
     synthetic_dataset,
 )
+from tandem.model.bundle import Bundle
 
 
 def _free_port() -> int:
@@ -125,9 +126,10 @@ def _vllm_check(python: str) -> None:
 
 
 def _vllm_server(
-    stack: contextlib.ExitStack, args: argparse.Namespace, n_slots: int, logs: Path
+    stack: contextlib.ExitStack, args: argparse.Namespace, n_slots: int, logs: Path, dtype: str
 ) -> tuple[Any, float, int | None]:
-    """vLLM's load function, start-up seconds and concurrency cap for one --max-seqs value.
+    """vLLM's load function, start-up seconds and concurrency cap for one --max-seqs value
+    (vLLM started in `dtype`).
 
     vLLM is started here with `--max-num-seqs` = tandem's `--max-seqs`, so both run at most
     as many sequences at once (vLLM's CPU default is 128 per API server, which a burst
@@ -146,7 +148,7 @@ def _vllm_server(
             elif arg.startswith("--max-num-seqs="):
                 cap = int(arg.split("=", 1)[1])
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
-               "--model", str(args.hf_dir.resolve()), "--dtype", "float32",
+               "--model", str(args.hf_dir.resolve()), "--dtype", dtype,
                "--max-model-len", str(args.max_len), "--host", "127.0.0.1",
                "--port", str(port), "--enable-prompt-tokens-details",
                "--max-num-seqs", str(n_slots), *args.vllm_arg]  # fmt: skip
@@ -161,6 +163,19 @@ def _vllm_server(
         model=model,
     )  # fmt: skip
     return load, startup, cap
+
+
+def vllm_dtype(bundle: Path) -> str:
+    """vLLM's `--dtype` for serving the same weights as `bundle`: the bundle's own dtype
+    (the HF export holds float32 weights; vLLM rounds them to bfloat16 as `import-hf
+    --dtype bfloat16` did). A quantized bundle holds weights vLLM would not serve."""
+    bundle_ = Bundle.load(bundle, verify=False)
+    if bundle_.config.quantization != "none":
+        raise SystemExit(
+            f"--bundle {bundle}: quantization={bundle_.config.quantization!r}; allowed: "
+            "an unquantized bundle (vLLM would serve the HF export's unquantized weights)"
+        )
+    return bundle_.config.dtype
 
 
 def _host_busy_jiffies() -> int | None:
@@ -260,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--tandem-apis={args.tandem_apis!r}: allowed openai, grpc")
     if args.repeats < 1:
         raise SystemExit(f"--repeats={args.repeats}: allowed >= 1")
+    dtype = vllm_dtype(args.bundle)
     if args.vllm_url is None:
         _vllm_check(args.vllm_python)
     rates = [float(r) for r in args.request_rate.split(",")]
@@ -308,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for j, n_slots in enumerate(slots):
         with contextlib.ExitStack() as stack:
-            vllm_load, vllm_startup, vllm_seqs = _vllm_server(stack, args, n_slots, logs)
+            vllm_load, vllm_startup, vllm_seqs = _vllm_server(stack, args, n_slots, logs, dtype)
             vllm_warm = set(warm)  # rates this vLLM server has yet to warm up at
             port, http_port = _free_port(), _free_port()
             target = f"127.0.0.1:{port}"

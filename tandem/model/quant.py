@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -67,6 +68,17 @@ def quantize_tensors(tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tupl
 
 
 def scaled_matmul(equation: str, x, weight, scale, dtype):
-    """einsum(x, weight) in `dtype`, times the per-output-channel scale when quantized."""
-    y = jnp.einsum(equation, x, weight.astype(dtype))
+    """einsum(x, weight) in `dtype`, times the per-output-channel scale when quantized.
+
+    On CPU the product is asked for in float32 and rounded to `dtype` after: XLA's CPU
+    compiler runs a bfloat16 dot with a bfloat16 result slower than the float32 one, and
+    a bfloat16 dot with a float32 result on the CPU's bfloat16 dot instructions (on an
+    AVX512-BF16 CPU a bfloat16 model then serves faster than before and than in float32,
+    its logits as close to a float32 run's as before: docs/benchmarks.md). GPUs and TPUs accumulate a bfloat16 dot
+    in float32 either way; there the dot keeps its `dtype` result. For float32 models
+    nothing changes.
+    """
+    accumulate = jnp.float32 if jax.default_backend() == "cpu" else None
+    y = jnp.einsum(equation, x, weight.astype(dtype), preferred_element_type=accumulate)
+    y = y.astype(dtype)
     return y if scale is None else y * scale.astype(dtype)

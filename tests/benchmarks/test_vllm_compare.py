@@ -1,4 +1,5 @@
-"""benchmarks/vllm_compare.py: each pass starts on a quiet host."""
+"""benchmarks/vllm_compare.py: vLLM serves the bundle's weights in its dtype; each pass
+starts on a quiet host."""
 
 from __future__ import annotations
 
@@ -8,12 +9,43 @@ import sys
 from pathlib import Path
 
 import pytest
+from flax import nnx
 
-from tandem.benchmarks.vllm_compare import wait_for_quiet_host
+from tandem.benchmarks.vllm_compare import vllm_dtype, wait_for_quiet_host
+from tandem.config import load_config
+from tandem.model.bundle import flat_params, write_bundle
+from tandem.model.config import ModelConfig
+from tandem.model.quant import quantize_tensors
+from tandem.model.tokenizer import Tokenizer
+from tandem.model.transformer import Transformer
 
-pytestmark = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat")
+needs_proc_stat = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat")
+TINY = ["vocab_size=260", "d_model=32", "n_layers=1", "head_dim=16", "d_ff=64"]
 
 
+def _bundle(path: Path, overrides: list[str]) -> Path:
+    cfg = load_config(ModelConfig, "tiny", [*TINY, *overrides])
+    model = Transformer(load_config(ModelConfig, "tiny", TINY), rngs=nnx.Rngs(0))
+    tensors = flat_params(nnx.state(model, nnx.Param))
+    quantization = None
+    if cfg.quantization == "int8":
+        tensors, quantization = quantize_tensors(tensors), "int8"
+    return write_bundle(path, cfg, Tokenizer.byte(), tensors, source={}, quantization=quantization)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_vllm_serves_the_bundle_in_its_dtype(tmp_path, dtype):
+    bundle = _bundle(tmp_path / "b", [f"dtype={dtype}", f"param_dtype={dtype}"])
+    assert vllm_dtype(bundle) == dtype
+
+
+def test_a_quantized_bundle_is_refused_naming_the_field(tmp_path):
+    bundle = _bundle(tmp_path / "q", ["quantization=int8"])
+    with pytest.raises(SystemExit, match="quantization='int8'"):
+        vllm_dtype(bundle)
+
+
+@needs_proc_stat
 def test_waits_while_another_process_keeps_a_core_busy() -> None:
     # what vLLM's worker does for a second after its last request (busy-polling)
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -25,6 +57,7 @@ def test_waits_while_another_process_keeps_a_core_busy() -> None:
     assert waited >= 1.0
 
 
+@needs_proc_stat
 def test_returns_after_one_window_once_the_host_is_below_the_bar() -> None:
     # a bar above every core the host has is met by any window
     waited = wait_for_quiet_host(busy_cores=(os.cpu_count() or 1) + 1, window_s=0.2, limit_s=5.0)

@@ -11,7 +11,13 @@ from flax import nnx
 from tandem.config import load_config
 from tandem.model.bundle import Bundle, BundleError, flat_params, write_bundle
 from tandem.model.config import ModelConfig
-from tandem.model.quant import CONTRACTED_AXES, dequantize, quantize_int8, quantize_tensors
+from tandem.model.quant import (
+    CONTRACTED_AXES,
+    dequantize,
+    quantize_int8,
+    quantize_tensors,
+    scaled_matmul,
+)
 from tandem.model.tokenizer import Tokenizer
 from tandem.model.transformer import Transformer
 
@@ -27,6 +33,35 @@ def test_per_channel_int8_error_is_bounded_by_half_a_step(shape, axes):
     assert scale.shape == tuple(d for i, d in enumerate(shape) if i not in axes)
     error = np.abs(dequantize(q, scale, axes) - w)
     assert np.all(error <= np.expand_dims(scale, axes) / 2 + 1e-7)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_bfloat16_matmul_rounds_the_float32_sum_of_products(quantized):
+    # A bfloat16 model's projection: the products of its bfloat16 operands summed in
+    # float32 and rounded to bfloat16 (then scaled, when int8), as a GPU's bf16 GEMM does;
+    # 768 products summed in bfloat16 would be several rounding steps off.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 8, 768)), jnp.bfloat16)
+    w = rng.normal(size=(768, 256)).astype(np.float32)
+    if quantized:
+        q, scale = quantize_int8(w, (0,))
+        weight, scale = jnp.asarray(q), jnp.asarray(scale)
+    else:
+        weight, scale = jnp.asarray(w, jnp.bfloat16), None
+
+    got = jax.jit(lambda x, w, s: scaled_matmul("btd,df->btf", x, w, s, jnp.bfloat16))(
+        x, weight, scale
+    )
+
+    assert got.dtype == jnp.bfloat16
+    exact = np.asarray(x, np.float32) @ np.asarray(weight, np.float32)
+    roundings = 1
+    if quantized:
+        exact = exact * np.asarray(scale.astype(jnp.bfloat16), np.float32)
+        roundings = 2  # the product, then the product times the scale
+    step = 2.0**-8  # bfloat16's relative rounding error (8 significant bits)
+    error = np.abs(np.asarray(got, np.float32) - exact)
+    assert np.all(error <= roundings * step * np.abs(exact) + 1e-3 * np.abs(exact).max())
 
 
 def test_zero_channel_does_not_divide_by_zero():
