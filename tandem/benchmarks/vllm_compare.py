@@ -126,10 +126,9 @@ def _vllm_check(python: str) -> None:
 
 
 def _vllm_server(
-    stack: contextlib.ExitStack, args: argparse.Namespace, n_slots: int, logs: Path, dtype: str
+    stack: contextlib.ExitStack, args: argparse.Namespace, n_slots: int, logs: Path
 ) -> tuple[Any, float, int | None]:
-    """vLLM's load function, start-up seconds and concurrency cap for one --max-seqs value
-    (vLLM started in `dtype`).
+    """vLLM's load function, start-up seconds and concurrency cap for one --max-seqs value.
 
     vLLM is started here with `--max-num-seqs` = tandem's `--max-seqs`, so both run at most
     as many sequences at once (vLLM's CPU default is 128 per API server, which a burst
@@ -148,7 +147,7 @@ def _vllm_server(
             elif arg.startswith("--max-num-seqs="):
                 cap = int(arg.split("=", 1)[1])
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
-               "--model", str(args.hf_dir.resolve()), "--dtype", dtype,
+               "--model", str(args.hf_dir.resolve()), "--dtype", vllm_dtype(args.bundle),
                "--max-model-len", str(args.max_len), "--host", "127.0.0.1",
                "--port", str(port), "--enable-prompt-tokens-details",
                "--max-num-seqs", str(n_slots), *args.vllm_arg]  # fmt: skip
@@ -167,8 +166,8 @@ def _vllm_server(
 
 def vllm_dtype(bundle: Path) -> str:
     """vLLM's `--dtype` for serving the same weights as `bundle`: the bundle's own dtype
-    (the HF export holds float32 weights; vLLM rounds them to bfloat16 as `import-hf
-    --dtype bfloat16` did). A quantized bundle holds weights vLLM would not serve."""
+    (vLLM casts the HF export's weights to it, as `import-hf --dtype` did for the bundle).
+    A quantized bundle holds weights vLLM, serving the export, would not."""
     bundle_ = Bundle.load(bundle, verify=False)
     if bundle_.config.quantization != "none":
         raise SystemExit(
@@ -275,7 +274,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--tandem-apis={args.tandem_apis!r}: allowed openai, grpc")
     if args.repeats < 1:
         raise SystemExit(f"--repeats={args.repeats}: allowed >= 1")
-    dtype = vllm_dtype(args.bundle)
     if args.vllm_url is None:
         _vllm_check(args.vllm_python)
     rates = [float(r) for r in args.request_rate.split(",")]
@@ -324,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for j, n_slots in enumerate(slots):
         with contextlib.ExitStack() as stack:
-            vllm_load, vllm_startup, vllm_seqs = _vllm_server(stack, args, n_slots, logs, dtype)
+            vllm_load, vllm_startup, vllm_seqs = _vllm_server(stack, args, n_slots, logs)
             vllm_warm = set(warm)  # rates this vLLM server has yet to warm up at
             port, http_port = _free_port(), _free_port()
             target = f"127.0.0.1:{port}"
