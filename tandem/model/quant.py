@@ -74,10 +74,9 @@ def scaled_matmul(equation: str, x, weight, scale, dtype):
     compiler runs a bfloat16 dot with a bfloat16 result slower than the float32 one, and
     a bfloat16 dot with a float32 result on the CPU's bfloat16 dot instructions (on an
     AVX512-BF16 CPU a bfloat16 model then serves faster than before and than in float32,
-    its logits as close to a float32 run's as before: docs/benchmarks.md). GPUs and TPUs accumulate a bfloat16 dot
-    in float32 either way; there the dot keeps its `dtype` result. For float32 models
-    nothing changes.
-    """
+    its logits as close to a float32 run's as before: docs/benchmarks.md). GPUs and TPUs
+    accumulate a bfloat16 dot in float32 either way; there the dot keeps its `dtype`
+    result. For float32 models nothing changes."""
     accumulate = jnp.float32 if jax.default_backend() == "cpu" else None
     y = jnp.einsum(equation, x, weight.astype(dtype), preferred_element_type=accumulate)
     y = y.astype(dtype)
