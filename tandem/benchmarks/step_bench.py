@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The compiled step alone, on that plan padded as `step` pads it: its writes land in
     # the same slots every time, so every iteration does the same work.
     bucket = engine._bucket(plan.num_tokens)
-    run, inputs = engine.compiled_functions()[bucket], engine._inputs(plan, bucket)
+    run, inputs = engine.compiled_functions()[bucket], engine.packed_inputs(plan, bucket)
     times = []
     for _ in range(args.iters):
         start = time.perf_counter()

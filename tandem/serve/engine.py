@@ -8,7 +8,8 @@ tandem/serve/logits_processors.py) and the last step's sampled token per row ([m
 the inputs of a step planned before that one was committed: async scheduling), donated to
 every step so its writes happen in place.
 Everything else a step needs comes from the plan, as small host arrays: the rows' tokens,
-positions, cache slots, page tables and sampling parameters.
+positions, cache slots, page tables and sampling parameters, packed into one int32 buffer
+(`PackedLayout`) so the call transfers one array.
 
 One compiled function runs a plan (`Transformer.step` over the ragged rows, then the
 per-row sampler and the packed output), compiled ahead of time at `warmup()` for every
@@ -35,6 +36,7 @@ d_ff and vocab (or ServeConfig.tensor_parallel).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -164,6 +166,52 @@ class StepInputs(NamedTuple):
     processors: ProcessorInputs  # penalties, logit_bias, min_tokens
     prompt_targets: np.ndarray  # [Tb] int32: the prompt token after each token whose
     # request asked for prompt logprobs, else -1
+
+
+class PackedLayout:
+    """Where each array of a bucket's StepInputs lies in ONE int32 host buffer, the step's
+    only host input. Each numpy argument is a transfer of its own, and each transfer
+    releases and re-takes the GIL: while another thread runs Python (the API layer's
+    event loop, streaming the last step's tokens) every re-take waits for that thread's
+    turn to end, so the step's ~25 arrays stalled its launch far more than one buffer does
+    (docs/benchmarks.md, "Serving engine v2"). Every field is 4-byte (int32, uint32,
+    float32: bit-cast) or bool (as 0/1)."""
+
+    def __init__(self, example: StepInputs) -> None:
+        leaves, self.treedef = jax.tree.flatten(example)
+        self.specs: list[tuple[int, tuple[int, ...], np.dtype]] = []  # (offset, shape, dtype)
+        offset = 0
+        for leaf in leaves:
+            leaf = np.asarray(leaf)
+            require(
+                leaf.dtype == np.bool_ or leaf.dtype.itemsize == 4,
+                "StepInputs",
+                str(leaf.dtype),
+                "4-byte or bool fields (they travel as int32)",
+            )
+            self.specs.append((offset, leaf.shape, leaf.dtype))
+            offset += leaf.size
+        self.size = offset
+
+    def pack(self, inputs: StepInputs) -> np.ndarray:  # [size] int32
+        parts = [
+            np.asarray(leaf).reshape(-1).astype(np.int32)
+            if spec[2] == np.bool_
+            else np.asarray(leaf).reshape(-1).view(np.int32)
+            for leaf, spec in zip(jax.tree.leaves(inputs), self.specs, strict=True)
+        ]
+        return np.concatenate(parts)
+
+    def unpack(self, packed: jax.Array) -> StepInputs:  # traced, inside the step
+        leaves = []
+        for offset, shape, dtype in self.specs:
+            part = packed[offset : offset + int(np.prod(shape, dtype=int))].reshape(shape)
+            if dtype == np.bool_:
+                part = part != 0
+            elif dtype != np.int32:
+                part = jax.lax.bitcast_convert_type(part, dtype)
+            leaves.append(part)
+        return jax.tree.unflatten(self.treedef, leaves)
 
 
 class DeviceCache(NamedTuple):
@@ -332,6 +380,7 @@ class JaxEngine(Engine):
         leaves, self._rest_treedef = jax.tree.flatten(rest)
         self._weights = (tuple(leaves), layers)
         self._compiled: dict[int, Any] = {}
+        self._layouts: dict[int, PackedLayout] = {}
         self._open_masks: dict[int, np.ndarray] = {}  # rows -> an all-allowed bitmask
         self._banned = banned_width(len(tokenizer.stop_ids))  # min_tokens ids per row
         self._init_cache: Any = None
@@ -415,8 +464,10 @@ class JaxEngine(Engine):
         """The served per-layer weights (as placed on the devices)."""
         return self._weights[1]
 
-    def _step_fn(self, weights, cache: DeviceCache, x: StepInputs):
-        """One plan -> (cache, packed [Rb, C] int32, prompt rows [Tb, C] int32)."""
+    def _step_fn(self, layout: PackedLayout, weights, cache: DeviceCache, packed: jax.Array):
+        """One plan (`layout.pack`ed) -> (cache, packed [Rb, C] int32, prompt rows [Tb, C]
+        int32)."""
+        x = layout.unpack(packed)
         model, layers = self._model(weights)
         # tokens planned before the step that samples them finished: read on device
         inputs = jnp.where(
@@ -557,10 +608,15 @@ class JaxEngine(Engine):
                     cache,
                     cache_sh,
                 )
-            step = jit(self._step_fn, out_shardings=(cache_sh, rep, rep), donate_argnums=(1,))
             for bucket in self._buckets:
-                inputs = self._inputs(None, bucket)
-                self._compiled[bucket] = step.lower(self._weights, cache, inputs).compile()
+                layout = self._layouts[bucket] = PackedLayout(self._inputs(None, bucket))
+                step = jit(
+                    functools.partial(self._step_fn, layout),
+                    out_shardings=(cache_sh, rep, rep),
+                    donate_argnums=(1,),
+                )
+                packed = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
+                self._compiled[bucket] = step.lower(self._weights, cache, packed).compile()
 
     def warmup(self) -> None:
         """Compiles the step for every token bucket, then runs each on padding only and on
@@ -577,7 +633,7 @@ class JaxEngine(Engine):
             plans = [None, *warmup_plans(bucket, rows, self._width, scfg.page_size, scfg.num_pages)]
             for plan in plans:
                 self._cache, out, _ = self._compiled[bucket](
-                    self._weights, self._cache, self._inputs(plan, bucket)
+                    self._weights, self._cache, self.packed_inputs(plan, bucket)
                 )
                 jax.block_until_ready(out)
         self.warmup_seconds = time.perf_counter() - t0
@@ -589,8 +645,12 @@ class JaxEngine(Engine):
         )  # fmt: skip
 
     def compiled_functions(self) -> dict[int, Any]:
-        """The step executable of each token bucket."""
+        """The step executable of each token bucket: (weights, cache, `packed_inputs`)."""
         return dict(self._compiled)
+
+    def packed_inputs(self, plan: SchedulerOutput | None, tokens_bucket: int) -> np.ndarray:
+        """The step's host input: the plan padded to the bucket, in its `PackedLayout`."""
+        return self._layouts[tokens_bucket].pack(self._inputs(plan, tokens_bucket))
 
     # ---- Engine API -----------------------------------------------------------------------------
 
@@ -611,7 +671,7 @@ class JaxEngine(Engine):
             f"<{plan.num_rows} rows>",
             f"at most max_seqs={self.max_seqs} rows",
         )
-        inputs = self._inputs(plan, bucket)
+        inputs = self.packed_inputs(plan, bucket)
         self._cache, out, prompt = self._compiled[bucket](self._weights, self._cache, inputs)
         asked = any(r.sampling.prompt_logprobs is not None for r in plan.requests)
         return StepOutput(out, self.max_logprobs, prompt if asked else None)

@@ -29,6 +29,7 @@ from tandem.model.transformer import Transformer
 from tandem.serve.config import ServeConfig
 from tandem.serve.engine import (
     JaxEngine,
+    PackedLayout,
     kv_bytes_per_token,
     pick_tensor_parallel,
     token_buckets,
@@ -180,6 +181,29 @@ def test_warmup_plans_fit_their_bucket_write_nothing_and_reach_every_length(
     assert lengths["chunk"] == set(page_buckets(width, page_size))
     shared = [p for p in plans if p.num_rows >= 2 and (p.page_indices == p.page_indices[0]).all()]
     assert (rows >= 2) == bool(shared)
+
+
+def test_packed_inputs_unpack_to_the_step_inputs_bit_for_bit(engine, tokenizer) -> None:
+    """The step's one host buffer carries every StepInputs field exactly: negative ids,
+    uint32 seeds past 2**31, float32 values (bit-cast, not converted) and bools."""
+    bucket = engine.token_buckets()[-1]
+    request = Request("r", tokenizer.encode("packed inputs"), SamplingParams(
+        temperature=0.7, top_p=0.9, min_p=0.05, presence_penalty=0.5, logprobs=2,
+    ), seed=2**63 + 12345)  # fmt: skip
+    sched = Scheduler(engine.serve_cfg, cache_key=engine.cache_key)
+    sched.add_request(request)
+    inputs = engine._inputs(sched.schedule(), bucket)
+    layout = PackedLayout(inputs)
+    packed = layout.pack(inputs)
+    assert packed.dtype == np.int32 and packed.shape == (layout.size,)
+    unpacked = jax.jit(layout.unpack)(packed)
+    leaves = jax.tree.leaves(inputs)
+    assert (inputs.seeds >= 2**31).any() and (inputs.meta.slot_mapping < 0).any()
+    assert inputs.logprobs.dtype == np.bool_ and inputs.logprobs.any()
+    for want, got in zip(leaves, jax.tree.leaves(unpacked), strict=True):
+        want, got = np.asarray(want), np.asarray(got)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.tobytes() == want.tobytes()
 
 
 def test_warmup_writes_nothing_to_the_cache(model, tokenizer) -> None:
