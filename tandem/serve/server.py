@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import math
@@ -420,6 +421,7 @@ class TandemServer:
             )  # fmt: skip
             self.http = HttpServer(openai, cfg, token=self._token)
         self._warmup_task: asyncio.Task | None = None
+        self._froze_heap = False
 
     async def start(self) -> int:
         """Binds and starts answering (NOT_SERVING); warm-up runs in the background."""
@@ -462,6 +464,14 @@ class TandemServer:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         await loop.run_in_executor(None, self.engine.warmup)
+        # Everything alive now (the libraries, the compiled steps, the model) lives as long
+        # as the server: moved out of the collector's reach, so that a full collection
+        # while serving walks only what requests allocate, not the whole startup heap (a
+        # few hundred ms, a stall of every stream, docs/benchmarks.md). vLLM and SGLang do
+        # the same after their warm-up (`freeze_gc_heap`, `freeze_gc`). `stop` undoes it.
+        gc.collect()
+        gc.freeze()
+        self._froze_heap = True
         self.orch.start()
         self.ready.set()
         for name in _HEALTH_NAMES:
@@ -491,6 +501,9 @@ class TandemServer:
             await self.http.stop()
         self.metrics.close()
         self._server = None
+        if self._froze_heap:  # the process may go on (tests, embedders): collectable again
+            gc.unfreeze()
+            self._froze_heap = False
         log.info("server stopped")
 
     async def wait_for_termination(self) -> None:

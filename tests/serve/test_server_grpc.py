@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -376,3 +377,17 @@ def test_graceful_stop_drains_inflight_streams(make_fake_server) -> None:
     text = first.text + "".join(r.text for r in rest)
     assert text == "drain me please" and rest[-1].finish_reason == "stop"
     client.close()
+
+
+def test_startup_heap_is_frozen_while_serving_and_released_on_stop(make_fake_server) -> None:
+    """After warm-up the server moves the startup heap out of the collector's reach (a full
+    collection would otherwise walk it, stalling every stream), and a stopped server
+    leaves the process's collector as it found it."""
+    assert gc.get_freeze_count() == 0
+    bg = make_fake_server()
+    assert gc.get_freeze_count() > 0  # everything alive at warm-up, the engine included
+    client = TandemClient(bg.target)
+    assert client.generate_text("frozen heap").text == "frozen heap"
+    client.close()
+    bg.stop()
+    assert gc.get_freeze_count() == 0
