@@ -464,10 +464,10 @@ class JaxEngine(Engine):
         """The served per-layer weights (as placed on the devices)."""
         return self._weights[1]
 
-    def _step_fn(self, layout: PackedLayout, weights, cache: DeviceCache, packed: jax.Array):
-        """One plan (`layout.pack`ed) -> (cache, packed [Rb, C] int32, prompt rows [Tb, C]
-        int32)."""
-        x = layout.unpack(packed)
+    def _step_fn(self, layout: PackedLayout, weights, cache: DeviceCache, buffer: jax.Array):
+        """One plan (`buffer`: `layout.pack`ed) -> (cache, packed [Rb, C] int32, prompt rows
+        [Tb, C] int32)."""
+        x = layout.unpack(buffer)
         model, layers = self._model(weights)
         # tokens planned before the step that samples them finished: read on device
         inputs = jnp.where(
@@ -615,8 +615,8 @@ class JaxEngine(Engine):
                     out_shardings=(cache_sh, rep, rep),
                     donate_argnums=(1,),
                 )
-                packed = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
-                self._compiled[bucket] = step.lower(self._weights, cache, packed).compile()
+                buffer = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
+                self._compiled[bucket] = step.lower(self._weights, cache, buffer).compile()
 
     def warmup(self) -> None:
         """Compiles the step for every token bucket, then runs each on padding only and on

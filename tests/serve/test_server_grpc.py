@@ -383,9 +383,9 @@ def test_startup_heap_is_frozen_while_serving_and_released_on_stop(make_fake_ser
     """After warm-up the server moves the startup heap out of the collector's reach (a full
     collection would otherwise walk it, stalling every stream), and a stopped server
     leaves the process's collector as it found it."""
-    assert gc.get_freeze_count() == 0
+    before = gc.get_freeze_count()
     bg = make_fake_server()
-    assert gc.get_freeze_count() > 0  # everything alive at warm-up, the engine included
+    assert gc.get_freeze_count() > before  # everything alive at warm-up, the engine included
     client = TandemClient(bg.target)
     assert client.generate_text("frozen heap").text == "frozen heap"
     client.close()
