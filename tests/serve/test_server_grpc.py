@@ -382,7 +382,7 @@ def test_graceful_stop_drains_inflight_streams(make_fake_server) -> None:
 def test_startup_heap_is_frozen_while_serving_and_released_on_stop(make_fake_server) -> None:
     """After warm-up the server moves the startup heap out of the collector's reach (a full
     collection would otherwise walk it, stalling every stream), and a stopped server
-    leaves the process's collector as it found it."""
+    unfreezes it, leaving nothing frozen for the rest of the process."""
     before = gc.get_freeze_count()
     bg = make_fake_server()
     assert gc.get_freeze_count() > before  # everything alive at warm-up, the engine included
