@@ -15,8 +15,12 @@ a drift of the shared host's speed lands on both. Each pass starts on a quiet ho
 (`wait_for_quiet_host`): after its last request vLLM's worker busy-polls its shared-memory
 queue for a second (`SpinCondition.busy_loop_s` in vllm/distributed/device_communicators/
 shm_broadcast.py), which would otherwise take a core from the pass that follows it.
-Prints a line per pass and a comparison line tandem/vLLM per (rate, slots) of the medians
-over the repeats, tandem over the first of --tandem-apis.
+Each pass also records the CPU seconds its server's processes used (`server_cpu_s`, per
+output token `server_cpu_ms_per_output_token`; vLLM's engine core counted with its API
+server): on a host of few cores the wall times of both follow the host's speed, while the
+CPU per token says which system does more work for the same tokens, and CPU over wall how
+many cores it kept busy. Prints a line per pass and a comparison line tandem/vLLM per
+(rate, slots) of the medians over the repeats, tandem over the first of --tandem-apis.
 
     python benchmarks/vllm_compare.py --bundle bundles/demo-fp32 --hf-dir bundles/demo-hf \
         --vllm-python /tmp/vllm-venv/bin/python --request-rate inf,8 --max-seqs 8,32
@@ -127,14 +131,15 @@ def _vllm_check(python: str) -> None:
 
 def _vllm_server(
     stack: contextlib.ExitStack, args: argparse.Namespace, n_slots: int, logs: Path
-) -> tuple[Any, float, int | None]:
-    """vLLM's load function, start-up seconds and concurrency cap for one --max-seqs value.
+) -> tuple[Any, float, int | None, int | None]:
+    """vLLM's load function, start-up seconds, concurrency cap and process group (None for
+    a running --vllm-url server) for one --max-seqs value.
 
     vLLM is started here with `--max-num-seqs` = tandem's `--max-seqs`, so both run at most
     as many sequences at once (vLLM's CPU default is 128 per API server, which a burst
     above tandem's cap would otherwise be measured against); a --vllm-arg=--max-num-seqs=N
     overrides it. A running --vllm-url server keeps its own cap (None: unknown here)."""
-    url, startup, cap = args.vllm_url, math.nan, None
+    url, startup, cap, pgid = args.vllm_url, math.nan, None, None
     if url is None:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
@@ -154,6 +159,7 @@ def _vllm_server(
         log_path = logs / f"vllm-{n_slots}.log"
         proc = stack.enter_context(_process(cmd, log_path, env))
         startup = _wait_ready(proc, lambda: _vllm_ready(url), args.startup_timeout, log_path)
+        pgid = proc.pid  # it leads its own group (`_process`)
     with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
         model = json.load(r)["data"][0]["id"]
     # serve_bench's client, run in this process (it only drives the load)
@@ -161,7 +167,7 @@ def _vllm_server(
         _load_process, url.removeprefix("http://"), max_concurrency=None, api="openai",
         model=model,
     )  # fmt: skip
-    return load, startup, cap
+    return load, startup, cap, pgid
 
 
 def vllm_dtype(bundle: Path) -> str:
@@ -186,6 +192,35 @@ def _host_busy_jiffies() -> int | None:
     return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
 
 
+def process_group_cpu_s(pgid: int) -> float | None:
+    """CPU seconds (user + system, every thread) the live processes of process group
+    `pgid` have used so far (Linux /proc), None elsewhere or when none is left. A server
+    started by `_process` leads its own group, so this counts vLLM's engine-core process
+    beside its API server, and a process of the group that exits is not counted."""
+    total, found = 0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited since the listing
+            continue
+        fields = text[text.rindex(")") + 2 :].split()  # from field 3 (state) on
+        if int(fields[2]) == pgid and fields[0] != "Z":  # field 5, pgrp; zombies are done
+            total += int(fields[11]) + int(fields[12])  # fields 14 and 15, utime and stime
+            found = True
+    return total / os.sysconf("SC_CLK_TCK") if found else None
+
+
+def _measured_pass(load, pgid: int | None, requests: list[Any], rate: float, seed: int):
+    """One pass of `load`: its results, its wall seconds and the CPU seconds the server's
+    process group used meanwhile (NaN when unknown: a running --vllm-url server, or no
+    /proc)."""
+    before = None if pgid is None else process_group_cpu_s(pgid)
+    results, duration = load(requests, rate, seed=seed)
+    after = None if pgid is None else process_group_cpu_s(pgid)
+    cpu_s = math.nan if before is None or after is None else after - before
+    return results, duration, cpu_s
+
+
 def wait_for_quiet_host(
     *, busy_cores: float = 0.1, window_s: float = 0.5, limit_s: float = 10.0
 ) -> float:
@@ -206,13 +241,18 @@ def wait_for_quiet_host(
         before = after
 
 
-def _line(system: str, rate: float, results, duration: float, **extra) -> dict[str, Any]:
+def _line(
+    system: str, rate: float, results, duration: float, cpu_s: float, **extra
+) -> dict[str, Any]:
+    summary = summarize(results, duration, {})
     return {
         "bench": "vllm_compare",
         "system": system,
         "request_rate": rate if math.isfinite(rate) else "inf",
         **extra,
-        **summarize(results, duration, {}),
+        **summary,
+        "server_cpu_s": cpu_s,
+        "server_cpu_ms_per_output_token": 1000.0 * cpu_s / max(summary["total_output_tokens"], 1),
     }
 
 
@@ -322,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for j, n_slots in enumerate(slots):
         with contextlib.ExitStack() as stack:
-            vllm_load, vllm_startup, vllm_seqs = _vllm_server(stack, args, n_slots, logs)
+            vllm_load, vllm_startup, vllm_seqs, vllm_pgid = _vllm_server(stack, args, n_slots, logs)
             vllm_warm = set(warm)  # rates this vLLM server has yet to warm up at
             port, http_port = _free_port(), _free_port()
             target = f"127.0.0.1:{port}"
@@ -355,14 +395,18 @@ def main(argv: list[str] | None = None) -> int:
                         requests = workload[j, rate, rep]
                         for api, load in tandem_loads.items():
                             quiet = wait_for_quiet_host()
-                            results, duration = load(requests, rate, seed=args.seed)
-                            emit(_line("tandem", rate, results, duration, api=api,
+                            results, duration, cpu_s = _measured_pass(
+                                load, proc.pid, requests, rate, args.seed
+                            )
+                            emit(_line("tandem", rate, results, duration, cpu_s, api=api,
                                        max_seqs=n_slots, repeat=rep, startup_s=startup,
                                        workload=args.workload, quiet_wait_s=quiet,
                                        tandem_set=args.tandem_set))  # fmt: skip
                         quiet = wait_for_quiet_host()
-                        results, duration = vllm_load(requests, rate, seed=args.seed)
-                        emit(_line("vllm", rate, results, duration, api="openai",
+                        results, duration, cpu_s = _measured_pass(
+                            vllm_load, vllm_pgid, requests, rate, args.seed
+                        )
+                        emit(_line("vllm", rate, results, duration, cpu_s, api="openai",
                                    max_seqs=n_slots, repeat=rep, startup_s=vllm_startup,
                                    workload=args.workload, quiet_wait_s=quiet,
                                    vllm_max_num_seqs=vllm_seqs,
@@ -391,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                 "ttft_p50_ratio": t("ttft_ms", "p50") / v("ttft_ms", "p50"),
                 "tpot_p50_ratio": t("tpot_ms", "p50") / v("tpot_ms", "p50"),
                 "e2e_p50_ratio": t("e2e_ms", "p50") / v("e2e_ms", "p50"),
+                "server_cpu_per_output_token_ratio": t("server_cpu_ms_per_output_token", None)
+                / v("server_cpu_ms_per_output_token", None),
                 **({"p99_during_prefill_vs_median": {
                     "tandem": t("interference", "p99_during_prefill_vs_median"),
                     "vllm": v("interference", "p99_during_prefill_vs_median")}}

@@ -1,17 +1,18 @@
 """benchmarks/vllm_compare.py: vLLM serves the bundle's weights in its dtype; each pass
-starts on a quiet host."""
+starts on a quiet host; a server's CPU time counts every process of its group."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from flax import nnx
 
-from tandem.benchmarks.vllm_compare import vllm_dtype, wait_for_quiet_host
+from tandem.benchmarks.vllm_compare import process_group_cpu_s, vllm_dtype, wait_for_quiet_host
 from tandem.config import load_config
 from tandem.model.bundle import flat_params, write_bundle
 from tandem.model.config import ModelConfig
@@ -62,3 +63,26 @@ def test_returns_after_one_window_once_the_host_is_below_the_bar() -> None:
     # a bar above every core the host has is met by any window
     waited = wait_for_quiet_host(busy_cores=(os.cpu_count() or 1) + 1, window_s=0.2, limit_s=5.0)
     assert waited < 1.0
+
+
+def _own_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@needs_proc_stat
+def test_a_servers_cpu_time_counts_every_process_of_its_group() -> None:
+    # a leader in its own group with a busy child, as vLLM's API server and engine core
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 20: pass"
+    code = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {spin!r}])\n{spin}"
+    leader = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        time.sleep(2.0)
+        group = process_group_cpu_s(leader.pid)
+        own = _own_cpu_s(leader.pid)
+    finally:
+        os.killpg(leader.pid, 9)
+        leader.wait()
+    assert group is not None and group > own + 0.2  # the child's time is in it
+    time.sleep(0.2)  # the killed child is reaped by init
+    assert process_group_cpu_s(leader.pid) is None  # no process left in the group
