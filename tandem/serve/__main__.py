@@ -31,6 +31,7 @@ FLAGS = (
     Flag("--max-num-batched-tokens", "max_num_batched_tokens", "tokens one step runs"),
     Flag("--no-prefix-caching", "enable_prefix_caching", switch="false"),
     Flag("--async-scheduling", "async_scheduling", switch="true"),
+    Flag("--no-async-scheduling", "async_scheduling", switch="false"),
     Flag("--max-prompt-len", "max_prompt_len"),
     Flag("--max-queue", "max_queue", "waiting requests before RESOURCE_EXHAUSTED"),
     Flag("--tensor-parallel", "tensor_parallel", "0 = all devices that fit"),

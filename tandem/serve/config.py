@@ -55,7 +55,7 @@ class ServeConfig:
     max_num_batched_tokens: int = 2048  # tokens one step runs: decodes + prompt chunks
     # (vLLM's default for its OpenAI server on CPU; docs/benchmarks.md measures 512 too)
     enable_prefix_caching: bool = True  # share cached full pages of equal prefixes
-    async_scheduling: bool = False  # plan step N+1 while step N runs (its decode inputs
+    async_scheduling: bool = True  # plan step N+1 while step N runs (its decode inputs
     # taken on device from N's samples; vLLM's --async-scheduling); grammar rows wait a step
 
     KEY_ALIASES: ClassVar[Mapping[str, str]] = {"max_slots": "max_seqs"}  # old key -> key

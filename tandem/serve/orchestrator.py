@@ -12,12 +12,13 @@ Each iteration:
      and max_len end requests there, `check_stop`); the loop then detokenizes each new
      token, matches stop strings (ending the request through `finish_requests`) and
      sends the caller its text, `stream_interval` tokens per message (`OutputBuffer`).
-By default step 4 follows step 3 before the next iteration plans anything (a decode row's
-input is the token the previous step sampled), so the host work of steps 1-4 sits between
-two device steps. With `async_scheduling` (ServeConfig) the engine call returns once the
+With `async_scheduling` (ServeConfig, on by default) the engine call returns once the
 step is queued, and the loop commits the previous step (4) while this one runs: the
 host's work overlaps the device's, each token reaches its caller one planning later
-(docs/benchmarks.md measures both; tandem/serve/scheduler.py says what changes).
+(tandem/serve/scheduler.py says what changes). Without it step 4 follows step 3 before
+the next iteration plans anything (a decode row's input is the token the previous step
+sampled), so the host work of steps 1-4 sits between two device steps
+(docs/benchmarks.md measures both).
 
 Callers talk to it from any thread: `submit` (bad input or a request that could never fit
 -> ValueError naming the field, i.e. INVALID_ARGUMENT; a full queue -> RESOURCE_EXHAUSTED;

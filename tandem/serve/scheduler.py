@@ -35,9 +35,10 @@ step: it publishes the pages the step completed, appends each sampled token, app
 `check_stop` and frees what finished.
 
 A sampled token is in flight from the `schedule()` that plans it to the
-`update_from_output` that commits it (`Request.num_output_placeholders`). The serving loop
-commits each step before planning the next, unless async scheduling (ServeConfig) has it
-plan step N+1 while step N runs, as vLLM's `--async-scheduling` does: then a request whose
+`update_from_output` that commits it (`Request.num_output_placeholders`). With async
+scheduling (ServeConfig, the default) the serving loop plans step N+1 while step N runs,
+as vLLM's `--async-scheduling` does (without it, it commits each step before planning the
+next): then a request whose
 token N samples continues in N+1 from that token's plan row (`token_sources`; the engine
 reads it on device), never past its max_tokens or max_len, and not at all while it has a
 grammar (its next bitmask needs the token). A request that N's commit ends (a stop token,

@@ -135,7 +135,8 @@ def test_utf8_split_characters_stream_whole(tokenizer) -> None:
 
 
 def test_continuous_batching_admits_between_steps(tokenizer) -> None:
-    orch, engine = _orch(tokenizer, max_seqs=2)
+    # step by step as the sync loop runs them (async commits each step one iteration later)
+    orch, engine = _orch(tokenizer, max_seqs=2, async_scheduling=False)
     long, _ = _submit(orch, tokenizer, "a" * 40)
     short, _ = _submit(orch, tokenizer, "b" * 3)
     queued, _ = _submit(orch, tokenizer, "c" * 4)
@@ -157,7 +158,8 @@ def test_continuous_batching_admits_between_steps(tokenizer) -> None:
 
 
 def test_finished_slot_refilled_while_others_run(tokenizer) -> None:
-    orch, engine = _orch(tokenizer, max_seqs=2)
+    # the sync loop's step count (async spends a wasted row on each request that ends)
+    orch, engine = _orch(tokenizer, max_seqs=2, async_scheduling=False)
     long, _ = _submit(orch, tokenizer, "L" * 30)
     shorts = [_submit(orch, tokenizer, "s" * 3)[0] for _ in range(5)]
     _drain(orch)

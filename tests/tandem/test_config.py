@@ -100,11 +100,12 @@ def test_max_slots_is_another_spelling_of_max_seqs(tmp_path) -> None:
 def test_paged_cache_keys_and_flags() -> None:
     cfg = serve_cfg(
         "--kv-cache-tokens", "4096", "--page-size", "32", "--max-num-batched-tokens", "256",
-        "--no-prefix-caching", "--async-scheduling",
+        "--no-prefix-caching", "--no-async-scheduling",
     )  # fmt: skip
     assert (cfg.kv_cache_tokens, cfg.page_size, cfg.max_num_batched_tokens) == (4096, 32, 256)
-    assert (cfg.enable_prefix_caching, cfg.num_pages, cfg.async_scheduling) == (False, 128, True)
-    assert ServeConfig().enable_prefix_caching and not ServeConfig().async_scheduling
+    assert (cfg.enable_prefix_caching, cfg.num_pages, cfg.async_scheduling) == (False, 128, False)
+    assert ServeConfig().enable_prefix_caching and ServeConfig().async_scheduling
+    assert serve_cfg("--async-scheduling").async_scheduling  # the flag vLLM users type
 
 
 def test_unknown_flag_is_a_usage_error(capsys) -> None:
