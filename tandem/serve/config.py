@@ -56,7 +56,8 @@ class ServeConfig:
     # (vLLM's default for its OpenAI server on CPU; docs/benchmarks.md measures 512 too)
     enable_prefix_caching: bool = True  # share cached full pages of equal prefixes
     async_scheduling: bool = True  # plan step N+1 while step N runs (its decode inputs
-    # taken on device from N's samples; vLLM's --async-scheduling); grammar rows wait a step
+    # taken on device from N's samples; vLLM's --async-scheduling); the loop commits first
+    # while a request with a grammar runs (its bitmask needs the last token)
 
     KEY_ALIASES: ClassVar[Mapping[str, str]] = {"max_slots": "max_seqs"}  # old key -> key
 

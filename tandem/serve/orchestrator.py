@@ -373,6 +373,9 @@ class Orchestrator:
             self._streams[stream.request.request_id] = stream
             self.scheduler.add_request(stream.request)
         self._retire(self._clock())
+        if self._in_flight is not None and self._grammar_waits_on_in_flight():
+            self._commit(*self._in_flight)
+            self._in_flight = None
         plan = self.scheduler.schedule()
         self.peak_running = max(self.peak_running, self.scheduler.num_running)
         done: tuple[SchedulerOutput, StepOutput] | None = None
@@ -390,6 +393,15 @@ class Orchestrator:
         self._num_waiting = sum(r.status == RequestStatus.WAITING for r in self.scheduler.waiting)
         self._set_gauges()
         return plan.num_rows > 0 or done is not None
+
+    def _grammar_waits_on_in_flight(self) -> bool:
+        """Whether a running request with a grammar has a token in flight: its next bitmask
+        needs that token, so a step planned now would leave its row out (the scheduler's
+        `may_continue`) and it would run every other step; committing first keeps it in
+        every step, at the sync loop's pace while it runs."""
+        return any(
+            r.grammar is not None and r.num_output_placeholders for r in self.scheduler.running
+        )
 
     def _commit(self, plan: SchedulerOutput, out: StepOutput) -> None:
         """Step 4 of the module docstring for one step that ran."""

@@ -12,6 +12,7 @@ from tandem.serve.config import ServeConfig
 from tandem.serve.fake_engine import FakeEngine
 from tandem.serve.orchestrator import Orchestrator, Output, RequestError
 from tandem.serve.sampling import SamplingParams
+from tandem.serve.structured import StructuredOutput
 
 
 class Collector:
@@ -167,6 +168,21 @@ def test_finished_slot_refilled_while_others_run(tokenizer) -> None:
     # all five short requests ran while the long one held the other sequence
     assert engine.step_calls == 31  # the long one's 30 tokens and EOS
     assert engine.rows_history[:20] == [2] * 20  # 5 x 4 tokens, never a step with one row
+
+
+def test_async_scheduling_commits_first_while_a_grammar_request_runs(tokenizer) -> None:
+    """A grammar's next bitmask needs its last token, so a step planned ahead of that
+    token's commit would leave its row out: while a request with a grammar runs, the async
+    loop commits before it plans, and that request gets a row in every step, as in sync."""
+    orch, engine = _orch(tokenizer, max_seqs=2, async_scheduling=True)
+    free, _ = _submit(orch, tokenizer, "a" * 12, ignore_eos=True, max_tokens=40)
+    fenced, _ = _submit(
+        orch, tokenizer, "b" * 12, structured_output=StructuredOutput("regex", "b+")
+    )
+    _drain(orch)
+    assert fenced.text == "b" * 12 and fenced.last.finish_reason == "stop"
+    assert free.last.finish_reason == "length"
+    assert engine.rows_history[:13] == [2] * 13  # both prompts, then both decode each step
 
 
 @ASYNC
