@@ -721,7 +721,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=ServeConfig.page_size)
     p.add_argument("--max-num-batched-tokens", type=int, default=ServeConfig.max_num_batched_tokens)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--async-scheduling", action="store_true", help="as tandem serve's")
+    p.add_argument(
+        "--async-scheduling", action=argparse.BooleanOptionalAction,
+        default=ServeConfig.async_scheduling, help="as tandem serve's",
+    )  # fmt: skip
     p.add_argument("--static-batch-wait-s", type=float, default=0.05)
     p.add_argument(
         "--stream-interval", type=int, default=1, help="tokens per streamed message (server)"
