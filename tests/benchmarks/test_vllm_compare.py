@@ -84,5 +84,5 @@ def test_a_servers_cpu_time_counts_every_process_of_its_group() -> None:
         os.killpg(leader.pid, 9)
         leader.wait()
     assert group is not None and group > own + 0.2  # the child's time is in it
-    time.sleep(0.2)  # the killed child is reaped by init
+    time.sleep(0.2)  # the kill lands; the child is a zombie until init reaps it: not counted
     assert process_group_cpu_s(leader.pid) is None  # no process left in the group
