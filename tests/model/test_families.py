@@ -20,7 +20,7 @@ from tandem.model.transformer import Transformer, init_paged_cache
 from tests.model.test_paged_step import (
     NUM_PAGES,
     PAGE_SIZE,
-    TOL,
+    assert_logits_close,
     full_logits,
     jitted_step,
     run_schedule,
@@ -379,7 +379,7 @@ def test_switches_change_the_model_and_both_modes_agree():
     got = run_schedule(jitted_step(graphdef), params, cache, seqs, schedule)
     want = [full_logits(model, seq.tokens) for seq in seqs]
     for i, pos, logits in got:
-        np.testing.assert_allclose(logits, want[i][pos], **TOL)
+        assert_logits_close(logits, want[i][pos])
 
 
 @pytest.mark.parametrize("impl", ["reference", "pallas_interpret"])
