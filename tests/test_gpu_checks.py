@@ -1,6 +1,6 @@
 """scripts/gpu_checks.sh without a GPU: its stages, their order and arguments, and the time
 budget, with a stand-in for python3 that records its calls; and benchmarks/step_bench.py
-(its stage 4) on a tiny model."""
+(its stage 4) on a tiny model, with a long prompt's chunk steps too."""
 
 from __future__ import annotations
 
@@ -89,3 +89,19 @@ def test_step_bench_reports_the_device_share_of_the_tpot(tmp_path: Path, capsys)
     assert 8 <= line["context_mean"] <= 24
     assert line["device_share_of_tpot"] == line["step_ms_median"] / 50.0
     assert line["tokens_per_s"] == 4 / (line["step_ms_median"] / 1e3)
+
+
+def test_step_bench_times_a_long_prompts_chunks_by_where_they_start(capsys) -> None:
+    from tandem.benchmarks import step_bench
+
+    args = ["--model-set", "d_model=64", "--model-set", "n_layers=2", "--model-set", "d_ff=128",
+            "--slots", "2", "--max-len", "64", "--context", "8", "--iters", "3",
+            "--long-prompt", "40", "--max-num-batched-tokens", "8", "--band", "16"]  # fmt: skip
+    assert step_bench.main(args) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the two decodes leave 6 of the 8 tokens: chunks start at 0, 6, ..., 36
+    assert line["chunk_steps"] == 7 and line["max_num_batched_tokens"] == 8
+    assert sorted(line["chunk_step_ms_by_start"]) == ["0", "16", "32"]
+    assert line["prefill_ms"] >= line["slowest_chunk_step_ms"]
+    assert line["slowest_chunk_step_ms"] >= max(line["chunk_step_ms_by_start"].values())
+    assert line["decode_step_ms"] > 0

@@ -8,9 +8,18 @@ time is the floor under a token's latency; `--serve-jsonl` reads the TPOT p50 of
 `serve_bench.py` run (its continuous mode) and reports the device's share of it, the rest
 being the host (scheduling, prompt chunks between decode steps, detokenization, gRPC).
 
+`--long-prompt N` then adds one N-token prompt beside the decoding sequences (the
+interference workload's shape) and times each step that runs a chunk of it, by where the
+chunk starts (`--band` positions per figure): a chunk attends to every position before
+it, so the steps late in a long prompt are the slowest, and the streams decoding beside
+it wait that long for their token. These are sync steps from `engine.step` to the
+tokens on the host, the decode-only step measured the same way beside them.
+
     python benchmarks/step_bench.py --bundle /tmp/b1b --slots 64 --max-len 1024 \\
         --serve-jsonl gpu-results/serve_bench.jsonl        # a GPU, after serve_bench
     python benchmarks/step_bench.py                        # CPU: the tiny model
+    python benchmarks/step_bench.py --slots 16 --context 100 --long-prompt 2000 \
+        --max-num-batched-tokens 64 --max-len 4096 --model-set max_seq_len=4096
 """
 
 from __future__ import annotations
@@ -39,8 +48,12 @@ def _engine(args: argparse.Namespace) -> JaxEngine:
     # A budget of one token per sequence would prefill the prompts a few tokens a step
     # beside the decodes, so the first sequences would finish before the last started; at
     # four mean contexts per step every sequence is decoding long before any ends.
-    budget = max(args.slots, 8, 4 * args.context)
-    cfg = ServeConfig(max_seqs=args.slots, max_len=args.max_len, max_num_batched_tokens=budget)
+    budget = args.max_num_batched_tokens or max(args.slots, 8, 4 * args.context)
+    cfg = ServeConfig(
+        max_seqs=args.slots + (1 if args.long_prompt else 0),
+        max_len=args.max_len,
+        max_num_batched_tokens=budget,
+    )
     if args.bundle:
         return JaxEngine.from_bundle(args.bundle, cfg)
     from tandem.model.tokenizer import Tokenizer
@@ -69,6 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve-jsonl", type=Path, default=None, help="serve_bench.py output")
+    p.add_argument("--long-prompt", type=int, default=0, help="then time a prompt's chunks")
+    p.add_argument("--band", type=int, default=250, help="chunk start positions per figure")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=0, help="0 = 4 mean contexts per step"
+    )
     args = p.parse_args(argv)
 
     engine = _engine(args)
@@ -117,12 +135,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         "step_ms_best": float(np.min(times)) * 1e3,
         "tokens_per_s": args.slots / (step_ms / 1e3),
     }
+    if args.long_prompt:
+        line |= chunk_steps(engine, sched, args.long_prompt, args.band, args.iters, rng)
     if args.serve_jsonl is not None and args.serve_jsonl.exists():
         tpot = serve_tpot_p50_ms(args.serve_jsonl)
         if tpot:
             line |= {"serve_tpot_p50_ms": tpot, "device_share_of_tpot": step_ms / tpot}
     print(json.dumps(line), flush=True)
     return 0
+
+
+def chunk_steps(
+    engine: JaxEngine,
+    sched: Scheduler,
+    prompt_len: int,
+    band: int,
+    iters: int,
+    rng: np.random.Generator,
+) -> dict[str, object]:
+    """Sync step times (ms) of a `prompt_len`-token prompt's chunks beside the decoding
+    sequences of `sched`, median per `band` of chunk start positions, and of the
+    decode-only step before it."""
+
+    def timed_step() -> float:
+        plan = sched.schedule()
+        start = time.perf_counter()
+        tokens = engine.step(plan).tokens(plan.num_rows)
+        elapsed = time.perf_counter() - start
+        sched.update_from_output(plan, tokens)
+        return elapsed * 1e3
+
+    decode = [timed_step() for _ in range(iters)]
+    prompt = rng.integers(0, engine.tokenizer.vocab_size, prompt_len).tolist()
+    long = Request("long", prompt, SamplingParams(max_tokens=1), seed=0)
+    sched.add_request(long)
+    by_band: dict[int, list[float]] = {}
+    while long.num_computed_tokens < prompt_len:
+        start = long.num_computed_tokens
+        by_band.setdefault(start // band * band, []).append(timed_step())
+    times = [t for band_times in by_band.values() for t in band_times]
+    return {
+        "long_prompt": prompt_len,
+        "max_num_batched_tokens": engine.serve_cfg.max_num_batched_tokens,
+        "decode_step_ms": float(np.median(decode)),
+        "chunk_step_ms_by_start": {str(b): float(np.median(t)) for b, t in by_band.items()},
+        "chunk_steps": len(times),
+        "slowest_chunk_step_ms": max(times),
+        "prefill_ms": sum(times),
+    }
 
 
 if __name__ == "__main__":
