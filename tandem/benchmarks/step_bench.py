@@ -18,7 +18,7 @@ tokens on the host, the decode-only step measured the same way beside them.
     python benchmarks/step_bench.py --bundle /tmp/b1b --slots 64 --max-len 1024 \\
         --serve-jsonl gpu-results/serve_bench.jsonl        # a GPU, after serve_bench
     python benchmarks/step_bench.py                        # CPU: the tiny model
-    python benchmarks/step_bench.py --slots 16 --context 100 --long-prompt 2000 \
+    python benchmarks/step_bench.py --slots 16 --context 100 --long-prompt 2000 \\
         --max-num-batched-tokens 64 --max-len 4096 --model-set max_seq_len=4096
 """
 
