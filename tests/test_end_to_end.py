@@ -13,13 +13,13 @@ import sys
 import time
 
 import grpc
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.model.bundle import Bundle
 from tandem.serve.client import TandemClient
+from tests.serve.test_engine import greedy_reference
 
 MODEL = [
     "model.vocab_size=512",
@@ -65,17 +65,6 @@ def wait_serving(port: int, server: subprocess.Popen, limit: float = 300) -> Non
     raise AssertionError("server never reported SERVING")
 
 
-def greedy(bundle: Bundle, prompt: str, steps: int) -> list[int]:
-    model = bundle.model()
-    tokens = bundle.tokenizer.encode(prompt)
-    out = []
-    for _ in range(steps):
-        ids = jnp.asarray([tokens + out])
-        logits = model(ids, jnp.arange(ids.shape[1])[None])
-        out.append(int(jnp.argmax(logits[0, -1])))
-    return out
-
-
 @pytest.mark.slow
 def test_train_export_serve_streams_the_models_greedy_tokens(tmp_path):
     run_dir, bundle_dir = tmp_path / "run", tmp_path / "bundle"
@@ -106,6 +95,7 @@ def test_train_export_serve_streams_the_models_greedy_tokens(tmp_path):
     )
     bundle = Bundle.load(bundle_dir)
     assert bundle.manifest["source"]["step"] == 8
+    greedy = greedy_reference(bundle.model())
 
     port = free_port()
     env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user would run it
@@ -140,7 +130,7 @@ def test_train_export_serve_streams_the_models_greedy_tokens(tmp_path):
             results = list(pool.map(stream, PROMPTS))
         for prompt, (tokens, text, finish) in zip(PROMPTS, results, strict=True):
             assert finish == "length"
-            assert tokens == greedy(bundle, prompt, NEW_TOKENS), prompt
+            assert tokens == greedy(bundle.tokenizer.encode(prompt), NEW_TOKENS)[0], prompt
             assert text == bundle.tokenizer.decode(tokens)
     finally:
         server.send_signal(signal.SIGTERM)
