@@ -138,6 +138,17 @@ class ServeConfig:
         page_size are set)."""
         return self.kv_cache_tokens // self.page_size if self.page_size else 0
 
+    @property
+    def max_step_tokens(self) -> int:
+        """The most tokens one step can compute, whatever the budget: a sequence computes
+        at most `max_len` positions and each needs a slot of the pool (page 0 is the null
+        page); never below `max_seqs` (a row each). Of a resolved config (the engine's):
+        it caps `max_num_batched_tokens` there, as buckets above it would never run."""
+        limit = self.max_seqs * self.max_len
+        if self.kv_cache_tokens:
+            limit = min(limit, (self.num_pages - 1) * self.page_size)
+        return max(self.max_seqs, limit)
+
     def resolve(self, model_max_len: int, default_page_size: int) -> ServeConfig:
         """Fills the derived sizes from the model's context length and the engine's page
         size for its device (kv_cache_tokens is the engine's to derive)."""

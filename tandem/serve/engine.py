@@ -365,6 +365,12 @@ class JaxEngine(Engine):
                 cfg, scfg, self._cache_dtype, devices, self._kv_shards()
             )
             scfg = dataclasses.replace(scfg, kv_cache_tokens=tokens, kv_cache_memory=0.0)
+        if scfg.max_num_batched_tokens > scfg.max_step_tokens:
+            log.info(
+                "max_num_batched_tokens %d -> %d: no step holds more (max_seqs x max_len, "
+                "the KV-cache pool)", scfg.max_num_batched_tokens, scfg.max_step_tokens,
+            )  # fmt: skip
+            scfg = dataclasses.replace(scfg, max_num_batched_tokens=scfg.max_step_tokens)
         self.serve_cfg = scfg
         self._buckets = token_buckets(scfg.max_num_batched_tokens, scfg.max_seqs)
         self._width = pages_for(scfg.max_len, scfg.page_size)  # page-table columns

@@ -162,6 +162,24 @@ def test_token_buckets() -> None:
             assert padded - n < max(8, n // 4 + 1), (budget, seqs, n, padded)
 
 
+def test_the_budget_is_capped_at_what_a_step_can_hold(model, tokenizer) -> None:
+    """No step computes more than max_seqs x max_len tokens, nor more than the pool has
+    slots for: the engine does not compile buckets past that (each costs warm-up time)."""
+
+    def engine(**sizes) -> JaxEngine:
+        return JaxEngine.from_model(model, tokenizer, ServeConfig(tensor_parallel=1, **sizes))
+
+    small = engine(max_seqs=2, max_len=24, page_size=4)  # budget left at its 2,048
+    assert small.serve_cfg.max_num_batched_tokens == 48
+    assert small.token_buckets() == (8, 16, 32, 48)
+    pool = engine(max_seqs=2, max_len=24, page_size=4, kv_cache_tokens=5 * 4)  # 4 + null
+    assert pool.serve_cfg.max_num_batched_tokens == 16
+    # a pool smaller than max_seqs rows still gives each running sequence its row
+    rows = engine(max_seqs=8, max_len=24, page_size=4, kv_cache_tokens=2 * 4)
+    assert rows.serve_cfg.max_num_batched_tokens == 8
+    assert engine(max_seqs=2, max_len=64, max_num_batched_tokens=32).token_buckets()[-1] == 32
+
+
 @pytest.mark.parametrize(("tokens", "rows"), [(8, 8), (64, 32), (512, 64), (8, 2), (16, 1)])
 def test_warmup_plans_fit_their_bucket_write_nothing_and_reach_every_length(
     tokens: int, rows: int
