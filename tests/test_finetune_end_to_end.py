@@ -71,7 +71,9 @@ def test_finetune_a_pretrained_model_then_serve_its_answers(tmp_path: Path) -> N
     loaded = Bundle.load(bundle)
     template, tokenizer = loaded.chat_template, loaded.tokenizer
     assert template is not None and loaded.stop_token_ids == tokenizer.stop_ids
-    engine = JaxEngine.from_bundle(bundle, ServeConfig(max_seqs=4, max_len=128))
+    # tests/serve/test_lm_eval.py's engine (same model shape, one device): its compiled
+    # steps come from the run's persistent compilation cache
+    engine = JaxEngine.from_bundle(bundle, ServeConfig(max_seqs=4, max_len=128, tensor_parallel=1))
     with (
         BackgroundServer(TandemServer(engine, ServeConfig(max_seqs=4, port=0))) as server,
         TandemClient(server.target) as client,

@@ -271,7 +271,9 @@ def bundle(tmp_path_factory) -> Path:
 
 
 def _engine(bundle: Path) -> JaxEngine:
-    scfg = dataclasses.replace(SCFG, max_seqs=8, max_len=192, max_prompt_len=128)
+    scfg = dataclasses.replace(  # a budget of 256: 6 compiled steps where 1,536 takes 9
+        SCFG, max_seqs=8, max_len=192, max_prompt_len=128, max_num_batched_tokens=256
+    )
     return JaxEngine.from_bundle(bundle, dataclasses.replace(scfg, bundle=str(bundle)))
 
 
