@@ -40,10 +40,11 @@ scheduling (ServeConfig, the default) the serving loop plans step N+1 while step
 as vLLM's `--async-scheduling` does (without it, it commits each step before planning the
 next): then a request whose token N samples continues in N+1 from that token's plan row
 (`token_sources`; the engine reads it on device), never past its max_tokens or max_len,
-and not at all while it has a grammar (its next bitmask needs the token). A request that N's commit ends (a stop token,
-a stop string) or that N+1's planning preempts has its N+1 row ignored: that work is lost,
-never its output. Not thread-safe: the serving loop owns it; stop *strings* stay with the
-detokenizer (serve.detok), which ends a request through `finish_requests`.
+and not at all while it has a grammar (its next bitmask needs the token). A request that
+N's commit ends (a stop token, a stop string) or that N+1's planning preempts has its N+1
+row ignored: that work is lost, never its output. Not thread-safe: the serving loop owns
+it; stop *strings* stay with the detokenizer (serve.detok), which ends a request through
+`finish_requests`.
 """
 
 from __future__ import annotations
