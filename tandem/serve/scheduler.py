@@ -214,6 +214,11 @@ class AdmissionPolicy(abc.ABC):
     """Which waiting requests may start: the one difference between continuous and static
     batching. Preempted requests always resume (they belong to what is running)."""
 
+    # Whether a request whose next full pages another sequence is computing waits for
+    # them (continuous: it starts a step or two later and computes them once) or starts
+    # with the others, computing its own copy (static: a batch starts together).
+    waits_for_shared_pages = True
+
     @abc.abstractmethod
     def admit_limit(
         self, *, num_active: int, waiting: Sequence[Request], now: float, draining: bool
@@ -238,6 +243,8 @@ class StaticAdmission(AdmissionPolicy):
     """The benchmark baseline: a batch of up to `max_seqs` starts together, once full or
     once its oldest request waited `static_batch_wait_s`, and nothing starts until its last
     member ends. (Unlike a padded static batch, finished members cost the step nothing.)"""
+
+    waits_for_shared_pages = False
 
     def __init__(self, cfg: ServeConfig) -> None:
         self.batch = cfg.max_seqs
@@ -458,9 +465,11 @@ class Scheduler:
                 # have no prompt logprobs (vLLM skips the cache for these requests too)
                 scored = request.sampling.prompt_logprobs is not None
                 hit = NO_HIT if scored else self.kv.lookup(request)
-                if hit.num_pending_tokens:  # its next pages are being computed: wait for
-                    deferred.append(self.waiting.popleft())  # them rather than compute
-                    continue  # them twice (n choices of one prompt, a shared system prompt)
+                if hit.num_pending_tokens and self.policy.waits_for_shared_pages:
+                    # its next pages are being computed: wait for them rather than compute
+                    # them twice (n choices of one prompt, a shared system prompt)
+                    deferred.append(self.waiting.popleft())
+                    continue
                 n = min(request.num_tokens - hit.num_tokens, budget)
                 if self.kv.allocate(request, n, hit) is None:
                     break  # wait for pages to free up

@@ -477,6 +477,16 @@ def test_static_admission_runs_one_batch_until_its_last_member_ends() -> None:
     assert [r.request_id for r in plan.requests] == ["c"]
 
 
+def test_a_static_batch_sharing_a_prompt_starts_together() -> None:
+    """A static batch's members compute a shared prompt each rather than wait for the
+    first (which would run them one after another and skew the baseline)."""
+    cfg = serve_cfg(mode="static", max_seqs=4, static_batch_wait_s=0.0)
+    specs = {f"c{i}": Spec(list(range(1, 14)), 3, seed=i) for i in range(4)}  # 3 full pages
+    run = simulate(cfg, specs)
+    assert sorted(r.request_id for r in run.plans[0].requests) == sorted(specs)
+    check_against_reference(run, specs, cfg.max_len)
+
+
 def test_static_admission_starts_a_partial_batch_when_draining() -> None:
     cfg = serve_cfg(mode="static", max_seqs=4, static_batch_wait_s=100.0)
     sched = Scheduler(cfg, clock=lambda: 0.0)
