@@ -39,6 +39,7 @@ FLAGS = (
     Flag("--tls-cert", "tls_cert", "PEM certificate chain"),
     Flag("--tls-key", "tls_key", "PEM private key"),
     Flag("--token-file", "token_file", "file holding the bearer token clients must send"),
+    Flag("--allowed-origins", "allowed_origins", "HTTP API's CORS origins, a JSON list"),
 )
 
 

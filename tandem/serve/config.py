@@ -28,14 +28,18 @@ class ServeConfig:
     tls_cert: str = ""  # PEM certificate chain (with tls_key: TLS on)
     tls_key: str = ""  # PEM private key
     token_file: str = ""  # file holding the bearer token clients must send ("" = none)
+    allowed_origins: tuple[str, ...] = ("*",)  # HTTP API: origins browsers may call it
+    # from (CORS; vLLM's default "*"); () = no CORS headers
     grace_s: float = 30.0  # seconds to drain in-flight streams on SIGTERM
 
     # --- limits and scheduling ---
     max_seqs: int = 8  # concurrent sequences (running requests); older key: max_slots
     max_len: int = 0  # positions per sequence (prompt + output); 0 = model max_seq_len
     max_prompt_len: int = 0  # 0 = max_len - 1
-    max_queue: int = 64  # waiting requests beyond this get RESOURCE_EXHAUSTED
-    max_logprobs: int = 5  # most alternatives a request may ask for (compiled in)
+    max_queue: int = 1024  # waiting requests beyond this get RESOURCE_EXHAUSTED (a
+    # batch of prompts or n choices counts each: lm-eval sends its batch in one request)
+    max_logprobs: int = 20  # most alternatives a request may ask for (compiled in;
+    # OpenAI's top_logprobs range and vLLM's default)
     default_max_tokens: int = 256  # when a request leaves max_tokens at 0
     tensor_parallel: int = 0  # devices per replica on the `tensor` axis; 0 = all that fit
     cache_dtype: Literal["", "float32", "bfloat16"] = ""  # "" = the model's compute dtype

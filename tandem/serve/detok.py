@@ -38,11 +38,17 @@ class TextStream:
     `push` returns (delta, matched): `matched` is the stop string that ended the text (the
     delta then holds only what precedes it) or None. After a match further pushes are a
     bug. `finish` releases whatever was held back when generation ends for another reason.
+    With `min_tokens` no stop string ends the text before token min_tokens + 1, which
+    may complete one begun earlier (vLLM v1's detokenizer: min_tokens holds back the stop
+    strings as it does the stop ids).
     """
 
-    def __init__(self, detokenizer: Detokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(
+        self, detokenizer: Detokenizer, stop: Sequence[str] = (), min_tokens: int = 0
+    ) -> None:
         self._detok = detokenizer
         self._stops = tuple(stop)
+        self._unmatched = min_tokens  # tokens still to push before a stop may match
         self._pending = ""  # decoded text not yet sent (may start a stop string)
         self.text = ""  # everything sent so far
         self.stopped: str | None = None
@@ -50,6 +56,7 @@ class TextStream:
     def push(self, token_id: int) -> tuple[str, str | None]:
         if self.stopped is not None:
             raise RuntimeError("push after a stop string matched")
+        self._unmatched -= 1
         return self._feed(self._detok.push(token_id), final=False)
 
     def finish(self) -> str:
@@ -61,7 +68,7 @@ class TextStream:
 
     def _feed(self, new: str, *, final: bool) -> tuple[str, str | None]:
         self._pending += new
-        if self._stops and self._pending:
+        if self._stops and self._pending and self._unmatched < 0:
             hit, hit_stop = -1, None
             for s in self._stops:
                 i = self._pending.find(s)

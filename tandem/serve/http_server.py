@@ -48,12 +48,14 @@ import pydantic
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from tandem.model.tokenizer import Tokenizer
 from tandem.serve import openai_protocol as api
+from tandem.serve import openai_tools
 from tandem.serve.config import ServeConfig
 from tandem.serve.engine_api import RowToken
 from tandem.serve.handoff import Handoff
@@ -68,6 +70,9 @@ MAX_BODY_BYTES = 4 << 20  # gRPC's default message limit: the same requests fit 
 LONG_TEXT = 4096  # characters: longer prompts are tokenized (chats rendered) off the loop
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # answered without the bearer token
 MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI and vLLM floor logprobs here
+# max_tokens when a request leaves it out: /v1/completions' documented default (OpenAI's
+# and vLLM's); a chat answer may run to the end of the context (max_len), as in both.
+COMPLETION_MAX_TOKENS = 16
 
 # RequestError codes (gRPC status names) as HTTP statuses and OpenAI error types.
 _HTTP_STATUS = {
@@ -241,6 +246,23 @@ def _structured_outputs(
     return StructuredOutput(kind, value)
 
 
+def stop_reason(out: Output, stop_token_ids: Sequence[int] | None) -> str | int | None:
+    """vLLM's `stop_reason` of a choice: the stop string or `stop_token_ids` entry that
+    ended it (None when the model's own end token did, at length, or while it runs)."""
+    if out.stop_token is not None:
+        return out.stop_token if out.stop_token in (stop_token_ids or ()) else None
+    return out.matched_stop or None
+
+
+def _message(text: str, tool_choice: openai_tools.ToolChoice) -> api.AssistantMessage:
+    """A chat choice's message: its text, or under a named or "required" tool_choice the
+    calls it makes (the text stays when it is not whole JSON: cut short by max_tokens)."""
+    calls = openai_tools.tool_calls(tool_choice, text) if tool_choice is not None else None
+    if calls is None:
+        return api.AssistantMessage(content=text)
+    return api.AssistantMessage(content=None, tool_calls=calls)
+
+
 def _not_yet(req: api.CompletionRequest | api.ChatCompletionRequest) -> None:
     """Refuses a parameter whose feature tandem does not serve yet, unless it is off."""
     for name, off in api.NOT_YET.items():
@@ -316,7 +338,14 @@ class _Templates:
     costs a string join instead of a model build and dump (see the module docstring)."""
 
     def __init__(
-        self, kind: str, rid: str, created: int, model: str, options: api.StreamOptions | None
+        self,
+        kind: str,
+        rid: str,
+        created: int,
+        model: str,
+        options: api.StreamOptions | None,
+        stop_token_ids: Sequence[int] | None,
+        tool_choice: openai_tools.ToolChoice = None,
     ) -> None:
         obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
         self.envelope = (
@@ -329,15 +358,28 @@ class _Templates:
         self.continuous_usage = options.continuous_usage_stats  # or its running usage
         self.tail = ',"usage":null}\n\n' if self.include_usage else "}\n\n"
         self.chat = kind == "chat"
+        self.stop_token_ids = stop_token_ids
+        self.tool_choice = tool_choice  # a named function or "required": deltas of calls
+        self.tool_streams: dict[int, openai_tools.ToolCallStream] = {}
 
     def chunk(
-        self, index: int, text: str, logprobs: Any, finish: str, usage: tuple[int, int]
+        self, index: int, text: str, logprobs: Any, out: Output, usage: tuple[int, int]
     ) -> str:
-        """One choice's new text; `usage` = (prompt, completion tokens so far) of it."""
-        reason = f'"{finish}"' if finish else "null"
+        """One choice's new text (of `out`, its merged output); `usage` = (prompt,
+        completion tokens so far) of it."""
+        finish = out.finish_reason
+        reason = f'"{finish}","stop_reason":{json.dumps(stop_reason(out, self.stop_token_ids))}'
+        reason = reason if finish else 'null,"stop_reason":null'
         lp = "null" if logprobs is None else logprobs.model_dump_json()
-        text = json.dumps(text)
-        body = f'"delta":{{"content":{text}}}' if self.chat else f'"text":{text}'
+        if self.tool_choice is not None:
+            calls = self.tool_streams.setdefault(
+                index, openai_tools.ToolCallStream(self.tool_choice)
+            )
+            body = f'"delta":{calls.delta(text, bool(finish))}'
+        elif self.chat:
+            body = f'"delta":{{"content":{json.dumps(text)}}}'
+        else:
+            body = f'"text":{json.dumps(text)}'
         tail = self.tail
         if self.continuous_usage:
             prompt, completion = usage
@@ -445,9 +487,11 @@ class OpenAIService:
         messages: Sequence[api.ChatMessage],
         add_generation_prompt: bool,
         template_kwargs: dict[str, Any] | None,
+        tools: Sequence[api.Tool] | None = None,
     ) -> list[int]:
-        """The conversation as the model's chat template renders it, tokenized without
-        special tokens (the template writes them), as transformers' apply_chat_template."""
+        """The conversation (and the tools it may call) as the model's chat template
+        renders it, tokenized without special tokens (the template writes them), as
+        transformers' apply_chat_template."""
         template = self.tokenizer.chat_template
         if template is None:
             raise ApiError(
@@ -459,7 +503,8 @@ class OpenAIService:
                 code="no_chat_template",
             )
         template_kwargs = template_kwargs or {}
-        if reserved := sorted({"messages", "add_generation_prompt"} & set(template_kwargs)):
+        own = {"messages", "add_generation_prompt"} | ({"tools"} if tools else set())
+        if reserved := sorted(own & set(template_kwargs)):
             raise ApiError(
                 400,
                 f"chat_template_kwargs may not set {reserved}: they are the request's own",
@@ -467,12 +512,20 @@ class OpenAIService:
                 code="invalid_value",
             )
         chat, size = [], 0
-        for m in messages:
-            message = m.model_dump(exclude_none=True)
+        for i, m in enumerate(messages):
+            message = m.model_dump(exclude_none=True, exclude={"refusal", "annotations"})
             if isinstance(m.content, list):
                 message["content"] = "\n".join(part.text for part in m.content)
+            try:
+                message = openai_tools.template_tool_calls(message)
+            except ValueError as err:
+                raise ApiError(400, f"messages[{i}].{err}", param=f"messages[{i}].tool_calls",
+                               code="invalid_value") from None  # fmt: skip
             size += len(message.get("content", ""))
             chat.append(message)
+        if tools:  # as the client wrote them (no added nulls), as transformers takes them
+            tools_json = [t.model_dump(exclude_unset=True) for t in tools]
+            template_kwargs = {**template_kwargs, "tools": tools_json}
         render = functools.partial(
             template.render, chat, add_generation_prompt=add_generation_prompt, **template_kwargs
         )
@@ -490,12 +543,15 @@ class OpenAIService:
         req: api.CompletionRequest | api.ChatCompletionRequest,
         *,
         max_tokens: int | None,
+        default_max_tokens: int | None,
         logprobs: int | None,
         renames: dict[str, str],
         prompt_logprobs: int | None = None,
+        tool_grammar: StructuredOutput | None = None,
     ) -> list[tuple[list[int], SamplingParams]]:
         """One (prompt ids, SamplingParams) per choice, every one validated against the
-        served model before any is submitted."""
+        served model before any is submitted. Without max_tokens a choice gets
+        `default_max_tokens` or what fits if less (None: what fits)."""
         if req.stream_options is not None and not req.stream:
             raise ApiError(400, "stream_options is only allowed with stream=true",
                            param="stream_options", code="invalid_value")  # fmt: skip
@@ -512,6 +568,12 @@ class OpenAIService:
             getattr(req, "response_format", None), req.structured_outputs
         )
         where = "structured_outputs" if req.structured_outputs else "response_format"
+        if tool_grammar is not None:  # a named function or "required": its JSON
+            if structured is not None:
+                raise ApiError(400, f"tool_choice is invalid with {where}: the answer is "
+                               "either tool calls or that format", param="tool_choice",
+                               code="invalid_value")  # fmt: skip
+            structured, where = tool_grammar, "tools"
         renames = renames | dict.fromkeys(("json_schema", "json_object", "regex", "grammar"), where)
         if structured is not None:
             try:
@@ -521,9 +583,15 @@ class OpenAIService:
         logit_bias = _logit_bias(req.logit_bias)
         plan = []
         for ids in prompts:
+            limit = max_tokens
+            if limit is None:
+                limit = self.orch.room(len(ids))  # < 1: validate names the prompt
+                if default_max_tokens is not None:
+                    limit = min(limit, default_max_tokens)
+                limit = max(1, limit)
             for j in range(req.n):
                 fields = {
-                    "max_tokens": max_tokens or 0,
+                    "max_tokens": limit,
                     "temperature": req.temperature,
                     "top_k": max(req.top_k, 0),
                     "top_p": req.top_p,
@@ -722,7 +790,7 @@ class OpenAIService:
                             # empty text too (a held-back UTF-8 or stop-string prefix)
                             usage = (len(run.prompts[i // run.n]), tokens[i])
                             text, lp = render(i, out)
-                            events.append(templates.chunk(i, text, lp, out.finish_reason, usage))
+                            events.append(templates.chunk(i, text, lp, out, usage))
                 if error is not None:
                     events.append(ApiError.from_request_error(error, counted=True).sse())
                     yield "".join(events) + "data: [DONE]\n\n"
@@ -765,6 +833,7 @@ class OpenAIService:
         scored = [req.prompt_logprobs, req.logprobs if req.echo else None]
         plan = await self._plan(
             prompts, req, max_tokens=1 if only_prompt else req.max_tokens,
+            default_max_tokens=COMPLETION_MAX_TOKENS,
             logprobs=req.logprobs, renames={"prompt_token_ids": "prompt"},
             prompt_logprobs=max((n for n in scored if n is not None), default=None),
         )  # fmt: skip
@@ -795,7 +864,9 @@ class OpenAIService:
             return text, lp
 
         if req.stream:
-            templates = _Templates("completion", rid, created, self.model_name, req.stream_options)
+            templates = _Templates(
+                "completion", rid, created, self.model_name, req.stream_options, req.stop_token_ids
+            )
             offsets = [-1] * run.size  # text sent so far per choice (-1: none yet)
 
             def render_chunk(i: int, out: Output) -> tuple[str, api.CompletionLogprobs | None]:
@@ -815,6 +886,7 @@ class OpenAIService:
                     text=text,
                     logprobs=lp,
                     finish_reason=out.finish_reason,
+                    stop_reason=stop_reason(out, req.stop_token_ids),
                     prompt_logprobs=self.prompt_logprobs(prompts[i // req.n], out, prompt_top),
                 )
                 for i, out in enumerate(merge_outputs(outs) for outs in choices.outputs)
@@ -832,21 +904,31 @@ class OpenAIService:
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs is only allowed with logprobs=true",
                            param="top_logprobs", code="invalid_value")  # fmt: skip
+        tool_choice = self._tool_choice(req)
+        template_kwargs = req.chat_template_kwargs
+        if req.reasoning_effort is not None:  # what templates of reasoning models read
+            template_kwargs = {"reasoning_effort": req.reasoning_effort, **(template_kwargs or {})}
         ids = await self._chat_prompt(
-            req.messages, req.add_generation_prompt, req.chat_template_kwargs
+            req.messages, req.add_generation_prompt, template_kwargs, req.tools
         )
         top = req.top_logprobs or 0
+        calls = tool_choice if tool_choice not in ("none", "auto") else None  # answer in calls
         plan = await self._plan(
             [ids], req,
             max_tokens=req.max_completion_tokens or req.max_tokens,
+            default_max_tokens=None,
             logprobs=top if req.logprobs else None,
             renames={"prompt_token_ids": "messages", "prompt": "messages",
                      "logprobs": "top_logprobs"},
+            tool_grammar=openai_tools.tool_grammar(req.tools or (), calls),
         )  # fmt: skip
         run = self._submit([ids], req.n, plan)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            templates = _Templates("chat", rid, created, self.model_name, req.stream_options)
+            templates = _Templates(
+                "chat", rid, created, self.model_name, req.stream_options, req.stop_token_ids,
+                calls,
+            )  # fmt: skip
 
             def render(i: int, out: Output) -> tuple[str, api.ChatLogprobs | None]:
                 return out.text, self.chat_logprobs(out, top) if req.logprobs else None
@@ -860,15 +942,36 @@ class OpenAIService:
             choices=[
                 api.ChatChoice(
                     index=i,
-                    message=api.AssistantMessage(content=out.text),
+                    message=_message(out.text, calls),
                     logprobs=self.chat_logprobs(out, top) if req.logprobs else None,
                     finish_reason=out.finish_reason,
+                    stop_reason=stop_reason(out, req.stop_token_ids),
                 )
                 for i, out in enumerate(merge_outputs(outs) for outs in choices.outputs)
             ],
             usage=choices.usage(),
         )
         return _json(body)
+
+    @staticmethod
+    def _tool_choice(req: api.ChatCompletionRequest) -> openai_tools.ToolChoice:
+        """The request's tool_choice, checked against its tools; "auto" with tools (the
+        default) is not served yet."""
+        try:
+            choice = openai_tools.resolve_choice(req.tools, req.tool_choice)
+        except ValueError as err:
+            raise _bad_value(err, {}) from None
+        if choice == "auto" and req.tools:
+            raise ApiError(
+                400,
+                "tool_choice='auto' (the default with tools) is not supported by tandem yet: "
+                "the model's own tool-call format needs a parser; send tool_choice "
+                '\'required\', a named function ({"type": "function", "function": '
+                "{\"name\": ...}}) or 'none'",
+                param="tool_choice",
+                code="not_supported_yet",
+            )
+        return choice
 
     def _card(self) -> api.ModelCard:
         return api.ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_len)
@@ -889,7 +992,7 @@ class OpenAIService:
                            param="prompt", code="invalid_value")  # fmt: skip
         if req.messages is not None:
             ids = await self._chat_prompt(
-                req.messages, req.add_generation_prompt, req.chat_template_kwargs
+                req.messages, req.add_generation_prompt, req.chat_template_kwargs, req.tools
             )
         else:
             ids = await self._encode(
@@ -974,8 +1077,13 @@ class _BearerToken:
         await self.app(scope, receive, send)
 
 
-def build_app(service: OpenAIService, token: str | None = None) -> Any:
-    """The ASGI app: routes, OpenAI-shaped errors for unknown paths, optional token."""
+def build_app(
+    service: OpenAIService, token: str | None = None, allowed_origins: Sequence[str] = ()
+) -> Any:
+    """The ASGI app: routes, OpenAI-shaped errors for unknown paths, optional token, and
+    CORS for browser clients (chat UIs calling the API from their own origin) when
+    `allowed_origins` is set: Starlette's middleware answers preflights before the token
+    check, as a browser sends no credentials there, and adds the headers to every reply."""
     m = service.metrics
     routes = [
         Route("/v1/completions", _endpoint(service.completions, m, True), methods=["POST"]),
@@ -1001,7 +1109,13 @@ def build_app(service: OpenAIService, token: str | None = None) -> Any:
         routes=routes,
         exception_handlers={404: http_error, 405: http_error, Exception: server_error},
     )
-    return _BearerToken(app, token) if token else app
+    if token:
+        app = _BearerToken(app, token)
+    if allowed_origins:
+        app = CORSMiddleware(
+            app, allow_origins=list(allowed_origins), allow_methods=["*"], allow_headers=["*"]
+        )
+    return app
 
 
 class _Uvicorn(uvicorn.Server):
@@ -1022,7 +1136,7 @@ class HttpServer:
         self.service = service
         self.cfg = cfg
         self._config = uvicorn.Config(
-            build_app(service, token),
+            build_app(service, token, cfg.allowed_origins),
             lifespan="off",  # no startup hooks: the TandemServer owns the lifecycle
             log_config=None,  # tandem.cli configures logging; uvicorn must not replace it
             access_log=False,

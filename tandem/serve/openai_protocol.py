@@ -8,9 +8,15 @@ so the `openai` SDK, lm-eval's `local-completions` / `local-chat-completions` an
 bench serve` talk to tandem unchanged. Requests are strict where OpenAI-compatible servers
 are usually lax:
 
-- an unknown field is an error naming it (`extra="forbid"`), never silently ignored;
+- an unknown field is an error naming it (`extra="forbid"`), never silently ignored; the
+  fields OpenAI defines that change nothing here are accepted and ignored (`user`, `store`,
+  `metadata`, `service_tier`, `prompt_cache_key`, `safety_identifier`, `prediction`, and
+  the `refusal` / `annotations` of an assistant message sent back as history), so the
+  SDK's own objects round-trip (`messages.append(reply.choices[0].message.model_dump())`);
+- `null` is the parameter's default (the SDK sends `"temperature": null` for `None`), as
+  in OpenAI's and vLLM's servers;
 - NaN and infinite numbers are refused (`allow_inf_nan=False`);
-- a known parameter whose feature tandem does not serve yet (`NOT_YET`: suffix, tools,
+- a known parameter whose feature tandem does not serve yet (`NOT_YET`: suffix, functions,
   ...) is accepted only at its default value,
   any other value is a 400 naming it (`not_yet_supported`).
 
@@ -23,18 +29,34 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Parameters OpenAI (or vLLM) defines whose feature tandem's sampler does not have yet,
 # with the value that means "off": any other value is refused, naming the parameter.
 NOT_YET: dict[str, Any] = {
     "suffix": None,
-    "tools": None,
+    "functions": None,  # the deprecated spelling of tools
+    "function_call": None,
+    "audio": None,  # audio output
 }
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """A parameter sent as `null` takes its default, whatever the default is (OpenAI's
+        and vLLM's servers read `"n": null` as n = 1)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None or key not in fields or fields[key].default is None
+        }
 
 
 class StreamOptions(_Request):
@@ -67,7 +89,15 @@ class _Sampling(_Request):
     ignore_eos: bool = False  # vLLM extension
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # end-user id for the caller's own logs; unused
+    # OpenAI's bookkeeping and hints, accepted and unused: nothing is stored, the prefix
+    # cache needs no key, and a prediction only ever changes latency
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    prediction: dict[str, Any] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM extension
@@ -113,6 +143,32 @@ class ChatMessage(_Request):
     tool_calls: list[dict[str, Any]] | None = None  # history, handed to the template
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    # what OpenAI's assistant messages carry besides: accepted as history, never rendered
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: None = None  # a reference to an earlier audio answer: only null is served
+    function_call: None = None  # the deprecated tool_calls: only null is served
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema (None: no parameters)
+    strict: bool | None = None  # the schema is always enforced (strict or not)
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_Sampling):
@@ -121,9 +177,15 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto"] | None = None
+    tools: list[Tool] | None = None
+    # None: "auto" with tools, else "none" (OpenAI's defaults); see tandem/serve/openai_tools.py
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[Literal["text"]] | None = None  # the one output modality served
+    reasoning_effort: str | None = None  # handed to the chat template, as vLLM does
     add_generation_prompt: bool = True  # vLLM extension
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension (enable_thinking)
 
@@ -135,6 +197,7 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     add_special_tokens: bool = True
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None  # rendered by the chat template with the messages
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -173,6 +236,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop_token_ids entry
     # vLLM's shape: per prompt token, {token id: PromptLogprob} (the token itself and the
     # top prompt_logprobs), None for the first; present when prompt logprobs were computed
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
@@ -201,9 +265,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None: the answer is tool_calls
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -211,6 +287,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop_token_ids entry
 
 
 class ChatCompletionResponse(BaseModel):
@@ -220,27 +297,6 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-
-
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: Delta
-    logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

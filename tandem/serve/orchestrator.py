@@ -94,7 +94,8 @@ class Output:
     # first has no logprob: nothing precedes it), each scored given the tokens before it.
     prompt_logprobs: list[RowToken] | None = None
     finish_reason: str = ""  # "", "length" or "stop"
-    matched_stop: str = ""
+    matched_stop: str = ""  # the stop string, or the stop token id as decimal text
+    stop_token: int | None = None  # the stop token id, when one ended it
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache
@@ -117,6 +118,7 @@ def merge_outputs(outs: Sequence[Output]) -> Output:
         merged.logprobs += o.logprobs
     last = outs[-1]
     merged.finish_reason, merged.matched_stop = last.finish_reason, last.matched_stop
+    merged.stop_token = last.stop_token
     merged.prompt_tokens, merged.completion_tokens = last.prompt_tokens, last.completion_tokens
     merged.cached_prompt_tokens = last.cached_prompt_tokens
     return merged
@@ -248,12 +250,17 @@ class Orchestrator:
                 self._grammars = GrammarCompiler(self.tokenizer)
             return self._grammars
 
+    def room(self, prompt_len: int) -> int:
+        """The most tokens a prompt of this length can be followed by: up to max_len, and
+        within the whole KV-cache pool (< 1: the prompt alone does not fit)."""
+        capacity = self.scheduler.kv.num_usable_pages * self.cfg.page_size + 1
+        return min(self.cfg.max_len, capacity) - prompt_len
+
     def default_params(self, prompt_len: int, **fields: Any) -> SamplingParams:
-        """SamplingParams with max_tokens defaulted to what fits (used when a request sends 0)."""
+        """SamplingParams with max_tokens defaulted to `default_max_tokens`, or what fits
+        if less (used when a request sends 0)."""
         if not fields.get("max_tokens"):
-            capacity = self.scheduler.kv.num_usable_pages * self.cfg.page_size + 1
-            room = min(self.cfg.max_len, capacity) - prompt_len
-            fields["max_tokens"] = max(1, min(self.cfg.default_max_tokens, room))
+            fields["max_tokens"] = max(1, min(self.cfg.default_max_tokens, self.room(prompt_len)))
         return SamplingParams(**fields)
 
     def submit(
@@ -277,7 +284,7 @@ class Orchestrator:
             eos_token_ids=self.tokenizer.stop_ids,
             grammar=None if grammar is None else self.grammars.matcher(grammar),
         )
-        text = TextStream(self._detok(self.tokenizer), params.stop)
+        text = TextStream(self._detok(self.tokenizer), params.stop, params.min_tokens)
         buffer = OutputBuffer(self.cfg.stream_interval, merge_outputs)
         with self._cv:
             if not self._accepting:
@@ -460,6 +467,7 @@ class Orchestrator:
         if output.finish_reason == FinishReason.STOP:  # a stop token id
             emit.text = stream.text.finish()
             emit.finish_reason, emit.matched_stop = "stop", str(token)
+            emit.stop_token = token
         else:
             emit.text, matched = stream.text.push(token)
             if matched is not None:

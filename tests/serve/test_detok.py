@@ -65,6 +65,18 @@ def test_holdback_is_minimal() -> None:
     assert stream.push(1) == ("STx", None)
 
 
+def test_min_tokens_holds_back_stop_strings_as_vllm_does() -> None:
+    """No stop string ends the text before token min_tokens + 1; that token may complete
+    one begun earlier, as vLLM v1's detokenizer checks the new text and the stop's
+    length before it."""
+    chunks = ["a\n", "b\n", "c", "\n", "d"]
+    stream = TextStream(_Chunks(chunks), ("\n",), min_tokens=2)
+    assert [stream.push(i) for i in range(3)] == [("a\n", None), ("b\n", None), ("c", None)]
+    assert stream.push(3) == ("", "\n")
+    stream = TextStream(_Chunks(["xS", "TO", "P"]), ("STOP",), min_tokens=2)
+    assert [stream.push(i) for i in range(3)] == [("x", None), ("", None), ("", "STOP")]
+
+
 def test_utf8_split_characters_never_broken(tokenizer) -> None:
     text = "héllo 世界 🎉!"
     ids = tokenizer.encode(text, add_special_tokens=False)

@@ -137,16 +137,16 @@ def test_completions_text_usage_stop_and_batches(server, tokenizer) -> None:
 def test_completions_stream_matches_unary_with_usage(server) -> None:
     client = _client(server)
     prompt = "stream me, then stop here STOP never"
-    full = client.completions.create(model="tandem", prompt=prompt, stop=["STOP"])
-    chunks = list(client.completions.create(model="tandem", prompt=prompt, stop=["STOP"],
-                                            stream=True))  # fmt: skip
+    kw = {"model": "tandem", "prompt": prompt, "stop": ["STOP"], "max_tokens": 64}
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
     assert len({c.id for c in chunks}) == 1 and all(c.usage is None for c in chunks)
-    chunks = list(client.completions.create(model="tandem", prompt=prompt, stop=["STOP"],
-                                            stream=True,
-                                            stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
     usage = chunks[-1].usage
     assert chunks[-1].choices == [] and usage.completion_tokens == full.usage.completion_tokens
     assert usage.prompt_tokens == full.usage.prompt_tokens
@@ -155,8 +155,7 @@ def test_completions_stream_matches_unary_with_usage(server) -> None:
     assert all(c.usage is None for c in chunks[:-1])
     # vLLM's continuous_usage_stats: each chunk carries its choice's usage so far
     options = {"include_usage": True, "continuous_usage_stats": True}
-    chunks = list(client.completions.create(model="tandem", prompt=prompt, stop=["STOP"],
-                                            stream=True, stream_options=options))  # fmt: skip
+    chunks = list(client.completions.create(**kw, stream=True, stream_options=options))
     counts = [c.usage.completion_tokens for c in chunks[:-1]]
     assert counts == sorted(counts) and counts[-1] == full.usage.completion_tokens
     assert all(c.usage.prompt_tokens == full.usage.prompt_tokens for c in chunks)
@@ -350,6 +349,180 @@ def test_chat_prompt_is_transformers_template_and_stops_at_model_stop_ids(
     assert _idle(bg)
 
 
+def test_what_sdks_and_chat_uis_send_is_accepted(make_fake_server, qwen) -> None:
+    """`null` for any parameter is its default; the SDK's own reply objects go back as
+    history; OpenAI's bookkeeping fields change nothing; chat runs to the end of the
+    context without max_tokens, completions stop at 16 (OpenAI's and vLLM's defaults)."""
+    bg = make_fake_server(cfg=CFG, tok=qwen[0])
+    client = _client(bg)
+    nulls = dict.fromkeys(["temperature", "top_p", "top_k", "n", "stream", "presence_penalty",
+                           "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
+                           "ignore_eos", "logprobs", "add_generation_prompt", "max_tokens"])  # fmt: skip
+    status, plain = _post(bg, CH, {"messages": CHAT, "max_tokens": 40})
+    assert status == 200
+    status, reply = _post(bg, CH, {"messages": CHAT, **nulls, "max_completion_tokens": 40})
+    assert status == 200 and reply["choices"] == plain["choices"]
+    r = client.chat.completions.create(model="tandem", messages=CHAT, temperature=None,
+                                       top_p=None, n=None, max_completion_tokens=40)  # fmt: skip
+    assert r.choices[0].message.content == plain["choices"][0]["message"]["content"]
+    # the reply's message dumped back into the history (refusal, annotations, audio,
+    # function_call, tool_calls: all null), and OpenAI's fields that change nothing here
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model="tandem", messages=first, max_completion_tokens=4)
+    history = [*first, r.choices[0].message.model_dump(), {"role": "user", "content": "More?"}]
+    ignored = {"store": True, "metadata": {"run": "1"}, "service_tier": "auto", "user": "u",
+               "prompt_cache_key": "k", "safety_identifier": "s", "modalities": ["text"],
+               "prediction": {"type": "content", "content": "x"}}  # fmt: skip
+    status, reply = _post(bg, CH, {"messages": history, "max_tokens": 8})
+    assert status == 200, reply
+    assert (
+        _post(bg, CH, {"messages": history, "max_tokens": 8, **ignored})[1]["choices"]
+        == (reply["choices"])
+    )
+    # OpenAI's top_logprobs range (0..20) is served by default
+    r = client.chat.completions.create(model="tandem", messages=CHAT, logprobs=True,
+                                       top_logprobs=20, max_completion_tokens=2)  # fmt: skip
+    assert [len(t.top_logprobs) for t in r.choices[0].logprobs.content] == [20, 20]
+    # without max_tokens: chat to the end of the context, completions 16 tokens
+    r = client.chat.completions.create(model="tandem", messages=CHAT,
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == MAX_LEN
+    r = client.completions.create(model="tandem", prompt="x" * 40)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 16)
+    assert _idle(bg)
+
+
+def test_stop_reason_names_the_stop_string_or_stop_token_id(server, tokenizer) -> None:
+    """vLLM's `stop_reason`: the stop string or stop_token_ids entry that ended a choice,
+    null for the model's own end token and for length; streamed on the last chunk."""
+    body = {"prompt": "ab STOP cd", "max_tokens": 32}
+    for extra, reason in [({"stop": "STOP"}, "STOP"), ({"stop_token_ids": [ord("b")]}, ord("b")),
+                          ({}, None), ({"max_tokens": 2}, None)]:  # fmt: skip
+        status, reply = _post(server, C, {**body, **extra})
+        assert status == 200 and reply["choices"][0]["stop_reason"] == reason, (extra, reply)
+        stream = _client(server).completions.create(
+            model="tandem", **body, extra_body=extra, stream=True
+        )
+        last = list(stream)[-1].choices[0]
+        assert last.finish_reason and last.model_extra["stop_reason"] == reason, extra
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}  # fmt: skip
+CLOCK = {"type": "function", "function": {"name": "get_time"}}  # no parameters
+
+
+def test_tool_calls_named_and_required(make_fake_server, qwen) -> None:
+    """A named tool_choice answers with that function's arguments, "required" with a list
+    of calls, both as `tool_calls` (streamed too: a named call's arguments in pieces,
+    "required" calls whole at the end); the tools and a history of calls and results are
+    rendered as transformers renders them (arguments as objects, vLLM's conversion)."""
+    import transformers
+
+    tok, path = qwen
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    answer = [""]  # what the scripted model writes next
+    prompts = []
+
+    def script(prompt, index):
+        ids = tok.encode(answer[0], add_special_tokens=False)
+        if index == 0:
+            prompts.append(list(prompt))
+        return ids[index] if index < len(ids) else tok.eos_id
+
+    cfg = dataclasses.replace(CFG, max_len=1024, max_prompt_len=900)
+    bg = make_fake_server(cfg=cfg, tok=tok, script=script)
+    client = _client(bg)
+    tools = [WEATHER, CLOCK]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    answer[0] = '{"city":"Oslo"}'
+    r = client.chat.completions.create(model="tandem", messages=CHAT, tools=tools,
+                                       tool_choice=named)  # fmt: skip
+    expected = hf.apply_chat_template(CHAT, tools=tools, add_generation_prompt=True, tokenize=True)
+    assert prompts[-1] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    message = r.choices[0].message
+    assert message.content is None and r.choices[0].finish_reason == "stop"
+    (call,) = message.tool_calls
+    assert (call.type, call.function.name, call.function.arguments) == (
+        "function",
+        "get_weather",
+        '{"city":"Oslo"}',
+    )
+    assert call.id.startswith("call_")
+    chunks = list(client.chat.completions.create(model="tandem", messages=CHAT, tools=tools,
+                                                 tool_choice=named, stream=True))  # fmt: skip
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or ()]
+    assert len(deltas) > 1 and deltas[0].function.name == "get_weather" and deltas[0].id
+    assert all(d.index == 0 and d.function.name is None for d in deltas[1:])
+    assert "".join(d.function.arguments for d in deltas) == '{"city":"Oslo"}'
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # "required": the calls the array lists
+    answer[0] = (
+        '[{"name":"get_time","parameters":{}},{"name":"get_weather","parameters":{"city":"Rome"}}]'
+    )
+    r = client.chat.completions.create(model="tandem", messages=CHAT, tools=tools,
+                                       tool_choice="required")  # fmt: skip
+    calls = [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls]
+    assert calls == [("get_time", "{}"), ("get_weather", '{"city": "Rome"}')]
+    chunks = list(client.chat.completions.create(model="tandem", messages=CHAT, tools=tools,
+                                                 tool_choice="required", stream=True))  # fmt: skip
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or ()]
+    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == [
+        (i, *call) for i, call in enumerate(calls)
+    ]
+    # cut short by max_tokens, "required" is not whole JSON: it stays text
+    r = client.chat.completions.create(model="tandem", messages=CHAT, tools=tools,
+                                       tool_choice="required", max_tokens=3)  # fmt: skip
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls == []
+    assert answer[0].startswith(r.choices[0].message.content)
+    # the calls and their results go back as history; "none" answers in text
+    history = [*CHAT, r_named := {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]  # fmt: skip
+    answer[0] = "Mild."
+    r = client.chat.completions.create(model="tandem", messages=history, tools=tools,
+                                       tool_choice="none")  # fmt: skip
+    assert r.choices[0].message.content == "Mild." and r.choices[0].message.tool_calls == []
+    as_objects = [*CHAT, {**r_named, "tool_calls": [{**r_named["tool_calls"][0], "function": {
+        "name": "get_weather", "arguments": {"city": "Oslo"}}}]}, history[-1]]  # fmt: skip
+    expected = hf.apply_chat_template(as_objects, tools=tools, add_generation_prompt=True,
+                                      tokenize=True)  # fmt: skip
+    assert prompts[-1] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    status, body = _post(bg, "/tokenize", {"messages": history, "tools": tools})
+    assert status == 200 and body["tokens"] == prompts[-1]
+    assert _idle(bg)
+
+
+def test_tool_choice_errors_name_the_field(make_fake_server, qwen) -> None:
+    cfg = dataclasses.replace(CFG, max_len=1024, max_prompt_len=900)
+    bg = make_fake_server(cfg=cfg, tok=qwen[0])
+    named = {"type": "function", "function": {"name": "nope"}}
+    bad_history = [*CHAT, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]  # fmt: skip
+    for body, param, code in [
+        ({"tools": [WEATHER]}, "tool_choice", "not_supported_yet"),  # "auto", the default
+        ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice", "not_supported_yet"),
+        ({"tool_choice": "required"}, "tool_choice", "invalid_value"),
+        ({"tools": [WEATHER], "tool_choice": named}, "tool_choice", "invalid_value"),
+        ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools[0].function",
+         "invalid_value"),
+        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {
+            "type": "json_object"}}, "tool_choice", "invalid_value"),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice", "invalid_value"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "nonsense"}}}], "tool_choice": "required"}, "tools", "invalid_value"),
+        ({"messages": bad_history}, "messages[2].tool_calls", "invalid_value"),
+    ]:  # fmt: skip
+        status, reply = _post(bg, CH, {"messages": CHAT, **body})
+        assert status == 400, (body, reply)
+        assert (reply["error"]["param"], reply["error"]["code"]) == (param, code), reply
+    assert _idle(bg)
+
+
 def test_chat_without_template_is_a_clear_400(server) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         _client(server).chat.completions.create(model="tandem", messages=CHAT)
@@ -437,10 +610,15 @@ BAD_REQUESTS = [
      {"add_generation_prompt": False}}, 400, "chat_template_kwargs"),
     ("chat_bad_json_schema", CH, {"messages": CHAT, "response_format": {"type": "json_schema",
      "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format"),
+    ("chat_audio_modality", CH, {"messages": CHAT, "modalities": ["text", "audio"]}, 400,
+     "modalities[1]"),
+    ("chat_history_audio", CH, {"messages": [*CHAT, {"role": "assistant", "audio": {"id": "a"}}]},
+     400, "messages[2].audio"),
 ]  # fmt: skip
 # Known parameters whose feature is not served yet: refused unless at their "off" value.
 NOT_YET = [
-    (C, "suffix", "x"), (C, "best_of", 2), (CH, "tools", [{"type": "function"}]),
+    (C, "suffix", "x"), (C, "best_of", 2), (CH, "functions", [{"name": "f"}]), (CH, "function_call", "auto"),
+    (CH, "audio", {"voice": "alloy", "format": "wav"}),
 ]  # fmt: skip
 
 
@@ -506,7 +684,9 @@ def test_queue_full_is_429_and_warming_up_is_503(make_fake_server, tokenizer) ->
     client, orch = _client(bg), bg.server.orch
 
     def stream():
-        return client.completions.create(model="tandem", prompt="w" * 60, stream=True)
+        return client.completions.create(
+            model="tandem", prompt="w" * 60, max_tokens=60, stream=True
+        )
 
     streams = [stream()]
     next(iter(streams[0]))  # running
@@ -643,6 +823,38 @@ def test_bearer_token(make_fake_server) -> None:
     assert _get(bg, "/health")[0] == 200  # probes need no secret, as gRPC's health
     r = _client(bg, api_key="s3cret").completions.create(model="tandem", prompt="hi")
     assert r.choices[0].text == "hi"
+
+
+def _preflight(bg, origin: str) -> tuple[int, dict]:
+    req = urllib.request.Request(_url(bg, CH), method="OPTIONS", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers)
+
+
+def test_cors_lets_browser_clients_in(make_fake_server) -> None:
+    """A chat UI served from its own origin: the preflight passes without the token (a
+    browser sends none there) and replies carry the allowed origin; vLLM's default "*"."""
+    bg = make_fake_server(cfg=CFG, token="s3cret")
+    status, headers = _preflight(bg, "http://ui.example")
+    assert status == 200 and headers["access-control-allow-origin"] == "*"
+    assert "authorization" in headers["access-control-allow-headers"].lower()
+    auth = {"Authorization": "Bearer s3cret", "Origin": "http://ui.example"}
+    req = urllib.request.Request(_url(bg, C), data=b'{"prompt": "hi"}', headers=auth)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.headers["access-control-allow-origin"] == "*"
+        assert json.loads(resp.read())["choices"][0]["text"] == "hi"
+    only = make_fake_server(cfg=dataclasses.replace(CFG, allowed_origins=("http://ui.example",)))
+    assert _preflight(only, "http://ui.example")[1]["access-control-allow-origin"] == (
+        "http://ui.example"
+    )
+    assert _preflight(only, "http://evil.example")[0] == 400
+    off = make_fake_server(cfg=dataclasses.replace(CFG, allowed_origins=()))
+    assert "access-control-allow-origin" not in _preflight(off, "http://ui.example")[1]
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a cert")

@@ -104,6 +104,13 @@ def test_stop_string_across_tokens_not_emitted(tokenizer, async_scheduling) -> N
     assert sink.last.matched_stop == "STOP"
 
 
+def test_min_tokens_holds_back_stop_strings_too(tokenizer) -> None:
+    orch, _ = _orch(tokenizer)
+    sink, _ = _submit(orch, tokenizer, "a. b. c", stop=(".",), min_tokens=3, max_tokens=7)
+    _drain(orch)
+    assert (sink.text, sink.last.matched_stop) == ("a. b", ".")
+
+
 @ASYNC
 def test_stop_token_ids_and_ignore_eos(tokenizer, async_scheduling) -> None:
     orch, _ = _orch(tokenizer, async_scheduling=async_scheduling)

@@ -24,6 +24,7 @@ import pytest
 from flax import nnx
 
 from tandem.model.bundle import flat_params, write_bundle
+from tandem.model.chat_template import ChatTemplate
 from tandem.model.config import ModelConfig
 from tandem.model.tokenizer import Tokenizer
 from tandem.model.transformer import Transformer
@@ -361,6 +362,57 @@ def test_vllm_structured_outputs_extension(served) -> None:
         with pytest.raises(openai.BadRequestError) as err:
             complete(spec, **kw)
         assert err.value.body["param"] == "structured_outputs", err.value.body
+
+
+class City(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    city: Literal["Oslo", "Rome"]
+    days: int = pydantic.Field(ge=1, le=7)
+
+
+class Zone(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    zone: Literal["UTC", "CET"]
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "forecast", "parameters": City.model_json_schema()}},
+    {"type": "function", "function": {"name": "clock", "parameters": Zone.model_json_schema()}},
+]
+ARGUMENTS = {"forecast": City, "clock": Zone}
+
+
+def test_tool_calls_match_the_tools_schemas(served, monkeypatch) -> None:
+    """A named tool_choice and "required" on the JAX engine: every call names a tool and
+    its arguments validate against that tool's parameters (the grammar makes them). (A
+    short template that lists the tools' names: Qwen's tool preamble alone is longer than
+    this model's context; test_http_openai checks the real templates' rendering.)"""
+    brief = "{% for m in messages %}{{ m.content }}\n{% endfor %}{{ tools | length }} tools:"
+    tokenizer = served.server.http.service.tokenizer
+    monkeypatch.setattr(tokenizer, "chat_template", ChatTemplate(brief))
+    client, model = _client(served)
+    named = {"type": "function", "function": {"name": "forecast"}}
+    for seed in (None, 3):
+        sampled = {} if seed is None else {"temperature": 1.0, "seed": seed}
+        out = client.chat.completions.create(model=model, messages=CHAT, tools=TOOLS,
+                                             tool_choice=named, max_tokens=60, **sampled)  # fmt: skip
+        (call,) = out.choices[0].message.tool_calls
+        assert out.choices[0].finish_reason == "stop" and call.function.name == "forecast"
+        City.model_validate_json(call.function.arguments)
+    finished = 0
+    for seed in (None, 1, 2, 3):  # a random model may list calls until max_tokens
+        sampled = {} if seed is None else {"temperature": 1.0, "seed": seed}
+        out = client.chat.completions.create(model=model, messages=CHAT, tools=TOOLS,
+                                             tool_choice="required", max_tokens=100, **sampled)  # fmt: skip
+        choice = out.choices[0]
+        if choice.finish_reason == "length":
+            assert choice.message.tool_calls == [] and choice.message.content.startswith("[{")
+            continue
+        finished += 1
+        assert choice.message.tool_calls and choice.message.content is None
+        for call in choice.message.tool_calls:
+            ARGUMENTS[call.function.name].model_validate_json(call.function.arguments)
+    assert finished >= 1
 
 
 def test_mixed_batch_leaves_other_requests_alone(bundle) -> None:
