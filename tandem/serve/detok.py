@@ -21,7 +21,7 @@ class Detokenizer(Protocol):
     def flush(self) -> str: ...
 
 
-def _holdback(text: str, stops: Sequence[str]) -> int:
+def holdback(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
     best = 0
     for s in stops:
@@ -80,7 +80,7 @@ class TextStream:
                 self.text += delta
                 self.stopped = hit_stop
                 return delta, hit_stop
-        keep = 0 if final else _holdback(self._pending, self._stops)
+        keep = 0 if final else holdback(self._pending, self._stops)
         cut = len(self._pending) - keep
         delta, self._pending = self._pending[:cut], self._pending[cut:]
         self.text += delta

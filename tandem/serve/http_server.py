@@ -254,13 +254,20 @@ def stop_reason(out: Output, stop_token_ids: Sequence[int] | None) -> str | int 
     return out.matched_stop or None
 
 
-def _message(text: str, tool_choice: openai_tools.ToolChoice) -> api.AssistantMessage:
-    """A chat choice's message: its text, or under a named or "required" tool_choice the
-    calls it makes (the text stays when it is not whole JSON: cut short by max_tokens)."""
-    calls = openai_tools.tool_calls(tool_choice, text) if tool_choice is not None else None
-    if calls is None:
-        return api.AssistantMessage(content=text)
-    return api.AssistantMessage(content=None, tool_calls=calls)
+def _answer(
+    out: Output, tool_choice: openai_tools.ToolChoice, parser: str
+) -> tuple[api.AssistantMessage, str]:
+    """A chat choice's message and finish reason: its text, or under a tool_choice that
+    answers in calls the calls it makes (a named or "required" answer that is not whole
+    JSON, cut short by max_tokens, stays text); "auto" calls finish with "tool_calls"."""
+    if tool_choice == "auto":
+        content, calls = openai_tools.parse_auto(parser, out.text)
+        reason = "tool_calls" if calls else out.finish_reason
+        return api.AssistantMessage(content=content, tool_calls=calls), reason
+    found = openai_tools.tool_calls(tool_choice, out.text) if tool_choice is not None else None
+    if found is None:
+        return api.AssistantMessage(content=out.text), out.finish_reason
+    return api.AssistantMessage(content=None, tool_calls=found), out.finish_reason
 
 
 def _not_yet(req: api.CompletionRequest | api.ChatCompletionRequest) -> None:
@@ -346,6 +353,7 @@ class _Templates:
         options: api.StreamOptions | None,
         stop_token_ids: Sequence[int] | None,
         tool_choice: openai_tools.ToolChoice = None,
+        tool_call_parser: str = "",
     ) -> None:
         obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
         self.envelope = (
@@ -359,7 +367,8 @@ class _Templates:
         self.tail = ',"usage":null}\n\n' if self.include_usage else "}\n\n"
         self.chat = kind == "chat"
         self.stop_token_ids = stop_token_ids
-        self.tool_choice = tool_choice  # a named function or "required": deltas of calls
+        self.tool_choice = tool_choice  # one that answers in calls: deltas of calls
+        self.tool_call_parser = tool_call_parser
         self.tool_streams: dict[int, openai_tools.ToolCallStream] = {}
 
     def chunk(
@@ -368,18 +377,20 @@ class _Templates:
         """One choice's new text (of `out`, its merged output); `usage` = (prompt,
         completion tokens so far) of it."""
         finish = out.finish_reason
-        reason = f'"{finish}","stop_reason":{json.dumps(stop_reason(out, self.stop_token_ids))}'
-        reason = reason if finish else 'null,"stop_reason":null'
         lp = "null" if logprobs is None else logprobs.model_dump_json()
         if self.tool_choice is not None:
-            calls = self.tool_streams.setdefault(
-                index, openai_tools.ToolCallStream(self.tool_choice)
-            )
+            calls = self.tool_streams.get(index)
+            if calls is None:
+                calls = openai_tools.ToolCallStream(self.tool_choice, self.tool_call_parser)
+                self.tool_streams[index] = calls
             body = f'"delta":{calls.delta(text, bool(finish))}'
+            finish = "tool_calls" if calls.called else finish
         elif self.chat:
             body = f'"delta":{{"content":{json.dumps(text)}}}'
         else:
             body = f'"text":{json.dumps(text)}'
+        reason = f'"{finish}","stop_reason":{json.dumps(stop_reason(out, self.stop_token_ids))}'
+        reason = reason if finish else 'null,"stop_reason":null'
         tail = self.tail
         if self.continuous_usage:
             prompt, completion = usage
@@ -912,7 +923,7 @@ class OpenAIService:
             req.messages, req.add_generation_prompt, template_kwargs, req.tools
         )
         top = req.top_logprobs or 0
-        calls = tool_choice if tool_choice not in ("none", "auto") else None  # answer in calls
+        calls = tool_choice if tool_choice != "none" and req.tools else None  # answer in calls
         plan = await self._plan(
             [ids], req,
             max_tokens=req.max_completion_tokens or req.max_tokens,
@@ -927,7 +938,7 @@ class OpenAIService:
         if req.stream:
             templates = _Templates(
                 "chat", rid, created, self.model_name, req.stream_options, req.stop_token_ids,
-                calls,
+                calls, self.cfg.tool_call_parser,
             )  # fmt: skip
 
             def render(i: int, out: Output) -> tuple[str, api.ChatLogprobs | None]:
@@ -942,32 +953,32 @@ class OpenAIService:
             choices=[
                 api.ChatChoice(
                     index=i,
-                    message=_message(out.text, calls),
+                    message=message,
                     logprobs=self.chat_logprobs(out, top) if req.logprobs else None,
-                    finish_reason=out.finish_reason,
+                    finish_reason=finish,
                     stop_reason=stop_reason(out, req.stop_token_ids),
                 )
                 for i, out in enumerate(merge_outputs(outs) for outs in choices.outputs)
+                for message, finish in [_answer(out, calls, self.cfg.tool_call_parser)]
             ],
             usage=choices.usage(),
         )
         return _json(body)
 
-    @staticmethod
-    def _tool_choice(req: api.ChatCompletionRequest) -> openai_tools.ToolChoice:
+    def _tool_choice(self, req: api.ChatCompletionRequest) -> openai_tools.ToolChoice:
         """The request's tool_choice, checked against its tools; "auto" with tools (the
-        default) is not served yet."""
+        default) needs the server's tool_call_parser."""
         try:
             choice = openai_tools.resolve_choice(req.tools, req.tool_choice)
         except ValueError as err:
             raise _bad_value(err, {}) from None
-        if choice == "auto" and req.tools:
+        if choice == "auto" and req.tools and not self.cfg.tool_call_parser:
             raise ApiError(
                 400,
-                "tool_choice='auto' (the default with tools) is not supported by tandem yet: "
-                "the model's own tool-call format needs a parser; send tool_choice "
-                '\'required\', a named function ({"type": "function", "function": '
-                "{\"name\": ...}}) or 'none'",
+                "tool_choice='auto' (the default with tools) needs the server started with "
+                "--tool-call-parser (hermes: Qwen, Hermes; llama3_json: Llama 3.1+), the "
+                "model's own call format; or send tool_choice 'required', a named function "
+                '({"type": "function", "function": {"name": ...}}) or \'none\'',
                 param="tool_choice",
                 code="not_supported_yet",
             )

@@ -1,5 +1,5 @@
-"""Tool calling in the OpenAI chat API, served as structured output (vLLM's way for a
-named function and "required", which needs no parser of the model's own format).
+"""Tool calling in the OpenAI chat API. A named function and "required" are served as
+structured output (vLLM's way, which needs no parser of the model's own format):
 
 - `tool_choice: {"type": "function", "function": {"name": N}}`: the answer is N's
   arguments, a JSON object matching its `parameters` schema;
@@ -8,26 +8,37 @@ named function and "required", which needs no parser of the model's own format).
 - `tool_choice: "none"`: a text answer (the template still shows the tools to the model).
 
 Either way the grammar makes the JSON valid, and the server returns it as `tool_calls`.
+
 "auto", OpenAI's default when tools are given, lets the model choose between text and
-calls in its own format (Hermes `<tool_call>` tags for Qwen, Llama 3's JSON, Mistral's
-`[TOOL_CALLS]`): that needs a parser per format, which tandem does not have yet, so it
-is refused with a 400, as vLLM refuses it without `--tool-call-parser`.
+calls written in its family's own format, which the server then parses (vLLM's
+`--tool-call-parser`, served with the same name):
+- `hermes` (Qwen2.5, Qwen3, Hermes): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+  blocks, any text before the first one being the message's content;
+- `llama3_json` (Llama 3.1+): the answer is one or more `{"name": ..., "parameters": {...}}`
+  objects, separated by `;`.
+An answer whose calls do not parse is returned as text, as vLLM does. Without a parser
+"auto" is refused with a 400, as vLLM refuses it without `--tool-call-parser`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from tandem.serve import openai_protocol as api
+from tandem.serve.detok import holdback
 from tandem.serve.structured import StructuredOutput
 
 # the schema of a function that declares no parameters: an empty object, as OpenAI's
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 ToolChoice = str | api.NamedToolChoice | None
+
+_HERMES_OPEN = "<tool_call>"
+_HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 
 
 def resolve_choice(tools: Sequence[api.Tool] | None, choice: ToolChoice) -> ToolChoice:
@@ -95,18 +106,58 @@ def _call(name: str, arguments: str) -> api.ToolCall:
     )
 
 
-class ToolCallStream:
-    """One streamed choice's deltas under a named or "required" tool_choice: a named
-    call's arguments stream as they decode (the first delta names the call); "required"
-    calls are sent whole once the array is complete (`{}` deltas until then)."""
+def parse_auto(parser: str, text: str) -> tuple[str | None, list[api.ToolCall]]:
+    """(content, calls) of an "auto" answer in `parser`'s format (see the module
+    docstring); no calls and the whole text as content when it makes none or they do
+    not parse."""
+    try:
+        if parser == "hermes":
+            start = text.find(_HERMES_OPEN)
+            if start < 0:
+                return text, []
+            found = [json.loads(closed or open_) for closed, open_ in _HERMES_CALL.findall(text)]
+            calls = [_call(c["name"], _arguments(c.get("arguments"))) for c in found]
+            return text[:start] or None, calls
+        body = text.lstrip()  # llama3_json: the answer opens with the call's object
+        if not body.startswith("{"):
+            return text, []
+        calls, decoder, i = [], json.JSONDecoder(), 0
+        while i < len(body):
+            found, i = decoder.raw_decode(body, i)
+            calls.append(_call(found["name"], _arguments(found.get("parameters"))))
+            i = len(body) - len(body[i:].lstrip().removeprefix(";").lstrip())
+        return None, calls
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return text, []
 
-    def __init__(self, choice: ToolChoice) -> None:
+
+def _arguments(value: Any) -> str:
+    if not isinstance(value, dict | None):
+        raise TypeError("arguments must be an object")
+    return json.dumps(value or {}, ensure_ascii=False)
+
+
+class ToolCallStream:
+    """One streamed choice's deltas under a tool_choice that answers in calls: a named
+    call's arguments stream as they decode (the first delta names the call); "required"
+    calls are sent whole once the array is complete (`{}` deltas until then); under
+    "auto" the text streams as content until the calls begin (in `parser`'s format), and
+    the calls are sent whole at the end (`called`: then the finish reason is
+    "tool_calls", as OpenAI's)."""
+
+    def __init__(self, choice: ToolChoice, parser: str = "") -> None:
         self.choice = choice
-        self._text = ""
+        self.parser = parser
+        self._text = ""  # "required": the answer so far; "auto": what is held back
+        self._calling = False  # "auto": the calls have begun
+        self._plain = False  # "auto", llama3_json: the answer began with text, no calls
         self._call: api.ToolCall | None = None  # the named call, once announced
+        self.called = False
 
     def delta(self, text: str, final: bool) -> str:
         """The JSON of the chunk's `delta` for `text`, the answer's new characters."""
+        if self.choice == "auto":
+            return self._auto(text, final)
         if isinstance(self.choice, api.NamedToolChoice):
             if self._call is None:
                 self._call = _call(self.choice.function.name, text)
@@ -118,11 +169,49 @@ class ToolCallStream:
         calls = tool_calls(self.choice, self._text)
         return json.dumps({"content": self._text}) if calls is None else _deltas(calls)
 
+    def _auto(self, text: str, final: bool) -> str:
+        self._text += text
+        send = ""
+        if not self._calling:
+            start = self._call_start()
+            if start is not None:  # (llama3_json: only whitespace before, not content)
+                send = self._text[:start] if self.parser == "hermes" else ""
+                self._text, self._calling = self._text[start:], True
+            else:  # text, less what may still begin the calls
+                cut = len(self._text) - (0 if final else self._undecided())
+                send, self._text = self._text[:cut], self._text[cut:]
+        if not (final and self._calling):
+            return json.dumps({"content": send})
+        content, calls = parse_auto(self.parser, self._text)
+        if not calls:
+            return json.dumps({"content": send + (content or "")})
+        self.called = True
+        return _deltas(calls, content=send or None)
 
-def _deltas(calls: list[api.ToolCall]) -> str:
-    return json.dumps(
-        {"tool_calls": [{"index": i, **call.model_dump()} for i, call in enumerate(calls)]}
-    )
+    def _call_start(self) -> int | None:
+        """Where the calls begin in the held text (None: not there, or never: llama3_json's
+        answer that began with text)."""
+        if self.parser == "hermes":
+            start = self._text.find(_HERMES_OPEN)
+            return None if start < 0 else start
+        body = self._text.lstrip()
+        if self._plain or not body.startswith("{"):
+            self._plain = self._plain or bool(body)
+            return None
+        return len(self._text) - len(body)
+
+    def _undecided(self) -> int:
+        """How much of the held text's end may still begin the calls: a proper prefix of
+        the Hermes tag; for llama3_json the answer's leading whitespace."""
+        if self.parser == "hermes":
+            return holdback(self._text, (_HERMES_OPEN,))
+        return 0 if self._plain else len(self._text)
+
+
+def _deltas(calls: list[api.ToolCall], content: str | None = None) -> str:
+    delta: dict[str, Any] = {} if content is None else {"content": content}
+    delta["tool_calls"] = [{"index": i, **call.model_dump()} for i, call in enumerate(calls)]
+    return json.dumps(delta)
 
 
 def template_tool_calls(message: dict[str, Any]) -> dict[str, Any]:

@@ -434,7 +434,7 @@ def test_tool_calls_named_and_required(make_fake_server, qwen) -> None:
         return ids[index] if index < len(ids) else tok.eos_id
 
     cfg = dataclasses.replace(CFG, max_len=1024, max_prompt_len=900)
-    bg = make_fake_server(cfg=cfg, tok=tok, script=script)
+    bg = make_fake_server(cfg=cfg, tok=tok, script=script, step_delay=0.01)  # streamed in steps
     client = _client(bg)
     tools = [WEATHER, CLOCK]
     named = {"type": "function", "function": {"name": "get_weather"}}
@@ -495,6 +495,46 @@ def test_tool_calls_named_and_required(make_fake_server, qwen) -> None:
     status, body = _post(bg, "/tokenize", {"messages": history, "tools": tools})
     assert status == 200 and body["tokens"] == prompts[-1]
     assert _idle(bg)
+
+
+def test_auto_tool_choice_parses_the_models_own_calls(make_fake_server, qwen) -> None:
+    """With --tool-call-parser hermes, "auto" (the default with tools) returns the
+    `<tool_call>` blocks a Qwen-style model writes as tool_calls, finishing with
+    "tool_calls", and a text answer as text; streamed, the SDK assembles the same."""
+    tok, _ = qwen
+    answer = [""]
+
+    def script(prompt, index):
+        ids = tok.encode(answer[0], add_special_tokens=False)
+        return ids[index] if index < len(ids) else tok.eos_id
+
+    cfg = dataclasses.replace(CFG, max_len=1024, max_prompt_len=900, tool_call_parser="hermes")
+    client = _client(make_fake_server(cfg=cfg, tok=tok, script=script))
+    answer[0] = (
+        'Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    )
+    r = client.chat.completions.create(model="tandem", messages=CHAT, tools=[WEATHER, CLOCK])
+    (choice,) = r.choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me look."
+    (call,) = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "get_weather",
+        {"city": "Oslo"},
+    )
+    chunks = list(client.chat.completions.create(model="tandem", messages=CHAT,
+                                                 tools=[WEATHER, CLOCK], stream=True))  # fmt: skip
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    (streamed,) = [d for c in chunks for d in c.choices[0].delta.tool_calls or ()]
+    assert content == "Let me look." and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert (streamed.function.name, streamed.function.arguments) == (
+        call.function.name,
+        call.function.arguments,
+    )
+    answer[0] = "It is sunny."
+    r = client.chat.completions.create(model="tandem", messages=CHAT, tools=[WEATHER],
+                                       tool_choice="auto")  # fmt: skip
+    assert (r.choices[0].message.content, r.choices[0].message.tool_calls) == ("It is sunny.", [])
+    assert r.choices[0].finish_reason == "stop"
 
 
 def test_tool_choice_errors_name_the_field(make_fake_server, qwen) -> None:
@@ -680,7 +720,9 @@ def test_a_server_bug_is_an_openai_shaped_500_and_the_server_goes_on(server, mon
 
 
 def test_queue_full_is_429_and_warming_up_is_503(make_fake_server, tokenizer) -> None:
-    bg = make_fake_server(cfg=dataclasses.replace(CFG, max_seqs=1, max_queue=2), step_delay=0.02)
+    # steps of 50 ms: the running stream lasts 3 s, past what a loaded host takes to fill
+    # the queue behind it (at 20 ms it sometimes ended first)
+    bg = make_fake_server(cfg=dataclasses.replace(CFG, max_seqs=1, max_queue=2), step_delay=0.05)
     client, orch = _client(bg), bg.server.orch
 
     def stream():

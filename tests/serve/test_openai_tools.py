@@ -1,0 +1,85 @@
+"""Tool calls parsed out of "auto" answers (tandem/serve/openai_tools.py), whole and
+streamed: what the model writes in its family's format becomes `tool_calls`, and text that
+is not a call stays content."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tandem.serve.openai_tools import ToolCallStream, parse_auto
+
+CALL = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+
+
+def _calls(calls) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        ("It is sunny.", "It is sunny.", []),
+        (f"<tool_call>\n{CALL}\n</tool_call>", None, [("get_weather", {"city": "Oslo"})]),
+        (f"Checking.\n<tool_call>\n{CALL}\n</tool_call>\n<tool_call>\n"
+         '{"name": "get_time", "arguments": {}}\n</tool_call>', "Checking.\n",
+         [("get_weather", {"city": "Oslo"}), ("get_time", {})]),
+        (f"<tool_call>\n{CALL}", None, [("get_weather", {"city": "Oslo"})]),  # unclosed, at the end
+        ("<tool_call>\n{\"name\": \"f\", \"arguments\": {", "<tool_call>\n{\"name\": \"f\", "
+         "\"arguments\": {", []),  # cut short: text, as vLLM
+        ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>',
+         []),  # no name
+    ],
+)  # fmt: skip
+def test_hermes(text, content, calls) -> None:
+    got_content, got_calls = parse_auto("hermes", text)
+    assert (got_content, _calls(got_calls)) == (content, calls)
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        ("It is sunny.", "It is sunny.", []),
+        ('{"name": "get_weather", "parameters": {"city": "Oslo"}}', None,
+         [("get_weather", {"city": "Oslo"})]),
+        (' {"name": "a", "parameters": {}}; {"name": "b", "parameters": {"n": 2}}', None,
+         [("a", {}), ("b", {"n": 2})]),
+        ('{"name": "a", "parameters": {"n": ', '{"name": "a", "parameters": {"n": ', []),
+        ('{"n": 1}', '{"n": 1}', []),
+    ],
+)  # fmt: skip
+def test_llama3_json(text, content, calls) -> None:
+    got_content, got_calls = parse_auto("llama3_json", text)
+    assert (got_content, _calls(got_calls)) == (content, calls)
+
+
+def _stream(parser: str, chunks: list[str]) -> tuple[str, list[dict], bool]:
+    """What a client assembles from the deltas: the content and the calls."""
+    stream = ToolCallStream("auto", parser)
+    content, calls = "", []
+    for i, chunk in enumerate(chunks):
+        delta = json.loads(stream.delta(chunk, final=i == len(chunks) - 1))
+        content += delta.get("content") or ""
+        calls += delta.get("tool_calls", [])
+    return content, calls, stream.called
+
+
+def test_auto_streams_text_then_sends_the_calls_whole() -> None:
+    chunks = ["Checking", " now.\n<", "tool", "_call>\n", CALL[:20], CALL[20:], "\n</tool_call>"]
+    content, calls, called = _stream("hermes", chunks)
+    assert content == "Checking now.\n" and called
+    assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather")]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    # text that only looked like the tag's start is released, nothing is lost
+    assert _stream("hermes", ["a <", "tool", "box>", " b"]) == ("a <toolbox> b", [], False)
+    llama = ['  {"name": "get_weather", ', '"parameters": {"city": "Oslo"}}']
+    content, calls, called = _stream("llama3_json", llama)
+    assert content == "" and called and calls[0]["function"]["name"] == "get_weather"
+    assert _stream("llama3_json", ["Hi", ' {"name": "x"}']) == ('Hi {"name": "x"}', [], False)
+
+
+def test_a_stream_holds_back_only_what_may_begin_a_call() -> None:
+    stream = ToolCallStream("auto", "hermes")
+    assert json.loads(stream.delta("Sure <to", final=False)) == {"content": "Sure "}
+    assert json.loads(stream.delta("day", final=False)) == {"content": "<today"}
