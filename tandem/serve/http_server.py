@@ -99,7 +99,7 @@ _ERROR_TYPE = {
 }
 _GRPC_NAME = {status: name for name, status in _HTTP_STATUS.items()} | {413: "RESOURCE_EXHAUSTED"}
 # pydantic's names of union members in an error's location; never field names here.
-_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "TextPart"})
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "TextPart", "NamedToolChoice"})
 # The field a ValueError of SamplingParams / the orchestrator names: `field=value is invalid`.
 _FIELD = re.compile(r"^([A-Za-z_]\w*)(?:\[\d+\])?(?:=| is )")
 
@@ -255,19 +255,18 @@ def stop_reason(out: Output, stop_token_ids: Sequence[int] | None) -> str | int 
 
 
 def _answer(
-    out: Output, tool_choice: openai_tools.ToolChoice, parser: str
+    out: Output, tool_choice: openai_tools.ToolChoice, parser: str, parallel: bool
 ) -> tuple[api.AssistantMessage, str]:
     """A chat choice's message and finish reason: its text, or under a tool_choice that
     answers in calls the calls it makes (a named or "required" answer that is not whole
-    JSON, cut short by max_tokens, stays text); "auto" calls finish with "tool_calls"."""
-    if tool_choice == "auto":
-        content, calls = openai_tools.parse_auto(parser, out.text)
-        reason = "tool_calls" if calls else out.finish_reason
-        return api.AssistantMessage(content=content, tool_calls=calls), reason
-    found = openai_tools.tool_calls(tool_choice, out.text) if tool_choice is not None else None
-    if found is None:
+    JSON, cut short by max_tokens, stays text)."""
+    if tool_choice is None:
         return api.AssistantMessage(content=out.text), out.finish_reason
-    return api.AssistantMessage(content=None, tool_calls=found), out.finish_reason
+    content, calls = openai_tools.answer_calls(tool_choice, parser, out.text, parallel)
+    if not calls:
+        return api.AssistantMessage(content=content), out.finish_reason
+    reason = openai_tools.finish_reason(tool_choice, out.finish_reason)
+    return api.AssistantMessage(content=content, tool_calls=calls), reason
 
 
 def _not_yet(req: api.CompletionRequest | api.ChatCompletionRequest) -> None:
@@ -354,6 +353,7 @@ class _Templates:
         stop_token_ids: Sequence[int] | None,
         tool_choice: openai_tools.ToolChoice = None,
         tool_call_parser: str = "",
+        parallel_tool_calls: bool = True,
     ) -> None:
         obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
         self.envelope = (
@@ -369,6 +369,7 @@ class _Templates:
         self.stop_token_ids = stop_token_ids
         self.tool_choice = tool_choice  # one that answers in calls: deltas of calls
         self.tool_call_parser = tool_call_parser
+        self.parallel_tool_calls = parallel_tool_calls
         self.tool_streams: dict[int, openai_tools.ToolCallStream] = {}
 
     def chunk(
@@ -381,10 +382,13 @@ class _Templates:
         if self.tool_choice is not None:
             calls = self.tool_streams.get(index)
             if calls is None:
-                calls = openai_tools.ToolCallStream(self.tool_choice, self.tool_call_parser)
+                calls = openai_tools.ToolCallStream(
+                    self.tool_choice, self.tool_call_parser, self.parallel_tool_calls
+                )
                 self.tool_streams[index] = calls
             body = f'"delta":{calls.delta(text, bool(finish))}'
-            finish = "tool_calls" if calls.called else finish
+            if calls.called:
+                finish = openai_tools.finish_reason(self.tool_choice, finish)
         elif self.chat:
             body = f'"delta":{{"content":{json.dumps(text)}}}'
         else:
@@ -924,6 +928,11 @@ class OpenAIService:
         )
         top = req.top_logprobs or 0
         calls = tool_choice if tool_choice != "none" and req.tools else None  # answer in calls
+        parallel = req.parallel_tool_calls is not False
+        try:
+            tool_grammar = openai_tools.tool_grammar(req.tools or (), calls, parallel)
+        except ValueError as err:
+            raise _bad_value(err, {}) from None
         plan = await self._plan(
             [ids], req,
             max_tokens=req.max_completion_tokens or req.max_tokens,
@@ -931,14 +940,14 @@ class OpenAIService:
             logprobs=top if req.logprobs else None,
             renames={"prompt_token_ids": "messages", "prompt": "messages",
                      "logprobs": "top_logprobs"},
-            tool_grammar=openai_tools.tool_grammar(req.tools or (), calls),
+            tool_grammar=tool_grammar,
         )  # fmt: skip
         run = self._submit([ids], req.n, plan)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             templates = _Templates(
                 "chat", rid, created, self.model_name, req.stream_options, req.stop_token_ids,
-                calls, self.cfg.tool_call_parser,
+                calls, self.cfg.tool_call_parser, parallel,
             )  # fmt: skip
 
             def render(i: int, out: Output) -> tuple[str, api.ChatLogprobs | None]:
@@ -959,7 +968,7 @@ class OpenAIService:
                     stop_reason=stop_reason(out, req.stop_token_ids),
                 )
                 for i, out in enumerate(merge_outputs(outs) for outs in choices.outputs)
-                for message, finish in [_answer(out, calls, self.cfg.tool_call_parser)]
+                for message, finish in [_answer(out, calls, self.cfg.tool_call_parser, parallel)]
             ],
             usage=choices.usage(),
         )

@@ -48,14 +48,18 @@ class _Request(BaseModel):
     @classmethod
     def _null_is_the_default(cls, data: Any) -> Any:
         """A parameter sent as `null` takes its default, whatever the default is (OpenAI's
-        and vLLM's servers read `"n": null` as n = 1)."""
+        and vLLM's servers read `"n": null` as n = 1); a required one stays null, so its
+        error says so."""
         if not isinstance(data, dict):
             return data
         fields = cls.model_fields
         return {
             key: value
             for key, value in data.items()
-            if value is not None or key not in fields or fields[key].default is None
+            if value is not None
+            or key not in fields
+            or fields[key].default is None
+            or fields[key].is_required()
         }
 
 
@@ -78,7 +82,7 @@ class _Sampling(_Request):
     """The parameters both generation endpoints share."""
 
     model: str | None = None  # None: the one served model
-    max_tokens: int | None = Field(None, ge=1)  # None: what fits, up to default_max_tokens
+    max_tokens: int | None = Field(None, ge=1)  # None: the endpoint's default (http_server)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)  # vLLM extension; 0 and -1 disable it
@@ -279,7 +283,7 @@ class ToolCall(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None  # None: the answer is tool_calls
-    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_calls: list[ToolCall] | None = None  # None (null): a text answer, as OpenAI's
 
 
 class ChatChoice(BaseModel):

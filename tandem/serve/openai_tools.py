@@ -61,11 +61,22 @@ def resolve_choice(tools: Sequence[api.Tool] | None, choice: ToolChoice) -> Tool
     return choice
 
 
-def tool_grammar(tools: Sequence[api.Tool], choice: ToolChoice) -> StructuredOutput | None:
-    """What the answer must match for a resolved tool_choice (None: free text)."""
+def tool_grammar(
+    tools: Sequence[api.Tool], choice: ToolChoice, parallel: bool = True
+) -> StructuredOutput | None:
+    """What the answer must match for a resolved tool_choice (None: free text); with
+    `parallel` off (`parallel_tool_calls: false`) "required" makes exactly one call. Each
+    tool's `$defs` move to the root, where its `$ref`s ("#/$defs/...") point once its
+    schema is nested in the array's (vLLM does the same); a name two tools define
+    differently is a ValueError naming `tools`."""
     if choice == "required":
-        calls = [_call_schema(t.function) for t in tools]
+        defs: dict[str, Any] = {}
+        calls = [_call_schema(t.function, defs) for t in tools]
         schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not parallel:
+            schema["maxItems"] = 1
+        if defs:
+            schema["$defs"] = defs
     elif isinstance(choice, api.NamedToolChoice):
         tool = next(t for t in tools if t.function.name == choice.function.name)
         schema = tool.function.parameters or _NO_PARAMETERS
@@ -74,29 +85,50 @@ def tool_grammar(tools: Sequence[api.Tool], choice: ToolChoice) -> StructuredOut
     return StructuredOutput("json_schema", json.dumps(schema))
 
 
-def _call_schema(function: api.FunctionDefinition) -> dict[str, Any]:
+def _call_schema(function: api.FunctionDefinition, defs: dict[str, Any]) -> dict[str, Any]:
+    parameters = dict(function.parameters or _NO_PARAMETERS)
+    for name, definition in parameters.pop("$defs", {}).items():
+        if defs.setdefault(name, definition) != definition:
+            raise ValueError(
+                f"tools={function.name!r}: $defs {name!r} is invalid: another tool defines "
+                "it differently (one schema holds every tool's $defs)"
+            )
     return {
         "type": "object",
         "properties": {
             "name": {"type": "string", "enum": [function.name]},
-            "parameters": function.parameters or _NO_PARAMETERS,
+            "parameters": parameters,
         },
         "required": ["name", "parameters"],
         "additionalProperties": False,
     }
 
 
-def tool_calls(choice: ToolChoice, text: str) -> list[api.ToolCall] | None:
-    """The calls an answer under a named or "required" tool_choice makes; None when the
-    text is not whole JSON ("required" cut short by max_tokens: then it stays text). A
-    named call cut short keeps its partial arguments, as OpenAI's do."""
+def answer_calls(
+    choice: ToolChoice, parser: str, text: str, parallel: bool = True
+) -> tuple[str | None, list[api.ToolCall]]:
+    """(content, calls) of an answer under a tool_choice that answers in calls. A named
+    call cut short by max_tokens keeps its partial arguments, as OpenAI's do; "required"
+    cut short is not whole JSON and stays text; "auto" as `parse_auto`, keeping the first
+    call only without `parallel` (vLLM's)."""
     if isinstance(choice, api.NamedToolChoice):
-        return [_call(choice.function.name, text)]
+        return None, [_call(choice.function.name, text)]
+    if choice == "auto":
+        content, calls = parse_auto(parser, text)
+        return content, calls if parallel else calls[:1]
     try:
-        calls = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls]
+        found = json.loads(text)
+        return None, [_call(c["name"], _arguments(c["parameters"])) for c in found]
+    except (ValueError, KeyError, TypeError):
+        return text, []
+
+
+def finish_reason(choice: ToolChoice, finish: str) -> str:
+    """OpenAI's finish reason of an answer that made calls: "tool_calls" when the model
+    chose or was required to call ("auto", "required"), "stop" for a named function."""
+    if finish == "stop" and not isinstance(choice, api.NamedToolChoice):
+        return "tool_calls"
+    return finish
 
 
 def _call(name: str, arguments: str) -> api.ToolCall:
@@ -145,9 +177,10 @@ class ToolCallStream:
     the calls are sent whole at the end (`called`: then the finish reason is
     "tool_calls", as OpenAI's)."""
 
-    def __init__(self, choice: ToolChoice, parser: str = "") -> None:
+    def __init__(self, choice: ToolChoice, parser: str = "", parallel: bool = True) -> None:
         self.choice = choice
         self.parser = parser
+        self.parallel = parallel
         self._text = ""  # "required": the answer so far; "auto": what is held back
         self._calling = False  # "auto": the calls have begun
         self._plain = False  # "auto", llama3_json: the answer began with text, no calls
@@ -166,8 +199,9 @@ class ToolCallStream:
         self._text += text
         if not final:
             return "{}"
-        calls = tool_calls(self.choice, self._text)
-        return json.dumps({"content": self._text}) if calls is None else _deltas(calls)
+        content, calls = answer_calls(self.choice, self.parser, self._text)
+        self.called = bool(calls)
+        return _deltas(calls) if calls else json.dumps({"content": content})
 
     def _auto(self, text: str, final: bool) -> str:
         self._text += text
@@ -182,7 +216,7 @@ class ToolCallStream:
                 send, self._text = self._text[:cut], self._text[cut:]
         if not (final and self._calling):
             return json.dumps({"content": send})
-        content, calls = parse_auto(self.parser, self._text)
+        content, calls = answer_calls(self.choice, self.parser, self._text, self.parallel)
         if not calls:
             return json.dumps({"content": send + (content or "")})
         self.called = True
@@ -217,9 +251,12 @@ def _deltas(calls: list[api.ToolCall], content: str | None = None) -> str:
 def template_tool_calls(message: dict[str, Any]) -> dict[str, Any]:
     """An assistant message's history `tool_calls` as chat templates read them: the
     arguments as an object, not OpenAI's JSON text (transformers' convention for
-    tool-use templates; vLLM converts them the same way)."""
+    tool-use templates; vLLM converts them the same way). An empty list (an SDK reply
+    dumped back) is no calls: templates test for the key (Llama 3.1's does)."""
+    if not message.get("tool_calls"):
+        return {k: v for k, v in message.items() if k != "tool_calls"}
     calls = []
-    for call in message.get("tool_calls") or ():
+    for call in message["tool_calls"]:
         function = call.get("function")
         if isinstance(function, dict) and isinstance(function.get("arguments"), str):
             arguments = function["arguments"]
@@ -231,7 +268,7 @@ def template_tool_calls(message: dict[str, Any]) -> dict[str, Any]:
                 ) from None
             call = {**call, "function": {**function, "arguments": parsed}}
         calls.append(call)
-    return {**message, "tool_calls": calls} if calls else message
+    return {**message, "tool_calls": calls}
 
 
 def _shown(choice: ToolChoice) -> str:

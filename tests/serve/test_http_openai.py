@@ -366,7 +366,7 @@ def test_what_sdks_and_chat_uis_send_is_accepted(make_fake_server, qwen) -> None
                                        top_p=None, n=None, max_completion_tokens=40)  # fmt: skip
     assert r.choices[0].message.content == plain["choices"][0]["message"]["content"]
     # the reply's message dumped back into the history (refusal, annotations, audio,
-    # function_call, tool_calls: all null), and OpenAI's fields that change nothing here
+    # function_call, tool_calls: null), and OpenAI's fields that change nothing here
     first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     r = client.chat.completions.create(model="tandem", messages=first, max_completion_tokens=4)
     history = [*first, r.choices[0].message.model_dump(), {"role": "user", "content": "More?"}]
@@ -467,16 +467,22 @@ def test_tool_calls_named_and_required(make_fake_server, qwen) -> None:
                                        tool_choice="required")  # fmt: skip
     calls = [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls]
     assert calls == [("get_time", "{}"), ("get_weather", '{"city": "Rome"}')]
+    assert r.choices[0].finish_reason == "tool_calls"  # OpenAI's for "required" (and "auto")
     chunks = list(client.chat.completions.create(model="tandem", messages=CHAT, tools=tools,
                                                  tool_choice="required", stream=True))  # fmt: skip
     deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or ()]
     assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == [
         (i, *call) for i, call in enumerate(calls)
     ]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    r = client.chat.completions.create(model="tandem", messages=CHAT, tools=tools,
+                                       tool_choice="required", parallel_tool_calls=False)  # fmt: skip
+    # the scripted model writes two calls; the grammar (one item) leaves it the first
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_time"]
     # cut short by max_tokens, "required" is not whole JSON: it stays text
     r = client.chat.completions.create(model="tandem", messages=CHAT, tools=tools,
                                        tool_choice="required", max_tokens=3)  # fmt: skip
-    assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls == []
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls is None
     assert answer[0].startswith(r.choices[0].message.content)
     # the calls and their results go back as history; "none" answers in text
     history = [*CHAT, r_named := {"role": "assistant", "content": None, "tool_calls": [
@@ -486,7 +492,7 @@ def test_tool_calls_named_and_required(make_fake_server, qwen) -> None:
     answer[0] = "Mild."
     r = client.chat.completions.create(model="tandem", messages=history, tools=tools,
                                        tool_choice="none")  # fmt: skip
-    assert r.choices[0].message.content == "Mild." and r.choices[0].message.tool_calls == []
+    assert r.choices[0].message.content == "Mild." and r.choices[0].message.tool_calls is None
     as_objects = [*CHAT, {**r_named, "tool_calls": [{**r_named["tool_calls"][0], "function": {
         "name": "get_weather", "arguments": {"city": "Oslo"}}}]}, history[-1]]  # fmt: skip
     expected = hf.apply_chat_template(as_objects, tools=tools, add_generation_prompt=True,
@@ -533,7 +539,7 @@ def test_auto_tool_choice_parses_the_models_own_calls(make_fake_server, qwen) ->
     answer[0] = "It is sunny."
     r = client.chat.completions.create(model="tandem", messages=CHAT, tools=[WEATHER],
                                        tool_choice="auto")  # fmt: skip
-    assert (r.choices[0].message.content, r.choices[0].message.tool_calls) == ("It is sunny.", [])
+    assert (r.choices[0].message.content, r.choices[0].message.tool_calls) == ("It is sunny.", None)
     assert r.choices[0].finish_reason == "stop"
 
 
@@ -553,6 +559,8 @@ def test_tool_choice_errors_name_the_field(make_fake_server, qwen) -> None:
         ({"tools": [WEATHER], "tool_choice": "required", "response_format": {
             "type": "json_object"}}, "tool_choice", "invalid_value"),
         ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice", "invalid_value"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {}}},
+         "tool_choice.function.name", "invalid_value"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
             "type": "nonsense"}}}], "tool_choice": "required"}, "tools", "invalid_value"),
         ({"messages": bad_history}, "messages[2].tool_calls", "invalid_value"),

@@ -1,14 +1,23 @@
-"""Tool calls parsed out of "auto" answers (tandem/serve/openai_tools.py), whole and
-streamed: what the model writes in its family's format becomes `tool_calls`, and text that
-is not a call stays content."""
+"""Tool calls (tandem/serve/openai_tools.py): parsed out of "auto" answers, whole and
+streamed (what the model writes in its family's format becomes `tool_calls`, and text
+that is not a call stays content); the grammar of "required"; finish reasons; history."""
 
 from __future__ import annotations
 
 import json
 
+import llguidance
 import pytest
 
-from tandem.serve.openai_tools import ToolCallStream, parse_auto
+from tandem.serve import openai_protocol as api
+from tandem.serve.openai_tools import (
+    ToolCallStream,
+    answer_calls,
+    finish_reason,
+    parse_auto,
+    template_tool_calls,
+    tool_grammar,
+)
 
 CALL = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
 
@@ -83,3 +92,49 @@ def test_a_stream_holds_back_only_what_may_begin_a_call() -> None:
     stream = ToolCallStream("auto", "hermes")
     assert json.loads(stream.delta("Sure <to", final=False)) == {"content": "Sure "}
     assert json.loads(stream.delta("day", final=False)) == {"content": "<today"}
+
+
+def _tool(name: str, parameters: dict | None = None) -> api.Tool:
+    function = {"name": name} | ({} if parameters is None else {"parameters": parameters})
+    return api.Tool.model_validate({"type": "function", "function": function})
+
+
+def test_required_grammar_keeps_each_tools_refs_and_one_call_when_not_parallel() -> None:
+    """pydantic-made schemas point into their `$defs`: nested in the array's schema
+    those move to its root, or the `$ref`s would dangle (llguidance refuses them)."""
+    place = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    where = {"type": "object", "properties": {"at": {"$ref": "#/$defs/Place"}},
+             "required": ["at"], "$defs": {"Place": place}}  # fmt: skip
+    tools = [_tool("where", where), _tool("now")]
+    for parallel in (True, False):
+        output = tool_grammar(tools, "required", parallel)
+        schema = json.loads(output.spec)
+        assert schema["$defs"] == {"Place": place} and schema.get("maxItems") == (
+            None if parallel else 1
+        )
+        assert llguidance.LLMatcher.validate_grammar(output.grammar()) == ""
+    clash = _tool("other", {"type": "object", "$defs": {"Place": {"type": "integer"}}})
+    with pytest.raises(ValueError, match="tools=.*Place"):
+        tool_grammar([*tools, clash], "required")
+
+
+def test_answers_finish_reasons_and_parallel_calls() -> None:
+    named = api.NamedToolChoice.model_validate({"type": "function", "function": {"name": "f"}})
+    assert finish_reason(named, "stop") == "stop"  # a named call: as OpenAI's
+    assert finish_reason("required", "stop") == finish_reason("auto", "stop") == "tool_calls"
+    assert finish_reason("auto", "length") == "length"
+    two = f"<tool_call>{CALL}</tool_call><tool_call>{CALL}</tool_call>"
+    assert len(answer_calls("auto", "hermes", two)[1]) == 2
+    assert len(answer_calls("auto", "hermes", two, parallel=False)[1]) == 1
+    assert answer_calls("required", "", '[{"name": "f"}]') == ('[{"name": "f"}]', [])
+
+
+def test_history_tool_calls_reach_the_template_as_objects() -> None:
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    message = {"role": "assistant", "tool_calls": [call]}
+    assert template_tool_calls(message)["tool_calls"][0]["function"]["arguments"] == {"a": 1}
+    # an SDK reply dumped back carries `tool_calls: []` or null: no key, as templates test it
+    assert template_tool_calls({"role": "assistant", "content": "x", "tool_calls": []}) == {
+        "role": "assistant",
+        "content": "x",
+    }

@@ -406,10 +406,11 @@ def test_tool_calls_match_the_tools_schemas(served, monkeypatch) -> None:
                                              tool_choice="required", max_tokens=100, **sampled)  # fmt: skip
         choice = out.choices[0]
         if choice.finish_reason == "length":
-            assert choice.message.tool_calls == [] and choice.message.content.startswith("[{")
+            assert choice.message.tool_calls is None and choice.message.content.startswith("[{")
             continue
         finished += 1
         assert choice.message.tool_calls and choice.message.content is None
+        assert choice.finish_reason == "tool_calls"
         for call in choice.message.tool_calls:
             ARGUMENTS[call.function.name].model_validate_json(call.function.arguments)
     assert finished >= 1
