@@ -29,6 +29,7 @@ pydantic models: a chunk is 0.3 us instead of 8 us, which matters at GPU token r
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -351,9 +352,7 @@ class _Templates:
         model: str,
         options: api.StreamOptions | None,
         stop_token_ids: Sequence[int] | None,
-        tool_choice: openai_tools.ToolChoice = None,
-        tool_call_parser: str = "",
-        parallel_tool_calls: bool = True,
+        tool_calls: Callable[[], openai_tools.ToolCallStream] | None = None,
     ) -> None:
         obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
         self.envelope = (
@@ -367,10 +366,8 @@ class _Templates:
         self.tail = ',"usage":null}\n\n' if self.include_usage else "}\n\n"
         self.chat = kind == "chat"
         self.stop_token_ids = stop_token_ids
-        self.tool_choice = tool_choice  # one that answers in calls: deltas of calls
-        self.tool_call_parser = tool_call_parser
-        self.parallel_tool_calls = parallel_tool_calls
-        self.tool_streams: dict[int, openai_tools.ToolCallStream] = {}
+        # under a tool_choice that answers in calls, each choice's deltas of calls
+        self.tool_streams = None if tool_calls is None else collections.defaultdict(tool_calls)
 
     def chunk(
         self, index: int, text: str, logprobs: Any, out: Output, usage: tuple[int, int]
@@ -379,22 +376,18 @@ class _Templates:
         completion tokens so far) of it."""
         finish = out.finish_reason
         lp = "null" if logprobs is None else logprobs.model_dump_json()
-        if self.tool_choice is not None:
-            calls = self.tool_streams.get(index)
-            if calls is None:
-                calls = openai_tools.ToolCallStream(
-                    self.tool_choice, self.tool_call_parser, self.parallel_tool_calls
-                )
-                self.tool_streams[index] = calls
+        if self.tool_streams is not None:
+            calls = self.tool_streams[index]
             body = f'"delta":{calls.delta(text, bool(finish))}'
             if calls.called:
-                finish = openai_tools.finish_reason(self.tool_choice, finish)
+                finish = openai_tools.finish_reason(calls.choice, finish)
         elif self.chat:
             body = f'"delta":{{"content":{json.dumps(text)}}}'
         else:
             body = f'"text":{json.dumps(text)}'
-        reason = f'"{finish}","stop_reason":{json.dumps(stop_reason(out, self.stop_token_ids))}'
-        reason = reason if finish else 'null,"stop_reason":null'
+        reason = 'null,"stop_reason":null'  # the final chunk's: its reason and stop
+        if finish:
+            reason = f'"{finish}","stop_reason":{json.dumps(stop_reason(out, self.stop_token_ids))}'
         tail = self.tail
         if self.continuous_usage:
             prompt, completion = usage
@@ -919,7 +912,7 @@ class OpenAIService:
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs is only allowed with logprobs=true",
                            param="top_logprobs", code="invalid_value")  # fmt: skip
-        tool_choice = self._tool_choice(req)
+        calls = self._calls_choice(req)
         template_kwargs = req.chat_template_kwargs
         if req.reasoning_effort is not None:  # what templates of reasoning models read
             template_kwargs = {"reasoning_effort": req.reasoning_effort, **(template_kwargs or {})}
@@ -927,7 +920,6 @@ class OpenAIService:
             req.messages, req.add_generation_prompt, template_kwargs, req.tools
         )
         top = req.top_logprobs or 0
-        calls = tool_choice if tool_choice != "none" and req.tools else None  # answer in calls
         parallel = req.parallel_tool_calls is not False
         try:
             tool_grammar = openai_tools.tool_grammar(req.tools or (), calls, parallel)
@@ -945,9 +937,14 @@ class OpenAIService:
         run = self._submit([ids], req.n, plan)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
+            tool_calls = None
+            if calls is not None:
+                tool_calls = functools.partial(
+                    openai_tools.ToolCallStream, calls, self.cfg.tool_call_parser, parallel
+                )
             templates = _Templates(
                 "chat", rid, created, self.model_name, req.stream_options, req.stop_token_ids,
-                calls, self.cfg.tool_call_parser, parallel,
+                tool_calls,
             )  # fmt: skip
 
             def render(i: int, out: Output) -> tuple[str, api.ChatLogprobs | None]:
@@ -974,9 +971,10 @@ class OpenAIService:
         )
         return _json(body)
 
-    def _tool_choice(self, req: api.ChatCompletionRequest) -> openai_tools.ToolChoice:
-        """The request's tool_choice, checked against its tools; "auto" with tools (the
-        default) needs the server's tool_call_parser."""
+    def _calls_choice(self, req: api.ChatCompletionRequest) -> openai_tools.ToolChoice:
+        """The request's tool_choice, checked against its tools, when the answer may be
+        calls (None: text, i.e. "none" or no tools); "auto" with tools (the default)
+        needs the server's tool_call_parser."""
         try:
             choice = openai_tools.resolve_choice(req.tools, req.tool_choice)
         except ValueError as err:
@@ -991,7 +989,7 @@ class OpenAIService:
                 param="tool_choice",
                 code="not_supported_yet",
             )
-        return choice
+        return choice if choice != "none" and req.tools else None
 
     def _card(self) -> api.ModelCard:
         return api.ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_len)
