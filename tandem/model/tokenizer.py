@@ -143,8 +143,8 @@ class Tokenizer:
         `add_special_tokens=False`, the text's own tokens only."""
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # -- construction ------------------------------------------------------------------
 
@@ -292,12 +292,15 @@ class IncrementalDetokenizer:
     window of recent tokens per step in Rust and releases text only once its last
     character is complete, for byte-level and SentencePiece tokenizers alike (about a third
     of the time per token of decoding the window twice in Python, docs/benchmarks.md).
-    `flush` releases what is still held back when the stream ends.
+    `flush` releases what is still held back when the stream ends. Special tokens show as
+    text only without `skip_special_tokens` (vLLM's request parameter; a tool-call parser
+    whose calls open with one needs them).
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self._skip = skip_special_tokens
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._ids: list[int] = []
         self._prefix = 0  # first of the last emitted tokens: context for `flush`
         self._read = 0  # tokens whose text has been emitted
@@ -332,11 +335,10 @@ class IncrementalDetokenizer:
         than four bytes, each token brings at least one), so the window up to there is
         released where its text is a prefix of the whole window's (no character split at
         the cut), and the stream restarts after it."""
-        decode = self._tokenizer.decode
-        emitted = decode(self._ids[self._prefix : self._read])
-        window = decode(self._ids[self._prefix :])
+        emitted = self._decode(self._ids[self._prefix : self._read])
+        window = self._decode(self._ids[self._prefix :])
         for cut in range(len(self._ids) - 3, self._read, -1):
-            text = decode(self._ids[self._prefix : cut])
+            text = self._decode(self._ids[self._prefix : cut])
             if window.startswith(text) and text.startswith(emitted):
                 self._prefix, self._read = self._read, cut
                 return text[len(emitted) :] + self._restart(cut)
@@ -348,7 +350,7 @@ class IncrementalDetokenizer:
         # it is primed with a plain letter: context enough for a SentencePiece word's
         # leading space, and nothing a byte joins with.
         anchor = self._tokenizer.hf.encode("a", add_special_tokens=False).ids
-        self._stream = DecodeStream(ids=anchor, skip_special_tokens=True)
+        self._stream = DecodeStream(ids=anchor, skip_special_tokens=self._skip)
         released = ""
         for end in range(start + 1, len(self._ids) + 1):
             piece = self._stream.step(self._tokenizer.hf, self._ids[end - 1])
@@ -357,10 +359,13 @@ class IncrementalDetokenizer:
                 self._prefix, self._read = self._read, end
         return released
 
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
     def flush(self) -> str:
         """The held-back remainder at the end of a stream (invalid bytes show as U+FFFD)."""
-        emitted = self._tokenizer.decode(self._ids[self._prefix : self._read])
-        text = self._tokenizer.decode(self._ids[self._prefix :])
+        emitted = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
         return text[len(emitted) :]
 

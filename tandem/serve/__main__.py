@@ -40,7 +40,9 @@ FLAGS = (
     Flag("--tls-key", "tls_key", "PEM private key"),
     Flag("--token-file", "token_file", "file holding the bearer token clients must send"),
     Flag("--allowed-origins", "allowed_origins", "HTTP API's CORS origins, a JSON list"),
-    Flag("--tool-call-parser", "tool_call_parser", "tool calls' format: hermes, llama3_json"),
+    Flag(
+        "--tool-call-parser", "tool_call_parser", "tool calls' format: hermes, llama3_json, mistral"
+    ),
 )
 
 

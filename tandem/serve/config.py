@@ -30,7 +30,7 @@ class ServeConfig:
     token_file: str = ""  # file holding the bearer token clients must send ("" = none)
     allowed_origins: tuple[str, ...] = ("*",)  # HTTP API: origins browsers may call it
     # from (CORS; vLLM's default "*"); () = no CORS headers
-    tool_call_parser: Literal["", "hermes", "llama3_json"] = ""  # the served model's
+    tool_call_parser: Literal["", "hermes", "llama3_json", "mistral"] = ""  # the served model's
     # tool-call format, for tool_choice "auto" (vLLM's --tool-call-parser); "" = "auto" off
     grace_s: float = 30.0  # seconds to drain in-flight streams on SIGTERM
 

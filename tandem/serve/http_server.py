@@ -189,7 +189,7 @@ def _validation_error(err: pydantic.ValidationError) -> ApiError:
             400,
             f"{param} is an unknown parameter (tandem serves OpenAI's parameters and vLLM's "
             "top_k, ignore_eos, stop_token_ids, repetition_penalty, min_p, min_tokens, "
-            "chat_template_kwargs, add_generation_prompt)",
+            "skip_special_tokens, chat_template_kwargs, add_generation_prompt)",
             param=param,
             code="unknown_parameter",
         )
@@ -556,10 +556,12 @@ class OpenAIService:
         renames: dict[str, str],
         prompt_logprobs: int | None = None,
         tool_grammar: StructuredOutput | None = None,
+        keep_special_tokens: bool = False,
     ) -> list[tuple[list[int], SamplingParams]]:
         """One (prompt ids, SamplingParams) per choice, every one validated against the
         served model before any is submitted. Without max_tokens a choice gets
-        `default_max_tokens` or what fits if less (None: what fits)."""
+        `default_max_tokens` or what fits if less (None: what fits). `keep_special_tokens`
+        overrides the request's skip_special_tokens (a tool-call parser needs them)."""
         if req.stream_options is not None and not req.stream:
             raise ApiError(400, "stream_options is only allowed with stream=true",
                            param="stream_options", code="invalid_value")  # fmt: skip
@@ -618,6 +620,7 @@ class OpenAIService:
                     "min_tokens": req.min_tokens,
                     "logit_bias": logit_bias,
                     "prompt_logprobs": prompt_logprobs,
+                    "skip_special_tokens": req.skip_special_tokens and not keep_special_tokens,
                 }
                 try:
                     params = self.orch.default_params(len(ids), **fields)
@@ -933,6 +936,8 @@ class OpenAIService:
             renames={"prompt_token_ids": "messages", "prompt": "messages",
                      "logprobs": "top_logprobs"},
             tool_grammar=tool_grammar,
+            keep_special_tokens=calls == "auto"
+            and openai_tools.FORMATS[self.cfg.tool_call_parser].keeps_special_tokens,
         )  # fmt: skip
         run = self._submit([ids], req.n, plan)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -983,7 +988,8 @@ class OpenAIService:
             raise ApiError(
                 400,
                 "tool_choice='auto' (the default with tools) needs the server started with "
-                "--tool-call-parser (hermes: Qwen, Hermes; llama3_json: Llama 3.1+), the "
+                "--tool-call-parser (hermes: Qwen, Hermes; llama3_json: Llama 3.1+; "
+                "mistral: Mistral), the "
                 "model's own call format; or send tool_choice 'required', a named function "
                 '({"type": "function", "function": {"name": ...}}) or \'none\'',
                 param="tool_choice",

@@ -2,8 +2,9 @@
 
 Field names, types and defaults follow OpenAI's `/v1/completions` and
 `/v1/chat/completions` (and vLLM's extensions `top_k`, `ignore_eos`, `stop_token_ids`,
-`repetition_penalty`, `min_p`, `min_tokens`, `prompt_logprobs`, `structured_outputs`,
-`chat_template_kwargs`, `add_generation_prompt`, `stream_options.continuous_usage_stats`),
+`repetition_penalty`, `min_p`, `min_tokens`, `skip_special_tokens`, `prompt_logprobs`,
+`structured_outputs`, `chat_template_kwargs`, `add_generation_prompt`,
+`stream_options.continuous_usage_stats`),
 so the `openai` SDK, lm-eval's `local-completions` / `local-chat-completions` and `vllm
 bench serve` talk to tandem unchanged. Requests are strict where OpenAI-compatible servers
 are usually lax:
@@ -107,6 +108,7 @@ class _Sampling(_Request):
     repetition_penalty: float = 1.0  # vLLM extension
     min_p: float = 0.0  # vLLM extension
     min_tokens: int = 0  # vLLM extension
+    skip_special_tokens: bool = True  # vLLM extension: False shows them in the text
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
     structured_outputs: StructuredOutputs | None = None  # vLLM extension
 

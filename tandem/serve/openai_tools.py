@@ -15,17 +15,25 @@ calls written in its family's own format, which the server then parses (vLLM's
 - `hermes` (Qwen2.5, Qwen3, Hermes): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
   blocks, any text before the first one being the message's content;
 - `llama3_json` (Llama 3.1+): the answer is one or more `{"name": ..., "parameters": {...}}`
-  objects, separated by `;`.
+  objects, separated by `;`;
+- `mistral` (Mistral 7B v0.3 and later): `[TOOL_CALLS]` (a special token, so the text of
+  such requests keeps special tokens, as vLLM's) then a JSON array of `{"name": ...,
+  "arguments": {...}}` (tokenizers before v11) or `name[ARGS]{...}` per call, each after
+  its own `[TOOL_CALLS]` (v11 and later); text before it is the content. Its call ids are
+  nine letters and digits, the only ids Mistral's templates take back as history.
 An answer whose calls do not parse is returned as text, as vLLM does. Without a parser
 "auto" is refused with a 400, as vLLM refuses it without `--tool-call-parser`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import re
+import string
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tandem.serve import openai_protocol as api
@@ -37,8 +45,66 @@ _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 ToolChoice = str | api.NamedToolChoice | None
 
-_HERMES_OPEN = "<tool_call>"
 _HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+_MISTRAL_OPEN = "[TOOL_CALLS]"
+
+# (name, arguments) of each call; raises ValueError, KeyError, TypeError or
+# AttributeError on text that is not calls
+_Calls = list[tuple[str, Any]]
+
+
+def _hermes_calls(text: str) -> _Calls:
+    found = [json.loads(closed or open_) for closed, open_ in _HERMES_CALL.findall(text)]
+    return [(c["name"], c.get("arguments")) for c in found]
+
+
+def _llama3_calls(text: str) -> _Calls:
+    calls, decoder, i = [], json.JSONDecoder(), 0
+    while i < len(text):
+        found, i = decoder.raw_decode(text, i)
+        calls.append((found["name"], found.get("parameters", found.get("arguments"))))
+        i = len(text) - len(text[i:].lstrip().removeprefix(";").lstrip())
+    return calls
+
+
+def _mistral_calls(text: str) -> _Calls:
+    body = text.removeprefix(_MISTRAL_OPEN).lstrip()
+    if body.startswith("["):  # tokenizers before v11: one JSON array (what follows it ignored)
+        found, _ = json.JSONDecoder().raw_decode(body)
+        return [(c["name"], c.get("arguments")) for c in found]
+    calls = []
+    for raw in text.split(_MISTRAL_OPEN)[1:]:  # v11 and later: name[ARGS]{...} per call
+        brace = raw.index("{")
+        arguments, _ = json.JSONDecoder().raw_decode(raw, brace)
+        calls.append((raw[:brace].replace("[ARGS]", "").strip(), arguments))
+    return calls
+
+
+def _openai_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _mistral_id() -> str:
+    return "".join(random.choices(string.ascii_letters + string.digits, k=9))
+
+
+@dataclasses.dataclass(frozen=True)
+class CallFormat:
+    """How a model family writes tool calls in its answer (a `--tool-call-parser`)."""
+
+    # the text that opens the calls, anywhere after the content; None: the answer is the
+    # calls or text, as its first character says (`{`: calls)
+    opener: str | None
+    calls: Callable[[str], _Calls]  # the calls' text, from the opener on
+    new_id: Callable[[], str] = _openai_id
+    keeps_special_tokens: bool = False  # the opener is a special token
+
+
+FORMATS: dict[str, CallFormat] = {
+    "hermes": CallFormat("<tool_call>", _hermes_calls),
+    "llama3_json": CallFormat(None, _llama3_calls),
+    "mistral": CallFormat(_MISTRAL_OPEN, _mistral_calls, _mistral_id, keeps_special_tokens=True),
+}
 
 
 def resolve_choice(tools: Sequence[api.Tool] | None, choice: ToolChoice) -> ToolChoice:
@@ -112,13 +178,13 @@ def answer_calls(
     cut short is not whole JSON and stays text; "auto" as `parse_auto`, keeping the first
     call only without `parallel` (vLLM's)."""
     if isinstance(choice, api.NamedToolChoice):
-        return None, [_call(choice.function.name, text)]
+        return None, [_call(parser, choice.function.name, text)]
     if choice == "auto":
         content, calls = parse_auto(parser, text)
         return content, calls if parallel else calls[:1]
     try:
         found = json.loads(text)
-        return None, [_call(c["name"], _arguments(c["parameters"])) for c in found]
+        return None, [_call(parser, c["name"], _arguments(c["parameters"])) for c in found]
     except (ValueError, KeyError, TypeError):
         return text, []
 
@@ -131,36 +197,30 @@ def finish_reason(choice: ToolChoice, finish: str) -> str:
     return finish
 
 
-def _call(name: str, arguments: str) -> api.ToolCall:
-    return api.ToolCall(
-        id=f"call_{uuid.uuid4().hex[:24]}",
-        function=api.FunctionCall(name=name, arguments=arguments),
-    )
+def _call(parser: str, name: str, arguments: str) -> api.ToolCall:
+    """A call with an id of the served family's kind (OpenAI's without a parser)."""
+    new_id = FORMATS[parser].new_id if parser else _openai_id
+    return api.ToolCall(id=new_id(), function=api.FunctionCall(name=name, arguments=arguments))
 
 
 def parse_auto(parser: str, text: str) -> tuple[str | None, list[api.ToolCall]]:
     """(content, calls) of an "auto" answer in `parser`'s format (see the module
     docstring); no calls and the whole text as content when it makes none or they do
     not parse."""
-    try:
-        if parser == "hermes":
-            start = text.find(_HERMES_OPEN)
-            if start < 0:
-                return text, []
-            found = [json.loads(closed or open_) for closed, open_ in _HERMES_CALL.findall(text)]
-            calls = [_call(c["name"], _arguments(c.get("arguments"))) for c in found]
-            return text[:start] or None, calls
-        body = text.lstrip()  # llama3_json: the answer opens with the call's object
-        if not body.startswith("{"):
+    form = FORMATS[parser]
+    if form.opener is None:
+        start = len(text) - len(text.lstrip())
+        if not text.startswith("{", start):
             return text, []
-        calls, decoder, i = [], json.JSONDecoder(), 0
-        while i < len(body):
-            found, i = decoder.raw_decode(body, i)
-            calls.append(_call(found["name"], _arguments(found.get("parameters"))))
-            i = len(body) - len(body[i:].lstrip().removeprefix(";").lstrip())
-        return None, calls
+    else:
+        start = text.find(form.opener)
+        if start < 0:
+            return text, []
+    try:
+        calls = [_call(parser, name, _arguments(args)) for name, args in form.calls(text[start:])]
     except (ValueError, KeyError, TypeError, AttributeError):
         return text, []
+    return text[:start] if form.opener and start else None, calls
 
 
 def _arguments(value: Any) -> str:
@@ -183,7 +243,7 @@ class ToolCallStream:
         self.parallel = parallel
         self._text = ""  # "required": the answer so far; "auto": what is held back
         self._calling = False  # "auto": the calls have begun
-        self._plain = False  # "auto", llama3_json: the answer began with text, no calls
+        self._plain = False  # "auto" without an opener: the answer began as text, no calls
         self._call: api.ToolCall | None = None  # the named call, once announced
         self.called = False
 
@@ -193,7 +253,7 @@ class ToolCallStream:
             return self._auto(text, final)
         if isinstance(self.choice, api.NamedToolChoice):
             if self._call is None:
-                self._call = _call(self.choice.function.name, text)
+                self._call = _call(self.parser, self.choice.function.name, text)
                 return _deltas([self._call])
             return json.dumps({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
         self._text += text
@@ -206,13 +266,16 @@ class ToolCallStream:
     def _auto(self, text: str, final: bool) -> str:
         self._text += text
         send = ""
+        opener = FORMATS[self.parser].opener
         if not self._calling:
-            start = self._call_start()
-            if start is not None:  # (llama3_json: only whitespace before, not content)
-                send = self._text[:start] if self.parser == "hermes" else ""
+            if opener is None and not self._plain and self._text.strip():
+                self._plain = not self._text.lstrip().startswith("{")
+            start = self._call_start(opener)
+            if start is not None:  # (without an opener: only whitespace before, not content)
+                send = self._text[:start] if opener else ""
                 self._text, self._calling = self._text[start:], True
             else:  # text, less what may still begin the calls
-                cut = len(self._text) - (0 if final else self._undecided())
+                cut = len(self._text) - (0 if final else self._undecided(opener))
                 send, self._text = self._text[:cut], self._text[cut:]
         if not (final and self._calling):
             return json.dumps({"content": send})
@@ -222,23 +285,21 @@ class ToolCallStream:
         self.called = True
         return _deltas(calls, content=send or None)
 
-    def _call_start(self) -> int | None:
-        """Where the calls begin in the held text (None: not there, or never: llama3_json's
-        answer that began with text)."""
-        if self.parser == "hermes":
-            start = self._text.find(_HERMES_OPEN)
+    def _call_start(self, opener: str | None) -> int | None:
+        """Where the calls begin in the held text (None: not there, or never: an answer
+        without an opener that began as text)."""
+        if opener is not None:
+            start = self._text.find(opener)
             return None if start < 0 else start
-        body = self._text.lstrip()
-        if self._plain or not body.startswith("{"):
-            self._plain = self._plain or bool(body)
+        if self._plain or not self._text.strip():
             return None
-        return len(self._text) - len(body)
+        return len(self._text) - len(self._text.lstrip())
 
-    def _undecided(self) -> int:
+    def _undecided(self, opener: str | None) -> int:
         """How much of the held text's end may still begin the calls: a proper prefix of
-        the Hermes tag; for llama3_json the answer's leading whitespace."""
-        if self.parser == "hermes":
-            return holdback(self._text, (_HERMES_OPEN,))
+        the opener; without one, the answer's leading whitespace."""
+        if opener is not None:
+            return holdback(self._text, (opener,))
         return 0 if self._plain else len(self._text)
 
 

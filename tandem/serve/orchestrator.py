@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tandem.model.tokenizer import IncrementalDetokenizer
 from tandem.serve.config import ServeConfig
 from tandem.serve.detok import TextStream
 from tandem.serve.engine_api import Engine, RowToken, StepOutput
@@ -125,13 +126,6 @@ def merge_outputs(outs: Sequence[Output]) -> Output:
 
 
 Sink = Callable[[Output], None]
-DetokFactory = Callable[[Any], Any]
-
-
-def _default_detokenizer(tokenizer: Any) -> Any:
-    from tandem.model.tokenizer import IncrementalDetokenizer
-
-    return IncrementalDetokenizer(tokenizer)
 
 
 def loop_config(engine: Engine, cfg: ServeConfig | None) -> ServeConfig:
@@ -194,7 +188,6 @@ class Orchestrator:
         cfg: ServeConfig | None = None,
         *,
         metrics: ServeMetrics | None = None,
-        detokenizer_factory: DetokFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`cfg` (default: the engine's) passed whole; see `loop_config`."""
@@ -202,7 +195,6 @@ class Orchestrator:
         self.tokenizer = engine.tokenizer
         self.cfg = loop_config(engine, cfg)
         self.metrics = metrics
-        self._detok = detokenizer_factory or _default_detokenizer
         self._clock = clock
         self._cv = threading.Condition()
         self._inbox: list[_Stream] = []  # submitted, not yet in the scheduler
@@ -284,7 +276,8 @@ class Orchestrator:
             eos_token_ids=self.tokenizer.stop_ids,
             grammar=None if grammar is None else self.grammars.matcher(grammar),
         )
-        text = TextStream(self._detok(self.tokenizer), params.stop, params.min_tokens)
+        detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        text = TextStream(detok, params.stop, params.min_tokens)
         buffer = OutputBuffer(self.cfg.stream_interval, merge_outputs)
         with self._cv:
             if not self._accepting:

@@ -63,6 +63,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
     prompt_logprobs: int | None = None  # None: none; n: each prompt token's and the top n
+    skip_special_tokens: bool = True  # False: special tokens show in the text (vLLM's)
 
     def __post_init__(self) -> None:
         _check(

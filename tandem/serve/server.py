@@ -387,17 +387,13 @@ class TandemServer:
         self,
         engine: Engine,
         cfg: ServeConfig | None = None,
-        *,
-        detokenizer_factory: Callable[[Any], Any] | None = None,
     ) -> None:
         """`cfg` (default: the engine's) passed whole to the serving loop (which takes
         the engine's sizes, `orchestrator.loop_config`). Reads the token and TLS files now,
         so a missing one fails at start-up."""
         self.engine = engine
         self.metrics = ServeMetrics()
-        self.orch = Orchestrator(
-            engine, cfg, metrics=self.metrics, detokenizer_factory=detokenizer_factory
-        )
+        self.orch = Orchestrator(engine, cfg, metrics=self.metrics)
         cfg = self.cfg = self.orch.cfg
         self.host = cfg.host
         self.ready = threading.Event()

@@ -50,6 +50,19 @@ def test_incremental_detokenization_never_emits_broken_characters(kind, text, bp
     assert all("\ufffd" not in d for d in deltas)
 
 
+def test_special_tokens_show_only_when_not_skipped(tmp_path):
+    """vLLM's skip_special_tokens: Mistral's `[TOOL_CALLS]` (a control token) reaches the
+    text only when asked for, as the tokenizer's own decode writes it."""
+    tok = Tokenizer.from_dir(build_tokenizer_dir("mistral", tmp_path))
+    ids = tok.encode("Sure. [TOOL_CALLS] [{}] héllo", add_special_tokens=False)
+    assert tok.hf.token_to_id("[TOOL_CALLS]") in ids
+    for skip in (True, False):
+        detok = IncrementalDetokenizer(tok, skip_special_tokens=skip)
+        text = "".join(detok.push(i) for i in ids) + detok.flush()
+        assert text == tok.hf.decode(ids, skip_special_tokens=skip)
+        assert ("[TOOL_CALLS]" in text) is not skip
+
+
 def test_multibyte_character_is_held_until_complete():
     tok = Tokenizer.byte()
     detok = IncrementalDetokenizer(tok)

@@ -102,7 +102,7 @@ def reference_greedy(model):
 def _generate(engine, tokenizer, requests, *, neighbours: int = 0):
     """Runs [(prompt, SamplingParams)] through a fresh orchestrator (after `neighbours`
     sampled filler requests); returns token lists and the outputs."""
-    orch = Orchestrator(engine, detokenizer_factory=None)
+    orch = Orchestrator(engine)
     results = {}
     filler = [
         (

@@ -543,6 +543,71 @@ def test_auto_tool_choice_parses_the_models_own_calls(make_fake_server, qwen) ->
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_mistral_calls_keep_their_control_token_and_go_back_as_history(
+    make_fake_server, tmp_path
+) -> None:
+    """With --tool-call-parser mistral, "auto" finds the calls after `[TOOL_CALLS]`, a
+    special token that the text of such a request keeps (vLLM's); the call's id is nine
+    letters and digits, and the reply sent back (as the SDK dumps it) with the tool's
+    result renders as transformers renders it. `skip_special_tokens` (vLLM's) shows
+    special tokens in any answer."""
+    import transformers
+
+    path = build_tokenizer_dir("mistral", tmp_path / "mistral")
+    tok, hf = Tokenizer.from_dir(path), transformers.AutoTokenizer.from_pretrained(path)
+    answer, prompts = [""], []
+
+    def script(prompt, index):
+        ids = tok.encode(answer[0], add_special_tokens=False)
+        if index == 0:
+            prompts.append(list(prompt))
+        return ids[index] if index < len(ids) else tok.eos_id
+
+    cfg = dataclasses.replace(CFG, max_len=1024, max_prompt_len=900, tool_call_parser="mistral")
+    bg = make_fake_server(cfg=cfg, tok=tok, script=script)
+    client, tools = _client(bg), [WEATHER, CLOCK]
+    chat = [{"role": "user", "content": "Hello, how are you?"}]
+    answer[0] = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    r = client.chat.completions.create(model="tandem", messages=chat, tools=tools)
+    (choice,) = r.choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert len(call.id) == 9 and call.id.isalnum()
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "get_weather",
+        {"city": "Oslo"},
+    )
+    chunks = list(client.chat.completions.create(model="tandem", messages=chat, tools=tools,
+                                                 stream=True))  # fmt: skip
+    (streamed,) = [d for c in chunks for d in c.choices[0].delta.tool_calls or ()]
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert (streamed.function.name, streamed.function.arguments) == (
+        call.function.name,
+        call.function.arguments,
+    )
+    assert len(streamed.id) == 9 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    result = {"role": "tool", "tool_call_id": call.id, "content": "18 C"}
+    answer[0] = "It is 18 C."
+    r = client.chat.completions.create(
+        model="tandem", messages=[*chat, choice.message.model_dump(), result], tools=tools
+    )
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("It is 18 C.", "stop")
+    as_objects = {"role": "assistant", "tool_calls": [{"id": call.id, "type": "function",
+                  "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}  # fmt: skip
+    expected = hf.apply_chat_template([*chat, as_objects, result], tools=tools,
+                                      add_generation_prompt=True, tokenize=True)  # fmt: skip
+    assert prompts[-1] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    answer[0] = "[INST] hi"
+    ids = tok.encode(answer[0], add_special_tokens=False)
+    for skip in (True, False):
+        extra = {"skip_special_tokens": skip}
+        r = client.completions.create(model="tandem", prompt="a", max_tokens=8, extra_body=extra)
+        text = r.choices[0].text
+        assert text == tok.hf.decode(ids, skip_special_tokens=skip)
+        assert ("[INST]" in text) is not skip
+    assert _idle(bg)
+
+
 def test_tool_choice_errors_name_the_field(make_fake_server, qwen) -> None:
     cfg = dataclasses.replace(CFG, max_len=1024, max_prompt_len=900)
     bg = make_fake_server(cfg=cfg, tok=qwen[0])

@@ -63,6 +63,27 @@ def test_llama3_json(text, content, calls) -> None:
     assert (got_content, _calls(got_calls)) == (content, calls)
 
 
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        ("It is sunny.", "It is sunny.", []),
+        (f"[TOOL_CALLS] [{CALL}]", None, [("get_weather", {"city": "Oslo"})]),  # before v11
+        (f'Checking. [TOOL_CALLS][{CALL}, {{"name": "get_time", "arguments": {{}}}}]</s>',
+         "Checking. ", [("get_weather", {"city": "Oslo"}), ("get_time", {})]),
+        ('[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]get_time{}', None,
+         [("get_weather", {"city": "Oslo"}), ("get_time", {})]),  # v11 and later
+        ("[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {", "[TOOL_CALLS] [{\"name\": \"f\", "
+         "\"arguments\": {", []),  # cut short: text
+        ("[TOOL_CALLS]get_time", "[TOOL_CALLS]get_time", []),  # no arguments yet
+    ],
+)  # fmt: skip
+def test_mistral(text, content, calls) -> None:
+    got_content, got_calls = parse_auto("mistral", text)
+    assert (got_content, _calls(got_calls)) == (content, calls)
+    # the only ids Mistral's templates take back: nine letters and digits
+    assert all(len(c.id) == 9 and c.id.isalnum() for c in got_calls)
+
+
 def _stream(parser: str, chunks: list[str]) -> tuple[str, list[dict], bool]:
     """What a client assembles from the deltas: the content and the calls."""
     stream = ToolCallStream("auto", parser)
@@ -86,6 +107,10 @@ def test_auto_streams_text_then_sends_the_calls_whole() -> None:
     content, calls, called = _stream("llama3_json", llama)
     assert content == "" and called and calls[0]["function"]["name"] == "get_weather"
     assert _stream("llama3_json", ["Hi", ' {"name": "x"}']) == ('Hi {"name": "x"}', [], False)
+    mistral = ["Sure.", " [TOOL", "_CALLS]", "get_time[ARGS]", "{}"]
+    content, calls, called = _stream("mistral", mistral)
+    assert content == "Sure. " and called and calls[0]["function"]["name"] == "get_time"
+    assert _stream("mistral", ["a [TOOL", "S] b"]) == ("a [TOOLS] b", [], False)
 
 
 def test_a_stream_holds_back_only_what_may_begin_a_call() -> None:
@@ -127,6 +152,10 @@ def test_answers_finish_reasons_and_parallel_calls() -> None:
     assert len(answer_calls("auto", "hermes", two)[1]) == 2
     assert len(answer_calls("auto", "hermes", two, parallel=False)[1]) == 1
     assert answer_calls("required", "", '[{"name": "f"}]') == ('[{"name": "f"}]', [])
+    # ids of the served family's kind whatever the choice; OpenAI's without a parser
+    assert answer_calls(named, "", "{}")[1][0].id.startswith("call_")
+    (call,) = answer_calls(named, "mistral", "{}")[1]
+    assert len(call.id) == 9 and call.id.isalnum()
 
 
 def test_history_tool_calls_reach_the_template_as_objects() -> None:

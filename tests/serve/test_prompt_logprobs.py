@@ -60,7 +60,7 @@ def _run(
 ) -> tuple[list[Output], Orchestrator]:
     """Each request's first message (the one that carries prompt logprobs), in order, and
     the orchestrator that ran them."""
-    orch = Orchestrator(engine, detokenizer_factory=None)
+    orch = Orchestrator(engine)
     firsts: dict[int, Output] = {}
     for i, (ids, params) in enumerate(requests):
         orch.submit(ids, params, lambda out, i=i: firsts.setdefault(i, out))
