@@ -43,6 +43,7 @@ FLAGS = (
     Flag(
         "--tool-call-parser", "tool_call_parser", "tool calls' format: hermes, llama3_json, mistral"
     ),
+    Flag("--reasoning-parser", "reasoning_parser", "thinking's format: deepseek_r1, qwen3"),
 )
 
 

@@ -94,7 +94,7 @@ class FakeEngine(Engine):
                 raise RuntimeError(f"row {r} of the plan does not continue {request}")
             if plan.sample[r]:
                 tokens[r] = self.script(request.prompt_token_ids, request.sampled_output_index)
-                if request.grammar is not None and not allows(bitmask[r], int(tokens[r])):
+                if bitmask is not None and not allows(bitmask[r], int(tokens[r])):
                     bits = np.unpackbits(bitmask[r].view(np.uint8), bitorder="little")
                     tokens[r] = int(np.flatnonzero(bits)[0])
         n = np.arange(self.max_logprobs)

@@ -56,11 +56,12 @@ from starlette.routing import Route
 
 from tandem.model.tokenizer import Tokenizer
 from tandem.serve import openai_protocol as api
-from tandem.serve import openai_tools
+from tandem.serve import openai_reasoning, openai_tools
 from tandem.serve.config import ServeConfig
 from tandem.serve.engine_api import RowToken
 from tandem.serve.handoff import Handoff
 from tandem.serve.metrics import ServeMetrics
+from tandem.serve.openai_answer import AnswerShape, AnswerStream, message
 from tandem.serve.orchestrator import Orchestrator, Output, RequestError, merge_outputs
 from tandem.serve.sampling import SamplingParams
 from tandem.serve.structured import StructuredOutput
@@ -189,7 +190,8 @@ def _validation_error(err: pydantic.ValidationError) -> ApiError:
             400,
             f"{param} is an unknown parameter (tandem serves OpenAI's parameters and vLLM's "
             "top_k, ignore_eos, stop_token_ids, repetition_penalty, min_p, min_tokens, "
-            "skip_special_tokens, chat_template_kwargs, add_generation_prompt)",
+            "skip_special_tokens, chat_template_kwargs, add_generation_prompt, "
+            "include_reasoning)",
             param=param,
             code="unknown_parameter",
         )
@@ -253,21 +255,6 @@ def stop_reason(out: Output, stop_token_ids: Sequence[int] | None) -> str | int 
     if out.stop_token is not None:
         return out.stop_token if out.stop_token in (stop_token_ids or ()) else None
     return out.matched_stop or None
-
-
-def _answer(
-    out: Output, tool_choice: openai_tools.ToolChoice, parser: str, parallel: bool
-) -> tuple[api.AssistantMessage, str]:
-    """A chat choice's message and finish reason: its text, or under a tool_choice that
-    answers in calls the calls it makes (a named or "required" answer that is not whole
-    JSON, cut short by max_tokens, stays text)."""
-    if tool_choice is None:
-        return api.AssistantMessage(content=out.text), out.finish_reason
-    content, calls = openai_tools.answer_calls(tool_choice, parser, out.text, parallel)
-    if not calls:
-        return api.AssistantMessage(content=content), out.finish_reason
-    reason = openai_tools.finish_reason(tool_choice, out.finish_reason)
-    return api.AssistantMessage(content=content, tool_calls=calls), reason
 
 
 def _not_yet(req: api.CompletionRequest | api.ChatCompletionRequest) -> None:
@@ -352,7 +339,7 @@ class _Templates:
         model: str,
         options: api.StreamOptions | None,
         stop_token_ids: Sequence[int] | None,
-        tool_calls: Callable[[], openai_tools.ToolCallStream] | None = None,
+        answer: AnswerShape | None = None,
     ) -> None:
         obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
         self.envelope = (
@@ -366,8 +353,10 @@ class _Templates:
         self.tail = ',"usage":null}\n\n' if self.include_usage else "}\n\n"
         self.chat = kind == "chat"
         self.stop_token_ids = stop_token_ids
-        # under a tool_choice that answers in calls, each choice's deltas of calls
-        self.tool_streams = None if tool_calls is None else collections.defaultdict(tool_calls)
+        # a chat answer that is more than text (thinking, calls): each choice's deltas
+        self.answers = None
+        if answer is not None and not answer.plain:
+            self.answers = collections.defaultdict(functools.partial(AnswerStream, answer))
 
     def chunk(
         self, index: int, text: str, logprobs: Any, out: Output, usage: tuple[int, int]
@@ -376,11 +365,10 @@ class _Templates:
         completion tokens so far) of it."""
         finish = out.finish_reason
         lp = "null" if logprobs is None else logprobs.model_dump_json()
-        if self.tool_streams is not None:
-            calls = self.tool_streams[index]
-            body = f'"delta":{calls.delta(text, bool(finish))}'
-            if calls.called:
-                finish = openai_tools.finish_reason(calls.choice, finish)
+        if self.answers is not None:
+            answer = self.answers[index]
+            body = f'"delta":{json.dumps(answer.delta(text, bool(finish)))}'
+            finish = answer.finish_reason(finish)
         elif self.chat:
             body = f'"delta":{{"content":{json.dumps(text)}}}'
         else:
@@ -437,6 +425,16 @@ class OpenAIService:
         self.created = int(time.time())
         self._handoff: Handoff | None = None  # bound to the event loop by `bind`
         self._token_text: dict[int, str] = {}
+        # the token that ends a reasoning model's thinking, after which a grammar holds
+        self._think_end: int | None = None
+        if cfg.reasoning_parser:
+            self._think_end = tokenizer.hf.token_to_id(openai_reasoning.THINK_CLOSE)
+            if self._think_end is None:
+                raise ValueError(
+                    f"reasoning_parser={cfg.reasoning_parser!r} is invalid for this model: "
+                    f"its tokenizer has no {openai_reasoning.THINK_CLOSE} token (allowed: "
+                    "'' for a model that does not think)"
+                )
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._handoff = Handoff(loop)
@@ -557,11 +555,13 @@ class OpenAIService:
         prompt_logprobs: int | None = None,
         tool_grammar: StructuredOutput | None = None,
         keep_special_tokens: bool = False,
+        grammar_after_token: int | None = None,
     ) -> list[tuple[list[int], SamplingParams]]:
         """One (prompt ids, SamplingParams) per choice, every one validated against the
         served model before any is submitted. Without max_tokens a choice gets
         `default_max_tokens` or what fits if less (None: what fits). `keep_special_tokens`
-        overrides the request's skip_special_tokens (a tool-call parser needs them)."""
+        overrides the request's skip_special_tokens (a tool-call parser needs them); a
+        grammar holds after `grammar_after_token` if given (the end of thinking)."""
         if req.stream_options is not None and not req.stream:
             raise ApiError(400, "stream_options is only allowed with stream=true",
                            param="stream_options", code="invalid_value")  # fmt: skip
@@ -621,6 +621,7 @@ class OpenAIService:
                     "logit_bias": logit_bias,
                     "prompt_logprobs": prompt_logprobs,
                     "skip_special_tokens": req.skip_special_tokens and not keep_special_tokens,
+                    "grammar_after_token": None if structured is None else grammar_after_token,
                 }
                 try:
                     params = self.orch.default_params(len(ids), **fields)
@@ -922,6 +923,7 @@ class OpenAIService:
         ids = await self._chat_prompt(
             req.messages, req.add_generation_prompt, template_kwargs, req.tools
         )
+        thinks = openai_reasoning.thinks(self.cfg.reasoning_parser, req.chat_template_kwargs)
         top = req.top_logprobs or 0
         parallel = req.parallel_tool_calls is not False
         try:
@@ -938,18 +940,21 @@ class OpenAIService:
             tool_grammar=tool_grammar,
             keep_special_tokens=calls == "auto"
             and openai_tools.FORMATS[self.cfg.tool_call_parser].keeps_special_tokens,
+            grammar_after_token=self._think_end if thinks else None,
         )  # fmt: skip
+        shape = AnswerShape(
+            calls=calls,
+            tool_parser=self.cfg.tool_call_parser,
+            parallel=parallel,
+            thinks=thinks,
+            include_reasoning=req.include_reasoning,
+        )
         run = self._submit([ids], req.n, plan)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            tool_calls = None
-            if calls is not None:
-                tool_calls = functools.partial(
-                    openai_tools.ToolCallStream, calls, self.cfg.tool_call_parser, parallel
-                )
             templates = _Templates(
                 "chat", rid, created, self.model_name, req.stream_options, req.stop_token_ids,
-                tool_calls,
+                shape,
             )  # fmt: skip
 
             def render(i: int, out: Output) -> tuple[str, api.ChatLogprobs | None]:
@@ -964,13 +969,13 @@ class OpenAIService:
             choices=[
                 api.ChatChoice(
                     index=i,
-                    message=message,
+                    message=answer,
                     logprobs=self.chat_logprobs(out, top) if req.logprobs else None,
                     finish_reason=finish,
                     stop_reason=stop_reason(out, req.stop_token_ids),
                 )
                 for i, out in enumerate(merge_outputs(outs) for outs in choices.outputs)
-                for message, finish in [_answer(out, calls, self.cfg.tool_call_parser, parallel)]
+                for answer, finish in [message(out.text, out.finish_reason, shape)]
             ],
             usage=choices.usage(),
         )

@@ -3,7 +3,7 @@
 Field names, types and defaults follow OpenAI's `/v1/completions` and
 `/v1/chat/completions` (and vLLM's extensions `top_k`, `ignore_eos`, `stop_token_ids`,
 `repetition_penalty`, `min_p`, `min_tokens`, `skip_special_tokens`, `prompt_logprobs`,
-`structured_outputs`, `chat_template_kwargs`, `add_generation_prompt`,
+`structured_outputs`, `chat_template_kwargs`, `add_generation_prompt`, `include_reasoning`,
 `stream_options.continuous_usage_stats`),
 so the `openai` SDK, lm-eval's `local-completions` / `local-chat-completions` and `vllm
 bench serve` talk to tandem unchanged. Requests are strict where OpenAI-compatible servers
@@ -148,7 +148,8 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # history, handed to the template
     tool_call_id: str | None = None
-    reasoning_content: str | None = None
+    reasoning: str | None = None  # an earlier answer's thinking (vLLM's name) ...
+    reasoning_content: str | None = None  # ... or its earlier one: the template reads either
     # what OpenAI's assistant messages carry besides: accepted as history, never rendered
     refusal: str | None = None
     annotations: list[dict[str, Any]] | None = None
@@ -192,6 +193,7 @@ class ChatCompletionRequest(_Sampling):
     audio: dict[str, Any] | None = None
     modalities: list[Literal["text"]] | None = None  # the one output modality served
     reasoning_effort: str | None = None  # handed to the chat template, as vLLM does
+    include_reasoning: bool = True  # vLLM extension: false leaves the thinking out
     add_generation_prompt: bool = True  # vLLM extension
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension (enable_thinking)
 
@@ -284,8 +286,12 @@ class ToolCall(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str | None  # None: the answer is tool_calls
+    content: str | None  # None: the answer is tool_calls (or thinking cut short)
     tool_calls: list[ToolCall] | None = None  # None (null): a text answer, as OpenAI's
+    # the thinking, with --reasoning-parser: vLLM's field and its earlier name, which
+    # DeepSeek's API and many clients read
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChoice(BaseModel):

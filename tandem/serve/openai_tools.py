@@ -189,7 +189,7 @@ def answer_calls(
         return text, []
 
 
-def finish_reason(choice: ToolChoice, finish: str) -> str:
+def finish_reason(choice: ToolChoice, finish: str | None) -> str | None:
     """OpenAI's finish reason of an answer that made calls: "tool_calls" when the model
     chose or was required to call ("auto", "required"), "stop" for a named function."""
     if finish == "stop" and not isinstance(choice, api.NamedToolChoice):
@@ -247,23 +247,23 @@ class ToolCallStream:
         self._call: api.ToolCall | None = None  # the named call, once announced
         self.called = False
 
-    def delta(self, text: str, final: bool) -> str:
-        """The JSON of the chunk's `delta` for `text`, the answer's new characters."""
+    def delta(self, text: str, final: bool) -> dict[str, Any]:
+        """The chunk's `delta` for `text`, the answer's new characters."""
         if self.choice == "auto":
             return self._auto(text, final)
         if isinstance(self.choice, api.NamedToolChoice):
             if self._call is None:
                 self._call = _call(self.parser, self.choice.function.name, text)
                 return _deltas([self._call])
-            return json.dumps({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
+            return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
         self._text += text
         if not final:
-            return "{}"
+            return {}
         content, calls = answer_calls(self.choice, self.parser, self._text)
         self.called = bool(calls)
-        return _deltas(calls) if calls else json.dumps({"content": content})
+        return _deltas(calls) if calls else {"content": content}
 
-    def _auto(self, text: str, final: bool) -> str:
+    def _auto(self, text: str, final: bool) -> dict[str, Any]:
         self._text += text
         send = ""
         opener = FORMATS[self.parser].opener
@@ -278,10 +278,10 @@ class ToolCallStream:
                 cut = len(self._text) - (0 if final else self._undecided(opener))
                 send, self._text = self._text[:cut], self._text[cut:]
         if not (final and self._calling):
-            return json.dumps({"content": send})
+            return {"content": send}
         content, calls = answer_calls(self.choice, self.parser, self._text, self.parallel)
         if not calls:
-            return json.dumps({"content": send + (content or "")})
+            return {"content": send + (content or "")}
         self.called = True
         return _deltas(calls, content=send or None)
 
@@ -303,10 +303,10 @@ class ToolCallStream:
         return 0 if self._plain else len(self._text)
 
 
-def _deltas(calls: list[api.ToolCall], content: str | None = None) -> str:
+def _deltas(calls: list[api.ToolCall], content: str | None = None) -> dict[str, Any]:
     delta: dict[str, Any] = {} if content is None else {"content": content}
     delta["tool_calls"] = [{"index": i, **call.model_dump()} for i, call in enumerate(calls)]
-    return json.dumps(delta)
+    return delta
 
 
 def template_tool_calls(message: dict[str, Any]) -> dict[str, Any]:

@@ -274,7 +274,9 @@ class Orchestrator:
             params,
             seed=seed,
             eos_token_ids=self.tokenizer.stop_ids,
-            grammar=None if grammar is None else self.grammars.matcher(grammar),
+            grammar=None
+            if grammar is None
+            else self.grammars.matcher(grammar, params.grammar_after_token),
         )
         detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         text = TextStream(detok, params.stop, params.min_tokens)

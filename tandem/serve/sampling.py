@@ -56,6 +56,9 @@ class SamplingParams:
     logprobs: int = 0
     ignore_eos: bool = False
     structured_output: StructuredOutput | None = None  # the grammar the output must match
+    # ... from the token after this one on (a reasoning model's end of thinking); None:
+    # from the first token
+    grammar_after_token: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -119,6 +122,17 @@ class SamplingParams:
             self.structured_output,
             "None or a StructuredOutput",
         )
+        _check(
+            self.grammar_after_token is None
+            or (
+                self.structured_output is not None
+                and isinstance(self.grammar_after_token, int)
+                and self.grammar_after_token >= 0
+            ),
+            "grammar_after_token",
+            self.grammar_after_token,
+            "None, or a token id >= 0 with a structured_output",
+        )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_real(value) and -2.0 <= value <= 2.0, name, value, "a number in [-2, 2]")
@@ -170,6 +184,12 @@ class SamplingParams:
     def check_limits(self, *, vocab_size: int, max_logprobs: int) -> None:
         """Checks the fields whose bounds depend on the served model."""
         _check(self.top_k <= vocab_size, "top_k", self.top_k, f"<= vocab_size ({vocab_size})")
+        _check(
+            (self.grammar_after_token or 0) < vocab_size,
+            "grammar_after_token",
+            self.grammar_after_token,
+            f"a token id < vocab_size ({vocab_size})",
+        )
         _check(
             self.logprobs <= max_logprobs,
             "logprobs",

@@ -124,21 +124,29 @@ class GrammarCompiler:
         llguidance's tokenizer), while the event loop serves every other stream."""
         await asyncio.get_running_loop().run_in_executor(None, self.check, output)
 
-    def matcher(self, output: StructuredOutput) -> GrammarMatcher:
+    def matcher(self, output: StructuredOutput, after: int | None = None) -> GrammarMatcher:
+        """A request's matcher; with `after`, the grammar holds once that token has been
+        generated (a reasoning model's end of thinking: `GrammarMatcher.waits_for`)."""
         with self._lock:
             grammar = self._check(output)
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():  # validated above; a resource limit may still trip here
             raise ValueError(f"{output.kind} is invalid: {matcher.get_error()}")
-        return GrammarMatcher(matcher, self)
+        return GrammarMatcher(matcher, self, after)
 
 
 class GrammarMatcher:
     """One request's position in its grammar."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler) -> None:
+    def __init__(
+        self, matcher: llguidance.LLMatcher, compiler: GrammarCompiler, after: int | None = None
+    ) -> None:
         self._matcher = matcher
         self.compiler = compiler
+        # Until this token is generated every token is allowed and none advances the
+        # grammar: a reasoning model thinks freely and the grammar holds for its answer
+        # (vLLM's structured output with a reasoning parser). None: it holds from the start.
+        self.waits_for = after
         # The grammar is complete and one of its EOS (the model's stop ids) was accepted.
         # (llguidance's is_stopped() turns true already at the last byte the grammar
         # allows, before that EOS: the request then still has its EOS to generate.)
@@ -147,6 +155,10 @@ class GrammarMatcher:
     def accept(self, token: int) -> bool:
         """Advances past a generated token; False if the grammar does not allow it (the
         mask makes that impossible unless something upstream is broken)."""
+        if self.waits_for is not None:
+            if token == self.waits_for:
+                self.waits_for = None
+            return True
         ok = self._matcher.consume_token(token)
         self.finished = ok and token in self.compiler.eos_ids
         return ok
@@ -162,7 +174,7 @@ def fill_bitmask(plan: SchedulerOutput, rows: int, vocab_size: int) -> np.ndarra
     constrained = [
         (r, req.grammar)
         for r, req in enumerate(plan.requests)
-        if req.grammar is not None and plan.sample[r]
+        if req.grammar is not None and req.grammar.waits_for is None and plan.sample[r]
     ]
     if not constrained:
         return None

@@ -608,6 +608,86 @@ def test_mistral_calls_keep_their_control_token_and_go_back_as_history(
     assert _idle(bg)
 
 
+def test_reasoning_parser_returns_the_thinking_apart(make_fake_server, tmp_path) -> None:
+    """With --reasoning-parser qwen3 a Qwen3 answer's thinking comes back as `reasoning`
+    and `reasoning_content`, the rest as content, whole and streamed alike through the
+    SDK; a call after the thinking is parsed from the content; thinking turned off in the
+    template is all content; the reply sent back as history renders as
+    transformers renders the same conversation; a grammar holds only after the thinking."""
+    import transformers
+
+    path = build_tokenizer_dir("qwen3", tmp_path / "qwen3")
+    tok, hf = Tokenizer.from_dir(path), transformers.AutoTokenizer.from_pretrained(path)
+    answer, prompts = [""], []
+
+    def script(prompt, index):
+        ids = tok.encode(answer[0], add_special_tokens=False)
+        if index == 0:
+            prompts.append(list(prompt))
+        return ids[index] if index < len(ids) else tok.eos_id
+
+    cfg = dataclasses.replace(
+        CFG, max_len=1024, max_prompt_len=900, reasoning_parser="qwen3", tool_call_parser="hermes"
+    )
+    bg = make_fake_server(cfg=cfg, tok=tok, script=script)
+    client = _client(bg)
+    thought, reply = "\nThe user greets me.\n", "\n\nHi there!"
+    answer[0] = f"<think>{thought}</think>{reply}"
+    message = client.chat.completions.create(model="tandem", messages=CHAT).choices[0].message
+    extra = message.model_extra
+    assert (message.content, extra["reasoning"], extra["reasoning_content"]) == (
+        reply,
+        thought,
+        thought,
+    )
+    chunks = list(client.chat.completions.create(model="tandem", messages=CHAT, stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(d.content or "" for d in deltas) == reply
+    assert "".join((d.model_extra or {}).get("reasoning") or "" for d in deltas) == thought
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # a call after the thinking; thinking off: all content
+    answer[0] = f'<think>{thought}</think><tool_call>{{"name": "get_time"}}</tool_call>'
+    r = client.chat.completions.create(model="tandem", messages=CHAT, tools=[CLOCK])
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert r.choices[0].message.tool_calls[0].function.name == "get_time"
+    answer[0] = "No thinking here."
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    message = client.chat.completions.create(model="tandem", messages=CHAT,
+                                             extra_body=off).choices[0].message  # fmt: skip
+    assert (message.content, message.model_extra["reasoning"]) == ("No thinking here.", None)
+    # a grammar holds after the thinking (which is no JSON), whole and streamed
+    answer[0] = f'<think>{thought}</think>{{"a":1}}'
+    message = client.chat.completions.create(model="tandem", messages=CHAT,
+                                             response_format={"type": "json_object"}
+                                             ).choices[0].message  # fmt: skip
+    assert (message.content, message.model_extra["reasoning"]) == ('{"a":1}', thought)
+    answer[0] = f'<think>{thought}</think>{{"city":"Oslo"}}'
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(client.chat.completions.create(model="tandem", messages=CHAT, stream=True,
+                                                 tools=[WEATHER], tool_choice=named))  # fmt: skip
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join((d.model_extra or {}).get("reasoning") or "" for d in deltas) == thought
+    calls = [t for d in deltas for t in d.tool_calls or ()]
+    assert calls[0].function.name == "get_weather"
+    assert "".join(t.function.arguments for t in calls) == '{"city":"Oslo"}'
+    # the reply (as the SDK dumps it) back as history, with the tool's turn after it
+    answer[0] = f"<think>{thought}</think>{reply}"
+    first = client.chat.completions.create(model="tandem", messages=CHAT).choices[0].message
+    history = [*CHAT, first.model_dump(), {"role": "user", "content": "And you?"}]
+    client.chat.completions.create(model="tandem", messages=history)
+    as_hf = {"role": "assistant", "content": reply, "reasoning_content": thought}
+    expected = hf.apply_chat_template([*CHAT, as_hf, history[-1]], add_generation_prompt=True,
+                                      tokenize=True)  # fmt: skip
+    assert prompts[-1] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert _idle(bg)
+
+
+def test_a_reasoning_parser_needs_the_models_end_of_thinking(make_fake_server) -> None:
+    """As vLLM's parsers, refused at start-up for a model without a `</think>` token."""
+    with pytest.raises(ValueError, match=r"reasoning_parser='qwen3' is invalid.*</think>"):
+        make_fake_server(cfg=dataclasses.replace(CFG, reasoning_parser="qwen3"))
+
+
 def test_tool_choice_errors_name_the_field(make_fake_server, qwen) -> None:
     cfg = dataclasses.replace(CFG, max_len=1024, max_prompt_len=900)
     bg = make_fake_server(cfg=cfg, tok=qwen[0])

@@ -89,7 +89,7 @@ def _stream(parser: str, chunks: list[str]) -> tuple[str, list[dict], bool]:
     stream = ToolCallStream("auto", parser)
     content, calls = "", []
     for i, chunk in enumerate(chunks):
-        delta = json.loads(stream.delta(chunk, final=i == len(chunks) - 1))
+        delta = stream.delta(chunk, final=i == len(chunks) - 1)
         content += delta.get("content") or ""
         calls += delta.get("tool_calls", [])
     return content, calls, stream.called
@@ -115,8 +115,8 @@ def test_auto_streams_text_then_sends_the_calls_whole() -> None:
 
 def test_a_stream_holds_back_only_what_may_begin_a_call() -> None:
     stream = ToolCallStream("auto", "hermes")
-    assert json.loads(stream.delta("Sure <to", final=False)) == {"content": "Sure "}
-    assert json.loads(stream.delta("day", final=False)) == {"content": "<today"}
+    assert stream.delta("Sure <to", final=False) == {"content": "Sure "}
+    assert stream.delta("day", final=False) == {"content": "<today"}
 
 
 def _tool(name: str, parameters: dict | None = None) -> api.Tool:

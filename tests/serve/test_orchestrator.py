@@ -193,6 +193,26 @@ def test_async_scheduling_commits_first_while_a_grammar_request_runs(tokenizer) 
 
 
 @ASYNC
+def test_a_grammar_after_a_token_leaves_what_precedes_it_free(tokenizer, async_scheduling) -> None:
+    """A reasoning model's thinking is free text and its answer matches the grammar: with
+    grammar_after_token the grammar holds from the token after that one (here "!")."""
+    orch, _ = _orch(tokenizer, async_scheduling=async_scheduling)
+    (bang,) = tokenizer.encode("!", add_special_tokens=False)
+    fenced = StructuredOutput("regex", "b+")
+    gated, _ = _submit(
+        orch, tokenizer, "a a!bb", structured_output=fenced, grammar_after_token=bang
+    )
+    held, _ = _submit(orch, tokenizer, "a a!bb", structured_output=fenced)
+    _drain(orch)
+    assert gated.text == "a a!bb" and gated.last.finish_reason == "stop"
+    assert held.text != "a a!bb" and held.text.startswith("b")  # held from the first token
+    with pytest.raises(ValueError, match="grammar_after_token"):
+        SamplingParams(grammar_after_token=bang)  # only with a structured output
+    with pytest.raises(ValueError, match="grammar_after_token"):
+        _submit(orch, tokenizer, "x", structured_output=fenced, grammar_after_token=10**6)
+
+
+@ASYNC
 def test_cancel_running_frees_its_pages_within_one_step(tokenizer, async_scheduling) -> None:
     orch, _ = _orch(tokenizer, async_scheduling=async_scheduling, max_seqs=1)
     sink, handle = _submit(orch, tokenizer, "x" * 50)
