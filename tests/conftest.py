@@ -1,19 +1,34 @@
-"""Test-wide setup: 8 simulated CPU devices (set before jax initialises its backends), and
-one persistent compilation cache for the run.
+"""Test-wide setup: 8 simulated CPU devices (set before jax initialises its backends), a
+quick CPU code generator, and one persistent compilation cache for the run.
+
+The tests' models are tiny, so most of a CPU test's time is XLA compiling, not running:
+on a CPU-only install the backend's LLVM passes run at optimisation level 0 (the suite
+takes about a fifth less time, docs/benchmarks.md; the programs are the same, only their
+machine code is less tuned), in the tests' subprocesses too (tests/xla_flags.py).
+Benchmarks, the demo and users' runs keep XLA's defaults.
 
 Many tests build an engine or a model of the same shapes (several per module, and the
-command-line tests' subprocesses, which inherit the variable): jax's persistent cache
+command-line tests' subprocesses, which inherit the variables): jax's persistent cache
 lets each compile once per run. It lives in a new directory per run, so no run reads
 another's executables.
 """
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_force_host_platform_device_count=8",
+        *(
+            []  # an accelerator's plugin is installed: its compilers keep their defaults
+            if importlib.util.find_spec("jax_plugins") or importlib.util.find_spec("libtpu")
+            else ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+        ),
+    ]
 ).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

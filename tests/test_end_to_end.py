@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tandem.model.bundle import Bundle
 from tandem.serve.client import TandemClient
 from tests.serve.test_engine import greedy_reference
+from tests.xla_flags import on_devices
 
 MODEL = [
     "model.vocab_size=512",
@@ -98,7 +99,7 @@ def test_train_export_serve_streams_the_models_greedy_tokens(tmp_path):
     greedy = greedy_reference(bundle.model())
 
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user would run it
+    env = dict(os.environ, XLA_FLAGS=on_devices(1))  # one CPU device, as a user runs it
     server = subprocess.Popen(
         [
             sys.executable,

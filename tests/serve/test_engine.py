@@ -38,6 +38,7 @@ from tandem.serve.engine import (
 from tandem.serve.orchestrator import Orchestrator, Output, merge_outputs
 from tandem.serve.sampling import SamplingParams
 from tandem.serve.scheduler import Request, Scheduler
+from tests.xla_flags import on_devices
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = ModelConfig(
@@ -539,7 +540,7 @@ def test_python_m_serve_bundle_end_to_end(model, tokenizer, tmp_path, reference_
         tmp_path / "bundle", CFG, tokenizer, flat_params(params), source={"test": "serve"}
     )
     port, mport = _free_port(), _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": on_devices(1)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tandem.serve", "--bundle", str(bundle), "--port", str(port),
          "--metrics-port", str(mport), "--max-slots", "2", "--max-len", "48",

@@ -32,6 +32,7 @@ from tandem.serve.engine import JaxEngine
 from tandem.serve.server import BackgroundServer, TandemServer
 from tests.model.hf_tokenizers import build_tokenizer_dir
 from tests.serve.test_engine import greedy_reference
+from tests.xla_flags import on_devices
 
 REPO = Path(__file__).resolve().parents[2]
 SCFG = ServeConfig(
@@ -174,7 +175,7 @@ def test_tandem_serve_http_port_end_to_end(bundle, reference) -> None:
     model is named after the bundle directory, and SIGTERM drains a stream and exits 0."""
     greedy, tok = reference
     port, http_port = _free_port(), _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": on_devices(1)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tandem.serve", "--bundle", str(bundle), "--port", str(port),
          "--http-port", str(http_port), "--max-seqs", "2", "--max-len", "48",

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.xla_flags import on_devices
+
 REPO = Path(__file__).resolve().parents[2]
 
 # ~0.2 M params; byte tokenizer (259 ids) in a 264-row embedding (divisible by the mesh).
@@ -65,11 +67,11 @@ def spawn_cli(
     entry: tuple[str, ...] = ("-m", "tandem.train"),
 ) -> subprocess.Popen:
     """`python -m tandem.train ARGS run_dir=RUN_DIR` (or `python ENTRY ...`) in a fresh
-    interpreter."""
+    interpreter, on `devices` CPU devices (and the test run's other XLA flags)."""
     e = dict(os.environ)
     e.update(
         {
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "XLA_FLAGS": on_devices(devices),
             "JAX_PLATFORMS": "cpu",
             "PYTHONPATH": str(REPO),
         }
