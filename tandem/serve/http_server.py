@@ -61,7 +61,7 @@ from tandem.serve.config import ServeConfig
 from tandem.serve.engine_api import RowToken
 from tandem.serve.handoff import Handoff
 from tandem.serve.metrics import ServeMetrics
-from tandem.serve.openai_answer import AnswerShape, AnswerStream, message
+from tandem.serve.openai_answer import AnswerShape, AnswerStream, chat_message
 from tandem.serve.orchestrator import Orchestrator, Output, RequestError, merge_outputs
 from tandem.serve.sampling import SamplingParams
 from tandem.serve.structured import StructuredOutput
@@ -975,7 +975,7 @@ class OpenAIService:
                     stop_reason=stop_reason(out, req.stop_token_ids),
                 )
                 for i, out in enumerate(merge_outputs(outs) for outs in choices.outputs)
-                for answer, finish in [message(out.text, out.finish_reason, shape)]
+                for answer, finish in [chat_message(out.text, out.finish_reason, shape)]
             ],
             usage=choices.usage(),
         )

@@ -1,7 +1,7 @@
 """A chat choice's answer in the API's terms: the model's text split into its thinking
 (`reasoning`, with a reasoning parser: tandem/serve/openai_reasoning.py), its content,
 and its tool calls (under a tool_choice that answers in calls: openai_tools.py), whole
-(`message`) and streamed (`AnswerStream`). The calls are parsed from the content only,
+(`chat_message`) and streamed (`AnswerStream`). The calls are parsed from the content only,
 after the thinking, as vLLM does."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class AnswerShape:
         return self.calls is None and not self.thinks
 
 
-def message(text: str, finish: str, shape: AnswerShape) -> tuple[api.AssistantMessage, str]:
+def chat_message(text: str, finish: str, shape: AnswerShape) -> tuple[api.AssistantMessage, str]:
     """A whole answer's message and finish reason: under a tool_choice that answers in
     calls the calls it makes ("tool_calls" when the model chose or had to make them); a
     named or "required" answer that is not whole JSON (cut short) stays text."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tandem.serve.openai_answer import AnswerShape, AnswerStream, message
+from tandem.serve.openai_answer import AnswerShape, AnswerStream, chat_message
 
 CALL = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
 THOUGHT = "<think>\nThe user wants the time; <tool_call> is how I ask.\n</think>\n\n"
@@ -30,7 +30,7 @@ def test_thinking_then_a_call_whole_and_streamed() -> None:
     """The thinking may mention the call tag: only the content after it is parsed (the
     blank line before the call is content, as vLLM's hermes parser leaves it)."""
     shape = AnswerShape(calls="auto", tool_parser="hermes", thinks=True)
-    answer, reason = message(THOUGHT + CALL, "stop", shape)
+    answer, reason = chat_message(THOUGHT + CALL, "stop", shape)
     assert reason == "tool_calls" and answer.content == "\n\n"
     assert answer.reasoning == answer.reasoning_content == THOUGHT[7:-10]
     assert [(c.function.name, c.function.arguments) for c in answer.tool_calls] == [
@@ -45,18 +45,20 @@ def test_thinking_then_a_call_whole_and_streamed() -> None:
 
 def test_text_answers_and_the_thinking_left_out() -> None:
     shape = AnswerShape(thinks=True)
-    answer, reason = message("Hmm.</think>Noon.", "stop", shape)
+    answer, reason = chat_message("Hmm.</think>Noon.", "stop", shape)
     assert (answer.reasoning, answer.content, answer.tool_calls, reason) == (
         "Hmm.",
         "Noon.",
         None,
         "stop",
     )
-    answer, _ = message("Hmm, it is", "length", shape)  # cut short while thinking
+    answer, _ = chat_message("Hmm, it is", "length", shape)  # cut short while thinking
     assert (answer.reasoning, answer.content) == ("Hmm, it is", None)
     quiet = AnswerShape(thinks=True, include_reasoning=False)
-    answer, _ = message("Hmm.</think>Noon.", "stop", quiet)
+    answer, _ = chat_message("Hmm.</think>Noon.", "stop", quiet)
     assert (answer.reasoning, answer.reasoning_content, answer.content) == (None, None, "Noon.")
     got, _ = _streamed(quiet, ["Hmm.</th", "ink>Noon."], "stop")
     assert got["reasoning"] == "" and got["content"] == "Noon."
-    assert message("<think>x</think>y", "stop", AnswerShape())[0].content == "<think>x</think>y"
+    assert (
+        chat_message("<think>x</think>y", "stop", AnswerShape())[0].content == "<think>x</think>y"
+    )
