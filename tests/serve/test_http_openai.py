@@ -408,6 +408,19 @@ def test_stop_reason_names_the_stop_string_or_stop_token_id(server, tokenizer) -
         assert last.finish_reason and last.model_extra["stop_reason"] == reason, extra
 
 
+class _Scripted:
+    """A fake engine's model that writes `answer` (then its EOS) and records each prompt."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok, self.answer, self.prompts = tok, "", []
+
+    def __call__(self, prompt: list[int], index: int) -> int:
+        ids = self.tok.encode(self.answer, add_special_tokens=False)
+        if index == 0:
+            self.prompts.append(list(prompt))
+        return ids[index] if index < len(ids) else self.tok.eos_id
+
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -424,25 +437,20 @@ def test_tool_calls_named_and_required(make_fake_server, qwen) -> None:
 
     tok, path = qwen
     hf = transformers.AutoTokenizer.from_pretrained(path)
-    answer = [""]  # what the scripted model writes next
-    prompts = []
-
-    def script(prompt, index):
-        ids = tok.encode(answer[0], add_special_tokens=False)
-        if index == 0:
-            prompts.append(list(prompt))
-        return ids[index] if index < len(ids) else tok.eos_id
+    script = _Scripted(tok)
 
     cfg = dataclasses.replace(CFG, max_len=1024, max_prompt_len=900)
     bg = make_fake_server(cfg=cfg, tok=tok, script=script, step_delay=0.01)  # streamed in steps
     client = _client(bg)
     tools = [WEATHER, CLOCK]
     named = {"type": "function", "function": {"name": "get_weather"}}
-    answer[0] = '{"city":"Oslo"}'
+    script.answer = '{"city":"Oslo"}'
     r = client.chat.completions.create(model="tandem", messages=CHAT, tools=tools,
                                        tool_choice=named)  # fmt: skip
     expected = hf.apply_chat_template(CHAT, tools=tools, add_generation_prompt=True, tokenize=True)
-    assert prompts[-1] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert script.prompts[-1] == list(
+        expected["input_ids"] if hasattr(expected, "keys") else expected
+    )
     message = r.choices[0].message
     assert message.content is None and r.choices[0].finish_reason == "stop"
     (call,) = message.tool_calls
@@ -460,7 +468,7 @@ def test_tool_calls_named_and_required(make_fake_server, qwen) -> None:
     assert "".join(d.function.arguments for d in deltas) == '{"city":"Oslo"}'
     assert chunks[-1].choices[0].finish_reason == "stop"
     # "required": the calls the array lists
-    answer[0] = (
+    script.answer = (
         '[{"name":"get_time","parameters":{}},{"name":"get_weather","parameters":{"city":"Rome"}}]'
     )
     r = client.chat.completions.create(model="tandem", messages=CHAT, tools=tools,
@@ -483,13 +491,13 @@ def test_tool_calls_named_and_required(make_fake_server, qwen) -> None:
     r = client.chat.completions.create(model="tandem", messages=CHAT, tools=tools,
                                        tool_choice="required", max_tokens=3)  # fmt: skip
     assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls is None
-    assert answer[0].startswith(r.choices[0].message.content)
+    assert script.answer.startswith(r.choices[0].message.content)
     # the calls and their results go back as history; "none" answers in text
     history = [*CHAT, r_named := {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function",
          "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]  # fmt: skip
-    answer[0] = "Mild."
+    script.answer = "Mild."
     r = client.chat.completions.create(model="tandem", messages=history, tools=tools,
                                        tool_choice="none")  # fmt: skip
     assert r.choices[0].message.content == "Mild." and r.choices[0].message.tool_calls is None
@@ -497,9 +505,11 @@ def test_tool_calls_named_and_required(make_fake_server, qwen) -> None:
         "name": "get_weather", "arguments": {"city": "Oslo"}}}]}, history[-1]]  # fmt: skip
     expected = hf.apply_chat_template(as_objects, tools=tools, add_generation_prompt=True,
                                       tokenize=True)  # fmt: skip
-    assert prompts[-1] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert script.prompts[-1] == list(
+        expected["input_ids"] if hasattr(expected, "keys") else expected
+    )
     status, body = _post(bg, "/tokenize", {"messages": history, "tools": tools})
-    assert status == 200 and body["tokens"] == prompts[-1]
+    assert status == 200 and body["tokens"] == script.prompts[-1]
     assert _idle(bg)
 
 
@@ -508,17 +518,11 @@ def test_auto_tool_choice_parses_the_models_own_calls(make_fake_server, qwen) ->
     `<tool_call>` blocks a Qwen-style model writes as tool_calls, finishing with
     "tool_calls", and a text answer as text; streamed, the SDK assembles the same."""
     tok, _ = qwen
-    answer = [""]
-
-    def script(prompt, index):
-        ids = tok.encode(answer[0], add_special_tokens=False)
-        return ids[index] if index < len(ids) else tok.eos_id
+    script = _Scripted(tok)
 
     cfg = dataclasses.replace(CFG, max_len=1024, max_prompt_len=900, tool_call_parser="hermes")
     client = _client(make_fake_server(cfg=cfg, tok=tok, script=script))
-    answer[0] = (
-        'Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
-    )
+    script.answer = 'Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     r = client.chat.completions.create(model="tandem", messages=CHAT, tools=[WEATHER, CLOCK])
     (choice,) = r.choices
     assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me look."
@@ -536,7 +540,7 @@ def test_auto_tool_choice_parses_the_models_own_calls(make_fake_server, qwen) ->
         call.function.name,
         call.function.arguments,
     )
-    answer[0] = "It is sunny."
+    script.answer = "It is sunny."
     r = client.chat.completions.create(model="tandem", messages=CHAT, tools=[WEATHER],
                                        tool_choice="auto")  # fmt: skip
     assert (r.choices[0].message.content, r.choices[0].message.tool_calls) == ("It is sunny.", None)
@@ -555,19 +559,13 @@ def test_mistral_calls_keep_their_control_token_and_go_back_as_history(
 
     path = build_tokenizer_dir("mistral", tmp_path / "mistral")
     tok, hf = Tokenizer.from_dir(path), transformers.AutoTokenizer.from_pretrained(path)
-    answer, prompts = [""], []
-
-    def script(prompt, index):
-        ids = tok.encode(answer[0], add_special_tokens=False)
-        if index == 0:
-            prompts.append(list(prompt))
-        return ids[index] if index < len(ids) else tok.eos_id
+    script = _Scripted(tok)
 
     cfg = dataclasses.replace(CFG, max_len=1024, max_prompt_len=900, tool_call_parser="mistral")
     bg = make_fake_server(cfg=cfg, tok=tok, script=script)
     client, tools = _client(bg), [WEATHER, CLOCK]
     chat = [{"role": "user", "content": "Hello, how are you?"}]
-    answer[0] = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    script.answer = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
     r = client.chat.completions.create(model="tandem", messages=chat, tools=tools)
     (choice,) = r.choices
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -587,7 +585,7 @@ def test_mistral_calls_keep_their_control_token_and_go_back_as_history(
     )
     assert len(streamed.id) == 9 and chunks[-1].choices[0].finish_reason == "tool_calls"
     result = {"role": "tool", "tool_call_id": call.id, "content": "18 C"}
-    answer[0] = "It is 18 C."
+    script.answer = "It is 18 C."
     r = client.chat.completions.create(
         model="tandem", messages=[*chat, choice.message.model_dump(), result], tools=tools
     )
@@ -596,9 +594,11 @@ def test_mistral_calls_keep_their_control_token_and_go_back_as_history(
                   "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}  # fmt: skip
     expected = hf.apply_chat_template([*chat, as_objects, result], tools=tools,
                                       add_generation_prompt=True, tokenize=True)  # fmt: skip
-    assert prompts[-1] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
-    answer[0] = "[INST] hi"
-    ids = tok.encode(answer[0], add_special_tokens=False)
+    assert script.prompts[-1] == list(
+        expected["input_ids"] if hasattr(expected, "keys") else expected
+    )
+    script.answer = "[INST] hi"
+    ids = tok.encode(script.answer, add_special_tokens=False)
     for skip in (True, False):
         extra = {"skip_special_tokens": skip}
         r = client.completions.create(model="tandem", prompt="a", max_tokens=8, extra_body=extra)
@@ -618,13 +618,7 @@ def test_reasoning_parser_returns_the_thinking_apart(make_fake_server, tmp_path)
 
     path = build_tokenizer_dir("qwen3", tmp_path / "qwen3")
     tok, hf = Tokenizer.from_dir(path), transformers.AutoTokenizer.from_pretrained(path)
-    answer, prompts = [""], []
-
-    def script(prompt, index):
-        ids = tok.encode(answer[0], add_special_tokens=False)
-        if index == 0:
-            prompts.append(list(prompt))
-        return ids[index] if index < len(ids) else tok.eos_id
+    script = _Scripted(tok)
 
     cfg = dataclasses.replace(
         CFG, max_len=1024, max_prompt_len=900, reasoning_parser="qwen3", tool_call_parser="hermes"
@@ -632,7 +626,7 @@ def test_reasoning_parser_returns_the_thinking_apart(make_fake_server, tmp_path)
     bg = make_fake_server(cfg=cfg, tok=tok, script=script)
     client = _client(bg)
     thought, reply = "\nThe user greets me.\n", "\n\nHi there!"
-    answer[0] = f"<think>{thought}</think>{reply}"
+    script.answer = f"<think>{thought}</think>{reply}"
     message = client.chat.completions.create(model="tandem", messages=CHAT).choices[0].message
     extra = message.model_extra
     assert (message.content, extra["reasoning"], extra["reasoning_content"]) == (
@@ -646,22 +640,22 @@ def test_reasoning_parser_returns_the_thinking_apart(make_fake_server, tmp_path)
     assert "".join((d.model_extra or {}).get("reasoning") or "" for d in deltas) == thought
     assert chunks[-1].choices[0].finish_reason == "stop"
     # a call after the thinking; thinking off: all content
-    answer[0] = f'<think>{thought}</think><tool_call>{{"name": "get_time"}}</tool_call>'
+    script.answer = f'<think>{thought}</think><tool_call>{{"name": "get_time"}}</tool_call>'
     r = client.chat.completions.create(model="tandem", messages=CHAT, tools=[CLOCK])
     assert r.choices[0].finish_reason == "tool_calls"
     assert r.choices[0].message.tool_calls[0].function.name == "get_time"
-    answer[0] = "No thinking here."
+    script.answer = "No thinking here."
     off = {"chat_template_kwargs": {"enable_thinking": False}}
     message = client.chat.completions.create(model="tandem", messages=CHAT,
                                              extra_body=off).choices[0].message  # fmt: skip
     assert (message.content, message.model_extra["reasoning"]) == ("No thinking here.", None)
     # a grammar holds after the thinking (which is no JSON), whole and streamed
-    answer[0] = f'<think>{thought}</think>{{"a":1}}'
+    script.answer = f'<think>{thought}</think>{{"a":1}}'
     message = client.chat.completions.create(model="tandem", messages=CHAT,
                                              response_format={"type": "json_object"}
                                              ).choices[0].message  # fmt: skip
     assert (message.content, message.model_extra["reasoning"]) == ('{"a":1}', thought)
-    answer[0] = f'<think>{thought}</think>{{"city":"Oslo"}}'
+    script.answer = f'<think>{thought}</think>{{"city":"Oslo"}}'
     named = {"type": "function", "function": {"name": "get_weather"}}
     chunks = list(client.chat.completions.create(model="tandem", messages=CHAT, stream=True,
                                                  tools=[WEATHER], tool_choice=named))  # fmt: skip
@@ -671,14 +665,16 @@ def test_reasoning_parser_returns_the_thinking_apart(make_fake_server, tmp_path)
     assert calls[0].function.name == "get_weather"
     assert "".join(t.function.arguments for t in calls) == '{"city":"Oslo"}'
     # the reply (as the SDK dumps it) back as history, with the tool's turn after it
-    answer[0] = f"<think>{thought}</think>{reply}"
+    script.answer = f"<think>{thought}</think>{reply}"
     first = client.chat.completions.create(model="tandem", messages=CHAT).choices[0].message
     history = [*CHAT, first.model_dump(), {"role": "user", "content": "And you?"}]
     client.chat.completions.create(model="tandem", messages=history)
     as_hf = {"role": "assistant", "content": reply, "reasoning_content": thought}
     expected = hf.apply_chat_template([*CHAT, as_hf, history[-1]], add_generation_prompt=True,
                                       tokenize=True)  # fmt: skip
-    assert prompts[-1] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert script.prompts[-1] == list(
+        expected["input_ids"] if hasattr(expected, "keys") else expected
+    )
     assert _idle(bg)
 
 
