@@ -52,6 +52,8 @@ SPECIAL_TOKEN_KEYS = (
     "cls_token",
     "mask_token",
 )
+# Appended to the message to continue; where it is rendered, the prompt ends (transformers').
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 # Names a message's reasoning may come under; templates read the first (and gpt-oss `thinking`).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -309,6 +311,7 @@ class ChatTemplate:
         messages: Sequence[Mapping[str, Any]],
         *,
         add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str:
         """The prompt text for `messages` (tokenize it with `add_special_tokens=False`).
@@ -316,10 +319,27 @@ class ChatTemplate:
         `tools` and `documents` are passed as in transformers; any other keyword is a
         template variable and overrides a special token of the same name. A template that
         does not parse, raises (`raise_exception`) or fails is a ValueError.
+        `continue_final_message`: the text ends inside the last message, after its content
+        (what the template writes after it, an end-of-turn, is cut), so the model goes on
+        writing it: a partial answer to complete (transformers' option, found the same way:
+        a marker after the content, cut where it is rendered).
         """
         tools = kwargs.pop("tools", None)
         documents = kwargs.pop("documents", None)
         chat = _messages(messages)
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError(
+                    "continue_final_message is invalid with add_generation_prompt: the one "
+                    "continues the last message, the other starts a new one"
+                )
+            final = chat[-1].get("content")
+            if not isinstance(final, str):
+                raise ValueError(
+                    "continue_final_message is set but the final message has no text "
+                    "content to continue"
+                )
+            chat[-1]["content"] = final + _CONTINUE_TAG
         source = self._select(tools)
         try:
             template = _compile(source)
@@ -327,7 +347,7 @@ class ChatTemplate:
             raise ValueError(f"chat template does not parse (line {err.lineno}): {err}") from err
         variables = _plain({**self.special_tokens, **kwargs})
         try:
-            return template.render(
+            text = template.render(
                 messages=chat,
                 tools=_plain(tools),
                 documents=_plain(documents),
@@ -336,3 +356,16 @@ class ChatTemplate:
             )
         except Exception as err:  # the template is foreign code: any failure is its error
             raise ValueError(f"chat template failed: {type(err).__name__}: {err}") from err
+        if not continue_final_message:
+            return text
+        tag = _CONTINUE_TAG.strip()
+        if final.strip() not in text or tag not in text:
+            raise ValueError(
+                "continue_final_message is set but the chat template does not write the "
+                "final message's content (it drops or changes it), so there is nothing to "
+                "continue"
+            )
+        at = text.rindex(tag)
+        if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+            return text[:at]
+        return text[:at].rstrip()  # the template trimmed the content's trailing space

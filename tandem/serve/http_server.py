@@ -191,7 +191,7 @@ def _validation_error(err: pydantic.ValidationError) -> ApiError:
             f"{param} is an unknown parameter (tandem serves OpenAI's parameters and vLLM's "
             "top_k, ignore_eos, stop_token_ids, repetition_penalty, min_p, min_tokens, "
             "skip_special_tokens, chat_template_kwargs, add_generation_prompt, "
-            "include_reasoning)",
+            "continue_final_message, include_reasoning)",
             param=param,
             code="unknown_parameter",
         )
@@ -494,10 +494,16 @@ class OpenAIService:
         add_generation_prompt: bool,
         template_kwargs: dict[str, Any] | None,
         tools: Sequence[api.Tool] | None = None,
+        continue_final_message: bool = False,
     ) -> list[int]:
         """The conversation (and the tools it may call) as the model's chat template
         renders it, tokenized without special tokens (the template writes them), as
-        transformers' apply_chat_template."""
+        transformers' apply_chat_template (`continue_final_message` as well)."""
+        if continue_final_message and add_generation_prompt:
+            raise ApiError(400, "continue_final_message=true is invalid with "
+                           "add_generation_prompt=true (its default): send "
+                           "add_generation_prompt=false to continue the last message",
+                           param="continue_final_message", code="invalid_value")  # fmt: skip
         template = self.tokenizer.chat_template
         if template is None:
             raise ApiError(
@@ -509,7 +515,8 @@ class OpenAIService:
                 code="no_chat_template",
             )
         template_kwargs = template_kwargs or {}
-        own = {"messages", "add_generation_prompt"} | ({"tools"} if tools else set())
+        own = {"messages", "add_generation_prompt", "continue_final_message"}
+        own |= {"tools"} if tools else set()
         if reserved := sorted(own & set(template_kwargs)):
             raise ApiError(
                 400,
@@ -533,7 +540,11 @@ class OpenAIService:
             tools_json = [t.model_dump(exclude_unset=True) for t in tools]
             template_kwargs = {**template_kwargs, "tools": tools_json}
         render = functools.partial(
-            template.render, chat, add_generation_prompt=add_generation_prompt, **template_kwargs
+            template.render,
+            chat,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **template_kwargs,
         )
         try:  # a long conversation renders off the event loop, as a long prompt encodes
             text = render() if size <= LONG_TEXT else await _in_thread(render)
@@ -921,8 +932,9 @@ class OpenAIService:
         if req.reasoning_effort is not None:  # what templates of reasoning models read
             template_kwargs = {"reasoning_effort": req.reasoning_effort, **(template_kwargs or {})}
         ids = await self._chat_prompt(
-            req.messages, req.add_generation_prompt, template_kwargs, req.tools
-        )
+            req.messages, req.add_generation_prompt, template_kwargs, req.tools,
+            req.continue_final_message,
+        )  # fmt: skip
         thinks = openai_reasoning.thinks(self.cfg.reasoning_parser, req.chat_template_kwargs)
         top = req.top_logprobs or 0
         parallel = req.parallel_tool_calls is not False
@@ -1021,8 +1033,9 @@ class OpenAIService:
                            param="prompt", code="invalid_value")  # fmt: skip
         if req.messages is not None:
             ids = await self._chat_prompt(
-                req.messages, req.add_generation_prompt, req.chat_template_kwargs, req.tools
-            )
+                req.messages, req.add_generation_prompt, req.chat_template_kwargs, req.tools,
+                req.continue_final_message,
+            )  # fmt: skip
         else:
             ids = await self._encode(
                 req.prompt, add_special_tokens=req.add_special_tokens, param="prompt"

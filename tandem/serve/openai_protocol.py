@@ -3,7 +3,8 @@
 Field names, types and defaults follow OpenAI's `/v1/completions` and
 `/v1/chat/completions` (and vLLM's extensions `top_k`, `ignore_eos`, `stop_token_ids`,
 `repetition_penalty`, `min_p`, `min_tokens`, `skip_special_tokens`, `prompt_logprobs`,
-`structured_outputs`, `chat_template_kwargs`, `add_generation_prompt`, `include_reasoning`,
+`structured_outputs`, `chat_template_kwargs`, `add_generation_prompt`,
+`continue_final_message`, `include_reasoning`,
 `stream_options.continuous_usage_stats`),
 so the `openai` SDK, lm-eval's `local-completions` / `local-chat-completions` and `vllm
 bench serve` talk to tandem unchanged. Requests are strict where OpenAI-compatible servers
@@ -195,6 +196,8 @@ class ChatCompletionRequest(_Sampling):
     reasoning_effort: str | None = None  # handed to the chat template, as vLLM does
     include_reasoning: bool = True  # vLLM extension: false leaves the thinking out
     add_generation_prompt: bool = True  # vLLM extension
+    continue_final_message: bool = False  # vLLM extension: the answer goes on from the
+    # last message's text (with add_generation_prompt false)
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension (enable_thinking)
 
 
@@ -207,6 +210,7 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = None
     tools: list[Tool] | None = None  # rendered by the chat template with the messages
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
 

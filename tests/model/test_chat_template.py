@@ -69,6 +69,25 @@ def test_render_matches_apply_chat_template(family, conversation, add_generation
     assert ids == _hf_ids(hf, messages, add_generation_prompt=add_generation_prompt)
 
 
+def test_continue_final_message_matches_apply_chat_template(family):
+    """The prompt ends inside the last message, after its text (a partial answer the
+    model goes on writing), as transformers cuts it; a trailing space the template trims
+    is trimmed as there."""
+    name, directory, hf = family
+    template = ChatTemplate.from_dir(directory)
+    for partial in ("The capital of France is", "Sure, here it is: ", ""):
+        messages = [*_conversation(name, "system-multi-turn"), {"role": "assistant",
+                    "content": partial}]  # fmt: skip
+        text = template.render(messages, continue_final_message=True)
+        want = hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        assert text == want, (name, partial)
+        assert text.rstrip().endswith(partial.rstrip())
+    with pytest.raises(ValueError, match="continue_final_message is invalid with add_gen"):
+        template.render(messages, continue_final_message=True, add_generation_prompt=True)
+    with pytest.raises(ValueError, match="no text content"):
+        template.render([*messages[:-1], {"role": "assistant"}], continue_final_message=True)
+
+
 def test_template_variables_tools_and_reasoning(family):
     """Tools (tojson, tool-call messages), extra variables and reasoning fields."""
     name, directory, hf = family

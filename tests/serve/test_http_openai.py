@@ -678,6 +678,33 @@ def test_reasoning_parser_returns_the_thinking_apart(make_fake_server, tmp_path)
     assert _idle(bg)
 
 
+def test_continue_final_message(make_fake_server, qwen) -> None:
+    """vLLM's continue_final_message: the prompt ends inside the last (assistant) message,
+    as transformers renders it, and the answer goes on from there; with
+    add_generation_prompt (its default true) it is a 400 naming it."""
+    import transformers
+
+    tok, path = qwen
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    script = _Scripted(tok)
+    cfg = dataclasses.replace(CFG, max_len=1024, max_prompt_len=900)
+    bg = make_fake_server(cfg=cfg, tok=tok, script=script)
+    partial = [*CHAT, {"role": "assistant", "content": "The capital of France is"}]
+    script.answer = " Paris."
+    extra = {"continue_final_message": True, "add_generation_prompt": False}
+    r = _client(bg).chat.completions.create(model="tandem", messages=partial, extra_body=extra)
+    assert r.choices[0].message.content == " Paris."
+    expected = hf.apply_chat_template(partial, continue_final_message=True, tokenize=True)
+    assert script.prompts[-1] == list(
+        expected["input_ids"] if hasattr(expected, "keys") else expected
+    )
+    status, body = _post(bg, "/tokenize", {"messages": partial, **extra})
+    assert status == 200 and body["tokens"] == script.prompts[-1]
+    status, body = _post(bg, CH, {"messages": partial, "continue_final_message": True})
+    assert status == 400 and body["error"]["param"] == "continue_final_message"
+    assert _idle(bg)
+
+
 def test_a_reasoning_parser_needs_the_models_end_of_thinking(make_fake_server) -> None:
     """As vLLM's parsers, refused at start-up for a model without a `</think>` token."""
     with pytest.raises(ValueError, match=r"reasoning_parser='qwen3' is invalid.*</think>"):
