@@ -244,6 +244,16 @@ class ChatTemplate:
         self.templates: dict[str, str] = dict(templates)
         self.special_tokens: dict[str, str] = dict(special_tokens or {})
 
+    def check_syntax(self) -> None:
+        """Raises ValueError naming the template (and line) that does not parse."""
+        for name, source in self.templates.items():
+            try:
+                _compile(source)
+            except jinja2.TemplateSyntaxError as err:
+                raise ValueError(
+                    f"chat template {name!r} does not parse (line {err.lineno}): {err}"
+                ) from err
+
     # -- loading and saving --------------------------------------------------------------
 
     @classmethod

@@ -44,6 +44,7 @@ FLAGS = (
         "--tool-call-parser", "tool_call_parser", "tool calls' format: hermes, llama3_json, mistral"
     ),
     Flag("--reasoning-parser", "reasoning_parser", "thinking's format: deepseek_r1, qwen3"),
+    Flag("--chat-template", "chat_template", "the chat API's Jinja template: a file or the text"),
 )
 
 

@@ -32,6 +32,8 @@ class ServeConfig:
     # from (CORS; vLLM's default "*"); () = no CORS headers
     tool_call_parser: Literal["", "hermes", "llama3_json", "mistral"] = ""  # the served model's
     # tool-call format, for tool_choice "auto" (vLLM's --tool-call-parser); "" = "auto" off
+    chat_template: str = ""  # the chat API's template: a Jinja file, or the template text
+    # itself (vLLM's --chat-template); "" = the bundle's own
     reasoning_parser: Literal["", "deepseek_r1", "qwen3"] = ""  # the served model's thinking
     # apart from its answer (vLLM's --reasoning-parser); "" = the answer is all content
     grace_s: float = 30.0  # seconds to drain in-flight streams on SIGTERM

@@ -54,6 +54,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from tandem.model.chat_template import ChatTemplate
 from tandem.model.tokenizer import Tokenizer
 from tandem.serve import openai_protocol as api
 from tandem.serve import openai_reasoning, openai_tools
@@ -257,6 +258,27 @@ def stop_reason(out: Output, stop_token_ids: Sequence[int] | None) -> str | int 
     return out.matched_stop or None
 
 
+def _chat_template(value: str, tokenizer: Tokenizer) -> ChatTemplate | None:
+    """The chat API's template: `value` (ServeConfig.chat_template: a file, or the Jinja
+    text itself, which vLLM tells apart the same way) with the bundle's special tokens,
+    else the bundle's own. A missing file or a template that does not parse is a
+    ValueError naming chat_template, at start-up."""
+    if not value:
+        return tokenizer.chat_template
+    path = Path(value)
+    if path.is_file():
+        value = path.read_text(encoding="utf-8")
+    elif not any(c in value for c in "{}\n"):
+        raise ValueError(f"chat_template={value!r} is invalid: no such file (nor Jinja text)")
+    bundle = tokenizer.chat_template
+    template = ChatTemplate(value, bundle.special_tokens if bundle else tokenizer.special_tokens)
+    try:
+        template.check_syntax()
+    except ValueError as err:
+        raise ValueError(f"chat_template={str(path)!r:.80} is invalid: {err}") from None
+    return template
+
+
 def _not_yet(req: api.CompletionRequest | api.ChatCompletionRequest) -> None:
     """Refuses a parameter whose feature tandem does not serve yet, unless it is off."""
     for name, off in api.NOT_YET.items():
@@ -425,6 +447,7 @@ class OpenAIService:
         self.created = int(time.time())
         self._handoff: Handoff | None = None  # bound to the event loop by `bind`
         self._token_text: dict[int, str] = {}
+        self.chat_template = _chat_template(cfg.chat_template, tokenizer)
         # the token that ends a reasoning model's thinking, after which a grammar holds
         self._think_end: int | None = None
         if cfg.reasoning_parser:
@@ -504,13 +527,13 @@ class OpenAIService:
                            "add_generation_prompt=true (its default): send "
                            "add_generation_prompt=false to continue the last message",
                            param="continue_final_message", code="invalid_value")  # fmt: skip
-        template = self.tokenizer.chat_template
+        template = self.chat_template
         if template is None:
             raise ApiError(
                 400,
                 f"model {self.model_name!r} has no chat template (its bundle has neither "
                 "chat_template.jinja nor tokenizer_config.json's chat_template): use "
-                "/v1/completions",
+                "/v1/completions, or start the server with --chat-template",
                 param="messages",
                 code="no_chat_template",
             )

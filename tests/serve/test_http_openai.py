@@ -25,7 +25,7 @@ import pytest
 from tandem.model.tokenizer import Tokenizer
 from tandem.serve import openai_protocol
 from tandem.serve.config import ServeConfig
-from tests.model.hf_tokenizers import build_tokenizer_dir
+from tests.model.hf_tokenizers import TEMPLATES, build_tokenizer_dir
 
 MAX_PROMPT = 64  # FakeEngine default max_prompt_len
 MAX_LEN = 128
@@ -703,6 +703,39 @@ def test_continue_final_message(make_fake_server, qwen) -> None:
     status, body = _post(bg, CH, {"messages": partial, "continue_final_message": True})
     assert status == 400 and body["error"]["param"] == "continue_final_message"
     assert _idle(bg)
+
+
+def test_chat_template_flag(make_fake_server, qwen) -> None:
+    """vLLM's --chat-template: a file, or the Jinja text itself, replaces the bundle's
+    template (rendered as transformers renders that template, with the bundle's special
+    tokens) or serves chat for a bundle without one; a missing file or a template that
+    does not parse stops the server at start-up, naming chat_template."""
+    import transformers
+
+    tok, path = qwen
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    source = TEMPLATES / "qwen3.jinja"  # not the bundle's own (Qwen2.5's)
+    script = _Scripted(tok)
+    cfg = dataclasses.replace(CFG, max_len=1024, max_prompt_len=900, chat_template=str(source))
+    bg = make_fake_server(cfg=cfg, tok=tok, script=script)
+    _client(bg).chat.completions.create(model="tandem", messages=CHAT)
+    expected = hf.apply_chat_template(CHAT, chat_template=source.read_text(), tokenize=True,
+                                      add_generation_prompt=True)  # fmt: skip
+    assert script.prompts[-1] == list(
+        expected["input_ids"] if hasattr(expected, "keys") else expected
+    )
+    status, body = _post(make_fake_server(cfg=CFG), CH, {"messages": CHAT})  # no template
+    assert status == 400 and body["error"]["code"] == "no_chat_template"
+    inline = dataclasses.replace(
+        CFG, chat_template="{% for m in messages %}{{ m.content }}\n{% endfor %}"
+    )
+    status, body = _post(make_fake_server(cfg=inline), "/tokenize", {"messages": CHAT})
+    assert status == 200 and bytes(body["tokens"]).decode() == "".join(
+        m["content"] + "\n" for m in CHAT
+    )
+    for bad, match in [("no/such.jinja", "no such file"), ("{% if %}", "does not parse")]:
+        with pytest.raises(ValueError, match=f"chat_template=.*{match}"):
+            make_fake_server(cfg=dataclasses.replace(CFG, chat_template=bad))
 
 
 def test_a_reasoning_parser_needs_the_models_end_of_thinking(make_fake_server) -> None:
