@@ -958,7 +958,13 @@ class OpenAIService:
             req.messages, req.add_generation_prompt, template_kwargs, req.tools,
             req.continue_final_message,
         )  # fmt: skip
-        thinks = openai_reasoning.thinks(self.cfg.reasoning_parser, req.chat_template_kwargs)
+        continued = None
+        if req.continue_final_message:
+            content = req.messages[-1].content or ""
+            continued = content if isinstance(content, str) else "\n".join(p.text for p in content)
+        thinks = openai_reasoning.thinks(
+            self.cfg.reasoning_parser, req.chat_template_kwargs, continued
+        )
         top = req.top_logprobs or 0
         parallel = req.parallel_tool_calls is not False
         try:

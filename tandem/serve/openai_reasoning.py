@@ -27,8 +27,12 @@ from tandem.serve.detok import holdback
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-def thinks(parser: str, chat_template_kwargs: dict | None) -> bool:
-    """Whether an unconstrained answer under `parser` ("": none) begins with thinking."""
+def thinks(parser: str, chat_template_kwargs: dict | None, continued: str | None = None) -> bool:
+    """Whether an answer under `parser` ("": none) begins with thinking. `continued`: the
+    text of the message the answer continues (continue_final_message), which thinks on
+    only if it ends inside a `<think>` block."""
+    if continued is not None:
+        return bool(parser) and THINK_OPEN in continued.rpartition(THINK_CLOSE)[2]
     if parser == "qwen3":
         return (chat_template_kwargs or {}).get("enable_thinking", True) is not False
     return parser == "deepseek_r1"

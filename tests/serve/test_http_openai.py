@@ -664,6 +664,13 @@ def test_reasoning_parser_returns_the_thinking_apart(make_fake_server, tmp_path)
     calls = [t for d in deltas for t in d.tool_calls or ()]
     assert calls[0].function.name == "get_weather"
     assert "".join(t.function.arguments for t in calls) == '{"city":"Oslo"}'
+    # a continued answer (continue_final_message) is content, not a new thinking
+    go_on = {"continue_final_message": True, "add_generation_prompt": False}
+    messages = [*CHAT, {"role": "assistant", "content": "The answer"}]
+    script.answer = " is 4."
+    message = client.chat.completions.create(model="tandem", messages=messages,
+                                             extra_body=go_on).choices[0].message  # fmt: skip
+    assert (message.model_extra["reasoning"], message.content) == (None, " is 4.")
     # the reply (as the SDK dumps it) back as history, with the tool's turn after it
     script.answer = f"<think>{thought}</think>{reply}"
     first = client.chat.completions.create(model="tandem", messages=CHAT).choices[0].message

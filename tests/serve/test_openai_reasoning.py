@@ -55,3 +55,9 @@ def test_qwen3_thinks_unless_the_request_turns_it_off() -> None:
     assert not thinks("qwen3", {"enable_thinking": False})
     assert thinks("deepseek_r1", {"enable_thinking": False})  # not a switch of R1's template
     assert not thinks("", None)
+    # continuing a message (continue_final_message): only from inside a think block
+    assert thinks("deepseek_r1", None, "<think>\nHmm") and thinks(
+        "qwen3", None, "a</think><think>b"
+    )
+    assert not thinks("qwen3", None, "<think>Hmm</think>The answer is")
+    assert not thinks("qwen3", None, "The answer is") and not thinks("", None, "<think>")
