@@ -258,6 +258,13 @@ def stop_reason(out: Output, stop_token_ids: Sequence[int] | None) -> str | int 
     return out.matched_stop or None
 
 
+def _text(content: str | list[api.TextPart] | None) -> str:
+    """A message's content as the chat template gets it: text parts joined by newlines."""
+    if isinstance(content, list):
+        return "\n".join(part.text for part in content)
+    return content or ""
+
+
 def _chat_template(value: str, tokenizer: Tokenizer) -> ChatTemplate | None:
     """The chat API's template: `value` (ServeConfig.chat_template: a file, or the Jinja
     text itself, which vLLM tells apart the same way) with the bundle's special tokens,
@@ -551,7 +558,7 @@ class OpenAIService:
         for i, m in enumerate(messages):
             message = m.model_dump(exclude_none=True, exclude={"refusal", "annotations"})
             if isinstance(m.content, list):
-                message["content"] = "\n".join(part.text for part in m.content)
+                message["content"] = _text(m.content)
             try:
                 message = openai_tools.template_tool_calls(message)
             except ValueError as err:
@@ -958,10 +965,7 @@ class OpenAIService:
             req.messages, req.add_generation_prompt, template_kwargs, req.tools,
             req.continue_final_message,
         )  # fmt: skip
-        continued = None
-        if req.continue_final_message:
-            content = req.messages[-1].content or ""
-            continued = content if isinstance(content, str) else "\n".join(p.text for p in content)
+        continued = _text(req.messages[-1].content) if req.continue_final_message else None
         thinks = openai_reasoning.thinks(
             self.cfg.reasoning_parser, req.chat_template_kwargs, continued
         )
