@@ -388,8 +388,7 @@ def test_tool_calls_match_the_tools_schemas(served, monkeypatch) -> None:
     short template that lists the tools' names: Qwen's tool preamble alone is longer than
     this model's context; test_http_openai checks the real templates' rendering.)"""
     brief = "{% for m in messages %}{{ m.content }}\n{% endfor %}{{ tools | length }} tools:"
-    tokenizer = served.server.http.service.tokenizer
-    monkeypatch.setattr(tokenizer, "chat_template", ChatTemplate(brief))
+    monkeypatch.setattr(served.server.http.service, "chat_template", ChatTemplate(brief))
     client, model = _client(served)
     named = {"type": "function", "function": {"name": "forecast"}}
     for seed in (None, 3):
