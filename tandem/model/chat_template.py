@@ -129,6 +129,15 @@ def _compile(source: str) -> jinja2.Template:
     return _environment().from_string(source)
 
 
+def _parse(source: str, name: str = "") -> jinja2.Template:
+    """`_compile`, a syntax error as a ValueError naming the template's line."""
+    try:
+        return _compile(source)
+    except jinja2.TemplateSyntaxError as err:
+        named = f" {name!r}" if name else ""
+        raise ValueError(f"chat template{named} does not parse (line {err.lineno}): {err}") from err
+
+
 @lru_cache(maxsize=1)
 def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
@@ -247,12 +256,7 @@ class ChatTemplate:
     def check_syntax(self) -> None:
         """Raises ValueError naming the template (and line) that does not parse."""
         for name, source in self.templates.items():
-            try:
-                _compile(source)
-            except jinja2.TemplateSyntaxError as err:
-                raise ValueError(
-                    f"chat template {name!r} does not parse (line {err.lineno}): {err}"
-                ) from err
+            _parse(source, name)
 
     # -- loading and saving --------------------------------------------------------------
 
@@ -350,11 +354,7 @@ class ChatTemplate:
                     "content to continue"
                 )
             chat[-1]["content"] = final + _CONTINUE_TAG
-        source = self._select(tools)
-        try:
-            template = _compile(source)
-        except jinja2.TemplateSyntaxError as err:
-            raise ValueError(f"chat template does not parse (line {err.lineno}): {err}") from err
+        template = _parse(self._select(tools))
         variables = _plain({**self.special_tokens, **kwargs})
         try:
             text = template.render(

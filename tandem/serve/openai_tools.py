@@ -244,6 +244,8 @@ class ToolCallStream:
         self._text = ""  # "required": the answer so far; "auto": what is held back
         self._calling = False  # "auto": the calls have begun
         self._plain = False  # "auto" without an opener: the answer began as text, no calls
+        # "auto": the text that opens the calls (None: the answer opens with them)
+        self._opener = FORMATS[parser].opener if choice == "auto" else None
         self._call: api.ToolCall | None = None  # the named call, once announced
         self.called = False
 
@@ -265,17 +267,16 @@ class ToolCallStream:
 
     def _auto(self, text: str, final: bool) -> dict[str, Any]:
         self._text += text
-        send = ""
-        opener = FORMATS[self.parser].opener
+        send, opener = "", self._opener
         if not self._calling:
             if opener is None and not self._plain and self._text.strip():
                 self._plain = not self._text.lstrip().startswith("{")
-            start = self._call_start(opener)
+            start = self._call_start()
             if start is not None:  # (without an opener: only whitespace before, not content)
                 send = self._text[:start] if opener else ""
                 self._text, self._calling = self._text[start:], True
             else:  # text, less what may still begin the calls
-                cut = len(self._text) - (0 if final else self._undecided(opener))
+                cut = len(self._text) - (0 if final else self._undecided())
                 send, self._text = self._text[:cut], self._text[cut:]
         if not (final and self._calling):
             return {"content": send}
@@ -285,21 +286,21 @@ class ToolCallStream:
         self.called = True
         return _deltas(calls, content=send or None)
 
-    def _call_start(self, opener: str | None) -> int | None:
+    def _call_start(self) -> int | None:
         """Where the calls begin in the held text (None: not there, or never: an answer
         without an opener that began as text)."""
-        if opener is not None:
-            start = self._text.find(opener)
+        if self._opener is not None:
+            start = self._text.find(self._opener)
             return None if start < 0 else start
         if self._plain or not self._text.strip():
             return None
         return len(self._text) - len(self._text.lstrip())
 
-    def _undecided(self, opener: str | None) -> int:
+    def _undecided(self) -> int:
         """How much of the held text's end may still begin the calls: a proper prefix of
         the opener; without one, the answer's leading whitespace."""
-        if opener is not None:
-            return holdback(self._text, (opener,))
+        if self._opener is not None:
+            return holdback(self._text, (self._opener,))
         return 0 if self._plain else len(self._text)
 
 
