@@ -38,6 +38,7 @@ from typing import Any
 
 from tandem.serve import openai_protocol as api
 from tandem.serve.detok import holdback
+from tandem.serve.json_stream import JsonValueStream
 from tandem.serve.structured import StructuredOutput
 
 # the schema of a function that declares no parameters: an empty object, as OpenAI's
@@ -88,6 +89,30 @@ def _mistral_id() -> str:
     return "".join(random.choices(string.ascii_letters + string.digits, k=9))
 
 
+# where a streamed call's arguments begin: after its name (a JSON string, or Mistral's bare
+# name), at the `{` that opens them
+_NAME = r'"(?P<name>(?:[^"\\]|\\.)*)"'
+
+
+def _object_head(arguments_key: str) -> str:
+    return rf'\{{\s*"name"\s*:\s*{_NAME}\s*,\s*"(?:{arguments_key})"\s*:\s*(?=\{{)'
+
+
+@dataclasses.dataclass(frozen=True)
+class CallLayout:
+    """Where the calls' names and arguments sit in a format's text, for streaming them:
+    `first` reads from the calls' start to the first call's arguments, `next` from the end
+    of one call's arguments to the next one's; each captures the name. Calls written
+    otherwise (another key order) are sent whole once the answer is."""
+
+    first: re.Pattern[str]
+    next: re.Pattern[str]
+
+
+def _layout(first: str, between: str, head: str) -> CallLayout:
+    return CallLayout(re.compile(first + head), re.compile(between + head))
+
+
 @dataclasses.dataclass(frozen=True)
 class CallFormat:
     """How a model family writes tool calls in its answer (a `--tool-call-parser`)."""
@@ -96,15 +121,42 @@ class CallFormat:
     # calls or text, as its first character says (`{`: calls)
     opener: str | None
     calls: Callable[[str], _Calls]  # the calls' text, from the opener on
+    layouts: tuple[CallLayout, ...]  # the first one the calls' text matches streams them
     new_id: Callable[[], str] = _openai_id
     keeps_special_tokens: bool = False  # the opener is a special token
 
 
+_MISTRAL_V11_HEAD = r"\[TOOL_CALLS\]\s*(?P<bare>[\w.-]+)\s*(?:\[ARGS\])?\s*(?=\{)"
 FORMATS: dict[str, CallFormat] = {
-    "hermes": CallFormat("<tool_call>", _hermes_calls),
-    "llama3_json": CallFormat(None, _llama3_calls),
-    "mistral": CallFormat(_MISTRAL_OPEN, _mistral_calls, _mistral_id, keeps_special_tokens=True),
+    "hermes": CallFormat(
+        "<tool_call>",
+        _hermes_calls,
+        (
+            _layout(
+                r"<tool_call>\s*",
+                r"\s*\}\s*</tool_call>\s*<tool_call>\s*",
+                _object_head("arguments"),
+            ),
+        ),
+    ),
+    "llama3_json": CallFormat(
+        None,
+        _llama3_calls,
+        (_layout(r"\s*", r"\s*\}\s*;\s*", _object_head("parameters|arguments")),),
+    ),
+    "mistral": CallFormat(
+        _MISTRAL_OPEN,
+        _mistral_calls,
+        (
+            _layout(r"\[TOOL_CALLS\]\s*\[\s*", r"\s*\}\s*,\s*", _object_head("arguments")),
+            _layout("", r"\s*", _MISTRAL_V11_HEAD),
+        ),
+        _mistral_id,
+        keeps_special_tokens=True,
+    ),
 }
+# "required": a JSON array of {"name": ..., "parameters": {...}} (tool_grammar's order)
+_REQUIRED_LAYOUT = _layout(r"\s*\[\s*", r"\s*\}\s*,\s*", _object_head("parameters"))
 
 
 def resolve_choice(tools: Sequence[api.Tool] | None, choice: ToolChoice) -> ToolChoice:
@@ -197,10 +249,15 @@ def finish_reason(choice: ToolChoice, finish: str | None) -> str | None:
     return finish
 
 
+def _new_id(parser: str) -> Callable[[], str]:
+    """Call ids of the served family's kind (OpenAI's without a parser)."""
+    return FORMATS[parser].new_id if parser else _openai_id
+
+
 def _call(parser: str, name: str, arguments: str) -> api.ToolCall:
-    """A call with an id of the served family's kind (OpenAI's without a parser)."""
-    new_id = FORMATS[parser].new_id if parser else _openai_id
-    return api.ToolCall(id=new_id(), function=api.FunctionCall(name=name, arguments=arguments))
+    return api.ToolCall(
+        id=_new_id(parser)(), function=api.FunctionCall(name=name, arguments=arguments)
+    )
 
 
 def parse_auto(parser: str, text: str) -> tuple[str | None, list[api.ToolCall]]:
@@ -230,84 +287,155 @@ def _arguments(value: Any) -> str:
 
 
 class ToolCallStream:
-    """One streamed choice's deltas under a tool_choice that answers in calls: a named
-    call's arguments stream as they decode (the first delta names the call); "required"
-    calls are sent whole once the array is complete (`{}` deltas until then); under
-    "auto" the text streams as content until the calls begin (in `parser`'s format), and
-    the calls are sent whole at the end (`called`: then the finish reason is
-    "tool_calls", as OpenAI's)."""
+    """One streamed choice's deltas under a tool_choice that answers in calls, as OpenAI
+    streams them: each call is announced (index, id, name) once its name has decoded, and
+    its arguments follow as they decode, re-written as the answer returned whole writes
+    them (`json.dumps`; json_stream), so that they add up to the same. A named call streams its text as its
+    arguments; under "auto" the text streams as content until the calls begin (in
+    `parser`'s format). `called`: calls were sent (then the finish reason is
+    "tool_calls" for "auto" and "required", as OpenAI's)."""
 
     def __init__(self, choice: ToolChoice, parser: str = "", parallel: bool = True) -> None:
         self.choice = choice
         self.parser = parser
         self.parallel = parallel
-        self._text = ""  # "required": the answer so far; "auto": what is held back
-        self._calling = False  # "auto": the calls have begun
+        self._held = ""  # "auto": the end of the text, which may still begin the calls
         self._plain = False  # "auto" without an opener: the answer began as text, no calls
         # "auto": the text that opens the calls (None: the answer opens with them)
         self._opener = FORMATS[parser].opener if choice == "auto" else None
-        self._call: api.ToolCall | None = None  # the named call, once announced
-        self.called = False
+        self._named: api.ToolCall | None = None  # the named call, once announced
+        self._calls: _CallsStream | None = None  # "required"; "auto" once the calls begin
+        if choice == "required":
+            self._calls = _CallsStream((_REQUIRED_LAYOUT,), _new_id(parser), parallel)
+
+    @property
+    def called(self) -> bool:
+        return self._calls is not None and self._calls.sent > 0
 
     def delta(self, text: str, final: bool) -> dict[str, Any]:
         """The chunk's `delta` for `text`, the answer's new characters."""
-        if self.choice == "auto":
-            return self._auto(text, final)
         if isinstance(self.choice, api.NamedToolChoice):
-            if self._call is None:
-                self._call = _call(self.parser, self.choice.function.name, text)
-                return _deltas([self._call])
+            if self._named is None:
+                self._named = _call(self.parser, self.choice.function.name, text)
+                return {"tool_calls": _entries([self._named])}
             return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
-        self._text += text
-        if not final:
-            return {}
-        content, calls = answer_calls(self.choice, self.parser, self._text)
-        self.called = bool(calls)
-        return _deltas(calls) if calls else {"content": content}
+        content = ""
+        if self._calls is None:
+            content, text = self._content(text, final)
+            if self._calls is None:
+                return {"content": content}
+        entries = self._calls.push(text)
+        if final:
+            parsed_content, calls = answer_calls(
+                self.choice, self.parser, self._calls.text, self.parallel
+            )
+            if not calls and not self.called:  # no calls after all: text
+                content += parsed_content or ""
+            entries += _entries(calls[self._calls.sent :], self._calls.sent)
+            self._calls.sent = max(self._calls.sent, len(calls))
+        delta: dict[str, Any] = {"content": content} if content else {}
+        return {**delta, "tool_calls": entries} if entries else delta
 
-    def _auto(self, text: str, final: bool) -> dict[str, Any]:
-        self._text += text
-        send, opener = "", self._opener
-        if not self._calling:
-            if opener is None and not self._plain and self._text.strip():
-                self._plain = not self._text.lstrip().startswith("{")
-            start = self._call_start()
-            if start is not None:  # (without an opener: only whitespace before, not content)
-                send = self._text[:start] if opener else ""
-                self._text, self._calling = self._text[start:], True
-            else:  # text, less what may still begin the calls
-                cut = len(self._text) - (0 if final else self._undecided())
-                send, self._text = self._text[:cut], self._text[cut:]
-        if not (final and self._calling):
-            return {"content": send}
-        content, calls = answer_calls(self.choice, self.parser, self._text, self.parallel)
-        if not calls:
-            return {"content": send + (content or "")}
-        self.called = True
-        return _deltas(calls, content=send or None)
+    def _content(self, text: str, final: bool) -> tuple[str, str]:
+        """ "auto" before the calls: (the content to send, the calls' text if they began
+        here); the text that may still begin the calls is held back."""
+        self._held += text
+        if self._opener is None and not self._plain and self._held.strip():
+            self._plain = not self._held.lstrip().startswith("{")
+        start = self._call_start()
+        if start is None:
+            cut = len(self._held) - (0 if final else self._undecided())
+            content, self._held = self._held[:cut], self._held[cut:]
+            return content, ""
+        content = self._held[:start] if self._opener else ""  # not the whitespace before `{`
+        form = FORMATS[self.parser]
+        self._calls = _CallsStream(form.layouts, form.new_id, self.parallel)
+        return content, self._held[start:]
 
     def _call_start(self) -> int | None:
         """Where the calls begin in the held text (None: not there, or never: an answer
         without an opener that began as text)."""
         if self._opener is not None:
-            start = self._text.find(self._opener)
+            start = self._held.find(self._opener)
             return None if start < 0 else start
-        if self._plain or not self._text.strip():
+        if self._plain or not self._held.strip():
             return None
-        return len(self._text) - len(self._text.lstrip())
+        return len(self._held) - len(self._held.lstrip())
 
     def _undecided(self) -> int:
         """How much of the held text's end may still begin the calls: a proper prefix of
         the opener; without one, the answer's leading whitespace."""
         if self._opener is not None:
-            return holdback(self._text, (self._opener,))
-        return 0 if self._plain else len(self._text)
+            return holdback(self._held, (self._opener,))
+        return 0 if self._plain else len(self._held)
 
 
-def _deltas(calls: list[api.ToolCall], content: str | None = None) -> dict[str, Any]:
-    delta: dict[str, Any] = {} if content is None else {"content": content}
-    delta["tool_calls"] = [{"index": i, **call.model_dump()} for i, call in enumerate(calls)]
-    return delta
+class _CallsStream:
+    """The calls' text read as it decodes, in the first of `layouts` it matches: each call
+    announced once its name has decoded, then its arguments re-written piece by piece.
+    Text off the layout is left to the whole answer's parse (ToolCallStream, at the end);
+    without `parallel` the first call is the only one."""
+
+    def __init__(
+        self, layouts: tuple[CallLayout, ...], new_id: Callable[[], str], parallel: bool
+    ) -> None:
+        self.text = ""  # the calls' text so far
+        self.sent = 0  # calls announced
+        self._unread = ""
+        self._layouts = layouts  # until the first call picks one
+        self._arguments: JsonValueStream | None = None  # the last call's, until they end
+        self._new_id = new_id
+        self._parallel = parallel
+
+    def push(self, text: str) -> list[dict[str, Any]]:
+        """The `tool_calls` entries of a delta for `text`, the calls' new characters."""
+        self.text += text
+        self._unread += text
+        entries: list[dict[str, Any]] = []
+        while self._layouts:
+            if self._arguments is not None:
+                piece = self._arguments.push(self._unread)
+                self._unread = ""
+                if piece and entries and entries[-1]["index"] == self.sent - 1:
+                    entries[-1]["function"]["arguments"] += piece
+                elif piece:
+                    entries.append({"index": self.sent - 1, "function": {"arguments": piece}})
+                if self._arguments.rest is None:
+                    break
+                self._unread, self._arguments = self._arguments.rest, None
+                if not self._parallel:
+                    self._layouts = ()  # the one call has been read
+            else:
+                head = self._head()
+                if head is None:
+                    break
+                self._announce(head, entries)
+        return entries
+
+    def _announce(self, head: re.Match[str], entries: list[dict[str, Any]]) -> None:
+        bare = head.groupdict().get("bare")
+        name = bare if bare is not None else json.loads(f'"{head["name"]}"')
+        function = {"name": name, "arguments": ""}
+        entries.append(
+            {"index": self.sent, "id": self._new_id(), "type": "function", "function": function}
+        )
+        self.sent += 1
+        self._unread = self._unread[head.end() :]
+        self._arguments = JsonValueStream()
+
+    def _head(self) -> re.Match[str] | None:
+        """The next call's name up to its arguments, in the chosen layout."""
+        for layout in self._layouts:
+            head = (layout.next if self.sent else layout.first).match(self._unread)
+            if head is not None:
+                self._layouts = (layout,)
+                return head
+        return None
+
+
+def _entries(calls: list[api.ToolCall], start: int = 0) -> list[dict[str, Any]]:
+    """Whole calls as a delta's `tool_calls`, numbered from `start`."""
+    return [{"index": start + i, **call.model_dump()} for i, call in enumerate(calls)]
 
 
 def template_tool_calls(message: dict[str, Any]) -> dict[str, Any]:

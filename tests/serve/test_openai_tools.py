@@ -5,6 +5,7 @@ that is not a call stays content); the grammar of "required"; finish reasons; hi
 from __future__ import annotations
 
 import json
+import random
 
 import llguidance
 import pytest
@@ -84,33 +85,94 @@ def test_mistral(text, content, calls) -> None:
     assert all(len(c.id) == 9 and c.id.isalnum() for c in got_calls)
 
 
-def _stream(parser: str, chunks: list[str]) -> tuple[str, list[dict], bool]:
-    """What a client assembles from the deltas: the content and the calls."""
-    stream = ToolCallStream("auto", parser)
-    content, calls = "", []
+def _stream(
+    parser: str, chunks: list[str], choice: str = "auto", parallel: bool = True
+) -> tuple[str, list[tuple[str, str]], bool]:
+    """What a client assembles from the deltas, as the SDK does (by index, the arguments
+    joined): the content, the calls' (name, arguments), whether it called."""
+    stream = ToolCallStream(choice, parser, parallel)
+    content, calls = "", {}
     for i, chunk in enumerate(chunks):
         delta = stream.delta(chunk, final=i == len(chunks) - 1)
         content += delta.get("content") or ""
-        calls += delta.get("tool_calls", [])
-    return content, calls, stream.called
+        for entry in delta.get("tool_calls", []):
+            if entry["index"] not in calls:  # the first entry announces the call
+                assert entry["id"] and entry["type"] == "function" and entry["function"]["name"]
+                calls[entry["index"]] = {"name": entry["function"]["name"], "arguments": ""}
+            else:
+                assert "id" not in entry and "name" not in entry["function"]
+            calls[entry["index"]]["arguments"] += entry["function"]["arguments"]
+    assert list(calls) == list(range(len(calls)))
+    return content, [(c["name"], c["arguments"]) for c in calls.values()], stream.called
 
 
-def test_auto_streams_text_then_sends_the_calls_whole() -> None:
-    chunks = ["Checking", " now.\n<", "tool", "_call>\n", CALL[:20], CALL[20:], "\n</tool_call>"]
-    content, calls, called = _stream("hermes", chunks)
-    assert content == "Checking now.\n" and called
-    assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather")]
-    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+def _chunkings(text: str) -> list[list[str]]:
+    rng = random.Random(0)
+    random_cuts = sorted(rng.sample(range(1, len(text)), 12))
+    return [
+        list(text),
+        [text[i : i + 5] for i in range(0, len(text), 5)],
+        [text[i:j] for i, j in zip([0, *random_cuts], [*random_cuts, len(text)], strict=True)],
+        [text],
+    ]
+
+
+STREAMED = [
+    ("hermes", 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", '
+     '"days": [1, 2.50], "note": "\\"q\\" \\u00e9 ;,}"}}\n</tool_call>\n<tool_call>\n'
+     '{"name": "get_time", "arguments": {}}\n</tool_call>'),
+    ("llama3_json", ' {"name": "a", "parameters": {"n": 1e3, "s": "x;y"}}; '
+     '{"name": "b", "arguments": {"deep": {"l": [[], {}]}}}'),
+    ("mistral", 'Sure. [TOOL_CALLS] [{"name": "f", "arguments": {"q": [true, null]}}, '
+     '{"name": "g", "arguments": {}}]</s>'),  # before v11
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]get_time[ARGS]{}'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("parser", "text"), STREAMED)
+def test_auto_calls_stream_their_arguments_and_add_up_to_the_whole_answer(parser, text) -> None:
+    content, calls = parse_auto(parser, text)
+    whole = (content or "", [(c.function.name, c.function.arguments) for c in calls], True)
+    assert len(whole[1]) == 2
+    for chunks in _chunkings(text):
+        assert _stream(parser, chunks) == whole
+    # the first call's name and the start of its arguments are sent before its end
+    name, arguments = whole[1][0]
+    cut = text.index("{", text.index(name)) + 5  # inside its arguments
+    _, partial, called = _stream(parser, [text[:cut], ""])
+    assert called and partial[0][0] == name and "" < partial[0][1] < arguments
+    assert arguments.startswith(partial[0][1])
+    # without parallel calls, the first only
+    assert _stream(parser, list(text), parallel=False) == (whole[0], whole[1][:1], True)
+
+
+def test_calls_off_the_streamed_layout_are_sent_whole() -> None:
+    text = '<tool_call>{"arguments": {"a": 1}, "name": "f"}</tool_call>'  # arguments first
+    assert _stream("hermes", list(text)) == ("", [("f", '{"a": 1}')], True)
     # text that only looked like the tag's start is released, nothing is lost
     assert _stream("hermes", ["a <", "tool", "box>", " b"]) == ("a <toolbox> b", [], False)
-    llama = ['  {"name": "get_weather", ', '"parameters": {"city": "Oslo"}}']
-    content, calls, called = _stream("llama3_json", llama)
-    assert content == "" and called and calls[0]["function"]["name"] == "get_weather"
     assert _stream("llama3_json", ["Hi", ' {"name": "x"}']) == ('Hi {"name": "x"}', [], False)
-    mistral = ["Sure.", " [TOOL", "_CALLS]", "get_time[ARGS]", "{}"]
-    content, calls, called = _stream("mistral", mistral)
-    assert content == "Sure. " and called and calls[0]["function"]["name"] == "get_time"
     assert _stream("mistral", ["a [TOOL", "S] b"]) == ("a [TOOLS] b", [], False)
+    # calls that never parse are text, as the whole answer's
+    assert _stream("hermes", list("<tool_call>{oops}")) == ("<tool_call>{oops}", [], False)
+    # cut short inside the arguments, a streamed call keeps what was sent
+    assert _stream("hermes", list('<tool_call>{"name": "f", "arguments": {"a": "b')) == (
+        "",
+        [("f", '{"a": "b')],
+        True,
+    )
+
+
+def test_required_calls_stream_as_auto_calls_do() -> None:
+    text = (
+        '[{"name":"get_time","parameters":{}},{"name":"get_weather","parameters":{"city":"Rome"}}]'
+    )
+    calls = [(c.function.name, c.function.arguments) for c in answer_calls("required", "", text)[1]]
+    assert calls == [("get_time", "{}"), ("get_weather", '{"city": "Rome"}')]
+    for chunks in _chunkings(text):
+        assert _stream("", chunks, "required") == ("", calls, True)
+    # cut short before any call: text, as the whole answer
+    assert _stream("", ['[{"name":"ge'], "required") == ('[{"name":"ge', [], False)
 
 
 def test_a_stream_holds_back_only_what_may_begin_a_call() -> None:
