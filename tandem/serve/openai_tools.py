@@ -290,9 +290,9 @@ class ToolCallStream:
     """One streamed choice's deltas under a tool_choice that answers in calls, as OpenAI
     streams them: each call is announced (index, id, name) once its name has decoded, and
     its arguments follow as they decode, re-written as the answer returned whole writes
-    them (`json.dumps`; json_stream), so that they add up to the same. A named call streams its text as its
-    arguments; under "auto" the text streams as content until the calls begin (in
-    `parser`'s format). `called`: calls were sent (then the finish reason is
+    them (`json.dumps`; json_stream), so that they add up to the same. A named call
+    streams its text as its arguments; under "auto" the text streams as content until the
+    calls begin (in `parser`'s format). `called`: calls were sent (then the finish reason is
     "tool_calls" for "auto" and "required", as OpenAI's)."""
 
     def __init__(self, choice: ToolChoice, parser: str = "", parallel: bool = True) -> None:
