@@ -19,8 +19,9 @@ calls written in its family's own format, which the server then parses (vLLM's
 - `mistral` (Mistral 7B v0.3 and later): `[TOOL_CALLS]` (a special token, so the text of
   such requests keeps special tokens, as vLLM's) then a JSON array of `{"name": ...,
   "arguments": {...}}` (tokenizers before v11) or `name[ARGS]{...}` per call, each after
-  its own `[TOOL_CALLS]` (v11 and later); text before it is the content. Its call ids are
-  nine letters and digits, the only ids Mistral's templates take back as history.
+  its own `[TOOL_CALLS]` (v11 and later; `name[CALL_ID]id[ARGS]{...}` where the template
+  writes the call's id, whose id is then kept); text before it is the content. Its call
+  ids are nine letters and digits, the only ids Mistral's templates take back as history.
 An answer whose calls do not parse is returned as text, as vLLM does. Without a parser
 "auto" is refused with a 400, as vLLM refuses it without `--tool-call-parser`.
 """
@@ -48,22 +49,23 @@ ToolChoice = str | api.NamedToolChoice | None
 
 _HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 _MISTRAL_OPEN = "[TOOL_CALLS]"
+_MISTRAL_ID = re.compile(r"[A-Za-z0-9]{9}")  # the only call ids Mistral's templates take
 
-# (name, arguments) of each call; raises ValueError, KeyError, TypeError or
-# AttributeError on text that is not calls
-_Calls = list[tuple[str, Any]]
+# (name, arguments, the model's own call id or None) of each call; raises ValueError,
+# KeyError, TypeError or AttributeError on text that is not calls
+_Calls = list[tuple[str, Any, str | None]]
 
 
 def _hermes_calls(text: str) -> _Calls:
     found = [json.loads(closed or open_) for closed, open_ in _HERMES_CALL.findall(text)]
-    return [(c["name"], c.get("arguments")) for c in found]
+    return [(c["name"], c.get("arguments"), None) for c in found]
 
 
 def _llama3_calls(text: str) -> _Calls:
     calls, decoder, i = [], json.JSONDecoder(), 0
     while i < len(text):
         found, i = decoder.raw_decode(text, i)
-        calls.append((found["name"], found.get("parameters", found.get("arguments"))))
+        calls.append((found["name"], found.get("parameters", found.get("arguments")), None))
         i = len(text) - len(text[i:].lstrip().removeprefix(";").lstrip())
     return calls
 
@@ -72,12 +74,14 @@ def _mistral_calls(text: str) -> _Calls:
     body = text.removeprefix(_MISTRAL_OPEN).lstrip()
     if body.startswith("["):  # tokenizers before v11: one JSON array (what follows it ignored)
         found, _ = json.JSONDecoder().raw_decode(body)
-        return [(c["name"], c.get("arguments")) for c in found]
+        return [(c["name"], c.get("arguments"), None) for c in found]
     calls = []
-    for raw in text.split(_MISTRAL_OPEN)[1:]:  # v11 and later: name[ARGS]{...} per call
+    for raw in text.split(_MISTRAL_OPEN)[1:]:  # v11 and later: name[CALL_ID]id[ARGS]{...}
         brace = raw.index("{")
         arguments, _ = json.JSONDecoder().raw_decode(raw, brace)
-        calls.append((raw[:brace].replace("[ARGS]", "").strip(), arguments))
+        name, _, call_id = raw[:brace].replace("[ARGS]", "").partition("[CALL_ID]")
+        call_id = call_id.strip()
+        calls.append((name.strip(), arguments, call_id if _MISTRAL_ID.fullmatch(call_id) else None))
     return calls
 
 
@@ -126,7 +130,10 @@ class CallFormat:
     keeps_special_tokens: bool = False  # the opener is a special token
 
 
-_MISTRAL_V11_HEAD = r"\[TOOL_CALLS\]\s*(?P<bare>[\w.-]+)\s*(?:\[ARGS\])?\s*(?=\{)"
+_MISTRAL_V11_HEAD = (
+    rf"\[TOOL_CALLS\]\s*(?P<bare>[\w.-]+)\s*(?:\[CALL_ID\]\s*(?P<id>{_MISTRAL_ID.pattern})\s*)?"
+    r"(?:\[ARGS\])?\s*(?=\{)"
+)
 FORMATS: dict[str, CallFormat] = {
     "hermes": CallFormat(
         "<tool_call>",
@@ -254,9 +261,10 @@ def _new_id(parser: str) -> Callable[[], str]:
     return FORMATS[parser].new_id if parser else _openai_id
 
 
-def _call(parser: str, name: str, arguments: str) -> api.ToolCall:
+def _call(parser: str, name: str, arguments: str, call_id: str | None = None) -> api.ToolCall:
+    """A call; its id the model's own if it wrote one (Mistral's `[CALL_ID]`), else new."""
     return api.ToolCall(
-        id=_new_id(parser)(), function=api.FunctionCall(name=name, arguments=arguments)
+        id=call_id or _new_id(parser)(), function=api.FunctionCall(name=name, arguments=arguments)
     )
 
 
@@ -274,7 +282,10 @@ def parse_auto(parser: str, text: str) -> tuple[str | None, list[api.ToolCall]]:
         if start < 0:
             return text, []
     try:
-        calls = [_call(parser, name, _arguments(args)) for name, args in form.calls(text[start:])]
+        calls = [
+            _call(parser, name, _arguments(args), call_id)
+            for name, args, call_id in form.calls(text[start:])
+        ]
     except (ValueError, KeyError, TypeError, AttributeError):
         return text, []
     return text[:start] if form.opener and start else None, calls
@@ -413,11 +424,12 @@ class _CallsStream:
         return entries
 
     def _announce(self, head: re.Match[str], entries: list[dict[str, Any]]) -> None:
-        bare = head.groupdict().get("bare")
-        name = bare if bare is not None else json.loads(f'"{head["name"]}"')
+        found = head.groupdict()
+        name = found.get("bare") or json.loads(f'"{found["name"]}"')
         function = {"name": name, "arguments": ""}
+        call_id = found.get("id") or self._new_id()
         entries.append(
-            {"index": self.sent, "id": self._new_id(), "type": "function", "function": function}
+            {"index": self.sent, "id": call_id, "type": "function", "function": function}
         )
         self.sent += 1
         self._unread = self._unread[head.end() :]

@@ -73,6 +73,8 @@ def test_llama3_json(text, content, calls) -> None:
          "Checking. ", [("get_weather", {"city": "Oslo"}), ("get_time", {})]),
         ('[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]get_time{}', None,
          [("get_weather", {"city": "Oslo"}), ("get_time", {})]),  # v11 and later
+        ('[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Oslo"}', None,
+         [("get_weather", {"city": "Oslo"})]),  # with the call's id
         ("[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {", "[TOOL_CALLS] [{\"name\": \"f\", "
          "\"arguments\": {", []),  # cut short: text
         ("[TOOL_CALLS]get_time", "[TOOL_CALLS]get_time", []),  # no arguments yet
@@ -81,8 +83,10 @@ def test_llama3_json(text, content, calls) -> None:
 def test_mistral(text, content, calls) -> None:
     got_content, got_calls = parse_auto("mistral", text)
     assert (got_content, _calls(got_calls)) == (content, calls)
-    # the only ids Mistral's templates take back: nine letters and digits
+    # the only ids Mistral's templates take back: nine letters and digits, the model's own
+    # where it wrote one
     assert all(len(c.id) == 9 and c.id.isalnum() for c in got_calls)
+    assert ("a1B2c3D4e" in text) == any(c.id == "a1B2c3D4e" for c in got_calls)
 
 
 def _stream(
@@ -126,6 +130,8 @@ STREAMED = [
     ("mistral", 'Sure. [TOOL_CALLS] [{"name": "f", "arguments": {"q": [true, null]}}, '
      '{"name": "g", "arguments": {}}]</s>'),  # before v11
     ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]get_time[ARGS]{}'),
+    ("mistral", '[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Oslo"}'
+     '[TOOL_CALLS]get_time[CALL_ID]Zz9Yy8Xx7[ARGS]{}'),  # with the calls' ids
 ]  # fmt: skip
 
 
@@ -144,6 +150,14 @@ def test_auto_calls_stream_their_arguments_and_add_up_to_the_whole_answer(parser
     assert arguments.startswith(partial[0][1])
     # without parallel calls, the first only
     assert _stream(parser, list(text), parallel=False) == (whole[0], whole[1][:1], True)
+
+
+def test_streamed_mistral_calls_keep_the_ids_the_model_wrote() -> None:
+    text = STREAMED[-1][1]
+    stream = ToolCallStream("auto", "mistral")
+    deltas = [stream.delta(c, final=i == len(text) - 1) for i, c in enumerate(text)]
+    ids = [e["id"] for d in deltas for e in d.get("tool_calls", []) if "id" in e]
+    assert ids == ["a1B2c3D4e", "Zz9Yy8Xx7"]
 
 
 def test_calls_off_the_streamed_layout_are_sent_whole() -> None:
