@@ -45,6 +45,7 @@ class SequenceLike(Protocol):
     request_id: str
     all_token_ids: Sequence[int]  # prompt + generated tokens; only ever appended to
     num_computed_tokens: int  # leading tokens whose K/V are in the cache
+    num_preemptions: int  # times preempted; a resumed sequence's lookups are not counted
 
 
 class PrefixHit(NamedTuple):
@@ -90,7 +91,7 @@ class KVCacheManager:
         self._published: dict[str, int] = {}  # request id -> leading pages already examined
         # hash -> id of the sequence computing that full page now (admitted, not published)
         self._computing: dict[bytes, str] = {}
-        self.prefix_queries = 0  # tokens of admitted sequences looked up (prometheus counter)
+        self.prefix_queries = 0  # tokens of newly admitted sequences looked up (a counter)
         self.prefix_hits = 0  # of those, tokens found cached
 
     # ---- sizes ---------------------------------------------------------------------------
@@ -206,8 +207,9 @@ class KVCacheManager:
         held += hit_pages
         held += new
         if hit is not None and self.enable_prefix_caching:
-            self.prefix_queries += len(request.all_token_ids)
-            self.prefix_hits += hit.num_tokens
+            if not request.num_preemptions:  # a resumed one finds its own pages (vLLM's)
+                self.prefix_queries += len(request.all_token_ids)
+                self.prefix_hits += hit.num_tokens
             self._mark_computing(request, len(hit_pages))
         return new
 

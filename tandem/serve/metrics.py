@@ -58,7 +58,7 @@ class ServeMetrics:
         )
         self.prefix_cache_queries = Counter(
             "tandem_prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache (admitted requests).",
+            "Prompt tokens looked up in the prefix cache (new requests, not resumed ones).",
             registry=r,
         )
         self.prefix_cache_hits = Counter(

@@ -19,6 +19,7 @@ class Seq:
     request_id: str
     all_token_ids: list[int]
     num_computed_tokens: int = 0
+    num_preemptions: int = 0
 
 
 def manager(num_pages: int = 9, *, caching: bool = True, cache_key: bytes = b"k") -> KVCacheManager:
