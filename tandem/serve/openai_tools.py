@@ -95,7 +95,7 @@ def _mistral_id() -> str:
 
 # where a streamed call's arguments begin: after its name (a JSON string, or Mistral's bare
 # name), at the `{` that opens them
-_NAME = r'"(?P<name>(?:[^"\\]|\\.)*)"'
+_NAME = r'"(?P<name>(?:[^"\\\x00-\x1f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*)"'
 
 
 def _object_head(arguments_key: str) -> str:

@@ -101,7 +101,7 @@ def _stream(
         content += delta.get("content") or ""
         for entry in delta.get("tool_calls", []):
             if entry["index"] not in calls:  # the first entry announces the call
-                assert entry["id"] and entry["type"] == "function" and entry["function"]["name"]
+                assert entry["id"] and entry["type"] == "function" and "name" in entry["function"]
                 calls[entry["index"]] = {"name": entry["function"]["name"], "arguments": ""}
             else:
                 assert "id" not in entry and "name" not in entry["function"]
@@ -169,6 +169,9 @@ def test_calls_off_the_streamed_layout_are_sent_whole() -> None:
     assert _stream("mistral", ["a [TOOL", "S] b"]) == ("a [TOOLS] b", [], False)
     # calls that never parse are text, as the whole answer's
     assert _stream("hermes", list("<tool_call>{oops}")) == ("<tool_call>{oops}", [], False)
+    for bad_name in ['"\\q"', '"\n"']:  # a bad escape, a control character: not JSON
+        text = f'<tool_call>{{"name": {bad_name}, "arguments": {{}}}}</tool_call>'
+        assert _stream("hermes", list(text)) == (text, [], False)
     # cut short inside the arguments, a streamed call keeps what was sent
     assert _stream("hermes", list('<tool_call>{"name": "f", "arguments": {"a": "b')) == (
         "",
@@ -243,3 +246,23 @@ def test_history_tool_calls_reach_the_template_as_objects() -> None:
         "role": "assistant",
         "content": "x",
     }
+
+
+@pytest.mark.parametrize("parser", ["hermes", "llama3_json", "mistral", ""])
+def test_streams_of_any_text_raise_nothing(parser) -> None:
+    """Fragments of each format in random order and chunks, often after the start of a
+    call: whatever the model writes, the stream yields deltas (text or calls), never an
+    error."""
+    heads = {"hermes": "<tool_call>{", "llama3_json": "{", "mistral": "[TOOL_CALLS][{", "": "[{"}
+    fragments = ['<tool_call>', '</tool_call>', '[TOOL_CALLS]', '[ARGS]', '[CALL_ID]',
+                 'a1B2c3D4e', '"name": ', '"f\\u00e9"', '"\\q"', '"\n"', '"\\ud800"',
+                 ', "arguments": ', ', "parameters": ', '{', '}', '[', ']', ',', ':', ';', '1e',
+                 '2', '"x"', 'null', ' ', 'text', 'f', '"name": "f", "arguments": ',
+                 '"name": "\\q", "arguments": ', '"name": "\n", "parameters": ']  # fmt: skip
+    rng = random.Random(0)
+    for _ in range(1000):
+        text = heads[parser] if rng.random() < 0.5 else ""
+        text += "".join(rng.choice(fragments) for _ in range(rng.randrange(1, 12)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(4, len(text) + 1)))
+        chunks = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        _stream(parser, chunks, "auto" if parser else "required")
