@@ -10,7 +10,8 @@ deltas. This side feeds the same deltas to tandem's `ToolCallStream` and the who
 (content, and each call's name and parsed arguments; ids are random) equal vLLM's, and
 whether tandem's stream equals tandem's whole answer.
 
-    .venv/bin/python scripts/check_tool_parsers_vs_vllm.py --vllm-python /tmp/vllm-venv/bin/python
+    PYTHONPATH=. .venv/bin/python scripts/check_tool_parsers_vs_vllm.py \
+        --vllm-python /tmp/vllm-venv/bin/python
 """
 
 from __future__ import annotations
