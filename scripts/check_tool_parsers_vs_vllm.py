@@ -2,10 +2,10 @@
 hermes, llama3_json, mistral), whole and streamed, on the same texts.
 
 vLLM runs in its own venv (`--vllm-python`; see docs/benchmarks.md for building it): that
-side tokenizes each text with a locally built tokenizer of the family (random-free
-tokenizer files from tests/model/hf_tokenizers.py), splits it into the deltas a model
-would stream (token by token), and runs vLLM's parser on the whole text and on the
-deltas. This side feeds the same deltas to tandem's `ToolCallStream` and the whole text to
+side tokenizes each text with a tokenizer of the family built here
+(tests/model/hf_tokenizers.py: the families' conventions and special tokens), splits it
+into the deltas a model would stream (token by token), and runs vLLM's parser on the whole
+text and on the deltas (adding what vLLM's server adds at the end of a stream). This side feeds the same deltas to tandem's `ToolCallStream` and the whole text to
 `parse_auto`. One JSON line per text: whether tandem's whole answer and streamed answer
 (content, and each call's name and parsed arguments; ids are random) equal vLLM's, and
 whether tandem's stream equals tandem's whole answer.

@@ -14,15 +14,17 @@ THOUGHT = "<think>\nThe user wants the time; <tool_call> is how I ask.\n</think>
 def _streamed(shape: AnswerShape, pieces: list[str], finish: str) -> tuple[dict, str]:
     """What a client assembles from the deltas, and the last chunk's finish reason."""
     stream, got = AnswerStream(shape), {"reasoning": "", "reasoning_content": "", "content": ""}
-    calls, reason = [], None
+    calls, reason = {}, None
     for i, piece in enumerate(pieces):
         final = i == len(pieces) - 1
         delta = json.loads(json.dumps(stream.delta(piece, final)))
         for key in got:
             got[key] += delta.get(key) or ""
-        calls += delta.get("tool_calls", [])
+        for entry in delta.get("tool_calls", []):  # by index, as the SDK assembles them
+            call = calls.setdefault(entry["index"], [entry["function"].get("name"), ""])
+            call[1] += entry["function"]["arguments"]
         reason = stream.finish_reason(finish if final else None)
-    got["tool_calls"] = [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+    got["tool_calls"] = [tuple(call) for call in calls.values()]
     return got, reason
 
 
@@ -37,10 +39,13 @@ def test_thinking_then_a_call_whole_and_streamed() -> None:
         ("get_time", "{}")
     ]
     text = THOUGHT + CALL
-    got, reason = _streamed(shape, [text[i : i + 5] for i in range(0, len(text), 5)], "stop")
-    assert reason == "tool_calls"
-    assert got == {"reasoning": answer.reasoning, "reasoning_content": answer.reasoning,
-                   "content": "\n\n", "tool_calls": [("get_time", "{}")]}  # fmt: skip
+    for size in (1, 5, len(text)):
+        got, reason = _streamed(
+            shape, [text[i : i + size] for i in range(0, len(text), size)], "stop"
+        )
+        assert reason == "tool_calls"
+        assert got == {"reasoning": answer.reasoning, "reasoning_content": answer.reasoning,
+                       "content": "\n\n", "tool_calls": [("get_time", "{}")]}  # fmt: skip
 
 
 def test_text_answers_and_the_thinking_left_out() -> None:
