@@ -348,8 +348,8 @@ class ToolCallStream:
         return {**delta, "tool_calls": entries} if entries else delta
 
     def _content(self, text: str, final: bool) -> tuple[str, str]:
-        """ "auto" before the calls: (the content to send, the calls' text if they began
-        here); the text that may still begin the calls is held back."""
+        """Before the calls of an "auto" answer: (the content to send, the calls' text if
+        they began here); the text that may still begin the calls is held back."""
         self._held += text
         if self._opener is None and not self._plain and self._held.strip():
             self._plain = not self._held.lstrip().startswith("{")
