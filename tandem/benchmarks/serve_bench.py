@@ -26,7 +26,8 @@ ran at once.
 One run compares scheduling modes on the SAME warmed engine (default: continuous vs
 static batching; `no-prefix-cache` is continuous with prefix caching off), printing one
 JSON line per mode and comparison lines. `--apis grpc,openai` drives each served mode
-through both APIs of the same server, one after the other with the same requests (the
+through both APIs, one after the other with the same requests, each on a fresh server
+over the same warmed engine, so neither finds the other's prompts cached (the
 OpenAI path: streamed /v1/completions, token-id prompts, continuous usage stats), and
 adds an `openai_vs_grpc_<mode>` line: output throughput ratio, TTFT p50 added (ms), TPOT
 p50 ratio. Mode `offline` drives the continuous-batching orchestrator in-process with
@@ -812,23 +813,25 @@ def main(argv: list[str] | None = None) -> int:
         # client's Python never competes with the server for the GIL.
         # A first request that warms the client and the server's Python (its prompt shares
         # nothing with the workload's: random tokens) is not measured. Each API gets the
-        # same requests on the same server, one after the other.
+        # same requests, one after the other, each on a server of its own over the warmed
+        # engine: on one server the second API's prompts would hit the first's cached
+        # prefixes.
         probe = [BenchRequest(tuple(range(3, 11)), 2)]
-        with (
-            BackgroundServer(TandemServer(engine, cfg)) as bg,
-            mp.get_context("spawn").Pool(1) as pool,
-        ):
+        with mp.get_context("spawn").Pool(1) as pool:
             for api in apis:
-                where = bg.target
-                if api == "openai":
-                    where = f"{bg.server.host}:{bg.server.bound_http_port}"
-                pool.apply(_load_process, (where, probe, math.inf, None, args.seed, api, "tandem"))
-                bg.server.orch.peak_running = 0
-                results, duration = pool.apply(
-                    _load_process,
-                    (where, requests, args.request_rate, args.max_concurrency, args.seed, api,
-                     "tandem"),
-                )  # fmt: skip
+                with BackgroundServer(TandemServer(engine, cfg)) as bg:
+                    where = bg.target
+                    if api == "openai":
+                        where = f"{bg.server.host}:{bg.server.bound_http_port}"
+                    probe_args = (where, probe, math.inf, None, args.seed, api, "tandem")
+                    pool.apply(_load_process, probe_args)
+                    bg.server.orch.peak_running = 0
+                    results, duration = pool.apply(
+                        _load_process,
+                        (where, requests, args.request_rate, args.max_concurrency, args.seed,
+                         api, "tandem"),
+                    )  # fmt: skip
+                    peak_running = bg.server.orch.peak_running
                 lines.append(
                     {
                         "bench": "serve",
@@ -842,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
                         else "inf",
                         "max_concurrency": args.max_concurrency,
                         "max_seqs": engine.max_seqs,
-                        "peak_running": bg.server.orch.peak_running,
+                        "peak_running": peak_running,
                         "serve_config": {k: getattr(engine.serve_cfg, k) for k in SIZES},
                         "async_scheduling": engine.serve_cfg.async_scheduling,
                         "input_len": [list(c) for c in args.input_len],

@@ -162,3 +162,25 @@ def test_shared_prefix_workload_with_and_without_prefix_caching(tmp_path: Path) 
     assert on["prefix_hit_rate"] > 0.4  # 40 shared tokens of ~50 in turn 1; more in turn 2
     assert set(on["ttft_ms_by_tag"]) == {"turn1", "turn2"} and on["peak_running"] >= 1
     assert any(x.get("comparison") == "prefix_cache_off_vs_on" for x in lines)
+
+
+def test_each_api_pass_starts_from_an_empty_prefix_cache(tmp_path: Path) -> None:
+    """The second API's pass must not find the first's prompts cached: that would flatter it."""
+    bench = _load_bench()
+    out = tmp_path / "bench.jsonl"
+    rc = bench.main(
+        [
+            "--model-set", "d_model=64", "--model-set", "n_layers=2", "--model-set", "d_ff=128",
+            "--model-set", "head_dim=16", "--model-set", "vocab_size=320",
+            "--model-set", "max_seq_len=64", "--modes", "continuous", "--num-requests", "4",
+            "--input-len", "20:30", "--output-len", "2:4", "--max-seqs", "4",
+            "--page-size", "8", "--apis", "grpc,openai", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    passes = {x["api"]: x for x in lines if x.get("mode") == "continuous"}
+    assert set(passes) == {"grpc", "openai"}
+    # random prompts share no page with each other: every hit would be a replayed prompt
+    for line in passes.values():
+        assert line["completed"] == 4 and line["prefix_hit_rate"] == 0.0
