@@ -210,6 +210,16 @@ def process_group_cpu_s(pgid: int) -> float | None:
     return total / os.sysconf("SC_CLK_TCK") if found else None
 
 
+def pass_seed(seed: int, rate_index: int, slots_index: int, repeat: int, api_index: int) -> int:
+    """The dataset seed of one measured pass: distinct for every (rate, slots, repeat) and
+    for each of tandem's APIs after the first (vLLM's pass shares the first's), and apart
+    from the warm-up seeds (seed + 1000 + rate index). The first API's seeds are those of
+    the runs in docs/benchmarks.md, decimal digits of the offset: up to 10 of each."""
+    if max(rate_index, slots_index, repeat) >= 10:
+        raise SystemExit("at most 10 --request-rate values, --max-seqs values and --repeats")
+    return seed + 100 * rate_index + 10 * slots_index + repeat + 50_000 * api_index
+
+
 def _measured_pass(load, pgid: int | None, requests: list[Any], rate: float, seed: int):
     """One pass of `load`: its results, its wall seconds and the CPU seconds the server's
     process group used meanwhile (NaN when unknown: a running --vllm-url server, or no
@@ -339,12 +349,15 @@ def main(argv: list[str] | None = None) -> int:
         return [dataclasses.replace(r, output_len=min(r.output_len, cap - len(r.prompt_ids)))
                 for r in reqs]  # fmt: skip
 
-    # Fresh prompts for each warm-up and each measured pass (the same for both systems),
-    # so neither prefix cache sees a prompt twice. The warm-up pass lets vLLM build its
-    # per-shape CPU kernels (tandem compiles every shape at start-up).
+    # Fresh prompts for each warm-up and each measured pass, so no prefix cache sees a
+    # prompt twice: vLLM's pass gets those of tandem's first API, tandem's other APIs
+    # their own (on the same server they would hit the first one's cached prompts). The
+    # warm-up pass lets vLLM build its per-shape CPU kernels (tandem compiles every shape
+    # at start-up).
     workload = {
-        (j, rate, rep): dataset(args.num_requests, args.seed + 100 * i + 10 * j + rep)
-        for j in range(len(slots)) for i, rate in enumerate(rates) for rep in range(args.repeats)
+        (j, rate, rep, a): dataset(args.num_requests, pass_seed(args.seed, i, j, rep, a))
+        for j in range(len(slots)) for i, rate in enumerate(rates)
+        for rep in range(args.repeats) for a in range(len(apis))
     }  # fmt: skip
     warm = {r: dataset(args.num_requests, args.seed + 1000 + i) for i, r in enumerate(rates)}
     if not args.warmup:
@@ -392,11 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                     # the systems' passes alternate, so a drift of the shared host's speed
                     # lands on both
                     for rep in range(args.repeats):
-                        requests = workload[j, rate, rep]
-                        for api, load in tandem_loads.items():
+                        for a, (api, load) in enumerate(tandem_loads.items()):
                             quiet = wait_for_quiet_host()
                             results, duration, cpu_s = _measured_pass(
-                                load, proc.pid, requests, rate, args.seed
+                                load, proc.pid, workload[j, rate, rep, a], rate, args.seed
                             )
                             emit(_line("tandem", rate, results, duration, cpu_s, api=api,
                                        max_seqs=n_slots, repeat=rep, startup_s=startup,
@@ -404,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                                        tandem_set=args.tandem_set))  # fmt: skip
                         quiet = wait_for_quiet_host()
                         results, duration, cpu_s = _measured_pass(
-                            vllm_load, vllm_pgid, requests, rate, args.seed
+                            vllm_load, vllm_pgid, workload[j, rate, rep, 0], rate, args.seed
                         )
                         emit(_line("vllm", rate, results, duration, cpu_s, api="openai",
                                    max_seqs=n_slots, repeat=rep, startup_s=vllm_startup,

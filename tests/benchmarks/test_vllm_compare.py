@@ -1,5 +1,6 @@
 """benchmarks/vllm_compare.py: vLLM serves the bundle's weights in its dtype; each pass
-starts on a quiet host; a server's CPU time counts every process of its group."""
+starts on a quiet host and on prompts no server has seen; a server's CPU time counts every
+process of its group."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from tandem.benchmarks.vllm_compare import process_group_cpu_s, vllm_dtype, wait_for_quiet_host
+from tandem.benchmarks.vllm_compare import (
+    pass_seed,
+    process_group_cpu_s,
+    vllm_dtype,
+    wait_for_quiet_host,
+)
 from tandem.config import load_config
 from tandem.model.bundle import flat_params, write_bundle
 from tandem.model.config import ModelConfig
@@ -86,3 +92,16 @@ def test_a_servers_cpu_time_counts_every_process_of_its_group() -> None:
     assert group is not None and group > own + 0.2  # the child's time is in it
     time.sleep(0.2)  # the kill lands; the child is a zombie until init reaps it: not counted
     assert process_group_cpu_s(leader.pid) is None  # no process left in the group
+
+
+def test_every_pass_gets_prompts_no_server_has_seen() -> None:
+    """tandem's second API runs on the same server right after its first: on the first's
+    prompts it would hit their cached prefixes. vLLM's pass shares the first API's."""
+    grid = [(i, j, rep, a) for i in range(10) for j in range(10) for rep in range(10)
+            for a in range(2)]  # fmt: skip
+    seeds = [pass_seed(7, *key) for key in grid]
+    warm_ups = {7 + 1000 + i for i in range(10)}
+    assert len(set(seeds)) == len(grid) and warm_ups.isdisjoint(seeds)
+    assert pass_seed(7, 1, 2, 3, 0) == 7 + 100 + 20 + 3  # the recorded runs' seeds
+    with pytest.raises(SystemExit, match="repeats"):
+        pass_seed(7, 0, 0, 10, 0)
