@@ -691,7 +691,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="continuous,static", help=f"comma list of {', '.join(MODES)}")
     p.add_argument(
         "--apis", default="grpc",
-        help="comma list: grpc,openai (the OpenAI-compatible HTTP API of the same server)",
+        help="comma list: grpc,openai (the OpenAI-compatible HTTP API); each API's pass on a "
+        "fresh server over the same engine",
     )  # fmt: skip
     p.add_argument(
         "--workload", default="mixed", choices=WORKLOADS,
@@ -884,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
                 **summary,
             }
         )
-    for mode in modes:  # the OpenAI HTTP path against gRPC, same server, same requests
+    for mode in modes:  # the OpenAI HTTP path against gRPC, same engine, same requests
         pair = {x["api"]: x for x in lines if x.get("mode") == mode and "api" in x}
         if {"grpc", "openai"} <= set(pair):
             http, grpc_line = pair["openai"], pair["grpc"]
