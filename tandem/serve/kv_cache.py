@@ -181,11 +181,13 @@ class KVCacheManager:
         self, request: SequenceLike, num_new_tokens: int, hit: PrefixHit | None = None
     ) -> list[int] | None:
         """Gives the sequence the pages for `num_new_tokens` more tokens after its computed
-        ones (and after `hit`, the cached pages a newly admitted sequence starts with).
+        ones (and after `hit`, what `lookup` found for a newly admitted sequence; None for
+        a running one, or for one admitted without looking: it is not a prefix query).
         Returns the pages added (possibly none), or None, changing nothing, when the pool
         cannot supply them: the caller then preempts a sequence or waits."""
         rid = request.request_id
         held = self._pages.get(rid)
+        admitted = held is None
         tokens = request.num_computed_tokens + num_new_tokens
         if hit is None and held is not None and len(held) * self.page_size >= tokens:
             return []  # the common case: a decode inside its last page
@@ -201,13 +203,14 @@ class KVCacheManager:
                 del self._evictable[p]
             self._ref[p] += 1
         new = [self._take_free_page() for _ in range(max(need, 0))]
-        if held is None:
+        if admitted:
             held = self._pages[rid] = []
             self._published[rid] = len(hit_pages)
         held += hit_pages
         held += new
-        if hit is not None and self.enable_prefix_caching:
-            if not request.num_preemptions:  # a resumed one finds its own pages (vLLM's)
+        if admitted and self.enable_prefix_caching:
+            # a resumed one finds its own pages (vLLM's)
+            if hit is not None and not request.num_preemptions:
                 self.prefix_queries += len(request.all_token_ids)
                 self.prefix_hits += hit.num_tokens
             self._mark_computing(request, len(hit_pages))

@@ -368,11 +368,12 @@ class Orchestrator:
 
     def step(self) -> bool:
         """One iteration (module docstring). Returns whether a step ran or was committed."""
-        with self._cv:
+        with self._cv:  # taken from the inbox and registered at once: `idle` sees it
             new, self._inbox = self._inbox, []
+            for stream in new:
+                self._streams[stream.request.request_id] = stream
             self.scheduler.draining = not self._accepting
         for stream in new:
-            self._streams[stream.request.request_id] = stream
             self.scheduler.add_request(stream.request)
         self._retire(self._clock())
         if self._in_flight is not None and self._grammar_waits_on_in_flight():

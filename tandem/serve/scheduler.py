@@ -62,7 +62,7 @@ import numpy as np
 
 from tandem.config import require
 from tandem.serve.config import ServeConfig
-from tandem.serve.kv_cache import NULL_PAGE, KVCacheManager, PrefixHit
+from tandem.serve.kv_cache import NULL_PAGE, KVCacheManager
 from tandem.serve.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -202,9 +202,6 @@ def check_stop(request: Request, max_len: int) -> FinishReason | None:
     if request.num_output_tokens >= request.max_tokens or request.num_tokens >= max_len:
         return FinishReason.LENGTH
     return None
-
-
-NO_HIT = PrefixHit((), 0)
 
 
 # ---- admission --------------------------------------------------------------------------
@@ -464,20 +461,25 @@ class Scheduler:
                 # positions served from the prefix cache are never computed, so they would
                 # have no prompt logprobs (vLLM skips the cache for these requests too)
                 scored = request.sampling.prompt_logprobs is not None
-                hit = NO_HIT if scored else self.kv.lookup(request)
-                if hit.num_pending_tokens and self.policy.waits_for_shared_pages:
+                hit = None if scored else self.kv.lookup(request)
+                if (
+                    hit is not None
+                    and hit.num_pending_tokens
+                    and self.policy.waits_for_shared_pages
+                ):
                     # its next pages are being computed: wait for them rather than compute
                     # them twice (n choices of one prompt, a shared system prompt)
                     deferred.append(self.waiting.popleft())
                     continue
-                n = min(request.num_tokens - hit.num_tokens, budget)
+                cached = 0 if hit is None else hit.num_tokens
+                n = min(request.num_tokens - cached, budget)
                 if self.kv.allocate(request, n, hit) is None:
                     break  # wait for pages to free up
                 self.waiting.popleft()
                 if not resumed:
                     limit -= 1
-                    request.num_cached_tokens = hit.num_tokens
-                request.num_computed_tokens = hit.num_tokens
+                    request.num_cached_tokens = cached
+                request.num_computed_tokens = cached
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
                 place(request, n)

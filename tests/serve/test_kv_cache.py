@@ -80,10 +80,11 @@ def test_a_page_is_found_only_after_the_step_computing_it_commits() -> None:
     kv = manager()
     a = Seq("a", list(range(9)))
     kv.allocate(a, 9)
-    assert kv.lookup(Seq("b", list(range(9)))) == PrefixHit((), 0)
+    # being computed by a: pending (a sibling may wait for it), not found
+    assert kv.lookup(Seq("b", list(range(9)))) == PrefixHit((), 0, 8)
     a.num_computed_tokens = 9
     kv.cache_pages(a, 5)  # one full page committed so far
-    assert kv.lookup(Seq("b", list(range(9)))) == PrefixHit((1,), 4)
+    assert kv.lookup(Seq("b", list(range(9)))) == PrefixHit((1,), 4, 4)
 
 
 def test_the_cache_key_separates_equal_tokens() -> None:

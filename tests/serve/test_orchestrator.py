@@ -346,6 +346,24 @@ def test_threaded_loop_and_drain(tokenizer) -> None:
     assert err.value.code == "UNAVAILABLE"
 
 
+def test_drain_keeps_a_request_the_loop_is_taking_from_the_inbox(tokenizer) -> None:
+    """stop(drain=True) between the loop taking the inbox and registering the request must
+    not see the loop idle and abort it; a slow registration widens that window."""
+
+    class SlowRegistry(dict):
+        def __setitem__(self, key, value) -> None:
+            time.sleep(0.3)  # the loop thread descheduled mid-registration
+            super().__setitem__(key, value)
+
+    orch, _ = _orch(tokenizer, max_seqs=2)
+    orch._streams = SlowRegistry()
+    orch.start()
+    sink, _ = _submit(orch, tokenizer, "hello", max_tokens=16)
+    orch.stop(drain=True, timeout=10)
+    assert sink.last.error is None, sink.last.error
+    assert sink.text == "hello"
+
+
 def test_engine_failure_fails_running_requests(tokenizer) -> None:
     engine = FakeEngine(tokenizer, ServeConfig(max_seqs=2))
     orch = Orchestrator(engine)

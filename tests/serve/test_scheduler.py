@@ -263,6 +263,31 @@ def test_cached_prompt_tokens_are_reported_per_request() -> None:
     assert plan.num_tokens == 2 and int(plan.num_computed_tokens[0]) == 16
 
 
+def test_a_prompt_logprobs_request_computes_its_whole_prompt_and_is_no_prefix_query() -> None:
+    """Positions served from the cache would have no logprobs, so a scored prompt skips the
+    lookup; the hit-rate counters then leave it out (as vLLM's do), while the pages it
+    computes still serve the requests after it."""
+    cfg = serve_cfg()
+    sched, model = Scheduler(cfg), PagedFakeModel(cfg)
+    prompt = list(range(1, 19))  # 18 tokens: 4 full pages of 4
+    scored = [
+        Request(rid, prompt, SamplingParams(max_tokens=1, prompt_logprobs=1), seed=0)
+        for rid in ("s1", "s2")
+    ]
+    for request in scored:
+        sched.add_request(request)
+        plan = sched.schedule()
+        assert plan.num_tokens == len(prompt)
+        sched.update_from_output(plan, model.run(plan))
+    assert [r.num_cached_tokens for r in scored] == [0, 0]
+    assert (sched.kv.prefix_queries, sched.kv.prefix_hits) == (0, 0)
+    plain = make_request("p", Spec(prompt, 1))
+    sched.add_request(plain)
+    sched.schedule()
+    assert plain.num_cached_tokens == 16
+    assert (sched.kv.prefix_queries, sched.kv.prefix_hits) == (len(prompt), 16)
+
+
 def test_requests_arriving_together_with_one_prompt_compute_it_once() -> None:
     """The n choices of a prompt (or a burst sharing a system prompt): the first computes
     the shared full pages, the others wait for them to be published and then start after
