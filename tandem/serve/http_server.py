@@ -628,7 +628,7 @@ class OpenAIService:
         renames = renames | dict.fromkeys(("json_schema", "json_object", "regex", "grammar"), where)
         if structured is not None:
             try:
-                await self.orch.grammars.check_off_loop(structured)
+                await self.orch.check_grammar(structured)
             except ValueError as err:
                 raise _bad_value(err, renames) from None
         logit_bias = _logit_bias(req.logit_bias)

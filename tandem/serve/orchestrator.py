@@ -34,6 +34,7 @@ admits nothing until its last member ends.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
@@ -58,7 +59,7 @@ from tandem.serve.scheduler import (
     Scheduler,
     SchedulerOutput,
 )
-from tandem.serve.structured import GrammarCompiler
+from tandem.serve.structured import GrammarCompiler, StructuredOutput
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class Orchestrator:
         params.check_limits(vocab_size=vocab, max_logprobs=self.cfg.max_logprobs)
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)  # reads sizes only
         if params.structured_output is not None:
-            self.grammars.check(params.structured_output)
+            self.grammars.compile(params.structured_output)
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -241,6 +242,14 @@ class Orchestrator:
             if self._grammars is None:
                 self._grammars = GrammarCompiler(self.tokenizer)
             return self._grammars
+
+    async def check_grammar(self, output: StructuredOutput) -> None:
+        """Compiles `output` on the default executor (ValueError naming the field): the
+        grammar engine's first build and each new grammar's compile take from ms to about
+        a second, while the event loop serves every other stream. `validate` and `submit`
+        then find it compiled."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: self.grammars.compile(output))  # both off-loop
 
     def room(self, prompt_len: int) -> int:
         """The most tokens a prompt of this length can be followed by: up to max_len, and

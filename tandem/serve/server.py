@@ -187,7 +187,7 @@ class GenerationService:
         structured = _structured_output(req)
         if structured is not None:
             try:
-                await self.orch.grammars.check_off_loop(structured)
+                await self.orch.check_grammar(structured)
             except ValueError as e:
                 raise _BadRequest(str(e)) from e
         fields: dict[str, Any] = {

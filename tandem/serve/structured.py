@@ -3,9 +3,9 @@
 A request may carry a `StructuredOutput` (a JSON schema, "any JSON object", a regex or a
 Lark grammar). The grammar engine is llguidance (the Rust library vLLM and SGLang use):
 `GrammarCompiler` builds its tokenizer once from the served HF `tokenizer.json` (byte-level
-BPE included) with the model's stop ids as its EOS, and compiles each request's grammar at
-submission, so a bad schema / regex / grammar is a `ValueError` naming the field there,
-never an error in the serving loop.
+BPE included) with the model's stop ids as its EOS, and compiles each request's grammar
+before submission (off the event loop), so a bad schema / regex / grammar is a `ValueError`
+naming the field there, never an error in the serving loop.
 
 Host side, one `GrammarMatcher` per request (on `scheduler.Request.grammar`) advances with
 each token the scheduler commits. A preempted request keeps its generated tokens and is
@@ -27,9 +27,8 @@ ask for more).
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import dataclasses
-import functools
 import json
 import threading
 from typing import TYPE_CHECKING, Literal, get_args
@@ -90,7 +89,12 @@ class StructuredOutput:
 class GrammarCompiler:
     """The served tokenizer as llguidance sees it, and the grammars compiled against it.
 
-    Thread-safe: requests are compiled on the API threads, matchers used on the loop's."""
+    Thread-safe. Compiling a grammar (building its matcher: tens of ms for a large schema
+    over a large vocabulary) runs on whichever thread asks first: the APIs ask from a
+    worker (`Orchestrator.check_grammar`), so the event loop only finds it compiled. The
+    lock guards the cache alone and is never held while compiling, so a compile on a worker
+    never blocks the loop's lookups. Each request then gets a `deep_copy` of the compiled
+    matcher (µs: the lexer and tokenizer are shared)."""
 
     def __init__(self, tokenizer: TokenizerLike) -> None:
         hf = getattr(tokenizer, "hf", None)
@@ -105,34 +109,35 @@ class GrammarCompiler:
         self.mask_words = (self.tokenizer.vocab_size + 31) // 32
         self.executor = llguidance.LLExecutor()
         self._lock = threading.Lock()
-        self._check = functools.lru_cache(GRAMMAR_CACHE_SIZE)(self._compile)
+        # compiled grammars, least recently used first: matchers in their start state
+        self._compiled: collections.OrderedDict[StructuredOutput, llguidance.LLMatcher] = (
+            collections.OrderedDict()
+        )
 
-    def _compile(self, output: StructuredOutput) -> str:
-        grammar = output.grammar()
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
-        if error:
-            raise ValueError(f"{output.kind}={output.spec[:80]!r} is invalid: {error}")
-        return grammar
-
-    def check(self, output: StructuredOutput) -> None:
-        """Raises ValueError naming the field if `output` does not compile."""
+    def compile(self, output: StructuredOutput) -> llguidance.LLMatcher:
+        """`output`'s matcher in its start state, compiled once and kept (LRU); raises
+        ValueError naming the field if the grammar does not compile. Callers copy it."""
         with self._lock:
-            self._check(output)
-
-    async def check_off_loop(self, output: StructuredOutput) -> None:
-        """`check` on the default executor: a compile takes ms (the first ~1 s, building
-        llguidance's tokenizer), while the event loop serves every other stream."""
-        await asyncio.get_running_loop().run_in_executor(None, self.check, output)
+            compiled = self._compiled.get(output)
+            if compiled is not None:
+                self._compiled.move_to_end(output)
+                return compiled
+        # Two threads may compile the same grammar at once; both results are equal.
+        compiled = llguidance.LLMatcher(self.tokenizer, output.grammar(), log_level=0)
+        if compiled.is_error():
+            raise ValueError(
+                f"{output.kind}={output.spec[:80]!r} is invalid: {compiled.get_error()}"
+            )
+        with self._lock:
+            self._compiled[output] = compiled
+            if len(self._compiled) > GRAMMAR_CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        return compiled
 
     def matcher(self, output: StructuredOutput, after: int | None = None) -> GrammarMatcher:
         """A request's matcher; with `after`, the grammar holds once that token has been
         generated (a reasoning model's end of thinking: `GrammarMatcher.waits_for`)."""
-        with self._lock:
-            grammar = self._check(output)
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
-        if matcher.is_error():  # validated above; a resource limit may still trip here
-            raise ValueError(f"{output.kind} is invalid: {matcher.get_error()}")
-        return GrammarMatcher(matcher, self, after)
+        return GrammarMatcher(self.compile(output).deep_copy(), self, after)
 
 
 class GrammarMatcher:

@@ -6,6 +6,7 @@ device bitmask against llguidance's own numpy reference; compact JSON."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -138,7 +139,7 @@ def test_json_is_compact(bpe_tokenizer) -> None:
 )
 def test_invalid_grammar_names_the_field(output, field, tokenizer) -> None:
     with pytest.raises(ValueError, match=rf"^{field}=.* is invalid"):
-        GrammarCompiler(tokenizer).check(output)
+        GrammarCompiler(tokenizer).compile(output)
 
 
 # ---- the fake engine: API plumbing, whitespace-loving model --------------------------
@@ -185,44 +186,107 @@ def test_grpc_bad_regex_is_invalid_argument(fake_http) -> None:
         assert "".join(pb.GenerateResponse.FromString(r).text for r in ok) == "hi"
 
 
-def test_grammars_compile_off_the_event_loop(fake_http, monkeypatch) -> None:
-    """While a request's grammar compiles (held here until released), both APIs keep
-    answering other requests: the compile runs on a worker thread, not the event loop."""
-    client, model = _client(fake_http)
-    compiler = fake_http.server.orch.grammars
-    entered, release = threading.Event(), threading.Event()
-    check = compiler.check
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
-    def held(output):
+
+def _spy(real: type, on_call) -> type:
+    """A stand-in for llguidance class `real`: constructing it calls `on_call()` first;
+    every other attribute (its static methods) is `real`'s."""
+
+    class Meta(type):
+        def __call__(cls, *args, **kwargs):
+            on_call()
+            return real(*args, **kwargs)
+
+        def __getattr__(cls, name):
+            return getattr(real, name)
+
+    return Meta(real.__name__, (), {})
+
+
+def _grpc_text(bg: BackgroundServer, request: pb.GenerateRequest) -> list[str]:
+    """Each choice's text from the streaming Generate."""
+    with grpc.insecure_channel(bg.target) as channel:
+        replies = channel.unary_stream(GENERATE)(request.SerializeToString(), timeout=30)
+        texts = [""] * max(request.n, 1)
+        for raw in replies:
+            reply = pb.GenerateResponse.FromString(raw)
+            texts[reply.index] += reply.text
+        return texts
+
+
+def test_grammar_work_never_runs_on_the_event_loop(fake_http, monkeypatch) -> None:
+    """The grammar engine's build and every grammar compile or matcher built for a request
+    with n choices, over both APIs, run on worker threads: on the event loop they would
+    stall every stream for as long (tens of ms per matcher for a large schema)."""
+    built = []  # whether each LLTokenizer / LLMatcher construction ran on an event loop
+    for name in ("LLTokenizer", "LLMatcher"):
+        real = getattr(llguidance, name)
+        monkeypatch.setattr(llguidance, name, _spy(real, lambda: built.append(_on_event_loop())))
+    client, model = _client(fake_http)
+    out = client.completions.create(
+        model=model,
+        prompt="x",
+        max_tokens=8,
+        n=4,
+        extra_body={"structured_outputs": {"regex": "ab"}},
+    )
+    assert [c.text for c in out.choices] == ["ab"] * 4
+    assert _grpc_text(fake_http, pb.GenerateRequest(prompt="y", regex="cd", n=3)) == ["cd"] * 3
+    assert len(built) >= 3 and not any(built), built  # tokenizer, then one compile per grammar
+
+
+def test_a_grammar_compile_blocks_neither_the_loop_nor_compiled_grammars(
+    fake_http, monkeypatch
+) -> None:
+    """While one request's grammar compiles (held here until released), both APIs keep
+    answering other requests, those with an already compiled grammar included."""
+    client, model = _client(fake_http)
+    fast = openai.OpenAI(base_url=fake_http.base_url, api_key="none", max_retries=0, timeout=10)
+    ready = fast.completions.create(
+        model=model, prompt="x", max_tokens=8, extra_body={"structured_outputs": {"regex": "ab"}}
+    )  # "ab" compiled
+    assert ready.choices[0].text == "ab"
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
         entered.set()
         assert release.wait(30)
-        return check(output)
 
-    monkeypatch.setattr(compiler, "check", held)
+    monkeypatch.setattr(llguidance, "LLMatcher", _spy(llguidance.LLMatcher, hold))
     results = []
     pending = [
         threading.Thread(target=lambda: results.append(client.completions.create(
-            model=model, prompt="x", max_tokens=8, extra_body={"structured_outputs": {"regex": "ab"}},
+            model=model, prompt="x", max_tokens=8, extra_body={"structured_outputs": {"regex": "cd"}},
         ).choices[0].text)),
-        threading.Thread(target=lambda: results.append("".join(
-            pb.GenerateResponse.FromString(r).text for r in grpc.insecure_channel(
-                fake_http.target).unary_stream(GENERATE)(
-                pb.GenerateRequest(prompt="y", regex="ab").SerializeToString(), timeout=30)
-        ))),
+        threading.Thread(target=lambda: results.append(
+            _grpc_text(fake_http, pb.GenerateRequest(prompt="y", regex="ef"))[0]
+        )),
     ]  # fmt: skip
     for thread in pending:
         entered.clear()
         thread.start()
         assert entered.wait(10)
-        fast = openai.OpenAI(base_url=fake_http.base_url, api_key="none", max_retries=0,
-                             timeout=10)  # fmt: skip
         assert (
             fast.completions.create(model=model, prompt="ok", max_tokens=4).choices[0].text == "ok"
         )
+        compiled = fast.completions.create(
+            model=model,
+            prompt="x",
+            max_tokens=8,
+            extra_body={"structured_outputs": {"regex": "ab"}},
+        )
+        assert compiled.choices[0].text == "ab"
+        assert _grpc_text(fake_http, pb.GenerateRequest(prompt="y", regex="ab")) == ["ab"]
         release.set()
         thread.join(30)
         release.clear()
-    assert results == ["ab", "ab"]
+    assert results == ["cd", "ef"]
 
 
 def test_whitespace_loving_model_still_closes_the_object(make_fake_server, tokenizer) -> None:
