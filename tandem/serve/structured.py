@@ -89,12 +89,12 @@ class StructuredOutput:
 class GrammarCompiler:
     """The served tokenizer as llguidance sees it, and the grammars compiled against it.
 
-    Thread-safe. Compiling a grammar (building its matcher: tens of ms for a large schema
-    over a large vocabulary) runs on whichever thread asks first: the APIs ask from a
+    Thread-safe. Compiling a grammar (building its matcher, the costly part for a large
+    schema over a large vocabulary) runs on whichever thread asks first: the APIs ask from a
     worker (`Orchestrator.check_grammar`), so the event loop only finds it compiled. The
     lock guards the cache alone and is never held while compiling, so a compile on a worker
     never blocks the loop's lookups. Each request then gets a `deep_copy` of the compiled
-    matcher (µs: the lexer and tokenizer are shared)."""
+    matcher (cheap: the lexer and tokenizer are shared)."""
 
     def __init__(self, tokenizer: TokenizerLike) -> None:
         hf = getattr(tokenizer, "hf", None)
