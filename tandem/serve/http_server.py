@@ -981,7 +981,9 @@ class OpenAIService:
             default_max_tokens=None,
             logprobs=top if req.logprobs else None,
             renames={"prompt_token_ids": "messages", "prompt": "messages",
-                     "logprobs": "top_logprobs"},
+                     "logprobs": "top_logprobs",
+                     **({"max_tokens": "max_completion_tokens"} if req.max_completion_tokens
+                        else {})},
             tool_grammar=tool_grammar,
             keep_special_tokens=calls == "auto"
             and openai_tools.FORMATS[self.cfg.tool_call_parser].keeps_special_tokens,

@@ -865,6 +865,9 @@ BAD_REQUESTS = [
      400, "top_logprobs"),
     ("chat_max_completion_tokens_zero", CH, {"messages": CHAT, "max_completion_tokens": 0}, 400,
      "max_completion_tokens"),
+    ("chat_max_completion_tokens_huge", CH, {"messages": CHAT, "max_completion_tokens": 2**31 - 1},
+     400, "max_completion_tokens"),
+    ("chat_max_tokens_huge", CH, {"messages": CHAT, "max_tokens": 2**31 - 1}, 400, "max_tokens"),
     ("chat_unknown_model", CH, {"messages": CHAT, "model": "gpt-4"}, 404, "model"),
     ("chat_template_kwargs_reserved", CH, {"messages": CHAT, "chat_template_kwargs":
      {"add_generation_prompt": False}}, 400, "chat_template_kwargs"),
