@@ -453,7 +453,13 @@ class Scheduler:
         if not preempted:  # 3. waiting requests
             limit = self._admit_limit()
             deferred: list[Request] = []
-            while self.waiting and budget > 0 and len(self.running) < self.cfg.max_seqs:
+            # a deferred request keeps its seat: a later arrival may start beside it, never
+            # in its place (else it would wait for that request's whole generation)
+            while (
+                self.waiting
+                and budget > 0
+                and len(self.running) + len(deferred) < self.cfg.max_seqs
+            ):
                 request = self.waiting[0]
                 resumed = request.status == RequestStatus.PREEMPTED
                 if not resumed and limit == 0:

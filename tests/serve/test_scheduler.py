@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import random
 
 import numpy as np
@@ -326,6 +327,35 @@ def test_a_waiting_sibling_follows_a_chunked_prefill_page_by_page() -> None:
     # page but c, behind it in the queue, starts; b starts after it
     assert admitted == [["a"], ["a"], ["a", "c"], ["a", "c", "b"]]
     assert b.num_cached_tokens == 36  # (40 - 1) // 4 full pages, all computed by a
+
+
+def test_a_waiting_sibling_keeps_its_seat_when_the_running_set_is_full() -> None:
+    """With max_seqs seats, a request waiting for its sibling's pages holds its seat: the
+    later request c may not take it (b would then wait for c's whole generation, later
+    than without prefix caching)."""
+
+    def first_token_steps(enable_prefix_caching: bool) -> dict[str, int]:
+        cfg = serve_cfg(max_seqs=2, max_num_batched_tokens=16,
+                        enable_prefix_caching=enable_prefix_caching)  # fmt: skip
+        sched, model = Scheduler(cfg), PagedFakeModel(cfg)
+        prompt = list(range(1, 41))  # 40 tokens: 3 steps of 16
+        for rid, spec in [("a", Spec(prompt, 50, seed=1)), ("b", Spec(prompt, 50, seed=2)),
+                          ("c", Spec([7, 8, 9], 50, seed=3))]:  # fmt: skip
+            request = make_request(rid, spec)
+            request.stop_token_ids = frozenset()  # each runs to max_tokens
+            sched.add_request(request)
+        first: dict[str, int] = {}
+        for step in itertools.count():
+            plan = sched.schedule()
+            for out in sched.update_from_output(plan, model.run(plan)):
+                first.setdefault(out.request.request_id, step)
+            if not sched.has_unfinished_requests():
+                return first
+            assert step < 500
+
+    off, on = first_token_steps(False), first_token_steps(True)
+    assert off["b"] < off["c"]
+    assert on["b"] <= off["b"] and on["b"] < on["c"], (on, off)
 
 
 def test_a_long_prompt_is_chunked_while_16_streams_keep_decoding() -> None:
