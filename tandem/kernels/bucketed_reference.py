@@ -148,6 +148,7 @@ def _decode_groups(
             logits = jnp.einsum("bkgh,bksh->bkgs", qg, k, preferred_element_type=jnp.float32)
             valid = jnp.arange(k.shape[2])[None, :] < lengths[:, None]  # [g, S]
             logits = jnp.where(valid[:, None, None, :], logits * scale, _MASKED)
+            v = jnp.where(valid[:, None, :, None], v, 0)  # a freed page's NaN: 0 * NaN = NaN
             res, lse = _attend(logits, v, "bkgs,bksh->bkgh")  # [g, K, G, H], [g, K, G]
             prefix = jax.lax.dynamic_slice_in_dim(prefix_out, first, DECODE_GROUP)
             prefix_lse_ = jax.lax.dynamic_slice_in_dim(prefix_lse, first, DECODE_GROUP)
@@ -331,6 +332,8 @@ def ragged_paged_attention_blocked(
             logits = jnp.einsum("kmh,ksh->kms", qm * scale, k)  # [K, M, S]
             seen = jnp.arange(k.shape[1])[None, :] <= query_position[b][:, None]  # [M, S]
             probs = jax.nn.softmax(jnp.where(seen, logits, _MASKED), axis=-1)
+            written = jnp.arange(k.shape[1]) < blocks.start[b] + blocks.count[b]  # [S]
+            v = jnp.where(written[None, :, None], v, 0)  # (as in decode_branch)
             res = jnp.einsum("kms,ksh->kmh", probs, v)  # [K, M, H]
             res = res.reshape(n_kv, CHUNK_BLOCK, group, head_dim).swapaxes(0, 1)
             return res.reshape(CHUNK_BLOCK, n_heads, head_dim).astype(q.dtype)

@@ -206,6 +206,7 @@ def ragged_paged_attention_reference(
     visible = jnp.arange(max_len)[None, :] <= position[:, None]  # [T, S]
     logits = jnp.where(visible[:, None, None, :], logits * scale, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1)
+    v = jnp.where(visible[:, None, :, None], v, 0)  # unseen slots may hold NaN: 0 * NaN = NaN
     out = jnp.einsum(
         "tkgs,tksh->tkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
     )  # [T, K, G, H]
