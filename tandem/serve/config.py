@@ -175,3 +175,11 @@ class ServeConfig:
             max_prompt_len=prompt,
             page_size=self.page_size or default_page_size,
         )
+
+
+def unbindable(field: str, port: int | None, host: str) -> ValueError:
+    """The error for a port field (`port`, `metrics_port`, `http_port`) that cannot be bound."""
+    return ValueError(
+        f"{field}={port} is invalid: {host}:{port} cannot be bound (the port is in use, or "
+        f"host={host!r} is not an address of this machine); allowed a free port or 0 (any)"
+    )

@@ -282,19 +282,44 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: Any) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
+def _free_device_memory(devices: Sequence[jax.Device]) -> int | None:
+    """Bytes still free on the fullest of `devices` (an accelerator's, after the weights),
+    or None where the backend does not say (CPU)."""
+    if "bytes_limit" not in (devices[0].memory_stats() or {}):
+        return None
+    return min(d.memory_stats()["bytes_limit"] - d.memory_stats()["bytes_in_use"] for d in devices)
+
+
+def check_kv_cache_memory(
+    tokens: int, per_token: int, devices: Sequence[jax.Device], field: str, value: Any
+) -> None:
+    """Rejects an asked-for pool that cannot be allocated (ValueError naming `field`):
+    more than the device's free memory, or on CPU more than the host's physical memory,
+    would end in an out-of-memory error at start-up instead."""
+    limit = _free_device_memory(devices)
+    what = "free device memory"
+    if limit is None:
+        limit, what = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory"
+    require(
+        tokens * per_token <= limit,
+        field,
+        value,
+        f"a pool within the {limit / 2**30:.1f} GiB of {what}: at most {limit // per_token} "
+        f"tokens of {per_token} bytes",
+    )
+
+
 def derive_kv_cache_tokens(
     cfg: ModelConfig, scfg: ServeConfig, dtype: Any, devices: Sequence[jax.Device], kv_shards: int
 ) -> int:
     """The pool size for kv_cache_tokens=0 (module docstring), in whole pages."""
     per_token = kv_bytes_per_token(cfg, dtype) // kv_shards  # on each device
-    stats = devices[0].memory_stats() or {}
+    free = _free_device_memory(devices)
     if scfg.kv_cache_memory:
         tokens = int(scfg.kv_cache_memory * 2**30) // per_token
+        check_kv_cache_memory(tokens, per_token, devices, "kv_cache_memory", scfg.kv_cache_memory)
         where = f"kv_cache_memory {scfg.kv_cache_memory} GiB per device"
-    elif "bytes_limit" in stats:
-        free = min(
-            d.memory_stats()["bytes_limit"] - d.memory_stats()["bytes_in_use"] for d in devices
-        )
+    elif free is not None:
         tokens = int(KV_CACHE_MEMORY_FRACTION * free) // per_token
         where = f"{KV_CACHE_MEMORY_FRACTION:.0%} of {free / 2**30:.1f} GiB free device memory"
     else:
@@ -359,12 +384,24 @@ class JaxEngine(Engine):
         scfg = dataclasses.replace(scfg, cache_dtype=scfg.cache_dtype or default_cache_dtype(cfg))
         self._cache_dtype = jnp.dtype(scfg.cache_dtype)
         self.cache_key = _cache_key(manifest, self._cache_dtype)
+        devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
         if not scfg.kv_cache_tokens:
-            devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
             tokens = derive_kv_cache_tokens(
                 cfg, scfg, self._cache_dtype, devices, self._kv_shards()
             )
             scfg = dataclasses.replace(scfg, kv_cache_tokens=tokens, kv_cache_memory=0.0)
+        else:
+            per_token = kv_bytes_per_token(cfg, self._cache_dtype) // self._kv_shards()
+            check_kv_cache_memory(
+                scfg.kv_cache_tokens, per_token, devices, "kv_cache_tokens", scfg.kv_cache_tokens
+            )
+        positions = (scfg.num_pages - 1) * scfg.page_size + 1  # the last token is not cached
+        if positions < scfg.max_len:
+            log.warning(
+                "the KV cache holds %d positions, fewer than max_len %d: a request longer "
+                "than that is rejected (raise kv_cache_tokens / kv_cache_memory or lower "
+                "max_len)", positions, scfg.max_len,
+            )  # fmt: skip
         if scfg.max_num_batched_tokens > scfg.max_step_tokens:
             log.info(
                 "max_num_batched_tokens %d -> %d: no step holds more (max_seqs x max_len, "

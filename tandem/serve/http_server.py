@@ -58,7 +58,7 @@ from tandem.model.chat_template import ChatTemplate
 from tandem.model.tokenizer import Tokenizer
 from tandem.serve import openai_protocol as api
 from tandem.serve import openai_reasoning, openai_tools
-from tandem.serve.config import ServeConfig
+from tandem.serve.config import ServeConfig, unbindable
 from tandem.serve.engine_api import RowToken
 from tandem.serve.handoff import Handoff
 from tandem.serve.metrics import ServeMetrics
@@ -1229,8 +1229,11 @@ class HttpServer:
 
     async def start(self) -> int:
         host, port = self.cfg.host, self.cfg.http_port
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.create_server((host, port), family=family)
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            sock = socket.create_server((host, port), family=family)
+        except OSError:  # socket.gaierror is one
+            raise unbindable("http_port", port, host) from None
         self.port = sock.getsockname()[1]
         self.service.bind(asyncio.get_running_loop())
         self._config.load()  # TLS files are read here: a bad one fails start()

@@ -359,12 +359,19 @@ class Scheduler:
             f"<= {self.max_len - n}: prompt ({n} tokens) + max_tokens <= max_len {self.max_len}",
         )
         capacity = self.kv.num_usable_pages * self.page_size  # positions; the last token
+        pool = f"({self.kv.num_usable_pages} pages of {self.page_size}; kv_cache_tokens)"
         require(  # of a request is sampled, never cached
+            n <= capacity,
+            "prompt_token_ids",
+            f"<{n} tokens>",
+            f"at most {capacity} tokens with max_tokens 1: the whole KV cache {pool}",
+        )
+        require(
             n + max_tokens - 1 <= capacity,
             "max_tokens",
             max_tokens,
             f"<= {capacity + 1 - n}: prompt ({n} tokens) + max_tokens must fit the whole KV "
-            f"cache ({self.kv.num_usable_pages} pages of {self.page_size}; kv_cache_tokens)",
+            f"cache {pool}",
         )
 
     def add_request(self, request: Request) -> None:

@@ -40,7 +40,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from tandem.proto.v1 import generate_pb2 as pb
-from tandem.serve.config import ServeConfig
+from tandem.serve.config import ServeConfig, unbindable
 from tandem.serve.engine_api import Engine, RowToken
 from tandem.serve.handoff import Handoff
 from tandem.serve.http_server import HttpServer, OpenAIService
@@ -380,6 +380,18 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+def _read(field: str, path: str) -> bytes:
+    """A file named by a config field (b"" for none); a missing or unreadable one is a
+    ValueError naming the field."""
+    if not path:
+        return b""
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        msg = f"{field}={path!r} is invalid: allowed a readable file ({err.strerror})"
+        raise ValueError(msg) from None
+
+
 class TandemServer:
     """One replica: engine + orchestrator + gRPC server + health + metrics."""
 
@@ -399,9 +411,11 @@ class TandemServer:
         self.ready = threading.Event()
         self.service = GenerationService(self.orch, engine, self.metrics, self.ready)
         self.health = health_aio.HealthServicer()
-        self._token = Path(cfg.token_file).read_text().strip() if cfg.token_file else None
+        self._token = _read("token_file", cfg.token_file).decode().strip() or None
+        if cfg.token_file and self._token is None:  # else every client would be let in
+            raise ValueError(f"token_file={cfg.token_file!r} is invalid: the file is empty")
         self._tls = (
-            (Path(cfg.tls_cert).read_bytes(), Path(cfg.tls_key).read_bytes())
+            (_read("tls_cert", cfg.tls_cert), _read("tls_key", cfg.tls_key))
             if cfg.tls_cert
             else None
         )
@@ -422,7 +436,9 @@ class TandemServer:
     async def start(self) -> int:
         """Binds and starts answering (NOT_SERVING); warm-up runs in the background."""
         interceptors = [BearerTokenInterceptor(self._token)] if self._token else []
-        server = grpc.aio.server(interceptors=interceptors)
+        # SO_REUSEPORT (grpc's default) would let a second replica on this port start
+        # silently and split the traffic; a taken port is an error instead.
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers((self.service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -431,27 +447,35 @@ class TandemServer:
             server,
         )  # fmt: skip
         address = f"{self.host}:{self.cfg.port}"
-        if self._tls:
-            creds = grpc.ssl_server_credentials([(self._tls[1], self._tls[0])])
-            self.bound_port = server.add_secure_port(address, creds)
-        else:
-            self.bound_port = server.add_insecure_port(address)
+        try:
+            if self._tls:
+                creds = grpc.ssl_server_credentials([(self._tls[1], self._tls[0])])
+                self.bound_port = server.add_secure_port(address, creds)
+            else:
+                self.bound_port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind"
+            self.bound_port = 0
         if not self.bound_port:
-            raise OSError(f"could not bind {address}")
+            raise unbindable("port", self.cfg.port, self.host)
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
-        if self.cfg.metrics_port is not None:
-            self.bound_metrics_port = self.metrics.serve_http(self.cfg.metrics_port, self.host)
-        if self.http is not None:
-            try:
+        try:  # no half-started replica: a port taken (or TLS files refused) stops it all
+            if self.cfg.metrics_port is not None:
+                try:
+                    self.bound_metrics_port = self.metrics.serve_http(
+                        self.cfg.metrics_port, self.host
+                    )
+                except OSError:
+                    raise unbindable("metrics_port", self.cfg.metrics_port, self.host) from None
+            if self.http is not None:
                 self.bound_http_port = await self.http.start()
-            except BaseException:  # e.g. the port is taken: no half-started replica
-                await server.stop(0)
-                self.metrics.close()
-                self._server = None
-                raise
+        except BaseException:
+            await server.stop(0)
+            self.metrics.close()
+            self._server = None
+            raise
         self._warmup_task = asyncio.create_task(self._warmup())
         log.info("gRPC on %s:%d (warming up)", self.host, self.bound_port)
         return self.bound_port

@@ -451,6 +451,13 @@ def test_kv_cache_size_derived_on_cpu(engine) -> None:
         )  # fmt: skip
     with pytest.raises(ValueError, match="kv_cache_memory"):  # one size, not two
         dataclasses.replace(SCFG, kv_cache_memory=1.0, kv_cache_tokens=64)
+    # a size asked for that could never be allocated: named at start-up, not a MemoryError
+    for field, value in [("kv_cache_memory", 100_000.0), ("kv_cache_tokens", 2**44)]:
+        with pytest.raises(ValueError, match=rf"^{field}={value} is invalid: .* host memory"):
+            JaxEngine.from_model(
+                Transformer(CFG, rngs=nnx.Rngs(0)), engine.tokenizer,
+                dataclasses.replace(SCFG, **{field: value}),
+            )  # fmt: skip
 
 
 def test_a_bfloat16_model_gets_a_float32_cache_on_cpu(tokenizer, caplog) -> None:

@@ -1178,7 +1178,7 @@ def test_taken_http_port_fails_start_and_frees_the_grpc_port(tokenizer) -> None:
         taken.listen()
         cfg = dataclasses.replace(CFG, port=0, http_port=taken.getsockname()[1])
         server = TandemServer(FakeEngine(tokenizer), cfg)
-        with pytest.raises(OSError):
+        with pytest.raises(ValueError, match=rf"^http_port={cfg.http_port} is invalid: .* in use"):
             asyncio.run(server.start())
     assert server._server is None and server.bound_port is not None
     with socket.socket() as again:  # no half-started replica: the gRPC port is free again

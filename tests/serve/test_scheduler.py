@@ -569,8 +569,15 @@ def test_continuous_admission_honours_max_prefills_per_step_and_max_seqs() -> No
         (30, 4, {"max_len": 32}, "max_tokens=4 is invalid: allowed <= 2"),
         (32, 1, {"max_len": 32}, "at most max_prompt_len=31 tokens"),
         (10, 40, {"kv_cache_tokens": 12 * 4}, "must fit the whole KV cache (11 pages of 4"),
+        (
+            45,
+            1,
+            {"kv_cache_tokens": 12 * 4},
+            "prompt_token_ids='<45 tokens>' is invalid: "
+            "allowed at most 44 tokens with max_tokens 1: the whole KV cache (11 pages of 4",
+        ),
     ],
-    ids=["empty", "max_len", "prompt", "pool"],
+    ids=["empty", "max_len", "prompt", "pool", "prompt_past_pool"],
 )
 def test_requests_that_can_never_fit_are_rejected_up_front(
     prompt_len: int, max_tokens: int, cfg_kw: dict, message: str

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -298,6 +299,49 @@ def test_bearer_token(make_fake_server) -> None:
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
     with TandemClient(bg.target, token="s3cret") as client:
         assert client.generate_text("hi").text == "hi"
+
+
+def test_unreadable_or_empty_token_file_names_the_field(tmp_path: Path, tokenizer) -> None:
+    from tandem.serve.fake_engine import FakeEngine
+    from tandem.serve.server import TandemServer
+
+    (tmp_path / "empty").write_text("\n")
+    for path, why in [(tmp_path / "missing", "readable file"), (tmp_path / "empty", "empty")]:
+        with pytest.raises(ValueError, match=rf"^token_file='{path}' is invalid: .*{why}"):
+            TandemServer(FakeEngine(tokenizer), ServeConfig(port=0, token_file=str(path)))
+
+
+@pytest.mark.parametrize("field", ["port", "metrics_port"])  # http_port: test_http_openai
+def test_a_taken_port_names_the_field_and_starts_nothing(field: str, tokenizer) -> None:
+    """A port another process holds (here a listening socket; for the gRPC port also a
+    second replica, which grpc's default SO_REUSEPORT would have let share it) is a
+    ValueError naming the field, and the ports the replica did bind are released."""
+    from tandem.serve.fake_engine import FakeEngine
+    from tandem.serve.server import BackgroundServer, TandemServer
+
+    ports = {"port": 0, "metrics_port": 0}
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        ports[field] = taken.getsockname()[1]
+        cfg = ServeConfig(**ports)
+        bg = BackgroundServer(TandemServer(FakeEngine(tokenizer), cfg))
+        with pytest.raises(ValueError, match=rf"^{field}={ports[field]} is invalid: .* in use"):
+            bg.start()
+        bg.stop()
+    bound = {"port": bg.server.bound_port, "metrics_port": bg.server.bound_metrics_port}
+    assert all(_closed(port) for port in bound.values() if port), bound
+    if field == "port":
+        with BackgroundServer(TandemServer(FakeEngine(tokenizer), ServeConfig(port=0))) as first:
+            second = BackgroundServer(
+                TandemServer(FakeEngine(tokenizer), ServeConfig(port=first.port))
+            )
+            with pytest.raises(ValueError, match=rf"^port={first.port} is invalid"):
+                second.start()
+            second.stop()
+
+
+def _closed(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a cert")
