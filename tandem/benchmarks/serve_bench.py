@@ -353,13 +353,21 @@ async def run_load(
 
         t0 = time.perf_counter()
         tasks = []
+        # Each start is due at a time from t0 (Poisson: the gaps summed), never at a gap
+        # after the previous wake-up: a client woken late (it shares the cores with the
+        # server it measures) would otherwise shift every later start and offer a busier
+        # server less than `request_rate`.
+        due = 0.0
         for item in requests:
             turns = item if isinstance(item, list) else [item]
-            if turns[0].arrival is not None:
-                await asyncio.sleep(max(0.0, t0 + turns[0].arrival - time.perf_counter()))
+            arrival = turns[0].arrival
+            if arrival is None:
+                arrival = due
+                if math.isfinite(request_rate):
+                    due += rng.exponential(1.0 / request_rate)
+            if arrival > 0:
+                await asyncio.sleep(max(0.0, t0 + arrival - time.perf_counter()))
             tasks.append(asyncio.create_task(converse(turns)))
-            if turns[0].arrival is None and math.isfinite(request_rate):
-                await asyncio.sleep(rng.exponential(1.0 / request_rate))
         results = [r for turns in await asyncio.gather(*tasks) for r in turns]
         duration = time.perf_counter() - t0
     return results, duration
@@ -755,6 +763,11 @@ def main(argv: list[str] | None = None) -> int:
     apis = [a.strip() for a in args.apis.split(",") if a.strip()]
     if not apis or set(apis) - {"grpc", "openai"}:
         parser.error(f"--apis={args.apis!r} is invalid: allowed grpc, openai (comma list)")
+    if "offline" in modes and args.workload == "interference":
+        parser.error(
+            "--modes offline is invalid with --workload interference: offline queues every "
+            "request at t=0, and the workload's long prompt arrives while the others decode"
+        )
     from tandem.serve.config import ServeConfig
     from tandem.serve.server import BackgroundServer, TandemServer
 

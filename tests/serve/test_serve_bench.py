@@ -91,9 +91,46 @@ def test_offline_mode_runs_in_process(tmp_path: Path) -> None:
     assert offline["ttft_ms"]["p50"] > 0 and offline["tpot_ms"]["p50"] > 0
 
 
-def test_unknown_mode_is_rejected() -> None:
+def test_starts_stay_on_the_poisson_schedule_when_the_client_wakes_late(monkeypatch) -> None:
+    """Each start is due at the summed Poisson gaps from t0: a client held up (here the
+    first request blocks its event loop for 0.5 s, as a busy server's cores may) starts
+    the requests due meanwhile at once and the later ones on time, instead of pushing
+    every later start back."""
+    import asyncio
+    import time
+
+    import numpy as np
+
+    bench = _load_bench()
+    rate, n, seed = 20.0, 30, 3
+    starts: list[float] = []
+
+    async def one(host, port, model, req, timeout):
+        starts.append(time.perf_counter())
+        if len(starts) == 1:
+            time.sleep(0.5)  # the client's loop does not run
+        return bench.RequestResult(ok=True, start=starts[-1], ttft=0.0, e2e=0.0,
+                                   output_tokens=req.output_len)  # fmt: skip
+
+    monkeypatch.setattr(bench, "_openai_one", one)
+    requests = [bench.BenchRequest((5, 6), 1) for _ in range(n)]
+    _, duration = asyncio.run(
+        bench.run_load("127.0.0.1:1", requests, request_rate=rate, max_concurrency=None,
+                       seed=seed, api="openai", model="m")
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    due = np.concatenate([[0.0], np.cumsum([rng.exponential(1 / rate) for _ in range(n - 1)])])
+    late = np.array(starts) - starts[0] - due
+    assert due[-1] > 1.0 and late[-1] < 0.15, late  # a gap after each wake-up: ~0.45 s
+    assert duration < due[-1] + 0.15  # and no sleep after the last start
+
+
+def test_unknown_mode_is_rejected(capsys) -> None:
     with pytest.raises(SystemExit):
         _load_bench().main(["--modes", "continuous,turbo"])
+    with pytest.raises(SystemExit):  # offline has no arrival times for the long prompt
+        _load_bench().main(["--modes", "offline", "--workload", "interference"])
+    assert "--modes offline is invalid with --workload interference" in capsys.readouterr().err
 
 
 def test_shared_prefix_conversations_extend_one_system_prompt() -> None:
