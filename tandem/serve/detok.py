@@ -39,8 +39,8 @@ class TextStream:
     delta then holds only what precedes it) or None. After a match further pushes are a
     bug. `finish` releases whatever was held back when generation ends for another reason.
     With `min_tokens` no stop string ends the text before token min_tokens + 1, which
-    may complete one begun earlier (vLLM v1's detokenizer: min_tokens holds back the stop
-    strings as it does the stop ids).
+    may complete one begun earlier; one that ended before never does (vLLM v1's
+    detokenizer: min_tokens holds back the stop strings as it does the stop ids).
     """
 
     def __init__(
@@ -71,7 +71,10 @@ class TextStream:
         if self._stops and self._pending and self._unmatched < 0:
             hit, hit_stop = -1, None
             for s in self._stops:
-                i = self._pending.find(s)
+                # only a match ending in the new text: one that ended earlier (within the
+                # first min_tokens tokens, held back as the start of a longer stop) does
+                # not count, as in vLLM's `check_stop_strings`
+                i = self._pending.find(s, max(0, len(self._pending) - len(new) - len(s) + 1))
                 if i >= 0 and (hit < 0 or i < hit):
                     hit, hit_stop = i, s
             if hit_stop is not None:

@@ -720,6 +720,7 @@ class JaxEngine(Engine):
         return StepOutput(out, self.max_logprobs, prompt if asked else None)
 
     def reset(self) -> None:
+        self._cache = None  # freed first: a pool sized to the device's memory fits once
         self._cache = self._init_cache()
 
     def info(self) -> dict[str, Any]:

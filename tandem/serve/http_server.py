@@ -491,8 +491,8 @@ class OpenAIService:
 
     def _check_ready(self) -> None:
         if not self.ready.is_set():
-            raise ApiError(503, "model is warming up or the server is draining; retry shortly",
-                           code="unavailable")  # fmt: skip
+            why = self.orch.failure or "model is warming up or the server is draining; retry"
+            raise ApiError(503, why, code="unavailable")
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -1080,7 +1080,8 @@ class OpenAIService:
     async def health(self, request: Request) -> Response:
         if self.ready.is_set():
             return Response(b"", 200)
-        return ApiError(503, "warming up or draining", code="unavailable").response()
+        why = self.orch.failure or "warming up or draining"
+        return ApiError(503, why, code="unavailable").response()
 
     async def prometheus(self, request: Request) -> Response:
         if self.metrics is None:

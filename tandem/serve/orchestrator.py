@@ -160,7 +160,7 @@ class _Stream:
         self.deadline: float | None = deadline
         self.created = now
         self.first_token_time: float | None = None
-        self.cancelled = False
+        self.cancelled: str | None = None  # the status a cancel ends it with
         # prompt logprobs by position until the first message sends them (None: not asked
         # or sent); by position, so a recompute after preemption adds nothing twice
         asked = request.sampling.prompt_logprobs is not None
@@ -178,8 +178,11 @@ class RequestHandle:
     def id(self) -> str:
         return self._stream.request.request_id
 
-    def cancel(self) -> None:
-        self._orch._cancel(self._stream)
+    def cancel(self, code: str = "CANCELLED") -> None:
+        """Ends the request with `code`: CANCELLED, or DEADLINE_EXCEEDED where the API
+        layer's own deadline ended the call (grpc cancels a handler as its deadline
+        passes)."""
+        self._orch._cancel(self._stream, code)
 
 
 class Orchestrator:
@@ -204,6 +207,10 @@ class Orchestrator:
         self._ids = itertools.count(1)
         self._rng = random.Random()
         self._accepting = True
+        # Why the engine stopped for good (a failed step whose reset failed too); None
+        # while it serves. `on_failure` (set by the API layer) is called once, then.
+        self.failure: str | None = None
+        self.on_failure: Callable[[], None] | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -292,7 +299,7 @@ class Orchestrator:
         buffer = OutputBuffer(self.cfg.stream_interval, merge_outputs)
         with self._cv:
             if not self._accepting:
-                raise RequestError("UNAVAILABLE", "server is shutting down")
+                raise RequestError("UNAVAILABLE", self.failure or "server is shutting down")
             if self.queue_depth >= self.cfg.max_queue:
                 raise RequestError(
                     "RESOURCE_EXHAUSTED",
@@ -305,9 +312,9 @@ class Orchestrator:
             self._cv.notify_all()
         return RequestHandle(self, stream)
 
-    def _cancel(self, stream: _Stream) -> None:
+    def _cancel(self, stream: _Stream, code: str) -> None:
         with self._cv:
-            stream.cancelled = True
+            stream.cancelled = stream.cancelled or code
             self._cv.notify_all()
 
     @property
@@ -373,7 +380,12 @@ class Orchestrator:
                 self.step()
             except Exception:
                 log.exception("engine step failed; failing the running requests")
-                self._abort_running("INTERNAL", "engine step failed")
+                try:
+                    self._abort_running("INTERNAL", "engine step failed")
+                except Exception:
+                    log.exception("the engine did not recover; failing every request")
+                    self._give_up()
+                    return
 
     def step(self) -> bool:
         """One iteration (module docstring). Returns whether a step ran or was committed."""
@@ -423,10 +435,11 @@ class Orchestrator:
 
     @staticmethod
     def _retire_reason(stream: _Stream, now: float) -> tuple[str, str] | None:
+        deadline = stream.deadline is not None and now >= stream.deadline
+        if deadline or stream.cancelled == "DEADLINE_EXCEEDED":
+            return "DEADLINE_EXCEEDED", "deadline exceeded before generation finished"
         if stream.cancelled:
             return "CANCELLED", "request cancelled"
-        if stream.deadline is not None and now >= stream.deadline:
-            return "DEADLINE_EXCEEDED", "deadline exceeded before generation finished"
         return None
 
     def _retire(self, now: float) -> None:
@@ -520,7 +533,7 @@ class Orchestrator:
             stream.sink(out)
         except Exception:
             log.exception("sink of request %s failed; cancelling it", stream.request.request_id)
-            stream.cancelled = True
+            stream.cancelled = "CANCELLED"
 
     def _abort_running(self, code: str, message: str) -> None:
         """After a failed step: fails every started request (running or preempted), then
@@ -533,6 +546,17 @@ class Orchestrator:
         self._new_scheduler()
         for request in queued:
             self.scheduler.add_request(request)
+
+    def _give_up(self) -> None:
+        """The engine failed and so did its reset: nothing can run any more. Stops
+        admitting (new requests: UNAVAILABLE, naming why), fails every request with
+        INTERNAL, queued ones included, and tells the API layer (health: NOT_SERVING)."""
+        with self._cv:
+            self._accepting = False
+            self.failure = "the engine failed and could not recover; restart the replica"
+        self._abort_all("INTERNAL", self.failure)
+        if self.on_failure is not None:
+            self.on_failure()
 
     def _abort_all(self, code: str, message: str) -> None:
         with self._cv:

@@ -230,7 +230,8 @@ class GenerationService:
     ) -> tuple[list[RequestHandle], asyncio.Queue[tuple[int, Output]]]:
         """Submits the request's choices; their outputs arrive as (index, Output)."""
         if not self.ready.is_set():
-            await self._reject(context, "UNAVAILABLE", "model is warming up; retry shortly")
+            why = self.orch.failure or "model is warming up or the server is draining"
+            await self._reject(context, "UNAVAILABLE", why)
         try:
             prompt_ids, choices = await self._parse(req)
             if len(choices) > max_n:
@@ -284,9 +285,10 @@ class GenerationService:
                     if err is not None:
                         await context.abort(grpc.StatusCode[err.code], err.message)
         finally:
+            code = _cancel_code(context)
             for index, handle in enumerate(handles):
                 if index not in done:
-                    handle.cancel()
+                    handle.cancel(code)
 
     async def generate_unary(self, req: Any, context: grpc.aio.ServicerContext) -> Any:
         handles, queue = await self._start(req, context, max_n=1)
@@ -296,7 +298,7 @@ class GenerationService:
                 outs.append((await queue.get())[1])
         finally:
             if not outs or not outs[-1].final:
-                handles[0].cancel()
+                handles[0].cancel(_cancel_code(context))
         if outs[-1].error is not None:
             await context.abort(grpc.StatusCode[outs[-1].error.code], outs[-1].error.message)
         return _to_response(merge_outputs(outs), req.request_id)
@@ -390,6 +392,12 @@ def _read(field: str, path: str) -> bytes:
     except OSError as err:
         msg = f"{field}={path!r} is invalid: allowed a readable file ({err.strerror})"
         raise ValueError(msg) from None
+
+
+def _cancel_code(context: grpc.aio.ServicerContext) -> str:
+    """Why a handler ends before its request: its deadline passed, or the client left."""
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
 
 class TandemServer:
@@ -492,11 +500,18 @@ class TandemServer:
         gc.collect()
         gc.freeze()
         self._froze_heap = True
+        self.orch.on_failure = lambda: asyncio.run_coroutine_threadsafe(self._not_serving(), loop)
         self.orch.start()
         self.ready.set()
         for name in _HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("warm-up done in %.1f s: SERVING", time.perf_counter() - t0)
+
+    async def _not_serving(self) -> None:
+        """Health NOT_SERVING and new requests refused (draining, or the engine failed)."""
+        self.ready.clear()
+        for name in _HEALTH_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def wait_ready(self) -> None:
         assert self._warmup_task is not None, "start() first"
@@ -507,8 +522,7 @@ class TandemServer:
         The HTTP listener stays open while draining (503s, /health 503), then closes."""
         if self._server is None:
             return
-        for name in _HEALTH_NAMES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._not_serving()
         if self._warmup_task is not None and not self._warmup_task.done():
             with contextlib.suppress(BaseException):
                 await self._warmup_task

@@ -75,6 +75,12 @@ def test_min_tokens_holds_back_stop_strings_as_vllm_does() -> None:
     assert stream.push(3) == ("", "\n")
     stream = TextStream(_Chunks(["xS", "TO", "P"]), ("STOP",), min_tokens=2)
     assert [stream.push(i) for i in range(3)] == [("x", None), ("", None), ("", "STOP")]
+    # a stop that ended within the first min_tokens tokens, held back as the start of a
+    # longer one, never ends the text later: only a match ending in the new text counts
+    stream = TextStream(_Chunks(["a", "##", "b", "c"]), ("###", "##"), min_tokens=2)
+    assert [stream.push(i) for i in range(4)] == [
+        ("a", None), ("", None), ("##b", None), ("c", None)
+    ]  # fmt: skip
 
 
 def test_utf8_split_characters_never_broken(tokenizer) -> None:

@@ -386,6 +386,32 @@ def test_engine_failure_fails_running_requests(tokenizer) -> None:
     orch.stop(drain=False)
 
 
+def test_an_engine_that_cannot_recover_fails_every_request_and_refuses_new_ones(
+    tokenizer,
+) -> None:
+    """A failed step whose reset fails too: the running and the queued requests get
+    INTERNAL (none hangs), new ones UNAVAILABLE naming why, and the API layer is told."""
+    engine = FakeEngine(tokenizer, ServeConfig(max_seqs=1))
+    orch = Orchestrator(engine)
+    told = threading.Event()
+    orch.on_failure = told.set
+
+    def boom(*_):
+        raise RuntimeError("device lost")
+
+    running, _ = _submit(orch, tokenizer, "abc")
+    queued, _ = _submit(orch, tokenizer, "def")  # max_seqs 1: waits
+    engine.step, engine.reset = boom, boom
+    orch.start()
+    assert running.done.wait(5) and queued.done.wait(5)
+    assert running.last.error.code == queued.last.error.code == "INTERNAL"
+    assert told.wait(5) and "could not recover" in orch.failure
+    with pytest.raises(RequestError) as err:
+        _submit(orch, tokenizer, "later")
+    assert err.value.code == "UNAVAILABLE" and err.value.message == orch.failure
+    orch.stop(drain=True, timeout=5)
+
+
 # ---- the paged cache through the loop -----------------------------------------------------
 
 

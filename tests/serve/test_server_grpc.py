@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -197,6 +198,38 @@ def test_health_and_metrics(fake_server) -> None:
     assert "tandem_active_slots 0.0" in body
 
 
+def test_an_engine_beyond_recovery_turns_health_not_serving(make_fake_server) -> None:
+    """A failed step whose reset fails too: the request gets INTERNAL, health turns
+    NOT_SERVING on both APIs (so an orchestrator replaces the replica), and new requests
+    get UNAVAILABLE saying why."""
+    bg = make_fake_server(cfg=ServeConfig(max_seqs=2, http_port=0))
+    engine = bg.server.engine
+
+    def boom(*_):
+        raise RuntimeError("device lost")
+
+    engine.step, engine.reset = boom, boom
+    with TandemClient(bg.target) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate_text("hi")
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        health = health_pb2_grpc.HealthStub(client.channel)
+        for _ in range(100):
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            time.sleep(0.05)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate_text("again")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "could not recover" in err.value.details()
+    health_url = bg.base_url.removesuffix("/v1") + "/health"
+    with pytest.raises(urllib.error.HTTPError) as http_err:
+        urllib.request.urlopen(health_url, timeout=5)
+    assert http_err.value.code == 503 and b"could not recover" in http_err.value.read()
+
+
 def test_health_not_serving_until_warm(make_fake_server, tokenizer) -> None:
     from tandem.serve.fake_engine import FakeEngine
     from tandem.serve.server import BackgroundServer, TandemServer
@@ -256,17 +289,24 @@ def test_queue_overflow_is_resource_exhausted_not_a_hang(make_fake_server) -> No
 
 
 def test_deadline_exceeded_and_slot_freed(make_fake_server) -> None:
-    bg = make_fake_server(step_delay=0.02)
+    """The slot is freed and the metrics count DEADLINE_EXCEEDED (grpc cancels the handler
+    as the deadline passes: not to be counted as the client's cancel)."""
+    bg = make_fake_server(step_delay=0.02, metrics=True)
     with TandemClient(bg.target) as client:
-        with pytest.raises(grpc.RpcError) as err:
-            client.generate_text("d" * 60, timeout=0.2)
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for call in (client.generate_text, lambda *a, **kw: list(client.generate(*a, **kw))):
+            with pytest.raises(grpc.RpcError) as err:
+                call("d" * 60, timeout=0.2)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     orch = bg.server.orch
     for _ in range(100):
         if orch.active_slots == 0:
             break
         time.sleep(0.01)
     assert orch.active_slots == 0
+    port = bg.server.bound_metrics_port
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'tandem_requests_total{status="DEADLINE_EXCEEDED"} 2.0' in body, body
+    assert 'status="CANCELLED"' not in body
 
 
 def test_client_cancel_frees_slot(make_fake_server) -> None:
