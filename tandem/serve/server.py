@@ -522,11 +522,10 @@ class TandemServer:
         The HTTP listener stays open while draining (503s, /health 503), then closes."""
         if self._server is None:
             return
-        await self._not_serving()
         if self._warmup_task is not None and not self._warmup_task.done():
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(BaseException):  # (NOT_SERVING until it ends)
                 await self._warmup_task
-        self.ready.clear()
+        await self._not_serving()  # after it: its end sets SERVING
         loop = asyncio.get_running_loop()
         drained = loop.run_in_executor(None, lambda: self.orch.stop(drain=True, timeout=grace))
         await self._server.stop(grace)
