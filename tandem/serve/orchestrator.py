@@ -264,6 +264,16 @@ class Orchestrator:
         capacity = self.scheduler.kv.num_usable_pages * self.cfg.page_size + 1
         return min(self.cfg.max_len, capacity) - prompt_len
 
+    @property
+    def max_len(self) -> int:
+        """The longest a sequence can run: `max_len`, or what the whole pool holds if that
+        is less (what ModelInfo and /v1/models advertise)."""
+        return self.room(0)
+
+    @property
+    def max_prompt_len(self) -> int:
+        return min(self.cfg.max_prompt_len, self.max_len - 1)
+
     def default_params(self, prompt_len: int, **fields: Any) -> SamplingParams:
         """SamplingParams with max_tokens defaulted to `default_max_tokens`, or what fits
         if less (used when a request sends 0)."""

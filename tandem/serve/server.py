@@ -318,8 +318,8 @@ class GenerationService:
             config_json=json.dumps(info.get("config", {}), sort_keys=True),
             vocab_size=tok.vocab_size,
             max_slots=self.engine.max_seqs,
-            max_len=self.engine.max_len,
-            max_prompt_len=self.engine.max_prompt_len,
+            max_len=self.orch.max_len,
+            max_prompt_len=self.orch.max_prompt_len,
             max_logprobs=self.engine.max_logprobs,
             eos_id=tok.eos_id,
             bos_id=tok.bos_id,
@@ -434,8 +434,8 @@ class TandemServer:
         self.http: HttpServer | None = None
         if cfg.http_port is not None:  # the OpenAI-compatible API on the same orchestrator
             openai = OpenAIService(
-                self.orch, engine.tokenizer, cfg, max_len=engine.max_len,
-                max_prompt_len=engine.max_prompt_len, metrics=self.metrics, ready=self.ready,
+                self.orch, engine.tokenizer, cfg, max_len=self.orch.max_len,
+                max_prompt_len=self.orch.max_prompt_len, metrics=self.metrics, ready=self.ready,
             )  # fmt: skip
             self.http = HttpServer(openai, cfg, token=self._token)
         self._warmup_task: asyncio.Task | None = None

@@ -154,6 +154,21 @@ def test_stream_unary_tokenize_model_info(fake_server, tokenizer) -> None:
         assert list(info.stop_token_ids) == sorted(tokenizer.stop_ids)
 
 
+def test_a_pool_under_max_len_advertises_what_it_holds(make_fake_server) -> None:
+    """11 usable pages of 4 hold 44 positions: ModelInfo and /v1/models advertise a
+    context of 45 (the last token is sampled, never cached), not max_len 128, so clients
+    that size prompts by it (lm-eval) never send one that is rejected."""
+    cfg = ServeConfig(max_seqs=2, max_prompt_len=64, page_size=4, kv_cache_tokens=12 * 4,
+                      http_port=0)  # fmt: skip
+    bg = make_fake_server(cfg=cfg)
+    with TandemClient(bg.target) as client:
+        info = client.model_info()
+        assert (info.max_len, info.max_prompt_len) == (45, 44)
+        assert client.generate_text("x" * 40, max_tokens=4).finish_reason == "length"  # 41 + 4
+    models = json.load(urllib.request.urlopen(f"{bg.base_url}/models", timeout=5))
+    assert models["data"][0]["max_model_len"] == 45
+
+
 def test_prompt_logprobs_on_the_first_message(fake_server, tokenizer) -> None:
     """prompt_logprobs (field 24): one entry per prompt token after the first, on the first
     message only (the fake engine scores each -0.25, alternatives token+1 ... after it);
