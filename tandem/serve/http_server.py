@@ -43,7 +43,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pydantic
 import uvicorn
@@ -65,7 +65,7 @@ from tandem.serve.metrics import ServeMetrics
 from tandem.serve.openai_answer import AnswerShape, AnswerStream, chat_message
 from tandem.serve.orchestrator import Orchestrator, Output, RequestError, merge_outputs
 from tandem.serve.sampling import SamplingParams
-from tandem.serve.structured import StructuredOutput
+from tandem.serve.structured import GrammarKind, StructuredOutput
 
 log = logging.getLogger(__name__)
 
@@ -545,12 +545,13 @@ class OpenAIService:
                 code="no_chat_template",
             )
         template_kwargs = template_kwargs or {}
-        own = {"messages", "add_generation_prompt", "continue_final_message"}
+        own = {"messages", "add_generation_prompt", "continue_final_message", "self"}
         own |= {"tools"} if tools else set()
         if reserved := sorted(own & set(template_kwargs)):
             raise ApiError(
                 400,
-                f"chat_template_kwargs may not set {reserved}: they are the request's own",
+                f"chat_template_kwargs may not set {reserved}: reserved (the request's own "
+                "fields, and the template's `self`)",
                 param="chat_template_kwargs",
                 code="invalid_value",
             )
@@ -559,6 +560,9 @@ class OpenAIService:
             message = m.model_dump(exclude_none=True, exclude={"refusal", "annotations"})
             if isinstance(m.content, list):
                 message["content"] = _text(m.content)
+            # null content (an assistant's tool calls, as the SDK sends its reply back) is
+            # "" for the template, as vLLM gives it: templates read message.content as text
+            message.setdefault("content", "")
             try:
                 message = openai_tools.template_tool_calls(message)
             except ValueError as err:
@@ -615,17 +619,20 @@ class OpenAIService:
                 code="invalid_value",
             )
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        structured = _structured_output(
-            getattr(req, "response_format", None), req.structured_outputs
-        )
         where = "structured_outputs" if req.structured_outputs else "response_format"
+        try:
+            structured = _structured_output(
+                getattr(req, "response_format", None), req.structured_outputs
+            )
+        except ValueError as err:  # an empty regex / grammar / schema
+            raise _bad_value(err, dict.fromkeys(get_args(GrammarKind), where)) from None
         if tool_grammar is not None:  # a named function or "required": its JSON
             if structured is not None:
                 raise ApiError(400, f"tool_choice is invalid with {where}: the answer is "
                                "either tool calls or that format", param="tool_choice",
                                code="invalid_value")  # fmt: skip
             structured, where = tool_grammar, "tools"
-        renames = renames | dict.fromkeys(("json_schema", "json_object", "regex", "grammar"), where)
+        renames = renames | dict.fromkeys(get_args(GrammarKind), where)
         if structured is not None:
             try:
                 await self.orch.check_grammar(structured)
@@ -877,6 +884,9 @@ class OpenAIService:
             prompts = [list(p) for p in prompt]
         else:
             prompts = [list(prompt)]
+        if req.stream and req.prompt_logprobs is not None:  # as vLLM
+            raise ApiError(400, "prompt_logprobs is not available with stream=true",
+                           param="prompt_logprobs", code="invalid_value")  # fmt: skip
         if req.max_tokens == 0 and not req.echo:
             raise ApiError(400, "max_tokens=0 is invalid: must be >= 1 (0 only with echo, "
                            "which then returns the prompt alone)", param="max_tokens",

@@ -686,6 +686,27 @@ def test_reasoning_parser_returns_the_thinking_apart(make_fake_server, tmp_path)
     assert script.prompts[-1] == list(
         expected["input_ids"] if hasattr(expected, "keys") else expected
     )
+    # an agent's second turn: the call (content null, as the SDK dumps it) and its result
+    # go back; Qwen3's template reads the content as text, so null renders as "" (vLLM's)
+    script.answer = f'<think>{thought}</think><tool_call>{{"name": "get_time"}}</tool_call>'
+    call = client.chat.completions.create(model="tandem", messages=CHAT, tools=[CLOCK])
+    call_message = call.choices[0].message
+    assert call_message.content is None
+    result = {"role": "tool", "tool_call_id": call_message.tool_calls[0].id, "content": "9:00"}
+    script.answer = f"<think>{thought}</think>It is nine."
+    second = client.chat.completions.create(
+        model="tandem", messages=[*CHAT, call_message.model_dump(), result], tools=[CLOCK]
+    )
+    assert second.choices[0].message.content == "It is nine."
+    as_hf = {**call_message.model_dump(exclude_none=True), "content": "",
+             "reasoning_content": thought}  # fmt: skip
+    for t in as_hf["tool_calls"]:
+        t["function"]["arguments"] = json.loads(t["function"]["arguments"])
+    expected = hf.apply_chat_template([*CHAT, as_hf, result], add_generation_prompt=True,
+                                      tools=[CLOCK], tokenize=True)  # fmt: skip
+    assert script.prompts[-1] == list(
+        expected["input_ids"] if hasattr(expected, "keys") else expected
+    )
     assert _idle(bg)
 
 
@@ -871,6 +892,14 @@ BAD_REQUESTS = [
     ("chat_unknown_model", CH, {"messages": CHAT, "model": "gpt-4"}, 404, "model"),
     ("chat_template_kwargs_reserved", CH, {"messages": CHAT, "chat_template_kwargs":
      {"add_generation_prompt": False}}, 400, "chat_template_kwargs"),
+    ("chat_empty_structured_regex", CH, {"messages": CHAT, "structured_outputs": {"regex": ""}},
+     400, "structured_outputs"),
+    ("empty_structured_grammar", C, {"prompt": "hi", "structured_outputs": {"grammar": ""}}, 400,
+     "structured_outputs"),
+    ("chat_template_kwargs_self", CH, {"messages": CHAT, "chat_template_kwargs": {"self": 1}},
+     400, "chat_template_kwargs"),
+    ("prompt_logprobs_streamed", C, {"prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400,
+     "prompt_logprobs"),
     ("chat_bad_json_schema", CH, {"messages": CHAT, "response_format": {"type": "json_schema",
      "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format"),
     ("chat_audio_modality", CH, {"messages": CHAT, "modalities": ["text", "audio"]}, 400,
