@@ -48,7 +48,7 @@ def bucket_index(sizes: tuple[int, ...], need: jax.Array) -> jax.Array:
 #     reads, so one row per iteration paid it four times as often, while one prefix for
 #     the whole batch made every short row read the longest one's length (measured:
 #     docs/benchmarks.md, "Measurements behind code choices");
-#   * the other rows' queries in blocks of CHUNK_BLOCK tokens (`query_blocks`), each
+#   * the other rows' queries in blocks of `chunk_blocks(T)` tokens (`query_blocks`), each
 #     block reading up to its last query's position (causality: a chunk's early blocks
 #     read less); a block is two batched GEMMs over the kv heads (blocks of 64 in that
 #     form measured 1.5x faster than blocks of 32 per (kv head, group member) with
@@ -61,6 +61,22 @@ DECODE_GROUP = 4
 PREFIX_ROWS = 16  # decode rows per GEMM over their common prefix
 PREFIX_TOKENS = 256  # common-prefix positions per iteration of its loop (its granularity)
 CHUNK_BLOCK = 64
+SMALL_STEP_CHUNK_BLOCK = 16
+
+
+def chunk_blocks(n_tokens: int) -> tuple[int, int]:
+    """Query tokens per chunk block in a step of n_tokens: (when every chunk fits one
+    block of it, otherwise). One block per chunk is what pays on CPU: each block gathers
+    the pages its queries see, which costs more than the queries it spares (a 20-token
+    chunk at position 1,000 in two blocks of 16 took 1.3x one block of 64), so a step's
+    block holds the whole step, up to CHUNK_BLOCK. A step of at most 32 tokens whose
+    chunks fit SMALL_STEP_CHUNK_BLOCK (a budget of 32 set for the streams' gaps leaves
+    16 tokens beside 16 decodes) computes half the queries with that (docs/benchmarks.md,
+    "Measurements behind code choices")."""
+    large = min(n_tokens, CHUNK_BLOCK)
+    if n_tokens <= 2 * SMALL_STEP_CHUNK_BLOCK:
+        return min(large, SMALL_STEP_CHUNK_BLOCK), large
+    return large, large
 
 
 def page_buckets(pages_per_seq: int, page_size: int) -> tuple[int, ...]:
@@ -269,6 +285,67 @@ def _decode_rows(
     )  # fmt: skip
 
 
+def _chunk_rows(
+    out: jax.Array,  # [T + CHUNK_BLOCK, N, H] the decode rows' outputs in place
+    q_padded: jax.Array,  # [T + CHUNK_BLOCK, N, H] the step's queries, zeros past T
+    k_pages: jax.Array,  # [K, P, Ps, H]
+    v_pages: jax.Array,
+    kv_lens: jax.Array,  # [R]
+    page_indices: jax.Array,  # [R, Pr]
+    cu: jax.Array,  # [R + 1] row starts from `step_rows`
+    chunk_len: jax.Array,  # [R] each row's query tokens, 0 for decode and padding rows
+    sizes: tuple[int, ...],  # page-count buckets
+    scale: float,
+    block_q: int,
+    enabled: jax.Array,  # [] bool: False runs no block
+) -> jax.Array:  # [T + CHUNK_BLOCK, N, H] with the chunks' outputs
+    """The rows with more than one query token (prompt chunks), block_q query tokens per
+    iteration, each block reading its last query's page bucket."""
+    n_tokens = q_padded.shape[0] - CHUNK_BLOCK
+    _, n_heads, head_dim = q_padded.shape
+    n_kv, _, page_size, _ = k_pages.shape
+    group = n_heads // n_kv
+    blocks = query_blocks(cu, chunk_len, kv_lens, n_tokens, block_q)
+    chunk_bucket = bucket_index(sizes, -(-(blocks.start + blocks.count) // page_size))
+    offsets = jnp.arange(block_q)
+    # position of each query row m = (token, group member) of each block: [blocks, M]
+    query_position = jnp.repeat(blocks.start[:, None] + offsets, group, axis=1)
+
+    def chunk_branch(n_pages: int):
+        def attend(b):
+            query = jax.lax.dynamic_slice_in_dim(q_padded, blocks.first_token[b], block_q)
+            pages = jax.lax.dynamic_slice(page_indices, (blocks.row[b], 0), (1, n_pages))[0]
+            # in float32: XLA's CPU dot has no bf16 x bf16 -> f32 for these batched
+            # shapes (UNIMPLEMENTED at run time), and a CPU has no bf16 matmul to lose
+            k = _read(k_pages, pages).astype(jnp.float32)  # [K, S, H]
+            v = _read(v_pages, pages).astype(jnp.float32)
+            # A block's queries of one kv head are the rows of one matrix, M = Bq * G
+            # (query-major): two batched GEMMs over K, no transpose of the pages.
+            qg = query.reshape(block_q, n_kv, group, head_dim).swapaxes(0, 1)
+            qm = qg.reshape(n_kv, block_q * group, head_dim).astype(jnp.float32)
+            logits = jnp.einsum("kmh,ksh->kms", qm * scale, k)  # [K, M, S]
+            seen = jnp.arange(k.shape[1])[None, :] <= query_position[b][:, None]  # [M, S]
+            probs = jax.nn.softmax(jnp.where(seen, logits, _MASKED), axis=-1)
+            written = jnp.arange(k.shape[1]) < blocks.start[b] + blocks.count[b]  # [S]
+            v = jnp.where(written[None, :, None], v, 0)  # (as in decode_branch)
+            res = jnp.einsum("kms,ksh->kmh", probs, v)  # [K, M, H]
+            res = res.reshape(n_kv, block_q, group, head_dim).swapaxes(0, 1)
+            return res.reshape(block_q, n_heads, head_dim).astype(q_padded.dtype)
+
+        return attend
+
+    chunk_branches = [chunk_branch(n) for n in sizes]
+
+    def attend_block(b, out):
+        res = jax.lax.switch(chunk_bucket[b], chunk_branches, b)  # [Bq, N, H]
+        first = blocks.first_token[b]
+        kept = jax.lax.dynamic_slice_in_dim(out, first, block_q)  # the next row's
+        res = jnp.where((offsets < blocks.count[b])[:, None, None], res, kept)
+        return jax.lax.dynamic_update_slice_in_dim(out, res, first, 0)
+
+    return jax.lax.fori_loop(0, jnp.where(enabled, blocks.total, 0), attend_block, out)
+
+
 def ragged_paged_attention_blocked(
     q: jax.Array,  # [T, N, H]
     k_pages: jax.Array,  # [K, P, Ps, H]
@@ -286,9 +363,8 @@ def ragged_paged_attention_blocked(
     native_decode: the decode rows through the C++ kernel (cpu_decode_attention.py;
     float32 pools, when `available()`) instead of XLA's `_decode_rows`."""
     n_tokens, n_heads, head_dim = q.shape
-    n_kv, _, page_size, _ = k_pages.shape
+    page_size = k_pages.shape[2]
     pages_per_seq = page_indices.shape[1]
-    group = n_heads // n_kv
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
     sizes = page_buckets(pages_per_seq, page_size)
     cu, q_len = step_rows(cu_q_lens, num_rows)
@@ -310,44 +386,19 @@ def ragged_paged_attention_blocked(
         )
     out = out.at[target].set(decode_out.astype(q.dtype))  # rows not decoding land past T
 
-    # -- the other rows, CHUNK_BLOCK query tokens per iteration --
-    blocks = query_blocks(cu, jnp.where(is_decode, 0, q_len), kv_lens, n_tokens, CHUNK_BLOCK)
-    chunk_bucket = bucket_index(sizes, -(-(blocks.start + blocks.count) // page_size))
-    offsets = jnp.arange(CHUNK_BLOCK)
-    # position of each query row m = (token, group member) of each block: [blocks, M]
-    query_position = jnp.repeat(blocks.start[:, None] + offsets, group, axis=1)
+    # -- the other rows, chunk blocks --
+    chunk_len = jnp.where(is_decode, 0, q_len)  # [R]
 
-    def chunk_branch(n_pages: int):
-        def attend(b):
-            query = jax.lax.dynamic_slice_in_dim(q_padded, blocks.first_token[b], CHUNK_BLOCK)
-            pages = jax.lax.dynamic_slice(page_indices, (blocks.row[b], 0), (1, n_pages))[0]
-            # in float32: XLA's CPU dot has no bf16 x bf16 -> f32 for these batched
-            # shapes (UNIMPLEMENTED at run time), and a CPU has no bf16 matmul to lose
-            k = _read(k_pages, pages).astype(jnp.float32)  # [K, S, H]
-            v = _read(v_pages, pages).astype(jnp.float32)
-            # A block's queries of one kv head are the rows of one matrix, M = Bq * G
-            # (query-major): two batched GEMMs over K, no transpose of the pages.
-            qg = query.reshape(CHUNK_BLOCK, n_kv, group, head_dim).swapaxes(0, 1)
-            qm = qg.reshape(n_kv, CHUNK_BLOCK * group, head_dim).astype(jnp.float32)
-            logits = jnp.einsum("kmh,ksh->kms", qm * scale, k)  # [K, M, S]
-            seen = jnp.arange(k.shape[1])[None, :] <= query_position[b][:, None]  # [M, S]
-            probs = jax.nn.softmax(jnp.where(seen, logits, _MASKED), axis=-1)
-            written = jnp.arange(k.shape[1]) < blocks.start[b] + blocks.count[b]  # [S]
-            v = jnp.where(written[None, :, None], v, 0)  # (as in decode_branch)
-            res = jnp.einsum("kms,ksh->kmh", probs, v)  # [K, M, H]
-            res = res.reshape(n_kv, CHUNK_BLOCK, group, head_dim).swapaxes(0, 1)
-            return res.reshape(CHUNK_BLOCK, n_heads, head_dim).astype(q.dtype)
+    def chunk_rows(out: jax.Array, block_q: int, enabled: jax.Array) -> jax.Array:
+        return _chunk_rows(
+            out, q_padded, k_pages, v_pages, kv_lens, page_indices, cu, chunk_len,
+            sizes, scale, block_q, enabled,
+        )  # fmt: skip
 
-        return attend
-
-    chunk_branches = [chunk_branch(n) for n in sizes]
-
-    def chunk_block(b, out):
-        res = jax.lax.switch(chunk_bucket[b], chunk_branches, b)  # [Bq, N, H]
-        first = blocks.first_token[b]
-        kept = jax.lax.dynamic_slice_in_dim(out, first, CHUNK_BLOCK)  # the next row's
-        res = jnp.where((offsets < blocks.count[b])[:, None, None], res, kept)
-        return jax.lax.dynamic_update_slice_in_dim(out, res, first, 0)
-
-    out = jax.lax.fori_loop(0, blocks.total, chunk_block, out)
+    small, large = chunk_blocks(n_tokens)
+    if small < large:  # two loops, one of which has blocks to run
+        fits = jnp.max(chunk_len) <= small
+        out = chunk_rows(chunk_rows(out, small, fits), large, ~fits)
+    else:
+        out = chunk_rows(out, large, jnp.bool_(True))
     return out[:n_tokens]

@@ -40,6 +40,9 @@ def layout(name: str, page_size: int) -> list[tuple[int, int]]:
         ],
         "decode": [(1, 5), (1, 2 * ps), (1, 33), (1, 1), (1, 3 * ps - 1)],
         "prefill": [(40, 40), (ps, 2 * ps)],
+        # steps of at most 32 tokens: chunks that fit a block of 16, and one that does not
+        "small": [(1, 40), (13, 50), (1, 5), (5, 5)],
+        "small-wide": [(1, 40), (19, 50), (1, 5), (5, 5)],
     }[name]  # fmt: skip
 
 
@@ -152,7 +155,8 @@ def test_kernel_reads_nothing_past_each_row(case: Case) -> None:
 @pytest.mark.parametrize(
     ("rows", "page_size", "dtype"),
     [("mixed", 16, "float32"), ("decode", 8, "bfloat16"), ("prefill", 32, "float32"),
-     ("mixed", 128, "float32")],
+     ("mixed", 128, "float32"), ("small", 16, "float32"), ("small", 8, "bfloat16"),
+     ("small-wide", 16, "float32")],
     ids=lambda x: f"{x}",
 )  # fmt: skip
 def test_blocked_reads_only_its_buckets_and_equals_the_reference(
