@@ -65,14 +65,15 @@ SMALL_STEP_CHUNK_BLOCK = 16
 
 
 def chunk_blocks(n_tokens: int) -> tuple[int, int]:
-    """Query tokens per chunk block in a step of n_tokens: (when every chunk fits one
-    block of it, otherwise). One block per chunk is what pays on CPU: each block gathers
-    the pages its queries see, which costs more than the queries it spares (a 20-token
-    chunk at position 1,000 in two blocks of 16 took 1.3x one block of 64), so a step's
-    block holds the whole step, up to CHUNK_BLOCK. A step of at most 32 tokens whose
-    chunks fit SMALL_STEP_CHUNK_BLOCK (a budget of 32 set for the streams' gaps leaves
-    16 tokens beside 16 decodes) computes half the queries with that (docs/benchmarks.md,
-    "Measurements behind code choices")."""
+    """Query tokens per chunk block in a step of n_tokens, as (small, large): a step
+    whose chunks each fit one block of `small` runs blocks of `small`, any other step
+    blocks of `large` (the two are equal past 32 tokens). One block per chunk is what
+    pays on CPU: each block gathers the pages its queries see, which costs more than the
+    queries it spares (a 20-token chunk at position 1,000 in two blocks of 16 took 1.3x
+    one block of 64), so `large` holds the whole step, up to CHUNK_BLOCK. A step of at
+    most 32 tokens whose chunks fit SMALL_STEP_CHUNK_BLOCK (a budget of 32 set for the
+    streams' gaps leaves 16 tokens beside 16 decodes) computes half the queries with it
+    (docs/benchmarks.md, "Measurements behind code choices")."""
     large = min(n_tokens, CHUNK_BLOCK)
     if n_tokens <= 2 * SMALL_STEP_CHUNK_BLOCK:
         return min(large, SMALL_STEP_CHUNK_BLOCK), large
